@@ -1,0 +1,10 @@
+"""pigeon: a compiler from a small Python DSL for relational GNNs to fused GPU kernels."""
+from .dsl import (EdgeTensor, Graph, Layer, NodeTensor, SpecError, Value, aggregate, concat, dot,
+                  edge_softmax, elu, exp, gelu, leaky_relu, layer, linear, relu, sigmoid, tanh,
+                  typed_linear, weight)
+from .module import CompiledLayer, compile
+
+__version__ = "0.1.0"
+__all__ = ["EdgeTensor", "Graph", "Layer", "NodeTensor", "SpecError", "Value", "aggregate", "concat", "dot",
+           "edge_softmax", "elu", "exp", "gelu", "leaky_relu", "layer", "linear", "relu", "sigmoid", "tanh",
+           "typed_linear", "weight", "CompiledLayer", "compile"]
