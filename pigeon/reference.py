@@ -94,20 +94,23 @@ def typed_matmul(x: torch.Tensor, w: torch.Tensor, types: torch.Tensor) -> torch
     return torch.cat(pieces)[out]
 
 
-def _unary(fn: str, x: torch.Tensor, c) -> torch.Tensor:
-    if fn == "neg": return -x
-    if fn == "relu": return torch.relu(x)
-    if fn == "sigmoid": return torch.sigmoid(x)
-    if fn == "tanh": return torch.tanh(x)
-    if fn == "exp": return torch.exp(x)
-    if fn == "gelu": return F.gelu(x)
-    if fn == "elu": return F.elu(x)
-    if fn == "leaky_relu": return F.leaky_relu(x, c)
-    if fn == "scale": return x * c
-    if fn == "shift": return x + c
-    if fn == "rsub": return c - x
-    if fn == "rdiv": return c / x
-    raise ValueError(f"unknown unary {fn}")
+def unary_fn(fn: str, x: torch.Tensor, c=None) -> torch.Tensor:
+    """The meaning of every unary fn name the IR uses (forward and derivative fns)."""
+    table = {
+        "neg": lambda: -x, "relu": lambda: torch.relu(x), "sigmoid": lambda: torch.sigmoid(x),
+        "tanh": lambda: torch.tanh(x), "exp": lambda: torch.exp(x), "gelu": lambda: F.gelu(x),
+        "elu": lambda: F.elu(x), "leaky_relu": lambda: F.leaky_relu(x, c), "scale": lambda: x * c,
+        "shift": lambda: x + c, "rsub": lambda: c - x, "rdiv": lambda: c / x,
+        "step": lambda: (x > 0).to(x.dtype),
+        "leaky_step": lambda: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, c)),
+        "elu_grad": lambda: torch.where(x > 0, torch.ones_like(x), torch.exp(x)),
+        "gelu_grad": lambda: 0.5 * (1 + torch.erf(x * 0.7071067811865476))
+        + x * 0.3989422804014327 * torch.exp(-0.5 * x * x),
+        "square": lambda: x * x, "recip": lambda: 1.0 / x,
+    }
+    if fn not in table:
+        raise ValueError(f"unknown unary fn {fn!r}")
+    return table[fn]()
 
 
 def edge_softmax(score: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -137,18 +140,19 @@ def aggregate(msg: torch.Tensor, dst: torch.Tensor, num_nodes: int, reduce: str)
 
 def graph_data(what: str, graph, dtype: torch.dtype) -> torch.Tensor:
     if what == "inv_in_degree_by_etype":
-        return (1.0 / graph.in_degree_by_etype()).to(dtype)
+        return 1.0 / graph.in_degree_by_etype().to(dtype)
     if what == "inv_in_degree":
         deg = graph.in_degree().to(dtype)
         return torch.where(deg > 0, 1.0 / deg.clamp(min=1), torch.zeros_like(deg))
     raise ValueError(f"unknown graph data {what}")
 
 
-def evaluate_op(op: Op, args: list[torch.Tensor], arg_types: list, graph) -> torch.Tensor:
+def evaluate_op(op: Op, args: list[torch.Tensor], arg_types: list, graph,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The value of one op given its input values and their IR types."""
     k = op.kind
     if k is OpKind.GRAPH_DATA:
-        return graph_data(op.attr("what"), graph, torch.float32)
+        return graph_data(op.attr("what"), graph, dtype)
     if k is OpKind.GATHER:
         side = op.attr("side")
         index = graph.src if side == "src" else graph.dst if side == "dst" else graph.compact().src
@@ -160,11 +164,13 @@ def evaluate_op(op: Op, args: list[torch.Tensor], arg_types: list, graph) -> tor
     if k is OpKind.TYPED_LINEAR:
         x, w = args
         wt = arg_types[1]
+        if op.attr("transpose"):
+            w = w.transpose(-1, -2)
         if wt.domain is Domain.GLOBAL:
             return _apply_weight(x, w)
         return typed_matmul(x, w, _types_of_rows(graph, op.type.domain, wt.per))
     if k is OpKind.UNARY:
-        return _unary(op.attr("fn"), args[0], op.attr("c"))
+        return unary_fn(op.attr("fn"), args[0], op.attr("c"))
     if k in (OpKind.BINARY, OpKind.DOT):
         drop = 1 if k is OpKind.DOT else 0
         n = max(len(t.shape) for t in arg_types) - drop
@@ -179,17 +185,53 @@ def evaluate_op(op: Op, args: list[torch.Tensor], arg_types: list, graph) -> tor
     if k is OpKind.EDGE_SOFTMAX:
         return edge_softmax(args[0], graph.dst, graph.num_nodes)
     if k is OpKind.AGGREGATE:
-        return aggregate(args[0], graph.dst, graph.num_nodes, op.attr("reduce"))
+        index = graph.src if op.attr("side", "dst") == "src" else graph.dst
+        return aggregate(args[0], index, graph.num_nodes, op.attr("reduce"))
+    if k is OpKind.WEIGHT_GRAD:
+        x, dy = args
+        per = op.attr("per")
+        wshape = tuple(op.attr("wshape"))
+        if len(wshape) == 2:   # fold every leading axis into rows
+            x, dy = x.reshape(x.shape[0], -1, wshape[0]), dy.reshape(dy.shape[0], -1, wshape[1])
+        outer = torch.einsum("rhk,rhn->rhkn", x.reshape(x.shape[0], -1, wshape[-2]),
+                             dy.reshape(dy.shape[0], -1, wshape[-1]))
+        if len(wshape) == 2:
+            outer = outer.sum(1)
+        else:
+            outer = outer.reshape((x.shape[0],) + wshape)
+        return _type_sum(outer, graph, arg_types[0].domain, per)
+    if k is OpKind.TYPE_REDUCE:
+        return _type_sum(args[0], graph, arg_types[0].domain, op.attr("per"))
+    if k is OpKind.SUM_TO:
+        x, shape = args[0], tuple(op.attr("shape"))
+        A = tuple(x.shape[1:])
+        if len(A) > len(shape):
+            x = x.sum(dim=tuple(range(1 + len(shape), 1 + len(A))))
+        axes = tuple(1 + i for i, s in enumerate(shape) if s == 1 and A[i] != 1)
+        if axes:
+            x = x.sum(dim=axes, keepdim=True)
+        return x.reshape((x.shape[0],) + shape)
+    if k is OpKind.SLICE:
+        return args[0][..., op.attr("start"):op.attr("stop")]
     raise ValueError(f"reference interpreter has no rule for {k}")
+
+
+def _type_sum(x: torch.Tensor, graph, domain: Domain, per) -> torch.Tensor:
+    """Sum rows by their type (per a TypeAxis), or all rows (per None)."""
+    if per is None:
+        return x.sum(0)
+    types = _types_of_rows(graph, domain, per)
+    return x.new_zeros((type_count(graph, per),) + tuple(x.shape[1:])).index_add(0, types, x)
 
 
 def _broadcastable(x: torch.Tensor, t, nfeat: int, keep_last: int) -> torch.Tensor:
     """Reshape x so torch broadcasting equals the IR's left-aligned rule: a global value gets a
     leading row axis of 1, and singleton feature axes are appended (before the reduced axis of a
     dot) up to ``nfeat`` leading feature axes."""
-    feat = tuple(x.shape[1:]) if t.is_rows else tuple(x.shape)
+    has_rows = t.is_rows or t.domain is Domain.WEIGHT
+    feat = tuple(x.shape[1:]) if has_rows else tuple(x.shape)
     lead, tail = feat[:len(feat) - keep_last], feat[len(feat) - keep_last:]
-    rows = x.shape[0] if t.is_rows else 1
+    rows = x.shape[0] if has_rows else 1
     return x.reshape((rows,) + lead + (1,) * (nfeat - len(lead)) + tail)
 
 
@@ -199,6 +241,7 @@ def evaluate(ir: IRGraph, graph, inputs: Mapping[str, torch.Tensor], params: Map
     if check:
         check_tensors(ir, graph, inputs, params)
     env: dict[str, torch.Tensor] = {}
+    dtype = next((v.dtype for v in list(inputs.values()) + list(params.values())), torch.float32)
     for op in ir.ops():
         if op.kind is OpKind.INPUT:
             env[op.key] = inputs[op.attr("name")]
@@ -206,11 +249,7 @@ def evaluate(ir: IRGraph, graph, inputs: Mapping[str, torch.Tensor], params: Map
             env[op.key] = params[op.attr("name")]
         else:
             args = [env[i] for i in op.inputs]
-            val = evaluate_op(op, args, [ir.op(i).type for i in op.inputs], graph)
-            if op.kind is OpKind.GRAPH_DATA:
-                dtypes = [v.dtype for v in inputs.values()] or [torch.float32]
-                val = val.to(dtypes[0])
-            env[op.key] = val
+            env[op.key] = evaluate_op(op, args, [ir.op(i).type for i in op.inputs], graph, dtype)
     return env
 
 

@@ -28,13 +28,20 @@ class OpKind(enum.Enum):
     RESHAPE = "reshape"             # change the per-row feature shape
     CONCAT = "concat"               # concatenate along the last feature axis
     EDGE_SOFTMAX = "edge_softmax"   # softmax over the incoming edges of each destination
-    AGGREGATE = "aggregate"         # edge rows -> destination node rows (sum | mean | max)
+    AGGREGATE = "aggregate"         # edge rows -> node rows by destination (or source) (sum | mean | max)
+    # kinds that backward graphs use (the DSL exposes them only through autodiff)
+    WEIGHT_GRAD = "weight_grad"     # per type: sum over its rows of outer(x, dy) -> per-type weight
+    TYPE_REDUCE = "type_reduce"     # rows -> per-type sums (or one global sum)
+    SUM_TO = "sum_to"               # sum broadcast feature axes back to a smaller shape
+    SLICE = "slice"                 # a range of the last feature axis
 
 
 UNARY_FNS = {
     # name: takes a constant
     "neg": False, "relu": False, "sigmoid": False, "tanh": False, "exp": False, "gelu": False,
     "elu": False, "leaky_relu": True, "scale": True, "shift": True, "rsub": True, "rdiv": True,
+    # derivatives
+    "step": False, "leaky_step": True, "elu_grad": False, "gelu_grad": False, "square": False, "recip": False,
 }
 BINARY_FNS = ("add", "sub", "mul", "div")
 REDUCES = ("sum", "mean", "max")
@@ -42,6 +49,7 @@ GRAPH_DATA = {
     "inv_in_degree_by_etype": Domain.EDGE,   # 1 / #(edges with this edge's (dst, etype)), per edge
     "inv_in_degree": Domain.NODE,            # 1 / in-degree (0 where the degree is 0), per node
 }
+AGGREGATE_SIDES = ("dst", "src")
 GATHER_SIDES = {"src": (Domain.NODE, Domain.EDGE), "dst": (Domain.NODE, Domain.EDGE),
                 "compact_src": (Domain.NODE, Domain.COMPACT)}
 INITS = ("glorot", "zeros", "ones", "normal")
@@ -173,13 +181,16 @@ def infer_type(kind: OpKind, attrs: dict[str, Any], ins: list[ValueType]) -> Val
             raise SignatureError(f"typed_linear weight must be a weight, got {w}")
         if x.dtype != w.dtype:
             raise SignatureError(f"typed_linear dtypes differ: x {x.dtype}, W {w.dtype}")
-        if len(w.shape) == 2:
-            k, n = w.shape
+        wshape = w.shape
+        if attrs.get("transpose"):       # use each block transposed: [.., K, N] maps N -> K
+            wshape = wshape[:-2] + (wshape[-1], wshape[-2])
+        if len(wshape) == 2:
+            k, n = wshape
             if not x.shape or x.shape[-1] != k:
                 raise SignatureError(f"typed_linear: x has feature shape {list(x.shape)} but W maps {k} -> {n}")
             return ValueType(x.domain, x.shape[:-1] + (n,), x.dtype)
-        if len(w.shape) == 3:
-            h, k, n = w.shape
+        if len(wshape) == 3:
+            h, k, n = wshape
             if x.shape != (h, k):
                 raise SignatureError(f"per-head typed_linear: W is [heads={h}, {k}, {n}] so x must be "
                                      f"[{h}, {k}], got {list(x.shape)}")
@@ -200,6 +211,9 @@ def infer_type(kind: OpKind, attrs: dict[str, Any], ins: list[ValueType]) -> Val
         a, b = ins
         if a.dtype != b.dtype:
             raise SignatureError(f"{attrs['fn']}: dtypes differ ({a.dtype} vs {b.dtype})")
+        if a.domain is Domain.WEIGHT and b.domain is Domain.WEIGHT and a.per is b.per:
+            # per-type weights combine type by type (backward sums a weight's gradients)
+            return ValueType(Domain.WEIGHT, _broadcast(a.shape, b.shape, attrs["fn"]), a.dtype, a.per)
         dom = _rows_domain([a, b], attrs["fn"])
         return ValueType(dom, _broadcast(a.shape, b.shape, attrs["fn"]), a.dtype)
     if kind is OpKind.DOT:
@@ -234,10 +248,51 @@ def infer_type(kind: OpKind, attrs: dict[str, Any], ins: list[ValueType]) -> Val
         _need(1, ins, what)
         if attrs["reduce"] not in REDUCES:
             raise SignatureError(f"aggregate reduce must be one of {REDUCES}, got {attrs['reduce']!r}")
+        if attrs.get("side", "dst") not in AGGREGATE_SIDES:
+            raise SignatureError(f"aggregate side must be one of {AGGREGATE_SIDES}, got {attrs.get('side')!r}")
         if ins[0].domain is not Domain.EDGE:
             raise SignatureError(f"aggregate needs an edge-wise value, got {ins[0]}")
         return ValueType(Domain.NODE, ins[0].shape, ins[0].dtype)
+    if kind is OpKind.WEIGHT_GRAD:
+        _need(2, ins, what)
+        x, dy = ins
+        per, wshape = attrs["per"], tuple(attrs["wshape"])
+        if x.domain is not dy.domain or not x.is_rows:
+            raise SignatureError(f"weight_grad needs x and dy on the same rows, got {x} and {dy}")
+        if len(wshape) == 2 and (x.shape[-1:] != wshape[:1] or dy.shape[-1:] != wshape[1:] or x.shape[:-1] != dy.shape[:-1]):
+            raise SignatureError(f"weight_grad: x {list(x.shape)} and dy {list(dy.shape)} do not give a {list(wshape)} weight")
+        if len(wshape) == 3 and (x.shape != (wshape[0], wshape[1]) or dy.shape != (wshape[0], wshape[2])):
+            raise SignatureError(f"weight_grad: x {list(x.shape)} and dy {list(dy.shape)} do not give a {list(wshape)} weight")
+        if len(wshape) not in (2, 3):
+            raise SignatureError(f"weight_grad: weight shape {list(wshape)} must be [K, N] or [H, K, N]")
+        return _per_type_result(x, per, wshape, what)
+    if kind is OpKind.TYPE_REDUCE:
+        _need(1, ins, what)
+        if not ins[0].is_rows:
+            raise SignatureError(f"type_reduce needs rows, got {ins[0]}")
+        return _per_type_result(ins[0], attrs["per"], ins[0].shape, what)
+    if kind is OpKind.SUM_TO:
+        _need(1, ins, what)
+        a, s = ins[0].shape, tuple(attrs["shape"])
+        if len(s) > len(a) or any(x not in (y, 1) for x, y in zip(s, a)):
+            raise SignatureError(f"sum_to: {list(a)} cannot be summed to {list(s)}")
+        return ins[0].with_shape(s)
+    if kind is OpKind.SLICE:
+        _need(1, ins, what)
+        a, lo, hi = ins[0].shape, attrs["start"], attrs["stop"]
+        if not a or not 0 <= lo < hi <= a[-1]:
+            raise SignatureError(f"slice [{lo}:{hi}] out of range for last axis of {list(a)}")
+        return ins[0].with_shape(a[:-1] + (hi - lo,))
     raise SignatureError(f"no type rule for {kind}")  # pragma: no cover
+
+
+def _per_type_result(x: ValueType, per, shape, what: str) -> ValueType:
+    if per is None:
+        return ValueType(Domain.GLOBAL, tuple(shape), x.dtype)
+    ok = {TypeAxis.ETYPE: (Domain.EDGE, Domain.COMPACT), TypeAxis.NTYPE: (Domain.NODE,)}[per]
+    if x.domain not in ok:
+        raise SignatureError(f"{what}: rows of {x.domain.value} have no {per.value}")
+    return ValueType(Domain.WEIGHT, tuple(shape), x.dtype, per)
 
 
 def make_op(kind: OpKind, inputs: list[Op], loc: SourceLoc | None = None, **attrs) -> Op:

@@ -24,8 +24,8 @@ def verify(ir: IRGraph) -> IRGraph:
             if (op.kind, name) in names:
                 raise VerifyError(f"two different {op.kind.value}s are named {name!r}{where}")
             names[(op.kind, name)] = op.key
-            if op.kind is OpKind.INPUT and op.type.domain not in (Domain.NODE, Domain.EDGE):
-                raise VerifyError(f"input {name!r} must be node- or edge-wise, got {op.type}{where}")
+            if op.kind is OpKind.INPUT and not op.type.is_rows:
+                raise VerifyError(f"input {name!r} must be node-, edge- or compact-wise, got {op.type}{where}")
             if op.kind is OpKind.PARAM:
                 if op.type.domain not in (Domain.WEIGHT, Domain.GLOBAL):
                     raise VerifyError(f"param {name!r} must be per-type or global, got {op.type}{where}")
@@ -39,7 +39,4 @@ def verify(ir: IRGraph) -> IRGraph:
             raise VerifyError(f"{op.kind.value}{where}: {e}") from None
         if t != op.type:
             raise VerifyError(f"{op.kind.value}{where}: stored type {op.type} but inputs give {t}")
-    for o in ir.outputs:
-        if not ir.op(o).type.is_rows:
-            raise VerifyError(f"an output must be node/edge rows, got {ir.op(o).type}")
     return ir
