@@ -1,0 +1,146 @@
+"""Intra-operator IR for traversal kernels: per-element expressions over a loop of edges or nodes.
+
+A traversal kernel runs a loop structure (``TraversalInstance.loop``) and, at every point of it,
+evaluates one element expression (``Expr``) at a row ``r`` and a feature multi-index ``I``.
+
+Rows and row references
+-----------------------
+Edge loops (``edge_map``, ``aggregate``, ``edge_softmax``, ``type_reduce`` over edges) visit
+edges ``e`` in the kernel layout's edge order.  Node loops (``node_map``, ``type_reduce`` over
+nodes) visit nodes ``v``.  A ``load`` names a buffer and how the loop row picks the buffer row:
+
+=========  =======================================  ===============================
+RowRef     edge loop (row e)                        node loop (row v)
+=========  =======================================  ===============================
+SELF       e            (an edge buffer)            v (a node buffer)
+SRC        src[e]       (a node buffer)             -- not allowed
+DST        dst[e]       (a node buffer)             -- not allowed
+ETYPE      etype[e]     (a per-edge-type buffer)    -- not allowed
+NTYPE      -- not allowed                           ntype[v] (a per-node-type buffer)
+NONE       -- (a global buffer: no row)             same
+=========  =======================================  ===============================
+
+Element expressions
+-------------------
+Every ``Expr`` has a feature ``shape`` (the per-row shape of its value).  Its value at (r, I),
+with ``len(I) == len(shape)``:
+
+* ``load``: ``buffer[row(r), ravel(I, shape)]``; the buffer is contiguous ``[rows, *shape]``.
+* ``const``: the number ``c`` (shape ``()``).
+* ``unary fn [c]``: ``fn(arg(r, I))``; fns in ``UNARY_C`` below give their C/TIR meaning.
+* ``binary fn``: ``fn(a(r, Ia), b(r, Ib))`` with left-aligned broadcasting: an argument of shape
+  ``A`` is read at ``I[:len(A)]`` with the index of every axis where ``A[i] == 1`` set to 0.
+* ``dot``: arguments ``a`` of shape ``(*La, K)``, ``b`` of shape ``(*Lb, K)``;
+  value ``sum_k a(r, bc(I, La) + (k,)) * b(r, bc(I, Lb) + (k,))`` (``bc`` = the broadcast rule).
+* ``sum_to``: argument of shape ``A`` with ``len(A) >= len(shape)`` and ``shape[i] in (A[i], 1)``;
+  value = sum of ``arg(r, J)`` over all ``J`` with ``J[i] == I[i]`` wherever ``shape[i] == A[i]``
+  (axes where ``shape[i] == 1`` and axes past ``len(shape)`` are summed).
+* ``reshape``: ``arg(r, unravel(ravel(I, shape), A))`` where ``A`` is the argument's shape.
+
+Loops (one output buffer per instance; ``out_shape == expr.shape``)
+---------------------------------------------------------------------
+* ``edge_map``:     ``out[e, I] = expr(e, I)`` for every edge.
+* ``node_map``:     ``out[v, I] = expr(v, I)`` for every node.
+* ``aggregate``:    ``out[v, I] = reduce over edges e with side(e) == v of expr(e, I)``; ``side`` is
+  ``dst`` or ``src``; ``reduce`` is ``sum``, ``mean`` (sum / count) or ``max``; 0 where no edge.
+* ``edge_softmax``: ``out[e, I] = exp(s(e, I) - m) / sum over e' with dst(e') == dst(e) of
+  exp(s(e', I) - m)`` where ``s = expr`` and ``m`` the max of ``s`` over those edges.
+* ``type_reduce``:  ``out[t, I] = sum over rows r (edges or nodes, per ``rows``) with type(r) == t
+  of expr(r, I)``; ``per`` is ``etype``, ``ntype`` or ``none`` (``none``: one global sum).
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+
+class RowRef(enum.Enum):
+    SELF = "self"
+    SRC = "src"
+    DST = "dst"
+    ETYPE = "etype"
+    NTYPE = "ntype"
+    NONE = "none"
+
+
+# C expressions of the unary fns; ``x`` is the argument and ``c`` the constant (as a float).
+UNARY_C = {
+    "neg": "(-x)", "relu": "fmaxf(x, 0.f)", "sigmoid": "(1.f / (1.f + expf(-x)))", "tanh": "tanhf(x)",
+    "exp": "expf(x)", "gelu": "(0.5f * x * (1.f + erff(x * 0.70710678118654752f)))",
+    "elu": "(x > 0.f ? x : expm1f(x))", "leaky_relu": "(x > 0.f ? x : c * x)", "scale": "(c * x)",
+    "shift": "(x + c)", "rsub": "(c - x)", "rdiv": "(c / x)",
+    # derivatives used by backward graphs
+    "step": "(x > 0.f ? 1.f : 0.f)", "leaky_step": "(x > 0.f ? 1.f : c)",
+    "elu_grad": "(x > 0.f ? 1.f : expf(x))",
+    "gelu_grad": "(0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * expf(-0.5f * x * x))",
+    "square": "(x * x)", "recip": "(1.f / x)",
+}
+BINARY_C = {"add": "(a + b)", "sub": "(a - b)", "mul": "(a * b)", "div": "(a / b)"}
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A kernel argument: ``rows`` says what indexes its leading axis."""
+    name: str                       # C identifier chosen by the lowering, never a user string
+    rows: Literal["node", "edge", "etype", "ntype", "global"]
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def width(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Expr:
+    op: Literal["load", "const", "unary", "binary", "dot", "sum_to", "reshape"]
+    shape: tuple[int, ...]
+    args: tuple["Expr", ...] = ()
+    fn: str = ""
+    c: float | None = None
+    buffer: Buffer | None = None
+    row: RowRef = RowRef.SELF
+
+    def buffers(self) -> tuple[Buffer, ...]:
+        """Every buffer the expression reads, first use first, without repeats."""
+        seen: dict[str, Buffer] = {}
+        stack = [self]
+        order = []
+        while stack:
+            e = stack.pop()
+            if e.op == "load" and e.buffer.name not in seen:
+                seen[e.buffer.name] = e.buffer
+                order.append(e.buffer)
+            stack.extend(reversed(e.args))
+        return tuple(order)
+
+
+def load(buffer: Buffer, row: RowRef) -> Expr:
+    return Expr("load", buffer.shape, buffer=buffer, row=row)
+
+
+@dataclass(frozen=True)
+class TraversalInstance:
+    loop: Literal["edge_map", "node_map", "aggregate", "edge_softmax", "type_reduce"]
+    expr: Expr
+    out: Buffer
+    side: Literal["dst", "src"] = "dst"          # aggregate only
+    reduce: Literal["sum", "mean", "max"] = "sum"  # aggregate only
+    rows: Literal["edge", "node"] = "edge"       # type_reduce only
+    per: Literal["etype", "ntype", "none"] = "none"  # type_reduce only
+    dtype: str = "float32"                       # storage dtype of float buffers; math is fp32
+
+    def key(self) -> str:
+        text = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def inputs(self) -> tuple[Buffer, ...]:
+        return self.expr.buffers()
+
+    @property
+    def edge_loop(self) -> bool:
+        return self.loop in ("edge_map", "aggregate", "edge_softmax") or (
+            self.loop == "type_reduce" and self.rows == "edge")
