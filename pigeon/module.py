@@ -12,7 +12,7 @@ from .ir.ops import Op
 from .passes.manager import run_pipeline
 from .reference import expected_shape, run
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "kernels")
 
 
 def init_param(op: Op, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -34,16 +34,65 @@ class CompiledLayer(torch.nn.Module):
     """A traced, compiled spec bound to one graph. ``forward(*inputs)`` takes the spec's tensor
     inputs in order (or by keyword) and returns its output (a dict if the spec returns several)."""
 
-    def __init__(self, spec: Layer, ir: IRGraph, graph, backend: str = "reference", seed: int | None = 0):
+    def __init__(self, spec: Layer, ir: IRGraph, graph, backend: str = "reference", seed: int | None = 0,
+                 dtype: str = "float32"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
-        self.spec, self.ir, self.graph, self.backend = spec, ir, graph, backend
+        self.spec, self.ir, self.graph, self.backend, self.dtype = spec, ir, graph, backend, dtype
+        self.layer_id = None
+        if backend == "kernels":
+            self._build_kernels()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.weights = torch.nn.ParameterDict({
             op.attr("name"): torch.nn.Parameter(init_param(op, expected_shape(op, graph), gen))
             for op in ir.params()})
         self.input_names = [op.attr("name") for op in ir.inputs()]
+
+    def _build_kernels(self) -> None:
+        from .codegen.layout import kernel_graph
+        from .codegen.lower import lower
+        from .passes.autodiff import autodiff
+        from .runtime.ops import LayerPrograms, register_layer
+        res = autodiff(self.ir)
+        self.autodiff = res
+        self.forward_program = lower(res.forward, self.dtype)
+        self.backward_program = lower(res.backward, self.dtype) if res.backward is not None else None
+        self.kgraph = kernel_graph(self.graph)
+        lp = LayerPrograms(self.forward_program, self.backward_program,
+                           tuple(op.attr("name") for op in self.ir.inputs()),
+                           tuple(op.attr("name") for op in self.ir.params()),
+                           tuple(res.forward.output_names), len(self.ir.outputs), res.grads,
+                           {str(self.kgraph.device): self.kgraph})
+        self.layer_id = register_layer(lp)
+
+    def _forward_kernels(self, inputs: dict) -> dict:
+        from .ir.types import Domain
+        from .runtime.program import TORCH_DTYPES
+        dt = TORCH_DTYPES[self.dtype]
+        perm = None
+        ins = []
+        for op in self.ir.inputs():
+            name = op.attr("name")
+            if name not in inputs:
+                raise TypeError(f"{self.spec.name}: input {name!r} is missing")
+            x = inputs[name]
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise TypeError(f"{self.spec.name}: input {name!r} must be a floating-point tensor")
+            if op.type.domain is Domain.EDGE:   # kernels see edges sorted by type
+                perm = self.kgraph.edge_perm.to(x.device)
+                x = x[perm]
+            ins.append(x.to(dt).contiguous())
+        params = [self.weights[op.attr("name")].to(dt) for op in self.ir.params()]
+        outs = torch.ops.pigeon.layer_forward(self.layer_id, ins, params)
+        result = {}
+        for (name, key), val in zip(zip(self.ir.output_names, self.ir.outputs), outs):
+            if self.ir.op(key).type.domain is Domain.EDGE:
+                inv = torch.empty_like(self.kgraph.edge_perm)
+                inv[self.kgraph.edge_perm] = torch.arange(inv.numel())
+                val = val[inv.to(val.device)]
+            result[name] = val
+        return result
 
     def forward(self, *args, **kwargs):
         if len(args) > len(self.input_names):
@@ -54,15 +103,23 @@ class CompiledLayer(torch.nn.Module):
         dev = next(iter(inputs.values())).device if inputs else graph.src.device
         if graph.src.device != dev:
             graph = self.graph = graph.to(dev)
+        if self.backend == "kernels":
+            out = self._forward_kernels(inputs)
+            return out["out"] if list(out) == ["out"] else out
         params = {k: v for k, v in self.weights.items()}
         out = run(self.ir, graph, inputs, params)
         return out["out"] if list(out) == ["out"] else out
 
 
 def compile(spec: Layer, graph, in_dim: int | Mapping[str, int] | None = None, *,
-            backend: str = "reference", seed: int | None = 0, **hparams) -> CompiledLayer:
-    """Trace ``spec`` with ``hparams``, run the pass pipeline, and bind the result to ``graph``."""
+            backend: str = "reference", seed: int | None = 0, dtype: str = "float32",
+            **hparams) -> CompiledLayer:
+    """Trace ``spec`` with ``hparams``, run the pass pipeline, and bind the result to ``graph``.
+
+    ``backend="reference"`` runs the reference interpreter (torch ops, torch autograd);
+    ``backend="kernels"`` runs pigeon's generated kernels forward and backward (CUDA templates on
+    a GPU, TVM's llvm build on a CPU), with ``dtype`` float32 or bfloat16 storage."""
     if not isinstance(spec, Layer):
         raise TypeError(f"pigeon.compile takes a @pigeon.layer spec, got {type(spec).__name__}")
     ir, _ = run_pipeline(spec.trace(in_dim, **hparams))
-    return CompiledLayer(spec, ir, graph, backend, seed)
+    return CompiledLayer(spec, ir, graph, backend, seed, dtype)

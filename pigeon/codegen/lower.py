@@ -1,0 +1,331 @@
+"""Lowering: inter-operator IR -> a kernel program (an ordered list of kernel launches over
+named buffers).
+
+Which values get a buffer:
+* inputs, params, graph data, outputs;
+* the result of every op a kernel family produces: typed linears and weight gradients (GEMM
+  instances), aggregations, edge softmax and type reductions (traversal instances);
+* dot products and feature sums (``sum_to``), so a broadcast consumer does not recompute them per
+  element; and any elementwise value a GEMM must read as a plain matrix.
+Everything else (gathers, type indexing, unary and binary ops, reshapes, slices) is fused: it is
+inlined as an element expression into every traversal kernel that reads it.
+
+Graph-level rules: edge rows are in kernel order (``KernelGraph``: sorted by edge type), so a typed
+linear over edges reads each relation as one contiguous segment; node rows typed by node type are
+visited through ``ntype_perm`` (gather and scatter by the same permutation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from ..ir.graph import IRGraph
+from ..ir.kernel import GemmInstance
+from ..ir.ops import Op, OpKind
+from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance, load
+from ..ir.types import Domain, TypeAxis
+
+
+class LoweringError(NotImplementedError):
+    pass
+
+
+@dataclass(frozen=True)
+class GemmLaunch:
+    inst: GemmInstance
+    x: str                  # buffer names
+    w: str
+    y: str
+    rows: Literal["edge", "node"]    # which rows the instance loops over (M)
+    seg: Literal["etype", "ntype", "all"]
+    gather: str | None = None        # graph index array: "src", "dst", "ntype_perm"
+    scatter: str | None = None       # rows form: output index; weight_grad form: dY index
+
+
+@dataclass(frozen=True)
+class TraversalLaunch:
+    inst: TraversalInstance
+
+
+@dataclass(frozen=True)
+class HostAdd:
+    """out = a + b on per-type or global weights (summing a weight's gradient contributions).
+    Runs as a torch op: it is not graph work, and its size is the weight's, not the graph's."""
+    a: str
+    b: str
+    out: str
+
+
+Launch = Union[GemmLaunch, TraversalLaunch, HostAdd]
+
+
+@dataclass(frozen=True)
+class KernelProgram:
+    name: str
+    buffers: tuple[Buffer, ...]
+    launches: tuple[Launch, ...]
+    inputs: tuple[tuple[str, str], ...]    # (IR input name, buffer name)
+    params: tuple[tuple[str, str], ...]
+    graph_data: tuple[tuple[str, str], ...]  # (graph data name, buffer name)
+    outputs: tuple[tuple[str, str], ...]   # (IR output name, buffer name)
+
+    def buffer(self, name: str) -> Buffer:
+        for b in self.buffers:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def describe(self) -> str:
+        lines = [f"kernel program {self.name}: {len(self.launches)} launches, {len(self.buffers)} buffers"]
+        for i, l in enumerate(self.launches):
+            if isinstance(l, GemmLaunch):
+                lines.append(f"  [{i}] gemm.{l.inst.form} {l.rows}/{l.seg} k={l.inst.k} n={l.inst.n} h={l.inst.heads}"
+                             f" gather={l.gather} scatter={l.scatter} T={l.inst.transpose_w}: {l.x},{l.w} -> {l.y}")
+            elif isinstance(l, TraversalLaunch):
+                t = l.inst
+                extra = {"aggregate": f" {t.reduce}/{t.side}", "type_reduce": f" {t.rows}->{t.per}"}.get(t.loop, "")
+                lines.append(f"  [{i}] traversal.{t.loop}{extra} reads {[b.name for b in t.inputs()]} -> {t.out.name}"
+                             f"{list(t.out.shape)}")
+            else:
+                lines.append(f"  [{i}] host add {l.a} + {l.b} -> {l.out}")
+        return "\n".join(lines)
+
+
+_ROWS = {Domain.NODE: "node", Domain.EDGE: "edge"}
+_FUSED = {OpKind.GATHER, OpKind.TYPE_INDEX, OpKind.UNARY, OpKind.BINARY, OpKind.RESHAPE, OpKind.SLICE,
+          OpKind.DOT, OpKind.SUM_TO, OpKind.CONCAT}
+
+
+def _buffer_rows(op: Op) -> str:
+    t = op.type
+    if t.domain is Domain.WEIGHT:
+        return t.per.value
+    if t.domain is Domain.GLOBAL:
+        return "global"
+    if t.domain is Domain.COMPACT:
+        raise LoweringError("compact rows are not lowered to kernels yet: run without compact materialization")
+    return _ROWS[t.domain]
+
+
+class _Lowering:
+    def __init__(self, ir: IRGraph, dtype: str):
+        self.ir, self.dtype = ir, dtype
+        self.buffers: dict[str, Buffer] = {}      # op key -> buffer
+        self.launches: list[Launch] = []
+        self.counter = 0
+        self.consumers = {op.key: ir.users(op.key) for op in ir.ops()}
+        self.outputs = set(ir.outputs)
+
+    def new_buffer(self, op: Op, prefix: str = "t") -> Buffer:
+        b = Buffer(f"{prefix}{self.counter}", _buffer_rows(op), op.type.shape, self.dtype)
+        self.counter += 1
+        self.buffers[op.key] = b
+        return b
+
+    # -- element expressions ----------------------------------------------------------------
+    def expr(self, key: str, edge_loop: bool, remap: dict[RowRef, RowRef] | None = None) -> Expr:
+        """The element expression of a value inside a loop over edges (or nodes).  ``remap``
+        turns a node expression into one evaluated at src[e] / dst[e]."""
+        op = self.ir.op(key)
+        if key in self.buffers:
+            b = self.buffers[key]
+            in_edge_loop = edge_loop and remap is None   # under a gather, rows are nodes
+            row = {"node": None if in_edge_loop else RowRef.SELF, "edge": RowRef.SELF,
+                   "etype": RowRef.ETYPE, "ntype": RowRef.NTYPE, "global": RowRef.NONE}[b.rows]
+            if remap is not None:
+                if row not in remap:
+                    raise LoweringError(f"{b.rows} buffer {b.name} cannot be read through a gather")
+                row = remap[row]
+            if row is None:
+                raise LoweringError(f"node value {b.name} read in an edge loop without a gather")
+            return load(b, row)
+        k = op.kind
+        if k is OpKind.GATHER:
+            side = op.attr("side")
+            if side not in ("src", "dst"):
+                raise LoweringError(f"gather {side} is not lowered to kernels yet")
+            inner = self.ir.op(op.inputs[0])
+            sub = {RowRef.SELF: RowRef.SRC if side == "src" else RowRef.DST, RowRef.NONE: RowRef.NONE}
+            if not self._gatherable(inner.key):
+                self.materialize(inner.key)
+            return self.expr(inner.key, edge_loop, sub)
+        if k is OpKind.TYPE_INDEX:
+            w = self.ensure_buffer(op.inputs[0])
+            row = RowRef.ETYPE if w.rows == "etype" else RowRef.NTYPE
+            if remap is not None:
+                raise LoweringError("a node-type-indexed weight read through a gather is not lowered yet")
+            return load(w, row)
+        if k in (OpKind.DOT, OpKind.SUM_TO) and key not in self.buffers:
+            self.materialize(key)
+            return self.expr(key, edge_loop, remap)
+        args = tuple(self.expr(i, edge_loop, remap) for i in op.inputs)
+        if k is OpKind.UNARY:
+            return Expr("unary", op.type.shape, args, fn=op.attr("fn"), c=op.attr("c"))
+        if k is OpKind.BINARY:
+            return Expr("binary", op.type.shape, args, fn=op.attr("fn"))
+        if k is OpKind.RESHAPE:
+            return Expr("reshape", op.type.shape, args)
+        if k is OpKind.GRAPH_DATA:
+            raise AssertionError("graph data always has a buffer")
+        raise LoweringError(f"{k.value} cannot be fused into an element expression yet"
+                            + (f" (from {op.loc})" if op.loc else ""))
+
+    def _gatherable(self, key: str) -> bool:
+        """Can a node expression be evaluated at src[e]/dst[e] by remapping its loads?"""
+        op = self.ir.op(key)
+        if key in self.buffers:
+            return True
+        if op.kind in (OpKind.UNARY, OpKind.BINARY, OpKind.RESHAPE):
+            return all(self._gatherable(i) for i in op.inputs)
+        return False
+
+    def materialize(self, key: str) -> str:
+        """Give an element value its own buffer through a map kernel."""
+        if key in self.buffers:
+            return key
+        op = self.ir.op(key)
+        if op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
+            raise LoweringError(f"elementwise {op.kind.value} on weights is not lowered to kernels")
+        edge = op.type.domain is Domain.EDGE
+        if op.kind in (OpKind.DOT, OpKind.SUM_TO):
+            args = tuple(self.expr(i, edge) for i in op.inputs)
+            e = (Expr("dot", op.type.shape, args) if op.kind is OpKind.DOT else Expr("sum_to", op.type.shape, args))
+        else:
+            e = self.expr(key, edge)
+        out = self.new_buffer(op)
+        self.launches.append(TraversalLaunch(TraversalInstance(
+            "edge_map" if edge else "node_map", e, out, dtype=self.dtype)))
+        return key
+
+    def ensure_buffer(self, key: str) -> Buffer:
+        if key not in self.buffers:
+            self.materialize(key)
+        return self.buffers[key]
+
+    # -- GEMM operands ------------------------------------------------------------------------
+    def matrix_operand(self, key: str) -> tuple[Buffer, str | None]:
+        """A buffer a GEMM can read as rows (looking through reshapes), and the graph index that
+        gathers it (for a gathered node buffer), else a materialized buffer."""
+        op = self.ir.op(key)
+        while op.kind is OpKind.RESHAPE and op.key not in self.buffers:
+            op = self.ir.op(op.inputs[0])
+        if op.kind is OpKind.GATHER and op.attr("side") in ("src", "dst"):
+            inner = self.ir.op(op.inputs[0])
+            while inner.kind is OpKind.RESHAPE and inner.key not in self.buffers:
+                inner = self.ir.op(inner.inputs[0])
+            return self.ensure_buffer(inner.key), op.attr("side")
+        return self.ensure_buffer(op.key), None
+
+    def gemm(self, op: Op) -> None:
+        if op.kind is OpKind.TYPED_LINEAR:
+            x_key, w_key = op.inputs
+            xt, wt = self.ir.op(x_key).type, self.ir.op(w_key).type
+            wbuf = self.ensure_param(w_key)
+            transpose = bool(op.attr("transpose"))
+            wshape = wt.shape[:-2] + ((wt.shape[-1], wt.shape[-2]) if transpose else wt.shape[-2:])
+            heads = wshape[0] if len(wshape) == 3 else 1
+            if len(wshape) == 2 and len(xt.shape) != 1:
+                raise LoweringError("typed_linear of a multi-axis value with a 2-D weight is not lowered yet")
+            k, n = wshape[-2], wshape[-1]
+            x, gather = self.matrix_operand(x_key)
+            rows = _ROWS[xt.domain]
+            out = self.new_buffer(op)
+            typed = wt.domain is Domain.WEIGHT
+            seg, scatter = "all", None
+            if typed and wt.per is TypeAxis.NTYPE:
+                if gather is not None:
+                    raise AssertionError("node rows are never gathered")
+                seg, gather, scatter = "ntype", "ntype_perm", "ntype_perm"
+            elif typed:
+                seg = "etype"
+            inst = GemmInstance("rows", k, n, heads=heads, typed=typed, gather=gather is not None,
+                                scatter=scatter is not None, transpose_w=transpose, dtype=self.dtype)
+            self.launches.append(GemmLaunch(inst, x.name, wbuf.name, out.name, rows, seg, gather, scatter))
+            return
+        # weight gradient: dW[t] = sum over rows of type t of outer(a, b)
+        a_key, b_key = op.inputs
+        at = self.ir.op(a_key).type
+        wshape, per = tuple(op.attr("wshape")), op.attr("per")
+        heads = wshape[0] if len(wshape) == 3 else 1
+        if len(wshape) == 2 and len(at.shape) != 1:
+            raise LoweringError("weight_grad over multi-axis rows with a 2-D weight is not lowered yet")
+        a, ga = self.matrix_operand(a_key)
+        b, gb = self.matrix_operand(b_key)
+        rows = _ROWS[at.domain]
+        out = self.new_buffer(op)
+        seg = {None: "all", TypeAxis.ETYPE: "etype", TypeAxis.NTYPE: "ntype"}[per]
+        if per is TypeAxis.NTYPE:
+            ga = gb = "ntype_perm"
+        inst = GemmInstance("weight_grad", wshape[-2], wshape[-1], heads=heads, typed=per is not None,
+                            gather=ga is not None, scatter=gb is not None, dtype=self.dtype)
+        self.launches.append(GemmLaunch(inst, a.name, out.name, b.name, rows, seg, ga, gb))
+
+    def ensure_param(self, key: str) -> Buffer:
+        if key not in self.buffers:
+            raise LoweringError("a typed_linear weight must be a param or an input-derived weight buffer")
+        return self.buffers[key]
+
+    # -- driver ---------------------------------------------------------------------------------
+    def run(self) -> KernelProgram:
+        ir = self.ir
+        inputs, params, gdata = [], [], []
+        for op in ir.ops():
+            if op.kind is OpKind.INPUT:
+                inputs.append((op.attr("name"), self.new_buffer(op, "in").name))
+            elif op.kind is OpKind.PARAM:
+                params.append((op.attr("name"), self.new_buffer(op, "p").name))
+            elif op.kind is OpKind.GRAPH_DATA:
+                gdata.append((op.attr("what"), self.new_buffer(op, "g").name))
+        for op in ir.ops():
+            k = op.kind
+            if op.key in self.buffers:
+                continue
+            if k in (OpKind.TYPED_LINEAR, OpKind.WEIGHT_GRAD):
+                self.gemm(op)
+            elif k is OpKind.AGGREGATE:
+                e = self.expr(op.inputs[0], True)
+                out = self.new_buffer(op)
+                self.launches.append(TraversalLaunch(TraversalInstance(
+                    "aggregate", e, out, side=op.attr("side", "dst"), reduce=op.attr("reduce"), dtype=self.dtype)))
+            elif k is OpKind.EDGE_SOFTMAX:
+                e = self.expr(op.inputs[0], True)
+                out = self.new_buffer(op)
+                self.launches.append(TraversalLaunch(TraversalInstance("edge_softmax", e, out, dtype=self.dtype)))
+            elif k is OpKind.TYPE_REDUCE:
+                src = ir.op(op.inputs[0])
+                edge = src.type.domain is Domain.EDGE
+                e = self.expr(src.key, edge)
+                out = self.new_buffer(op)
+                per = op.attr("per")
+                self.launches.append(TraversalLaunch(TraversalInstance(
+                    "type_reduce", e, out, rows="edge" if edge else "node",
+                    per=per.value if per is not None else "none", dtype=self.dtype)))
+            elif k is OpKind.BINARY and op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
+                if op.attr("fn") != "add" or any(ir.op(i).type != op.type for i in op.inputs):
+                    raise LoweringError(f"elementwise {op.attr('fn')} on weights is not lowered to kernels")
+                a, b = (self.buffers.get(i) or self._weight_value(i) for i in op.inputs)
+                out = self.new_buffer(op)
+                self.launches.append(HostAdd(a.name, b.name, out.name))
+            elif k in (OpKind.CONCAT, OpKind.SLICE, OpKind.EXPAND_COMPACT):
+                raise LoweringError(f"{k.value} is not lowered to kernels yet"
+                                    + (f" (from {op.loc})" if op.loc else ""))
+            elif k in _FUSED:
+                if op.key in self.outputs:
+                    self.materialize(op.key)
+            else:
+                raise LoweringError(f"no lowering for {k.value}")
+        outputs = []
+        for name, key in zip(ir.output_names, ir.outputs):
+            if key not in self.buffers:
+                self.materialize(key)
+            outputs.append((name, self.buffers[key].name))
+        return KernelProgram(ir.name, tuple(self.buffers.values()), tuple(self.launches), tuple(inputs),
+                             tuple(params), tuple(gdata), tuple(outputs))
+
+    def _weight_value(self, key: str) -> Buffer:
+        raise LoweringError("a weight-domain value without a buffer cannot be added")
+
+
+def lower(ir: IRGraph, dtype: str = "float32") -> KernelProgram:
+    """Lower a (forward or backward) IR graph to a kernel program."""
+    return _Lowering(ir, dtype).run()
