@@ -1,0 +1,49 @@
+"""JSON form of kernel programs and instances (for AOT artifacts): frozen dataclasses, enums and
+tuples round-trip exactly; only classes registered here can be rebuilt, so loading an artifact
+never runs arbitrary code."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+def _registry() -> dict[str, type]:
+    from ..codegen.lower import GemmLaunch, HostAdd, KernelProgram, TraversalLaunch
+    from .kernel import GemmInstance, TileConfig
+    from .traversal import Buffer, Expr, RowRef, TraversalInstance
+    return {c.__name__: c for c in (GemmLaunch, HostAdd, KernelProgram, TraversalLaunch, GemmInstance,
+                                    TileConfig, Buffer, Expr, RowRef, TraversalInstance)}
+
+
+def to_json(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"__type__": type(obj).__name__,
+                **{f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    if isinstance(obj, enum.Enum):
+        return {"__enum__": type(obj).__name__, "value": obj.value}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [to_json(x) for x in obj]}
+    if isinstance(obj, list):
+        return [to_json(x) for x in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def from_json(data: Any, _reg: dict | None = None) -> Any:
+    reg = _reg or _registry()
+    if isinstance(data, dict):
+        if "__tuple__" in data:
+            return tuple(from_json(x, reg) for x in data["__tuple__"])
+        if "__enum__" in data:
+            return reg[data["__enum__"]](data["value"])
+        if "__type__" in data:
+            cls = reg.get(data["__type__"])
+            if cls is None:
+                raise ValueError(f"unknown class {data['__type__']!r} in serialized program")
+            return cls(**{k: from_json(v, reg) for k, v in data.items() if k != "__type__"})
+        raise ValueError("untagged object in serialized program")
+    if isinstance(data, list):
+        return [from_json(x, reg) for x in data]
+    return data
