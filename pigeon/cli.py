@@ -98,7 +98,19 @@ def cmd_compile(args) -> int:
     print(format_ir(ir, locs=args.dump))
     for r in records:
         print(f"# pass {r.name}: {'changed' if r.changed else 'no change'} ({r.ops_before} -> {r.ops_after} ops)")
-    layer = CompiledLayer(spec, ir, graph, seed=0)
+    backend = "kernels" if args.out else args.backend
+    layer = CompiledLayer(spec, ir, graph, backend=backend, seed=0, dtype=args.dtype)
+    layer.hparams = hparams
+    if backend == "kernels":
+        print(f"# autodiff: saved {len(layer.autodiff.saved)} forward values, recomputes "
+              f"{len(layer.autodiff.recomputed)} ops in backward")
+        print(layer.forward_program.describe())
+        if layer.backward_program is not None:
+            print(layer.backward_program.describe())
+    if args.out:
+        from .runtime.artifact import save
+        path = save(layer, args.out, arch=args.arch, progress=lambda m: print(m, file=sys.stderr))
+        print(f"# wrote artifact {path} ({len(list((path / 'kernels').glob('*.cubin')))} kernels for {args.arch})")
     gen = torch.Generator().manual_seed(0)
     inputs = []
     for op in ir.inputs():
@@ -135,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-dim", type=int, default=16, help="feature size of the spec's inputs (default 16)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec hyperparameter")
     c.add_argument("--dump", action="store_true", help="also print the traced IR and source locations")
+    c.add_argument("--backend", choices=["reference", "kernels"], default="reference",
+                   help="run with the reference interpreter or pigeon's kernels (llvm on a CPU)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    c.add_argument("--out", metavar="DIR", help="write an AOT artifact (kernel programs + cubins) to DIR")
+    c.add_argument("--arch", default="sm_90", help="GPU architecture of the artifact's cubins (default sm_90)")
     c.set_defaults(func=cmd_compile)
     i = sub.add_parser("inspect", help="print a graph's statistics")
     i.add_argument("--graph", default="tiny")

@@ -40,6 +40,8 @@ class CompiledLayer(torch.nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
         self.spec, self.ir, self.graph, self.backend, self.dtype = spec, ir, graph, backend, dtype
+        self.in_dims = {op.attr("name"): op.type.shape[0] for op in ir.inputs()}
+        self.hparams = {}
         self.layer_id = None
         if backend == "kernels":
             self._build_kernels()
@@ -122,4 +124,6 @@ def compile(spec: Layer, graph, in_dim: int | Mapping[str, int] | None = None, *
     if not isinstance(spec, Layer):
         raise TypeError(f"pigeon.compile takes a @pigeon.layer spec, got {type(spec).__name__}")
     ir, _ = run_pipeline(spec.trace(in_dim, **hparams))
-    return CompiledLayer(spec, ir, graph, backend, seed, dtype)
+    layer = CompiledLayer(spec, ir, graph, backend, seed, dtype)
+    layer.hparams = dict(hparams)
+    return layer

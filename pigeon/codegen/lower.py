@@ -33,7 +33,7 @@ class LoweringError(NotImplementedError):
 @dataclass(frozen=True)
 class GemmLaunch:
     inst: GemmInstance
-    x: str                  # buffer names
+    x: str                  # buffer names; the weight_grad form reads x and y and writes w (dW)
     w: str
     y: str
     rows: Literal["edge", "node"]    # which rows the instance loops over (M)
@@ -78,7 +78,10 @@ class KernelProgram:
     def describe(self) -> str:
         lines = [f"kernel program {self.name}: {len(self.launches)} launches, {len(self.buffers)} buffers"]
         for i, l in enumerate(self.launches):
-            if isinstance(l, GemmLaunch):
+            if isinstance(l, GemmLaunch) and l.inst.form == "weight_grad":
+                lines.append(f"  [{i}] gemm.weight_grad {l.rows}/{l.seg} k={l.inst.k} n={l.inst.n} h={l.inst.heads}"
+                             f" gather={l.gather}/{l.scatter}: outer({l.x}, {l.y}) -> {l.w}")
+            elif isinstance(l, GemmLaunch):
                 lines.append(f"  [{i}] gemm.{l.inst.form} {l.rows}/{l.seg} k={l.inst.k} n={l.inst.n} h={l.inst.heads}"
                              f" gather={l.gather} scatter={l.scatter} T={l.inst.transpose_w}: {l.x},{l.w} -> {l.y}")
             elif isinstance(l, TraversalLaunch):

@@ -104,7 +104,18 @@ def test_aot_artifact_built_on_cpu_machine_runs():
     if not art:
         pytest.skip("set PIGEON_TEST_ARTIFACT to an artifact directory made by `pigeon compile --out`")
     import pigeon.runtime.artifact as artifact
-    layer = artifact.load(art, graph=None).to(DEV)
-    x = torch.randn(layer.graph.num_nodes, layer.in_dims["x"], device=DEV)
-    ref = run(layer.ir, layer.graph.to(DEV), {"x": x}, dict(layer.weights.items()))["out"]
-    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    from pigeon.models import MODELS as BUILTIN
+    layer = artifact.load(art).to(DEV)
+    m = layer.manifest
+    ref = pg.compile(BUILTIN[m["spec"]], layer.graph, m["in_dims"], **m["hparams"])
+    gd = layer.graph.to(DEV)
+    x = torch.randn(layer.graph.num_nodes, m["in_dims"]["x"], device=DEV, requires_grad=True)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in layer.weights.items()}
+    want = run(ref.ir, gd, {"x": x}, params)["out"]
+    got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    up = torch.randn_like(got)
+    g1 = torch.autograd.grad((got * up).sum(), [x] + list(layer.weights.values()))
+    g2 = torch.autograd.grad((want * up).sum(), [x] + list(params.values()))
+    for a, b in zip(g1, g2):
+        assert _rel(a, b) < 1e-4
