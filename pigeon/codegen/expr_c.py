@@ -1,0 +1,411 @@
+"""C code of traversal element expressions (pigeon/ir/traversal.py) at one (row, flat feature index).
+
+The emitter writes straight-line code: one ``const`` temporary per distinct subexpression, with
+static shapes folded into the index arithmetic (ravel/unravel by compile-time constants). Code
+is placed into *scopes*, the nested loop levels a kernel template lays out (e.g. kernel -> node
+-> feature element -> edge). Every value records the loop variables it depends on and is emitted
+in the innermost scope that binds one of them, i.e. as far out as it can go: a destination-node
+load inside an edge loop is read once per node, a constant once per thread. A memo per scope
+emits a subexpression evaluated at the same index once. ``dot`` and ``sum_to`` become small
+inner loops over their static extent (``#pragma unroll`` up to ``UNROLL_MAX``) whose
+loop-invariant parts are hoisted out the same way.
+
+Loads convert the storage type (float32, float64, bfloat16, float16) to float with the
+overloaded ``pg_f``; all math is float. C identifiers come from ``Buffer.name`` (prefixed
+``b_``), graph array names (``g_``) and counters (``t<n>``, ``s<n>``, ``k<n>``, ``m<n>``).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from ..ir.traversal import BINARY_C, UNARY_C, Buffer, Expr, RowRef
+from .jinja import cfloat
+from .kernel_source import c_ident
+
+UNROLL_MAX = 32
+
+C_STORAGE = {"float32": "float", "float64": "double", "bfloat16": "__nv_bfloat16", "float16": "__half"}
+
+
+class ExprCodegenError(ValueError):
+    pass
+
+
+def storage_type(dtype: str) -> str:
+    if dtype not in C_STORAGE:
+        raise ExprCodegenError(f"no C storage type for dtype {dtype!r} (known: {sorted(C_STORAGE)})")
+    return C_STORAGE[dtype]
+
+
+def buffer_param(b: Buffer) -> str:
+    return "b_" + c_ident(b.name, "buffer name")
+
+
+c_float = cfloat   # a C float literal exactly equal to float32(c)
+
+
+# ------------------------------------------------------------------------------ index arithmetic
+
+@dataclass(frozen=True)
+class Atom:
+    """An opaque non-negative int: a loop variable, or a quotient/remainder that did not fold."""
+    code: str
+    vars: frozenset
+    ub: int                                  # exclusive upper bound
+    div_of: tuple | None = field(default=None, compare=False)   # (Idx, divisor) for ``(x / d)``
+
+
+@dataclass(frozen=True)
+class Idx:
+    """An affine int index ``sum coef * atom + const`` (coefs and const >= 0), kept canonical
+    (terms sorted by code) so equal indices have equal code and fold: ``(j * 8 + k) / 8 -> j``
+    when ``k < 8``, ``(j * 8 + k) % 8 -> k``."""
+    terms: tuple = ()                        # ((Atom, coef), ...)
+    const: int = 0
+
+    @property
+    def is_const(self) -> bool:
+        return not self.terms
+
+    @property
+    def ub(self) -> int:
+        return sum(c * (a.ub - 1) for a, c in self.terms) + self.const + 1
+
+    @property
+    def vars(self) -> frozenset:
+        out = frozenset()
+        for a, _ in self.terms:
+            out |= a.vars
+        return out
+
+    @property
+    def code(self) -> str:
+        parts = [a.code if c == 1 else f"{a.code} * {c}" for a, c in self.terms]
+        if self.const or not parts:
+            parts.append(str(self.const))
+        return " + ".join(parts)
+
+
+def _make(terms: dict, const: int) -> Idx:
+    items = tuple(sorted(((a, c) for a, c in terms.items() if c), key=lambda t: t[0].code))
+    return Idx(items, const)
+
+
+def const_idx(c: int) -> Idx:
+    return Idx((), int(c))
+
+
+def var_idx(name: str, ub: int) -> Idx:
+    return Idx(((Atom(name, frozenset({name}), ub), 1),), 0)
+
+
+def _atom_idx(a: Atom) -> Idx:
+    return Idx(((a, 1),), 0)
+
+
+def idx_mul(x: Idx, c: int) -> Idx:
+    if c == 0:
+        return const_idx(0)
+    return _make({a: k * c for a, k in x.terms}, x.const * c)
+
+
+def idx_add(x: Idx, y: Idx) -> Idx:
+    terms = dict(x.terms)
+    for a, k in y.terms:
+        terms[a] = terms.get(a, 0) + k
+    return _make(terms, x.const + y.const)
+
+
+def idx_div(x: Idx, c: int) -> Idx:
+    if c == 1:
+        return x
+    if x.ub <= c:
+        return const_idx(0)
+    high = {a: k // c for a, k in x.terms if k % c == 0}
+    low = [(a, k) for a, k in x.terms if k % c]
+    low_max = sum(k * (a.ub - 1) for a, k in low) + x.const % c
+    if low_max < c:
+        return _make(high, x.const // c)
+    if len(x.terms) == 1 and x.terms[0][1] == 1 and x.const == 0 and x.terms[0][0].div_of is not None:
+        base, d = x.terms[0][0].div_of
+        return idx_div(base, d * c)
+    return _atom_idx(Atom(f"({_operand(x)} / {c})", x.vars, -(-x.ub // c), (x, c)))
+
+
+def idx_mod(x: Idx, c: int) -> Idx:
+    if c == 1:
+        return const_idx(0)
+    if x.ub <= c:
+        return x
+    r = _make({a: k for a, k in x.terms if k % c}, x.const % c)
+    if r.ub <= c:
+        return r
+    return _atom_idx(Atom(f"({_operand(r)} % {c})", r.vars, c))
+
+
+def _operand(x: Idx) -> str:
+    """``x.code`` safe as the left operand of ``/`` or ``%``."""
+    if x.is_const or (len(x.terms) == 1 and x.terms[0][1] == 1 and not x.const):
+        return x.code
+    return f"({x.code})"
+
+
+def strides(shape: tuple[int, ...]) -> list[int]:
+    return [math.prod(shape[i + 1:]) for i in range(len(shape))]
+
+
+def unravel(f: Idx, shape: tuple[int, ...]) -> list[Idx]:
+    return [idx_mod(idx_div(f, st), n) for st, n in zip(strides(shape), shape)]
+
+
+def bcast_flat(f: Idx, shape: tuple[int, ...], arg: tuple[int, ...]) -> Idx:
+    """Flat index into an argument of shape ``arg`` read at the multi-index ``unravel(f, shape)``
+    with left-aligned broadcasting (axes of size 1 in ``arg`` read index 0)."""
+    if len(arg) > len(shape) or any(a not in (s, 1) for a, s in zip(arg, shape)):
+        raise ExprCodegenError(f"shape {list(arg)} does not broadcast (left-aligned) to {list(shape)}")
+    if tuple(arg) == tuple(shape[:len(arg)]):
+        return idx_div(f, math.prod(shape[len(arg):]))
+    out = const_idx(0)
+    for i, (a, st, I) in enumerate(zip(arg, strides(arg), unravel(f, shape))):
+        if a != 1:
+            out = idx_add(out, idx_mul(I, st))
+    return out
+
+
+# ------------------------------------------------------------------------------ scopes and values
+
+@dataclass(frozen=True)
+class Value:
+    code: str                 # a C identifier or literal
+    vars: frozenset = frozenset()
+
+
+class Scope:
+    """One loop level of a kernel: the variables it binds and the code emitted at its top."""
+
+    def __init__(self, binds=(), parent: "Scope | None" = None, name: str = ""):
+        self.binds = frozenset(binds)
+        self.parent = parent
+        self.name = name
+        self.lines: list[str] = []
+        self.memo: dict = {}
+
+    def chain(self):
+        s = self
+        while s is not None:
+            yield s
+            s = s.parent
+
+    def child(self, binds=(), name: str = "") -> "Scope":
+        return Scope(binds, self, name)
+
+    def code(self, indent: int) -> str:
+        pad = " " * indent
+        return "\n".join(pad + ln if ln else ln for block in self.lines for ln in block.split("\n"))
+
+
+@dataclass(frozen=True)
+class RowBinding:
+    """How a RowRef finds its row: ``code`` is an int C expression of ``vars``; with ``array`` set
+    the row is ``array[code]`` (loaded once into a temporary)."""
+    code: str
+    vars: frozenset
+    array: str | None = None
+
+
+def _subst(template: str, names: dict[str, str]) -> str:
+    pat = r"\b(" + "|".join(map(re.escape, names)) + r")\b"
+    return re.sub(pat, lambda m: names[m.group(1)], template)
+
+
+def _indent(text: str, n: int = 4) -> str:
+    return "\n".join((" " * n + ln) if ln else ln for ln in text.split("\n"))
+
+
+class ExprEmitter:
+    """Emits C for expressions of one kernel. ``rows`` maps every RowRef the loop allows to its
+    binding; a load through any other RowRef is an error naming the loop."""
+
+    def __init__(self, rows: dict[RowRef, RowBinding], loop_name: str):
+        self.rows = rows
+        self.loop_name = loop_name
+        self.n = 0
+        self.graph_arrays: set[str] = set()
+        self.buffers: dict[str, Buffer] = {}
+
+    # -- helpers -------------------------------------------------------------------------
+    def fresh(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    @staticmethod
+    def place(vars: frozenset, scope: Scope) -> Scope:
+        """The innermost scope of ``scope``'s chain binding any of ``vars`` (the root if none)."""
+        last = scope
+        bound = frozenset()
+        target = None
+        for s in scope.chain():
+            bound |= s.binds
+            if target is None and s.binds & vars:
+                target = s
+            last = s
+        missing = vars - bound
+        if missing:
+            raise ExprCodegenError(f"internal: variables {sorted(missing)} are not bound in scope {scope.name!r}")
+        return target if target is not None else last
+
+    @staticmethod
+    def lookup(key, scope: Scope):
+        for s in scope.chain():
+            if key in s.memo:
+                return s.memo[key]
+        return None
+
+    def define(self, ctype: str, prefix: str, rhs: str, vars: frozenset, scope: Scope, key) -> Value:
+        target = self.place(vars, scope)
+        name = self.fresh(prefix)
+        target.lines.append(f"const {ctype} {name} = {rhs};")
+        v = Value(name, vars)
+        target.memo[key] = v
+        return v
+
+    def row(self, ref: RowRef, scope: Scope) -> Value | None:
+        if ref is RowRef.NONE:
+            return None
+        b = self.rows.get(ref)
+        if b is None:
+            raise ExprCodegenError(f"row reference {ref.value!r} is not allowed in a {self.loop_name} loop")
+        if b.array is None:
+            return Value(b.code, b.vars)
+        key = ("row", ref)
+        v = self.lookup(key, scope)
+        if v is None:
+            self.graph_arrays.add(b.array)
+            v = self.define("int", "s", f"g_{b.array}[{b.code}]", b.vars, scope, key)
+        return v
+
+    def _loop(self, scope: Scope, extent: int, body, what: str) -> Value:
+        """``acc = sum over m in [0, extent) of body(m_idx, inner_scope)``, hoisted as far out as
+        its operands allow."""
+        if extent == 1:
+            return body(const_idx(0), scope)
+        var = self.fresh("k" if what == "dot" else "m")
+        inner = scope.child({var}, f"{what} loop {var}")
+        val = body(var_idx(var, extent), inner)
+        vars = val.vars - {var}
+        target = self.place(vars, scope)
+        acc = self.fresh("t")
+        pragma = "#pragma unroll" if extent <= UNROLL_MAX else "#pragma unroll 4"
+        body_text = "\n".join(inner.lines + [f"{acc} += {val.code};"])
+        target.lines.append(f"float {acc} = 0.f;\n{pragma}\nfor (int {var} = 0; {var} < {extent}; ++{var}) {{\n"
+                            f"{_indent(body_text)}\n}}")
+        return Value(acc, vars)
+
+    # -- expressions ---------------------------------------------------------------------
+    def eval(self, e: Expr, idx: Idx, scope: Scope) -> Value:
+        """The value of ``e`` at flat feature index ``idx`` (``0 <= idx < prod(e.shape)``)."""
+        key = ("expr", e, idx.code)
+        v = self.lookup(key, scope)
+        if v is not None:
+            return v
+        v = self._eval(e, idx, scope)
+        if v.code and key not in self.place(v.vars, scope).memo:
+            self.place(v.vars, scope).memo[key] = v
+        return v
+
+    def _eval(self, e: Expr, idx: Idx, scope: Scope) -> Value:
+        op = e.op
+        if op == "const":
+            if e.c is None:
+                raise ExprCodegenError("const expression without a value")
+            return Value(c_float(e.c))
+        if op == "load":
+            b = e.buffer
+            if b is None:
+                raise ExprCodegenError("load without a buffer")
+            if tuple(e.shape) != tuple(b.shape):
+                raise ExprCodegenError(f"load of {b.name}: expression shape {list(e.shape)} != buffer shape {list(b.shape)}")
+            prev = self.buffers.setdefault(b.name, b)
+            if prev != b:
+                raise ExprCodegenError(f"two different buffers are named {b.name!r}: {prev} and {b}")
+            storage_type(b.dtype)
+            row = self.row(e.row, scope)
+            W = b.width
+            if row is None:
+                off, vars = idx.code, idx.vars
+            else:
+                vars = row.vars | idx.vars
+                if W == 1:
+                    off = row.code
+                else:
+                    off = f"(long long){row.code} * {W}" + ("" if idx.is_const and idx.const == 0 else f" + {idx.code}")
+            return self.define("float", "t", f"pg_f({buffer_param(b)}[{off}])", vars, scope, ("expr", e, idx.code))
+        if op == "reshape":
+            (a,) = e.args
+            if math.prod(a.shape) != math.prod(e.shape):
+                raise ExprCodegenError(f"reshape {list(a.shape)} -> {list(e.shape)} changes the element count")
+            return self.eval(a, idx, scope)
+        if op == "unary":
+            (a,) = e.args
+            if e.fn not in UNARY_C:
+                raise ExprCodegenError(f"unknown unary fn {e.fn!r}")
+            if tuple(a.shape) != tuple(e.shape):
+                raise ExprCodegenError(f"unary {e.fn}: argument shape {list(a.shape)} != {list(e.shape)}")
+            x = self.eval(a, idx, scope)
+            names = {"x": x.code}
+            if re.search(r"\bc\b", UNARY_C[e.fn]):
+                if e.c is None:
+                    raise ExprCodegenError(f"unary {e.fn} needs a constant c")
+                names["c"] = c_float(e.c)
+            return self.define("float", "t", _subst(UNARY_C[e.fn], names), x.vars, scope, ("expr", e, idx.code))
+        if op == "binary":
+            if e.fn not in BINARY_C:
+                raise ExprCodegenError(f"unknown binary fn {e.fn!r}")
+            a, b = e.args
+            va = self.eval(a, bcast_flat(idx, e.shape, a.shape), scope)
+            vb = self.eval(b, bcast_flat(idx, e.shape, b.shape), scope)
+            return self.define("float", "t", _subst(BINARY_C[e.fn], {"a": va.code, "b": vb.code}),
+                               va.vars | vb.vars, scope, ("expr", e, idx.code))
+        if op == "dot":
+            a, b = e.args
+            if not a.shape or not b.shape or a.shape[-1] != b.shape[-1]:
+                raise ExprCodegenError(f"dot of shapes {list(a.shape)} and {list(b.shape)}: last axes differ")
+            K = a.shape[-1]
+            ia = idx_mul(bcast_flat(idx, e.shape, a.shape[:-1]), K)
+            ib = idx_mul(bcast_flat(idx, e.shape, b.shape[:-1]), K)
+
+            def body(k: Idx, s: Scope) -> Value:
+                va = self.eval(a, idx_add(ia, k), s)
+                vb = self.eval(b, idx_add(ib, k), s)
+                return self.define("float", "t", f"{va.code} * {vb.code}", va.vars | vb.vars, s,
+                                   ("dotterm", e, idx.code, k.code))
+            return self._loop(scope, K, body, "dot")
+        if op == "sum_to":
+            (a,) = e.args
+            A, S = tuple(a.shape), tuple(e.shape)
+            if len(A) < len(S) or any(s not in (n, 1) for s, n in zip(S, A)):
+                raise ExprCodegenError(f"sum_to {list(A)} -> {list(S)}: not a reduction to a broadcastable shape")
+            sa = strides(A)
+            I = unravel(idx, S)
+            kept = const_idx(0)
+            summed = []   # (size, stride in A)
+            for i, n in enumerate(A):
+                if n == 1:
+                    continue
+                if i < len(S) and S[i] == n:
+                    kept = idx_add(kept, idx_mul(I[i], sa[i]))
+                else:
+                    summed.append((n, sa[i]))
+            M = math.prod(n for n, _ in summed)
+
+            def body(m: Idx, s: Scope) -> Value:
+                off = kept
+                inner = M
+                for n, st in summed:
+                    inner //= n
+                    off = idx_add(off, idx_mul(idx_mod(idx_div(m, inner), n), st))
+                return self.eval(a, off, s)
+            return self._loop(scope, M, body, "sum_to")
+        raise ExprCodegenError(f"unknown expression op {op!r}")

@@ -1,0 +1,353 @@
+"""CUDA traversal kernels: TraversalInstance -> Jinja2 template -> RenderedKernel, and its launcher.
+
+Two templates (pigeon/templates):
+
+* ``traversal.edge.cu.jinja`` -- edge_map / node_map: one thread per (row, flat output element),
+  grid-stride over rows * W. type_reduce: one thread per (chunk of ``CHUNK`` rows in type order,
+  element); the thread sums its chunk in registers and does one float atomicAdd into
+  ``out[type, j]`` per run of equal types it sees. The accumulator is float32: the launcher
+  zeroes it first (the output itself for float32 storage, else a float32 workspace that is
+  converted into the output afterwards).
+* ``traversal.node.cu.jinja`` -- aggregate (sum/mean/max over CSC for side dst, CSR for side src)
+  and edge_softmax (over CSC): a group of G lanes per node (G = the smallest power of two >= W,
+  at most 32), lanes over flat output elements, a loop over the node's edges per element.
+
+The expression code comes from :mod:`pigeon.codegen.expr_c`, hoisted to the outermost loop level
+it depends on (a destination-node value is read once per node and element, not per edge).
+Every output element is written exactly once (type_reduce: accumulated into a zeroed buffer).
+The kernel signature is generated from ``RenderedKernel.params``, the list the launcher binds.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ..ir.traversal import Buffer, RowRef, TraversalInstance
+from .expr_c import ExprCodegenError, ExprEmitter, RowBinding, Scope, buffer_param, storage_type, var_idx
+from .jinja import render as render_template
+from .kernel_source import KernelParam, RenderedKernel, c_ident
+from .layout import KernelGraph
+
+BLOCK = 256
+MIN_BLOCKS = 4      # __launch_bounds__(BLOCK, MIN_BLOCKS): >= 1024 resident threads per SM, <= 64 registers
+CHUNK = 64
+MAX_GRID = 1 << 16
+GRAPH_ARRAYS = ("src", "dst", "etype", "ntype", "ntype_perm", "csc_ptr", "csc_eid", "csr_ptr", "csr_eid")
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
+OUT_ROWS = {"edge_map": "edge", "node_map": "node", "aggregate": "node", "edge_softmax": "edge"}
+_BUFFER_ROWS_OF_REF = {RowRef.SRC: "node", RowRef.DST: "node", RowRef.ETYPE: "etype", RowRef.NTYPE: "ntype",
+                       RowRef.NONE: "global"}
+
+
+class TraversalCodegenError(ExprCodegenError):
+    pass
+
+
+class TraversalLaunchError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TraversalConfig:
+    """What a traversal template sees (as ``c``); see the comment at the top of each template."""
+    name: str
+    loop: str
+    signature: str
+    block: int
+    min_blocks: int
+    width: int
+    out: str
+    num_rows: str = "num_nodes"
+    rows: str = "edge"
+    per: str = "none"
+    chunk: int = CHUNK
+    reduce: str = "sum"
+    group: int = 32
+    ptr: str = ""
+    eid: str = ""
+    root_code: str = ""
+    item_code: str = ""
+    row_code: str = ""
+    value: str = ""
+    node_code: str = ""
+    elem_code: str = ""
+    pass_code: tuple[str, ...] = ()
+    pass_value: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Grid of a traversal kernel from the graph sizes (grid-stride loops cover the rest)."""
+    kind: str           # "edge_items" | "node_items" | "edge_chunks" | "node_chunks" | "node_groups"
+    width: int
+    block: int
+    chunk: int = CHUNK
+    group: int = 32
+
+    def threads(self, kg: Any) -> int:
+        E, N = int(kg.num_edges), int(kg.num_nodes)
+        R = E if self.kind.startswith("edge") else N
+        if self.kind.endswith("items"):
+            return R * self.width
+        if self.kind.endswith("chunks"):
+            return -(-R // self.chunk) * self.width
+        return N * self.group
+
+    def __call__(self, kg: Any) -> tuple[int, int, int]:
+        return (max(1, min(MAX_GRID, -(-self.threads(kg) // self.block))), 1, 1)
+
+
+# ------------------------------------------------------------------------------ templates
+
+def _render_template(name: str, config: TraversalConfig) -> str:
+    return render_template(name, config)
+
+
+# ------------------------------------------------------------------------------ validation
+
+def _check_instance(inst: TraversalInstance) -> None:
+    if inst.loop not in ("edge_map", "node_map", "aggregate", "edge_softmax", "type_reduce"):
+        raise TraversalCodegenError(f"unknown traversal loop {inst.loop!r}")
+    out = inst.out
+    c_ident(out.name, "output buffer name")
+    storage_type(out.dtype)
+    if tuple(out.shape) != tuple(inst.expr.shape):
+        raise TraversalCodegenError(f"{inst.loop}: output {out.name} has shape {list(out.shape)} but the "
+                                    f"expression has shape {list(inst.expr.shape)}")
+    if inst.loop == "type_reduce":
+        allowed = {"edge": ("etype", "none"), "node": ("ntype", "none")}
+        if inst.rows not in allowed or inst.per not in allowed[inst.rows]:
+            raise TraversalCodegenError(f"type_reduce over {inst.rows} rows cannot reduce per {inst.per!r}")
+        want = {"etype": "etype", "ntype": "ntype", "none": "global"}[inst.per]
+    else:
+        want = OUT_ROWS[inst.loop]
+    if inst.loop == "aggregate" and (inst.side not in ("dst", "src") or inst.reduce not in ("sum", "mean", "max")):
+        raise TraversalCodegenError(f"aggregate with side {inst.side!r} / reduce {inst.reduce!r}")
+    if out.rows != want:
+        raise TraversalCodegenError(f"{inst.loop}: output {out.name} has rows {out.rows!r}, expected {want!r}")
+    names = {}
+    for b in inst.inputs():
+        if b.name == out.name:
+            raise TraversalCodegenError(f"{inst.loop}: buffer {b.name} is both read and written")
+        if names.setdefault(b.name, b) != b:
+            raise TraversalCodegenError(f"two different buffers are named {b.name!r}")
+    own = "edge" if inst.edge_loop else "node"
+    stack = [inst.expr]
+    while stack:
+        e = stack.pop()
+        stack.extend(e.args)
+        if e.op != "load":
+            continue
+        want_rows = own if e.row is RowRef.SELF else _BUFFER_ROWS_OF_REF[e.row]
+        if e.buffer.rows != want_rows:
+            raise TraversalCodegenError(f"load of {e.buffer.name} (rows {e.buffer.rows!r}) through row reference "
+                                        f"{e.row.value!r} in an {own} loop: expected a buffer with rows {want_rows!r}")
+
+
+# ------------------------------------------------------------------------------ rendering
+
+def kernel_name(inst: TraversalInstance) -> str:
+    return f"pigeon_trav_{inst.key()}"
+
+
+def _edge_rows(row: str) -> dict[RowRef, RowBinding]:
+    v = frozenset({row})
+    return {RowRef.SELF: RowBinding(row, v), RowRef.SRC: RowBinding(row, v, "src"),
+            RowRef.DST: RowBinding(row, v, "dst"), RowRef.ETYPE: RowBinding(row, v, "etype")}
+
+
+def _node_rows(row: str) -> dict[RowRef, RowBinding]:
+    v = frozenset({row})
+    return {RowRef.SELF: RowBinding(row, v), RowRef.NTYPE: RowBinding(row, v, "ntype")}
+
+
+def _out_param(inst: TraversalInstance) -> KernelParam:
+    name = buffer_param(inst.out)
+    if inst.loop == "type_reduce":
+        return KernelParam(name, "ptr", "float* __restrict__", f"accum:{inst.out.name}")
+    return KernelParam(name, "ptr", f"{storage_type(inst.out.dtype)}* __restrict__", f"out:{inst.out.name}")
+
+
+@functools.lru_cache(maxsize=4096)
+def render_traversal(inst: TraversalInstance, block: int = BLOCK, chunk: int = CHUNK) -> RenderedKernel:
+    """The CUDA kernel of ``inst`` (cached per instance)."""
+    _check_instance(inst)
+    try:
+        return _render(inst, block, chunk)
+    except TraversalCodegenError:
+        raise
+    except ExprCodegenError as e:
+        raise TraversalCodegenError(f"{inst.loop} -> {inst.out.name}: {e}") from e
+
+
+def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
+    W = inst.out.width
+    name = kernel_name(inst)
+    loop = inst.loop
+    j = var_idx("j", W)
+    root = Scope((), None, "kernel")
+    graph = set()
+    cfg: dict[str, Any] = {}
+    if loop in ("edge_map", "node_map"):
+        edge = loop == "edge_map"
+        em = ExprEmitter(_edge_rows("r") if edge else _node_rows("r"), loop)
+        item = root.child({"r", "j"}, "item")
+        val = em.eval(inst.expr, j, item)
+        size = "num_edges" if edge else "num_nodes"
+        cfg = dict(item_code=item.code(8), value=val.code, num_rows=size)
+        template = "traversal.edge.cu.jinja"
+        grid = _Grid("edge_items" if edge else "node_items", W, block)
+    elif loop == "type_reduce":
+        edge = inst.rows == "edge"
+        rows = _edge_rows("r") if edge else _node_rows("r")
+        if inst.per == "etype":
+            rows[RowRef.ETYPE] = RowBinding("t", frozenset({"r"}))
+            graph.add("etype")
+        elif inst.per == "ntype":
+            rows[RowRef.NTYPE] = RowBinding("t", frozenset({"r"}))
+            graph |= {"ntype", "ntype_perm"}
+        em = ExprEmitter(rows, f"type_reduce over {inst.rows}s")
+        item = root.child({"j"}, "item")
+        row = item.child({"r"}, "row")
+        val = em.eval(inst.expr, j, row)
+        size = "num_edges" if edge else "num_nodes"
+        cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size,
+                   rows=inst.rows, per=inst.per, chunk=chunk)
+        template = "traversal.edge.cu.jinja"
+        grid = _Grid("edge_chunks" if edge else "node_chunks", W, block, chunk=chunk)
+    else:
+        side = "dst" if loop == "edge_softmax" else inst.side
+        rows = _edge_rows("e")
+        rows[RowRef.DST if side == "dst" else RowRef.SRC] = RowBinding("v", frozenset({"v"}))
+        em = ExprEmitter(rows, f"{loop} over {'incoming' if side == 'dst' else 'outgoing'} edges")
+        node = root.child({"v"}, "node")
+        elem = node.child({"j"}, "element")
+        passes = [elem.child({"e"}, f"edge pass {i}") for i in range(3 if loop == "edge_softmax" else 1)]
+        vals = [em.eval(inst.expr, j, p) for p in passes]
+        lists = ("csc_ptr", "csc_eid") if side == "dst" else ("csr_ptr", "csr_eid")
+        graph |= set(lists)
+        group = 1 << max(0, (min(W, 32) - 1).bit_length())
+        if block % group:
+            raise TraversalCodegenError(f"block {block} is not a multiple of the lane group {group}")
+        size = "num_nodes"
+        cfg = dict(node_code=node.code(8), elem_code=elem.code(12), pass_code=tuple(p.code(16) for p in passes),
+                   pass_value=tuple(v.code for v in vals), group=group, ptr=f"g_{lists[0]}", eid=f"g_{lists[1]}",
+                   reduce=inst.reduce, num_rows=size)
+        template = "traversal.node.cu.jinja"
+        grid = _Grid("node_groups", W, block, group=group)
+    graph |= em.graph_arrays
+    inputs = inst.inputs()
+    if set(em.buffers) != {b.name for b in inputs}:   # pragma: no cover - every load is emitted
+        raise TraversalCodegenError(f"internal: emitted loads {sorted(em.buffers)} != inputs {[b.name for b in inputs]}")
+    params = [_out_param(inst)]
+    params += [KernelParam(buffer_param(b), "ptr", f"const {storage_type(b.dtype)}* __restrict__", f"buffer:{b.name}")
+               for b in inputs]
+    params += [KernelParam(f"g_{a}", "ptr", "const int* __restrict__", f"graph:{a}") for a in GRAPH_ARRAYS if a in graph]
+    params.append(KernelParam(size, "int32", "int", f"size:{size}"))
+    signature = ", ".join(p.c for p in params)
+    config = TraversalConfig(name=name, loop=loop, signature=signature, block=block, min_blocks=MIN_BLOCKS, width=W,
+                             out=params[0].name, root_code=root.code(4), **cfg)
+    source = _render_template(template, config)
+    meta = {"loop": loop, "width": W, "template": template, "group": cfg.get("group"),
+            "chunk": cfg.get("chunk"), "instance_key": inst.key()}
+    return RenderedKernel(name=name, source=source, params=tuple(params), block=(block, 1, 1), grid=grid,
+                          template=template, meta=meta)
+
+
+# ------------------------------------------------------------------------------ launching
+
+def _rows_of(b: Buffer, kg: KernelGraph) -> tuple[int, ...]:
+    return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "etype": (kg.num_etypes,),
+            "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
+
+
+def _check_tensor(what: str, b: Buffer, t: Any, kg: KernelGraph) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TraversalLaunchError(f"{what} {b.name}: expected a torch.Tensor, got {type(t).__name__}")
+    want = _rows_of(b, kg) + tuple(b.shape)
+    if tuple(t.shape) != want and not (b.rows == "global" and tuple(t.shape) == (1,) + want):
+        alt = f" or {[1] + list(want)}" if b.rows == "global" else ""
+        raise TraversalLaunchError(f"{what} {b.name}: shape {list(t.shape)}, expected {list(want)}{alt} "
+                                   f"(rows {b.rows!r}, feature shape {list(b.shape)})")
+    if t.dtype != TORCH_DTYPES[b.dtype]:
+        raise TraversalLaunchError(f"{what} {b.name}: dtype {t.dtype}, expected {TORCH_DTYPES[b.dtype]}")
+    if t.device != kg.device:
+        raise TraversalLaunchError(f"{what} {b.name}: on {t.device}, but the graph is on {kg.device}")
+
+
+def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
+                   bufs: Mapping[str, torch.Tensor], target: torch.Tensor) -> list[Any]:
+    """Kernel arguments in ``rk.params`` order; ``target`` is what the output parameter points to."""
+    args: list[Any] = []
+    for p in rk.params:
+        kind, what = p.role.split(":", 1)
+        if kind in ("out", "accum"):
+            args.append(target)
+        elif kind == "buffer":
+            t = bufs[what]
+            args.append(t if t.is_contiguous() else t.contiguous())
+        elif kind == "graph":
+            a = getattr(kg, what)
+            if a.dtype != torch.int32 or a.device != kg.device:
+                raise TraversalLaunchError(f"graph array {what}: expected int32 on {kg.device}, got {a.dtype} on {a.device}")
+            args.append(a)
+        elif kind == "size":
+            args.append(int(getattr(kg, what)))
+        else:  # pragma: no cover
+            raise TraversalLaunchError(f"{rk.name}: unknown parameter role {p.role!r}")
+    return args
+
+
+def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[str, torch.Tensor],
+                       out: torch.Tensor, module: Any) -> torch.Tensor:
+    """Run the kernel of ``inst`` from ``module`` (a runtime CudaModule built from
+    ``render_traversal(inst).source``, or a :class:`pigeon.codegen.cuda_emulate.EmulatedModule`),
+    writing ``out`` in place. Tensors must be on the graph's device."""
+    rk = render_traversal(inst)
+    _check_tensor("output", inst.out, out, kg)
+    if not out.is_contiguous():
+        raise TraversalLaunchError(f"output {inst.out.name}: must be contiguous (written in place)")
+    for b in inst.inputs():
+        if b.name not in bufs:
+            raise TraversalLaunchError(f"{inst.loop}: input buffer {b.name!r} is missing (have {sorted(bufs)})")
+        _check_tensor("input", b, bufs[b.name], kg)
+    workspace = None
+    if inst.loop == "type_reduce":
+        if out.dtype == torch.float32:
+            target = out
+        else:
+            target = workspace = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        target.zero_()
+    else:
+        target = out
+    grid = rk.grid(kg)
+    if rk.grid.threads(kg) > 0:
+        args = traversal_args(rk, inst, kg, bufs, target)
+        module.function(rk.name).launch(grid, rk.block, args, rk.ctypes)
+    if workspace is not None:
+        out.copy_(workspace)
+    return out
+
+
+def run_traversal_launch(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[str, torch.Tensor],
+                         out: torch.Tensor, backend: Any = None) -> torch.Tensor:
+    """Build (disk cache) and load the kernel of ``inst`` for ``out``'s device, then run it.
+    ``backend`` (runtime.program.CudaBackend) supplies ``arch`` and a per-backend module dict."""
+    from ..runtime.build import build_kernel, device_arch
+    from ..runtime.launch import load_module
+    rk = render_traversal(inst)
+    modules = getattr(backend, "_modules", None)
+    mod = modules.get(rk.name) if modules is not None else None
+    if mod is None:
+        arch = getattr(backend, "arch", None) or device_arch(out.device)
+        if arch is None:
+            raise TraversalLaunchError("no CUDA device to build the traversal kernel for")
+        entry = build_kernel(rk.source, arch, name=rk.name)
+        mod = load_module(entry, out.device)
+        if modules is not None:
+            modules[rk.name] = mod
+    return run_traversal_cuda(inst, kg, bufs, out, mod)
