@@ -243,11 +243,11 @@ def test_rendered_kernel_structure():
     assert rk.ctypes == ["ptr"] * 6 + ["int32"]
     for bad in ("__syncthreads", "__shared__", "__shfl"):
         assert bad not in rk.source
-    # the destination-node term is read once per (node, element), before the three edge passes
+    # the destination-node term is read once per (node, element), before the two edge passes
     body = rk.source[rk.source.index("for (int j = lane"):]
     er_load = body.index("b_er[")
     assert er_load < body.index("for (int i = beg")
-    assert body.count("b_er[") == 1 and body.count("b_el[") == 3
+    assert body.count("b_er[") == 1 and body.count("b_el[") == 2
     # grid from graph sizes: groups of 4 lanes per node (W = 4)
     kg = case_graphs()[0][1]
     assert rk.grid(kg) == (-(-kg.num_nodes * 4 // 256), 1, 1)

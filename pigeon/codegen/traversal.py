@@ -9,8 +9,9 @@ Two templates (pigeon/templates):
   zeroes it first (the output itself for float32 storage, else a float32 workspace that is
   converted into the output afterwards).
 * ``traversal.node.cu.jinja`` -- aggregate (sum/mean/max over CSC for side dst, CSR for side src)
-  and edge_softmax (over CSC): a group of G lanes per node (G = the smallest power of two >= W,
-  at most 32), lanes over flat output elements, a loop over the node's edges per element.
+  and edge_softmax (over CSC; two passes: online max and sum, then the writes): a group of G lanes
+  per node (G = the smallest power of two >= W, at most 32), lanes over flat output elements, a
+  loop over the node's edges per element.
 
 The expression code comes from :mod:`pigeon.codegen.expr_c`, hoisted to the outermost loop level
 it depends on (a destination-node value is read once per node and element, not per edge).
@@ -226,7 +227,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         em = ExprEmitter(rows, f"{loop} over {'incoming' if side == 'dst' else 'outgoing'} edges")
         node = root.child({"v"}, "node")
         elem = node.child({"j"}, "element")
-        passes = [elem.child({"e"}, f"edge pass {i}") for i in range(3 if loop == "edge_softmax" else 1)]
+        passes = [elem.child({"e"}, f"edge pass {i}") for i in range(2 if loop == "edge_softmax" else 1)]
         vals = [em.eval(inst.expr, j, p) for p in passes]
         lists = ("csc_ptr", "csc_eid") if side == "dst" else ("csr_ptr", "csr_eid")
         graph |= set(lists)
