@@ -1,0 +1,60 @@
+"""Build every CUDA kernel that a set of compiled layers uses into the kernel cache, in parallel.
+
+Used before a GPU session: kernels are built here (nvcc, no GPU needed) and the cache directory
+travels with the run, so the GPU machine spends its time running, not compiling.
+
+    PIGEON_CACHE_DIR=.gpu/cache python scripts/prebuild_kernels.py --dims 8,64 --dtypes float32,bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def layer_configs(dims, dtypes):
+    import pigeon as pg
+    from pigeon.graph import tiny_graph
+    from pigeon.models import MODELS
+    from test_models_reference import MODELS as TEST_MODELS
+    g = tiny_graph()
+    for dtype in dtypes:
+        for name, (spec, hp, _) in TEST_MODELS.items():           # the GPU tests' layers (in_dim 8)
+            yield f"test {name} {dtype}", pg.compile(spec, g, 8, backend="kernels", dtype=dtype, **hp)
+        for dim in dims:                                            # the benchmark's layers
+            hps = {"rgcn": {"out_dim": dim}, "rgat": {"out_dim": dim // 4, "heads": 4}, "hgt": {"heads": 4}}
+            for name, hp in hps.items():
+                yield f"bench {name} d{dim} {dtype}", pg.compile(MODELS[name], g, dim, backend="kernels",
+                                                                dtype=dtype, **hp)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", default="64")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args(argv)
+    from pigeon.runtime.artifact import kernels_of
+    from pigeon.runtime.build import build_kernel
+    kernels = {}
+    for what, layer in layer_configs([int(d) for d in args.dims.split(",")], args.dtypes.split(",")):
+        ks = kernels_of(layer)
+        kernels.update(ks)
+        print(f"{what}: {len(ks)} kernels", flush=True)
+    print(f"building {len(kernels)} distinct kernels for {args.arch} with {args.jobs} jobs", flush=True)
+    t0 = time.time()
+    with cf.ThreadPoolExecutor(args.jobs) as pool:
+        futs = {pool.submit(build_kernel, rk.source, args.arch, name=name): name for name, rk in kernels.items()}
+        for i, f in enumerate(cf.as_completed(futs)):
+            f.result()
+            if (i + 1) % 10 == 0 or i + 1 == len(futs):
+                print(f"  {i + 1}/{len(futs)} built ({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
