@@ -1,0 +1,69 @@
+"""Intra-operator IR: kernel instances.
+
+A kernel instance is a frozen description of one launch family, complete enough for a template
+(pigeon/templates) or a TVM definition (pigeon/codegen/tvm.py) to generate code from it alone.
+Instances hold no tensors; the runtime binds tensors to the parameters the instance names.
+
+GemmInstance -- the segment / gather / scatter matmul with one weight per type (Hector's GEMM
+template).  Two forms:
+
+``form="rows"`` (forward, and dX in backward)::
+
+    for each row i in [0, M), with t the segment of i (seg_ptr[t] <= i < seg_ptr[t+1]),
+    for each head h in [0, H):
+        a = X[gather[i], h, :]         if gather else X[i, h, :]            # [K]
+        w = W[t, h]                    # [K, N]; with transpose_w the stored block is [N, K]
+        y = a @ (w.T if transpose_w else w)                                  # [N]
+        y = epilogue(y)
+        Y[scatter[i], h, :] (+)= y     if scatter else Y[i, h, :] (+)= y
+
+  "+=" when ``accumulate`` (atomic when ``scatter_unique`` is False), "=" otherwise.
+  With ``typed=False`` there is one weight for all rows (W is [1, H, K, N]) and seg_ptr is [0, M].
+
+``form="weight_grad"`` (dW in backward)::
+
+    for each type t, head h:
+        dW[t, h] (+)= sum over i in segment t of outer(X[gather[i], h, :], dY[scatter[i], h, :])
+    here ``gather`` indexes X and ``scatter`` indexes dY (both are *read*); dW is [T, H, K, N].
+
+Shapes are symbolic in M (rows) and T (types); K, N, H are static.  X is [*, H, K] and Y is
+[*, H, N] row-major contiguous (H = 1 means a plain [*, K] matrix).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+from typing import Literal
+
+DTypes = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 16
+    warps: int = 4
+
+
+@dataclass(frozen=True)
+class GemmInstance:
+    form: Literal["rows", "weight_grad"]
+    k: int
+    n: int
+    heads: int = 1
+    typed: bool = True
+    gather: bool = False
+    scatter: bool = False
+    scatter_unique: bool = True
+    transpose_w: bool = False
+    accumulate: bool = False
+    epilogue: tuple[str, ...] = ()      # unary ops applied before the store, e.g. ("leaky_relu:0.2",)
+    dtype: DTypes = "float32"           # dtype of X, W and Y
+    acc_dtype: Literal["float32"] = "float32"
+    tile: TileConfig = TileConfig()
+
+    def key(self) -> str:
+        """Structural name of the instance: stable across processes, safe as a C identifier suffix."""
+        text = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
