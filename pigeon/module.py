@@ -67,32 +67,32 @@ class CompiledLayer(torch.nn.Module):
                            tuple(res.forward.output_names), len(self.ir.outputs), res.grads,
                            {str(self.kgraph.device): self.kgraph})
         self.layer_id = register_layer(lp)
+        from .ir.types import Domain
+        self._kernel_inputs = tuple((op.attr("name"), op.type.domain is Domain.EDGE) for op in self.ir.inputs())
+        self._kernel_params = tuple(op.attr("name") for op in self.ir.params())
+        self._kernel_outputs = tuple((n, self.ir.op(k).type.domain is Domain.EDGE)
+                                     for n, k in zip(self.ir.output_names, self.ir.outputs))
 
     def _forward_kernels(self, inputs: dict) -> dict:
-        from .ir.types import Domain
+        # plain tuples only: torch.compile traces this glue, and must not walk the networkx IR
         from .runtime.program import TORCH_DTYPES
         dt = TORCH_DTYPES[self.dtype]
-        perm = None
         ins = []
-        for op in self.ir.inputs():
-            name = op.attr("name")
+        for name, is_edge in self._kernel_inputs:
             if name not in inputs:
                 raise TypeError(f"{self.spec.name}: input {name!r} is missing")
             x = inputs[name]
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 raise TypeError(f"{self.spec.name}: input {name!r} must be a floating-point tensor")
-            if op.type.domain is Domain.EDGE:   # kernels see edges sorted by type
-                perm = self.kgraph.edge_perm.to(x.device)
-                x = x[perm]
+            if is_edge:   # kernels see edges sorted by type
+                x = x[self.kgraph.edge_perm.to(x.device)]
             ins.append(x.to(dt).contiguous())
-        params = [self.weights[op.attr("name")].to(dt) for op in self.ir.params()]
+        params = [self.weights[name].to(dt) for name in self._kernel_params]
         outs = torch.ops.pigeon.layer_forward(self.layer_id, ins, params)
         result = {}
-        for (name, key), val in zip(zip(self.ir.output_names, self.ir.outputs), outs):
-            if self.ir.op(key).type.domain is Domain.EDGE:
-                inv = torch.empty_like(self.kgraph.edge_perm)
-                inv[self.kgraph.edge_perm] = torch.arange(inv.numel())
-                val = val[inv.to(val.device)]
+        for (name, is_edge), val in zip(self._kernel_outputs, outs):
+            if is_edge:
+                val = val[self.kgraph.edge_perm_inverse.to(val.device)]
             result[name] = val
         return result
 
@@ -101,13 +101,13 @@ class CompiledLayer(torch.nn.Module):
             raise TypeError(f"{self.spec.name} takes {len(self.input_names)} inputs "
                             f"({', '.join(self.input_names)}), got {len(args)}")
         inputs = dict(zip(self.input_names, args)) | kwargs
+        if self.backend == "kernels":      # the kernel graph moves inside the op, per device
+            out = self._forward_kernels(inputs)
+            return out["out"] if len(out) == 1 and "out" in out else out
         graph = self.graph
         dev = next(iter(inputs.values())).device if inputs else graph.src.device
         if graph.src.device != dev:
             graph = self.graph = graph.to(dev)
-        if self.backend == "kernels":
-            out = self._forward_kernels(inputs)
-            return out["out"] if list(out) == ["out"] else out
         params = {k: v for k, v in self.weights.items()}
         out = run(self.ir, graph, inputs, params)
         return out["out"] if list(out) == ["out"] else out

@@ -46,6 +46,13 @@ class KernelGraph:
         return KernelGraph(**kw)
 
     @property
+    def edge_perm_inverse(self) -> torch.Tensor:
+        """[E] kernel-order position of each original edge."""
+        inv = torch.empty_like(self.edge_perm)
+        inv[self.edge_perm] = torch.arange(self.edge_perm.numel(), device=self.edge_perm.device)
+        return inv
+
+    @property
     def device(self) -> torch.device:
         return self.src.device
 
