@@ -52,14 +52,33 @@ class LayerPrograms:
 
 
 _REGISTRY: dict[str, LayerPrograms] = {}
-_ids = itertools.count()
 _lock = threading.Lock()
 
 
+def layer_key(programs: LayerPrograms) -> str:
+    """A content address: the programs and the graph itself.  The id is baked into traced graphs
+    as a constant, and torch.compile's on-disk caches are shared between processes, so an id that
+    only counted layers ("layer7") would let a cached graph of another layer's shapes be reused."""
+    import hashlib
+    import json
+
+    from ..ir.serialize import to_json
+    h = hashlib.sha256()
+    h.update(json.dumps([to_json(programs.forward), to_json(programs.backward) if programs.backward else None,
+                         programs.input_names, programs.param_names, programs.output_names,
+                         programs.n_outputs, programs.grad_names], sort_keys=True).encode())
+    kg = next(iter(programs.kgraphs.values()))
+    h.update(repr(kg.signature).encode())
+    for t in (kg.src, kg.dst, kg.etype, kg.ntype):
+        h.update(t.detach().cpu().numpy().tobytes())
+    return "pg" + h.hexdigest()[:24]
+
+
 def register_layer(programs: LayerPrograms) -> str:
+    layer_id = layer_key(programs)
     with _lock:
-        layer_id = f"layer{next(_ids)}"
-        _REGISTRY[layer_id] = programs
+        # equal ids mean equal programs on an equal graph: the entry is interchangeable
+        _REGISTRY.setdefault(layer_id, programs)
     return layer_id
 
 
