@@ -67,3 +67,8 @@ class GemmInstance:
         """Structural name of the instance: stable across processes, safe as a C identifier suffix."""
         text = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Traversal instances live in traversal.py (with their element-expression IR); both kernel
+# families are importable from here.
+from .traversal import Buffer, Expr, RowRef, TraversalInstance  # noqa: E402,F401

@@ -15,6 +15,7 @@ import torch
 
 from ..codegen.layout import KernelGraph
 from ..codegen.lower import KernelProgram
+from . import kernel_ops  # noqa: F401  (registers pigeon::gemm and pigeon::traversal)
 from .program import TORCH_DTYPES, Executor, buffer_rows
 
 
