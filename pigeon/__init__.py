@@ -5,6 +5,13 @@ from .dsl import (EdgeTensor, Graph, Layer, NodeTensor, SpecError, Value, aggreg
 from .module import CompiledLayer, compile
 
 __version__ = "0.1.0"
+
+
+def load(path, graph=None):
+    """Load an AOT artifact written by ``pigeon compile --out DIR`` (needs a CUDA GPU; no TVM, no nvcc)."""
+    from .runtime.artifact import load as _load
+    return _load(path, graph)
+
 __all__ = ["EdgeTensor", "Graph", "Layer", "NodeTensor", "SpecError", "Value", "aggregate", "concat", "dot",
            "edge_softmax", "elu", "exp", "gelu", "leaky_relu", "layer", "linear", "relu", "sigmoid", "tanh",
-           "typed_linear", "weight", "CompiledLayer", "compile"]
+           "typed_linear", "weight", "CompiledLayer", "compile", "load"]

@@ -140,6 +140,18 @@ class ArtifactLayer(torch.nn.Module):
         return outs[0] if self.n_outputs == 1 else outs
 
 
+def _check_graph(manifest: dict, g, params: dict, where: Path) -> None:
+    """The kernels serve any graph, but the weights have one block per relation / node type."""
+    from ..ir.serialize import from_json
+    prog = from_json(manifest["forward"])
+    for name, bname in prog.params:
+        b = prog.buffer(bname)
+        count = {"etype": g.num_etypes, "ntype": g.num_ntypes}.get(b.rows)
+        if count is not None and params[name].shape[0] != count:
+            raise ArtifactError(f"{where}: weight {name!r} has {params[name].shape[0]} {b.rows} blocks but the "
+                                f"graph has {count} {'relations' if b.rows == 'etype' else 'node types'}")
+
+
 def load(path: str | os.PathLike, graph=None) -> ArtifactLayer:
     """Load an artifact; ``graph`` defaults to the one it was compiled for."""
     from ..graph import load_graph
@@ -153,6 +165,7 @@ def load(path: str | os.PathLike, graph=None) -> ArtifactLayer:
         raise ArtifactError(f"{p}: artifact format {manifest.get('format')} is not {FORMAT}")
     g = graph if graph is not None else load_graph(p / "graph.pt")
     params = torch.load(p / "params.pt", weights_only=True)
+    _check_graph(manifest, g, params, p)
     modules = {}
     for name, info in manifest["kernels"].items():
         cubin = (p / "kernels" / f"{name}.cubin").read_bytes()
