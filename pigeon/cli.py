@@ -102,6 +102,8 @@ def cmd_compile(args) -> int:
     layer = CompiledLayer(spec, ir, graph, backend=backend, seed=0, dtype=args.dtype)
     layer.hparams = hparams
     if backend == "kernels":
+        if layer.backward_program is None and layer.backward_error:
+            print(f"# autodiff: {layer.backward_error} (forward kernels only)")
         print(f"# autodiff: saved {len(layer.autodiff.saved)} forward values, recomputes "
               f"{len(layer.autodiff.recomputed)} ops in backward")
         print(layer.forward_program.describe())
@@ -147,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-dim", type=int, default=16, help="feature size of the spec's inputs (default 16)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec hyperparameter")
     c.add_argument("--dump", action="store_true", help="also print the traced IR and source locations")
-    c.add_argument("--backend", choices=["reference", "kernels"], default="reference",
-                   help="run with the reference interpreter or pigeon's kernels (llvm on a CPU)")
+    c.add_argument("--backend", choices=["reference", "kernels"], default="kernels",
+                   help="run pigeon's kernels (default; TVM llvm builds on a CPU, CUDA on a GPU) "
+                        "or the reference interpreter")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     c.add_argument("--out", metavar="DIR", help="write an AOT artifact (kernel programs + cubins) to DIR")
     c.add_argument("--arch", default="sm_90", help="GPU architecture of the artifact's cubins (default sm_90)")
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # graph / dataset / input validation errors carry their own message
+    except (ValueError, NotImplementedError) as e:  # graph / dataset / input / lowering errors
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

@@ -34,7 +34,7 @@ class CompiledLayer(torch.nn.Module):
     """A traced, compiled spec bound to one graph. ``forward(*inputs)`` takes the spec's tensor
     inputs in order (or by keyword) and returns its output (a dict if the spec returns several)."""
 
-    def __init__(self, spec: Layer, ir: IRGraph, graph, backend: str = "reference", seed: int | None = 0,
+    def __init__(self, spec: Layer, ir: IRGraph, graph, backend: str = "kernels", seed: int | None = 0,
                  dtype: str = "float32"):
         super().__init__()
         if backend not in BACKENDS:
@@ -56,16 +56,30 @@ class CompiledLayer(torch.nn.Module):
         from .codegen.lower import lower
         from .passes.autodiff import autodiff
         from .runtime.ops import LayerPrograms, register_layer
-        res = autodiff(self.ir)
+        from .codegen.lower import LoweringError
+        from .passes.autodiff import AutodiffError, AutodiffResult
+        hint = ("This spec cannot run on pigeon's kernels yet; pigeon.compile(..., backend='reference') "
+                "runs it with torch ops")
+        backward_error = None
+        try:
+            res = autodiff(self.ir)
+        except AutodiffError as e:   # forward kernels still run; backward raises this when asked
+            backward_error = f"{self.spec.name}: {e}. {hint}"
+            res = AutodiffResult(self.ir, None, (), (), (), ())
+        try:
+            fwd = lower(res.forward, self.dtype)
+            bwd = lower(res.backward, self.dtype) if res.backward is not None else None
+        except LoweringError as e:
+            raise LoweringError(f"{self.spec.name}: {e}. {hint}") from None
         self.autodiff = res
-        self.forward_program = lower(res.forward, self.dtype)
-        self.backward_program = lower(res.backward, self.dtype) if res.backward is not None else None
+        self.forward_program, self.backward_program = fwd, bwd
+        self.backward_error = backward_error
         self.kgraph = kernel_graph(self.graph)
         lp = LayerPrograms(self.forward_program, self.backward_program,
                            tuple(op.attr("name") for op in self.ir.inputs()),
                            tuple(op.attr("name") for op in self.ir.params()),
                            tuple(res.forward.output_names), len(self.ir.outputs), res.grads,
-                           {str(self.kgraph.device): self.kgraph})
+                           {str(self.kgraph.device): self.kgraph}, backward_error=backward_error)
         self.layer_id = register_layer(lp)
         from .ir.types import Domain
         self._kernel_inputs = tuple((op.attr("name"), op.type.domain is Domain.EDGE) for op in self.ir.inputs())
@@ -114,13 +128,13 @@ class CompiledLayer(torch.nn.Module):
 
 
 def compile(spec: Layer, graph, in_dim: int | Mapping[str, int] | None = None, *,
-            backend: str = "reference", seed: int | None = 0, dtype: str = "float32",
+            backend: str = "kernels", seed: int | None = 0, dtype: str = "float32",
             **hparams) -> CompiledLayer:
     """Trace ``spec`` with ``hparams``, run the pass pipeline, and bind the result to ``graph``.
 
-    ``backend="reference"`` runs the reference interpreter (torch ops, torch autograd);
-    ``backend="kernels"`` runs pigeon's generated kernels forward and backward (CUDA templates on
-    a GPU, TVM's llvm build on a CPU), with ``dtype`` float32 or bfloat16 storage."""
+    ``backend="kernels"`` (the default) runs pigeon's generated kernels forward and backward (CUDA
+    templates on a GPU, TVM's llvm build on a CPU), with ``dtype`` float32 or bfloat16 storage;
+    ``backend="reference"`` runs the reference interpreter (torch ops, torch autograd)."""
     if not isinstance(spec, Layer):
         raise TypeError(f"pigeon.compile takes a @pigeon.layer spec, got {type(spec).__name__}")
     ir, _ = run_pipeline(spec.trace(in_dim, **hparams))

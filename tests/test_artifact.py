@@ -46,7 +46,7 @@ def test_existing_directory_and_reference_layers_are_refused(layer, tmp_path):
     (tmp_path / "art").mkdir()
     with pytest.raises(artifact.ArtifactError, match="exists"):
         artifact.save(layer, tmp_path / "art")
-    ref = pg.compile(rgcn, tiny_graph(), 8)
+    ref = pg.compile(rgcn, tiny_graph(), 8, backend="reference")
     with pytest.raises(artifact.ArtifactError, match="backend='kernels'"):
         artifact.save(ref, tmp_path / "other")
 

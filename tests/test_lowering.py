@@ -36,7 +36,7 @@ def test_kernel_programs_equal_reference(model, case, backend):
     kg = kernel_graph(g)
     torch.manual_seed(seed)
     x = torch.randn(g.num_nodes, IN)
-    layer = pg.compile(spec, g, IN, **hp)
+    layer = pg.compile(spec, g, IN, **hp, backend="reference")
     params = {k: torch.randn_like(v) * 0.5 for k, v in layer.weights.items()}
     want = run(res.forward, g, {"x": x}, params)
     ex = Executor(fwd, BACKENDS[backend](), poison=True)

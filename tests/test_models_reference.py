@@ -37,7 +37,7 @@ def test_spec_equals_plain_torch(model, case):
     seed = random.randrange(1 << 30)          # fresh inputs every run; the seed is in the failure message
     spec, hp, torch_layer = MODELS[model]
     g = CASES[case](seed)
-    layer = pg.compile(spec, g, IN, seed=seed, **hp).double()
+    layer = pg.compile(spec, g, IN, seed=seed, **hp, backend="reference").double()
     torch.manual_seed(seed)
     x = torch.randn(g.num_nodes, IN, dtype=torch.float64, requires_grad=True)
     params = {k: (torch.randn_like(v) * 0.5).requires_grad_() for k, v in layer.weights.items()}
@@ -56,7 +56,7 @@ def test_spec_equals_plain_torch(model, case):
 
 def test_compiled_module_trains_a_step():
     g = CASES["random"](1)
-    layer = pg.compile(rgat, g, IN, out_dim=3, heads=2)
+    layer = pg.compile(rgat, g, IN, out_dim=3, heads=2, backend="reference")
     x = torch.randn(g.num_nodes, IN)
     loss = layer(x).square().mean()
     loss.backward()
@@ -66,7 +66,7 @@ def test_compiled_module_trains_a_step():
 def test_bad_input_tensors_are_named():
     from pigeon.reference import InputError
     g = CASES["random"](2)
-    layer = pg.compile(rgcn, g, IN)
+    layer = pg.compile(rgcn, g, IN, backend="reference")
     with pytest.raises(InputError, match=r"input 'x' has shape \[30, 7\], expected \[30, 8\]"):
         layer(torch.randn(g.num_nodes, 7))
     with pytest.raises(InputError, match="floating-point"):

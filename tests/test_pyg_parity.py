@@ -21,7 +21,7 @@ def test_rgcn_equals_pyg_rgcnconv():
     with torch.no_grad():
         for p in conv.parameters():
             p.copy_(torch.randn_like(p))
-    layer = pg.compile(rgcn, g, 8, out_dim=5).double()
+    layer = pg.compile(rgcn, g, 8, out_dim=5, backend="reference").double()
     params = {"W": conv.weight, "W_self": conv.root, "b": conv.bias}
     x = torch.randn(g.num_nodes, 8, dtype=torch.float64)
     ours = run(layer.ir, g, {"x": x}, params)["out"]
@@ -48,7 +48,7 @@ def test_rgat_equals_pyg_rgatconv_with_shared_attention():
         conv.q.copy_(q)
         conv.k.copy_(k)
         conv.bias.zero_()
-    layer = pg.compile(rgat, g, 8, out_dim=D, heads=H).double()
+    layer = pg.compile(rgat, g, 8, out_dim=D, heads=H, backend="reference").double()
     params = {"W": W, "a_src": a_src.expand(g.num_etypes, H, D), "a_dst": a_dst.expand(g.num_etypes, H, D)}
     x = torch.randn(g.num_nodes, 8, dtype=torch.float64)
     ours = run(layer.ir, g, {"x": x}, params)["out"]

@@ -59,3 +59,28 @@ def test_wrong_input_shape_is_a_clear_error():
     g, layer = _layer(rgcn, 1, out_dim=4)
     with pytest.raises(Exception, match=r"input 'x' has shape \[30, 7\], expected \[30, 8\]"):
         layer(torch.randn(g.num_nodes, 7))
+
+
+def test_forward_only_spec_runs_and_backward_raises_clearly():
+    spec = pg.layer(lambda g, x: pg.aggregate(g, g.src(x), "max"))
+    g = random_graph(3)
+    layer = pg.compile(spec, g, 4)                   # kernels are the default backend
+    x = torch.randn(g.num_nodes, 4, requires_grad=True)
+    out = layer(x)
+    ref = run(layer.ir, g, {"x": x}, {})["out"]
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(RuntimeError, match="max aggregation is forward-only.*backend='reference'"):
+        out.sum().backward()
+
+
+def test_layer_backward_opcheck():
+    seed = random.randrange(1 << 30)
+    g, layer = _layer(rgcn, seed, out_dim=4)
+    from pigeon.runtime.ops import get_layer
+    lp = get_layer(layer.layer_id)
+    x = torch.randn(g.num_nodes, 8)
+    params = [p.detach().clone() for p in layer.weights.values()]
+    outs = torch.ops.pigeon.layer_forward(layer.layer_id, [x], params)
+    grads = [torch.randn_like(outs[0])]
+    torch.library.opcheck(torch.ops.pigeon.layer_backward.default,
+                          (layer.layer_id, grads, [x], params, list(outs[lp.n_outputs:])))

@@ -30,6 +30,7 @@ class LayerPrograms:
     grad_names: tuple[tuple[str, str], ...]   # (input/param name, backward output name)
     kgraphs: dict = field(default_factory=dict)   # device -> KernelGraph
     backends: dict = field(default_factory=dict)  # device type -> Backend
+    backward_error: str | None = None             # why there is no backward program, if it failed
 
     def kg(self, device: torch.device) -> KernelGraph:
         key = str(device)
@@ -67,7 +68,8 @@ def layer_key(programs: LayerPrograms) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([to_json(programs.forward), to_json(programs.backward) if programs.backward else None,
                          programs.input_names, programs.param_names, programs.output_names,
-                         programs.n_outputs, programs.grad_names], sort_keys=True).encode())
+                         programs.n_outputs, programs.grad_names, programs.backward_error],
+                        sort_keys=True).encode())
     kg = next(iter(programs.kgraphs.values()))
     h.update(repr(kg.signature).encode())
     for t in (kg.src, kg.dst, kg.etype, kg.ntype):
@@ -158,6 +160,9 @@ def _backward(ctx, grads):
     ins, params = list(saved[:ctx.n_in]), list(saved[ctx.n_in:ctx.n_in + ctx.n_params])
     rest = list(saved[ctx.n_in + ctx.n_params:])
     if lp.backward is None:
+        if lp.backward_error:
+            raise RuntimeError(f"pigeon: no backward for this layer: {lp.backward_error}")
+        # no input or weight reaches an output: every gradient is zero
         return None, [torch.zeros_like(t) for t in ins], [torch.zeros_like(t) for t in params]
     g = [torch.zeros(shape, dtype=dt, device=dev) if gr is None else gr
          for gr, (shape, dt, dev) in zip(grads[:lp.n_outputs], ctx.out_meta)]

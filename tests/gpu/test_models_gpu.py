@@ -107,7 +107,7 @@ def test_aot_artifact_built_on_cpu_machine_runs():
     from pigeon.models import MODELS as BUILTIN
     layer = artifact.load(art).to(DEV)
     m = layer.manifest
-    ref = pg.compile(BUILTIN[m["spec"]], layer.graph, m["in_dims"], **m["hparams"])
+    ref = pg.compile(BUILTIN[m["spec"]], layer.graph, m["in_dims"], **m["hparams"], backend="reference")
     gd = layer.graph.to(DEV)
     x = torch.randn(layer.graph.num_nodes, m["in_dims"]["x"], device=DEV, requires_grad=True)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in layer.weights.items()}
