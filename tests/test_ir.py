@@ -53,8 +53,6 @@ def test_verifier_catches_a_wrong_stored_type():
 
 def test_verifier_rejects_duplicate_names():
     x2 = leaf(OpKind.INPUT, "x", ValueType(Domain.NODE, (9,)))
-    s = make_op(OpKind.BINARY, [make_op(OpKind.GATHER, [X], side="src"),
-                                make_op(OpKind.GATHER, [x2], side="src")], fn="add") if False else None
     g1, g2 = make_op(OpKind.GATHER, [X], side="src"), make_op(OpKind.GATHER, [x2], side="dst")
     cat = make_op(OpKind.CONCAT, [g1, g2])
     with pytest.raises(VerifyError, match="two different inputs"):
