@@ -104,6 +104,10 @@ def default_backend(device: torch.device) -> str:
         import tvm  # noqa: F401
         return "llvm"
     except ImportError:
+        import warnings
+        warnings.warn("pigeon: no CUDA device and no TVM: kernel programs run on the CPU with the plain-torch "
+                      "semantics of each kernel instance (install apache-tvm for the generated llvm kernels)",
+                      stacklevel=3)
         return "torch"
 
 
