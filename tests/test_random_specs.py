@@ -63,6 +63,20 @@ STEP = st.tuples(st.sampled_from(["gather", "edge_linear", "node_linear", "unary
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(STEP, min_size=1, max_size=8), seed=st.integers(0, 2**20))
 def test_random_spec_kernel_program_equals_reference(steps, seed):
+    check(steps, seed, TorchBackend())
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(STEP, min_size=2, max_size=6), seed=st.integers(0, 2**20))
+def test_random_spec_llvm_kernels_equal_reference(steps, seed):
+    """The same through TVM's llvm builds of every instance (slower: few examples)."""
+    import pytest
+    pytest.importorskip("tvm")
+    from pigeon.runtime.program import LlvmBackend
+    check(steps, seed, LlvmBackend())
+
+
+def check(steps, seed, backend):
     spec = build_spec(steps)
     g = random_graph(seed, num_nodes=12, num_edges=40, num_etypes=3, num_ntypes=2)
     ir = spec.trace(D)
@@ -74,14 +88,14 @@ def test_random_spec_kernel_program_equals_reference(steps, seed):
     layer = pg.compile(spec, g, D, backend="reference")
     params = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) * 0.5 for k, v in layer.weights.items()}
     want = run(res.forward, g, {"x": x}, params)
-    got = Executor(fwd, TorchBackend(), poison=True).run(kg, {"x": x.float()}, {k: v.float() for k, v in params.items()})
+    got = Executor(fwd, backend, poison=True).run(kg, {"x": x.float()}, {k: v.float() for k, v in params.items()})
     torch.testing.assert_close(got["out"].double(), want["out"], rtol=1e-4, atol=1e-4)
     up = torch.randn(want["out"].shape, generator=gen, dtype=torch.float64)
     saved_r = {s: want[s] for s in res.saved}
     want_b = run(res.backward, g, {"x": x, "grad_out": up} | saved_r, params)
     used = {n for n, _ in bwd.inputs}
     inputs = {k: v.float() for k, v in ({"x": x, "grad_out": up} | {s: got[s].double() for s in res.saved}).items()}
-    got_b = Executor(bwd, TorchBackend(), poison=True).run(
+    got_b = Executor(bwd, backend, poison=True).run(
         kg, {k: v for k, v in inputs.items() if k in used}, {k: v.float() for k, v in params.items()})
     for _, name in res.grads:
         torch.testing.assert_close(got_b[name].double(), want_b[name], rtol=1e-3, atol=1e-3,
