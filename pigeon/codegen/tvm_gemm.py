@@ -10,6 +10,7 @@ import tvm
 from tvm import te, tirx
 
 from ..ir.kernel import GemmInstance
+from .tir_unary import UNARY_TIR
 
 __all__ = ["CUDA_TARGET", "EPILOGUE_OPS", "LLVM_DTYPES", "INDEX_DTYPES", "check_instance", "func_name",
            "rows_out_dtype", "gemm_primfunc", "weight_grad_tvmscript", "schedule_llvm", "schedule_cuda",
@@ -24,37 +25,12 @@ _CUDA_THREADS = 128
 # ---------------------------------------------------------------------------------------------
 # epilogue
 def _epilogue_expr(op: str, x: tirx.Expr) -> tirx.Expr:
-    """One epilogue op ("name" or "name:const") applied to an fp32 TIR expression; names as in
-    pigeon.reference.unary_fn."""
+    """One epilogue op ("name" or "name:const") applied to an fp32 TIR expression; the shared TIR
+    table of unary fns (pigeon/codegen/tir_unary.py) gives its meaning."""
     name, _, arg = op.partition(":")
-    c = tirx.const(float(arg) if arg else 0.0, "float32")
-    one, zero = tirx.const(1.0, "float32"), tirx.const(0.0, "float32")
-    pos = x > zero
-    erf_term = lambda: tirx.erf(x * tirx.const(0.70710678118654752, "float32"))  # noqa: E731
-    table = {
-        "neg": lambda: -x,
-        "relu": lambda: tirx.max(x, zero),
-        "sigmoid": lambda: one / (one + tirx.exp(-x)),
-        "tanh": lambda: tirx.tanh(x),
-        "exp": lambda: tirx.exp(x),
-        "gelu": lambda: tirx.const(0.5, "float32") * x * (one + erf_term()),
-        "elu": lambda: tirx.Select(pos, x, tirx.exp(x) - one),
-        "leaky_relu": lambda: tirx.Select(pos, x, c * x),
-        "scale": lambda: c * x,
-        "shift": lambda: x + c,
-        "rsub": lambda: c - x,
-        "rdiv": lambda: c / x,
-        "step": lambda: tirx.Select(pos, one, zero),
-        "leaky_step": lambda: tirx.Select(pos, one, c),
-        "elu_grad": lambda: tirx.Select(pos, one, tirx.exp(x)),
-        "gelu_grad": lambda: tirx.const(0.5, "float32") * (one + erf_term())
-        + x * tirx.const(0.3989422804014327, "float32") * tirx.exp(tirx.const(-0.5, "float32") * x * x),
-        "square": lambda: x * x,
-        "recip": lambda: one / x,
-    }
-    if name not in table:
-        raise NotImplementedError(f"GEMM epilogue op {op!r} has no TVM definition; known: {sorted(table)}")
-    return table[name]()
+    if name not in UNARY_TIR:
+        raise NotImplementedError(f"GEMM epilogue op {op!r} has no TVM definition; known: {sorted(UNARY_TIR)}")
+    return UNARY_TIR[name][0](tirx, x, float(arg) if arg else 0.0)
 
 
 EPILOGUE_OPS = ("neg", "relu", "sigmoid", "tanh", "exp", "gelu", "elu", "leaky_relu", "scale", "shift",

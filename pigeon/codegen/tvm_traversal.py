@@ -37,14 +37,13 @@ import torch
 
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance
 from .layout import KernelGraph
+from .tir_unary import UNARY_NEEDS_C, UNARY_TIR
 
 __all__ = ["graph_arrays", "traversal_primfunc", "build_traversal_llvm", "run_traversal_llvm",
            "traversal_cuda_source", "traversal_function_name", "TraversalTvmError"]
 
 F32 = "float32"
 IDX = "int64"           # loop / row index type (flattened offsets can pass 2^31 on big graphs)
-_SQRT1_2 = 0.70710678118654752
-_INV_SQRT_2PI = 0.3989422804014327
 _NEG_INF = float("-inf")
 _ALIGN = 4             # assume only element alignment: views at any offset are passed zero-copy
 
@@ -90,9 +89,9 @@ def _check_expr(e: Expr, edge_loop: bool) -> None:
             if x.shape != () or x.c is None:
                 raise TraversalTvmError(f"const needs shape () and a value, got {x.shape}, {x.c}")
         elif x.op == "unary":
-            if x.fn not in _UNARY:
+            if x.fn not in UNARY_TIR:
                 raise TraversalTvmError(f"unknown unary fn {x.fn!r}")
-            if x.fn in _UNARY_NEEDS_C and x.c is None:
+            if x.fn in UNARY_NEEDS_C and x.c is None:
                 raise TraversalTvmError(f"unary {x.fn} needs a constant")
             if tuple(x.args[0].shape) != tuple(x.shape):
                 raise TraversalTvmError(f"unary {x.fn}: argument shape {x.args[0].shape} != {x.shape}")
@@ -198,42 +197,6 @@ def _f(tirx, v: float):
     return tirx.const(float(v), F32)
 
 
-def _extern(tirx, name, x):
-    # libm / CUDA math functions: TVM's own tanh lowering loses relative accuracy near 0
-    return tirx.call_pure_extern(F32, name, x)
-
-
-def _u_gelu(t, x, c):
-    return _f(t, 0.5) * x * (_f(t, 1.0) + _extern(t, "erff", x * _f(t, _SQRT1_2)))
-
-
-def _u_gelu_grad(t, x, c):
-    return (_f(t, 0.5) * (_f(t, 1.0) + _extern(t, "erff", x * _f(t, _SQRT1_2)))
-            + x * _f(t, _INV_SQRT_2PI) * t.exp(_f(t, -0.5) * x * x))
-
-
-# fn -> (builder(tirx, x, c) -> PrimExpr, whether x is used more than once)
-_UNARY = {
-    "neg": (lambda t, x, c: -x, False),
-    "relu": (lambda t, x, c: t.Max(x, _f(t, 0.0)), False),
-    "sigmoid": (lambda t, x, c: _f(t, 1.0) / (_f(t, 1.0) + t.exp(-x)), False),
-    "tanh": (lambda t, x, c: _extern(t, "tanhf", x), False),
-    "exp": (lambda t, x, c: t.exp(x), False),
-    "gelu": (_u_gelu, True),
-    "elu": (lambda t, x, c: t.Select(x > _f(t, 0.0), x, _extern(t, "expm1f", x)), True),
-    "leaky_relu": (lambda t, x, c: t.Select(x > _f(t, 0.0), x, _f(t, c) * x), True),
-    "scale": (lambda t, x, c: _f(t, c) * x, False),
-    "shift": (lambda t, x, c: x + _f(t, c), False),
-    "rsub": (lambda t, x, c: _f(t, c) - x, False),
-    "rdiv": (lambda t, x, c: _f(t, c) / x, False),
-    "step": (lambda t, x, c: t.Select(x > _f(t, 0.0), _f(t, 1.0), _f(t, 0.0)), False),
-    "leaky_step": (lambda t, x, c: t.Select(x > _f(t, 0.0), _f(t, 1.0), _f(t, c)), False),
-    "elu_grad": (lambda t, x, c: t.Select(x > _f(t, 0.0), _f(t, 1.0), t.exp(x)), True),
-    "gelu_grad": (_u_gelu_grad, True),
-    "square": (lambda t, x, c: x * x, True),
-    "recip": (lambda t, x, c: _f(t, 1.0) / x, False),
-}
-_UNARY_NEEDS_C = {"leaky_relu", "scale", "shift", "rsub", "rdiv", "leaky_step"}
 _BINARY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
            "div": lambda a, b: a / b}
 
@@ -296,7 +259,7 @@ class _Emitter:
         if e.op == "const":
             return _f(tirx, e.c)
         if e.op == "unary":
-            fn, multi = _UNARY[e.fn]
+            fn, multi = UNARY_TIR[e.fn]
             x = self.value(e.args[0], I)
             if multi and not isinstance(x, (tirx.Var, tirx.FloatImm)):
                 x = _nm("u", T.Bind(x))
