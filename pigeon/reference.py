@@ -138,6 +138,17 @@ def aggregate(msg: torch.Tensor, dst: torch.Tensor, num_nodes: int, reduce: str)
     return out
 
 
+def sum_to(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Rows x [R, *A] summed to [R, *shape]: axes past len(shape), and axes where shape has 1."""
+    A = tuple(x.shape[1:])
+    if len(A) > len(shape):
+        x = x.sum(dim=tuple(range(1 + len(shape), 1 + len(A))))
+    axes = tuple(1 + i for i, s in enumerate(shape) if s == 1 and A[i] != 1)
+    if axes:
+        x = x.sum(dim=axes, keepdim=True)
+    return x.reshape((x.shape[0],) + tuple(shape))
+
+
 def graph_data(what: str, graph, dtype: torch.dtype) -> torch.Tensor:
     if what == "inv_in_degree_by_etype":
         return 1.0 / graph.in_degree_by_etype().to(dtype)
@@ -203,14 +214,7 @@ def evaluate_op(op: Op, args: list[torch.Tensor], arg_types: list, graph,
     if k is OpKind.TYPE_REDUCE:
         return _type_sum(args[0], graph, arg_types[0].domain, op.attr("per"))
     if k is OpKind.SUM_TO:
-        x, shape = args[0], tuple(op.attr("shape"))
-        A = tuple(x.shape[1:])
-        if len(A) > len(shape):
-            x = x.sum(dim=tuple(range(1 + len(shape), 1 + len(A))))
-        axes = tuple(1 + i for i, s in enumerate(shape) if s == 1 and A[i] != 1)
-        if axes:
-            x = x.sum(dim=axes, keepdim=True)
-        return x.reshape((x.shape[0],) + shape)
+        return sum_to(args[0], tuple(op.attr("shape")))
     if k is OpKind.SLICE:
         return args[0][..., op.attr("start"):op.attr("stop")]
     raise ValueError(f"reference interpreter has no rule for {k}")

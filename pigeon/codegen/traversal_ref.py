@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 
+from ..reference import aggregate, edge_softmax, sum_to
 from ..reference import unary_fn as _unary
 from ..ir.traversal import Expr, RowRef, TraversalInstance
 from .layout import KernelGraph
@@ -53,14 +53,7 @@ def eval_expr(e: Expr, kg: KernelGraph, edge_loop: bool, bufs: Mapping[str, torc
         a, b = (_pad(x, len(e.shape), keep_last=1) for x in args)
         return (a * b).sum(-1).reshape((R,) + e.shape)
     if e.op == "sum_to":
-        x = args[0]
-        A = tuple(x.shape[1:])
-        if len(A) > len(e.shape):
-            x = x.sum(dim=tuple(range(1 + len(e.shape), 1 + len(A))))
-        axes = tuple(1 + i for i, s in enumerate(e.shape) if s == 1 and A[i] != 1)
-        if axes:
-            x = x.sum(dim=axes, keepdim=True)
-        return x.reshape((R,) + e.shape)
+        return sum_to(args[0], e.shape)
     if e.op == "reshape":
         return args[0].reshape((R,) + e.shape)
     raise ValueError(f"unknown expr op {e.op!r}")
@@ -75,22 +68,9 @@ def run_traversal_reference(inst: TraversalInstance, kg: KernelGraph,
         return v.reshape((-1,) + shape)
     if inst.loop == "aggregate":
         idx = (kg.dst if inst.side == "dst" else kg.src).long()
-        out = v.new_zeros((kg.num_nodes,) + shape)
-        if inst.reduce == "max":
-            ix = idx.view(-1, *([1] * len(shape))).expand_as(v)
-            return out.scatter_reduce(0, ix, v, "amax", include_self=False)
-        out = out.index_add(0, idx, v)
-        if inst.reduce == "mean":
-            cnt = torch.bincount(idx, minlength=kg.num_nodes).clamp(min=1).to(v.dtype)
-            out = out / cnt.view(-1, *([1] * len(shape)))
-        return out
+        return aggregate(v, idx, kg.num_nodes, inst.reduce)
     if inst.loop == "edge_softmax":
-        d = kg.dst.long()
-        ix = d.view(-1, *([1] * len(shape))).expand_as(v)
-        m = v.new_full((kg.num_nodes,) + shape, float("-inf")).scatter_reduce(0, ix, v, "amax")
-        ex = torch.exp(v - m[d])
-        den = v.new_zeros((kg.num_nodes,) + shape).index_add(0, d, ex)
-        return ex / den[d]
+        return edge_softmax(v, kg.dst.long(), kg.num_nodes)
     if inst.loop == "type_reduce":
         if inst.per == "none":
             return v.sum(0).reshape(shape)
