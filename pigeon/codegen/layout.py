@@ -7,6 +7,7 @@ with 32 bits; graphs past 2^31 edges are refused with a clear error).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +46,23 @@ class KernelGraph:
               for f in self.__dataclass_fields__}
         return KernelGraph(**kw)
 
-    @property
+    # derived once per layout (and device): these are read on every call
+    @functools.cached_property
     def edge_perm_inverse(self) -> torch.Tensor:
         """[E] kernel-order position of each original edge."""
         inv = torch.empty_like(self.edge_perm)
         inv[self.edge_perm] = torch.arange(self.edge_perm.numel(), device=self.edge_perm.device)
         return inv
+
+    @functools.cached_property
+    def all_edges_ptr(self) -> torch.Tensor:
+        """[0, E]: one segment holding every edge (untyped GEMMs over edges)."""
+        return torch.tensor([0, self.num_edges], dtype=torch.int32, device=self.device)
+
+    @functools.cached_property
+    def all_nodes_ptr(self) -> torch.Tensor:
+        """[0, N]: one segment holding every node (untyped GEMMs over nodes)."""
+        return torch.tensor([0, self.num_nodes], dtype=torch.int32, device=self.device)
 
     @property
     def device(self) -> torch.device:

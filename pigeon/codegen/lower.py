@@ -16,6 +16,7 @@ visited through ``ntype_perm`` (gather and scatter by the same permutation).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -70,10 +71,11 @@ class KernelProgram:
     outputs: tuple[tuple[str, str], ...]   # (IR output name, buffer name)
 
     def buffer(self, name: str) -> Buffer:
-        for b in self.buffers:
-            if b.name == name:
-                return b
-        raise KeyError(name)
+        return self._by_name[name]
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Buffer]:
+        return {b.name: b for b in self.buffers}
 
     def describe(self) -> str:
         lines = [f"kernel program {self.name}: {len(self.launches)} launches, {len(self.buffers)} buffers"]

@@ -35,7 +35,7 @@ def gemm_operands(launch: GemmLaunch, kg: KernelGraph) -> dict[str, torch.Tensor
     """Graph arrays of a GEMM launch: segment pointers, gather/scatter index lists, row count."""
     M = kg.num_edges if launch.rows == "edge" else kg.num_nodes
     seg = {"etype": kg.etype_ptr, "ntype": kg.ntype_ptr,
-           "all": torch.tensor([0, M], dtype=torch.int32, device=kg.device)}[launch.seg]
+           "all": kg.all_edges_ptr if launch.rows == "edge" else kg.all_nodes_ptr}[launch.seg]
     index = {"src": kg.src, "dst": kg.dst, "ntype_perm": kg.ntype_perm, None: None}
     return {"M": M, "seg_ptr": seg, "gather": index[launch.gather], "scatter": index[launch.scatter]}
 
