@@ -46,6 +46,7 @@ from typing import Any, Sequence
 import torch
 
 from ..ir.kernel import GemmInstance
+from ..torch_dtypes import TORCH_DTYPES
 from .jinja import cfloat, ctype, render
 from .kernel_source import KernelParam, RenderedKernel
 
@@ -55,7 +56,7 @@ __all__ = [
     "weight_grad_rows_per_block", "run_gemm", "gemm_reference", "build_gemm", "run_gemm_launch",
 ]
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TEMPLATE_DTYPES = ("float32", "bfloat16", "float16")
 MMA_TYPES = {"bfloat16": "bf16", "float16": "f16"}
 SMEM_LIMIT = 48 * 1024          # static shared memory per block
 MIN_ROWS_PER_BLOCK = 128        # weight_grad: fewest rows a block reduces before its atomics
@@ -225,8 +226,8 @@ def _check_instance(inst: GemmInstance) -> None:
         raise GemmCodegenError(f"expected a GemmInstance, got {type(inst).__name__}")
     if inst.form not in ("rows", "weight_grad"):
         raise GemmCodegenError(f"unknown GEMM form {inst.form!r}")
-    if inst.dtype not in TORCH_DTYPES:
-        raise GemmCodegenError(f"GEMM dtype {inst.dtype!r}: the templates cover {sorted(TORCH_DTYPES)}")
+    if inst.dtype not in TEMPLATE_DTYPES:
+        raise GemmCodegenError(f"GEMM dtype {inst.dtype!r}: the templates cover {sorted(TEMPLATE_DTYPES)}")
     if inst.acc_dtype != "float32":
         raise GemmCodegenError(f"GEMM acc_dtype {inst.acc_dtype!r}: only float32")
     for what in ("k", "n", "heads"):

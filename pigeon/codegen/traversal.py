@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from ..ir.traversal import Buffer, RowRef, TraversalInstance
+from ..torch_dtypes import TORCH_DTYPES
 from .expr_c import ExprCodegenError, ExprEmitter, RowBinding, Scope, buffer_param, storage_type, var_idx
 from .jinja import render as render_template
 from .kernel_source import KernelParam, RenderedKernel, c_ident
@@ -37,8 +38,6 @@ MIN_BLOCKS = 4      # __launch_bounds__(BLOCK, MIN_BLOCKS): >= 1024 resident thr
 CHUNK = 64
 MAX_GRID = 1 << 16
 GRAPH_ARRAYS = ("src", "dst", "etype", "ntype", "ntype_perm", "csc_ptr", "csc_eid", "csr_ptr", "csr_eid")
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}
 OUT_ROWS = {"edge_map": "edge", "node_map": "node", "aggregate": "node", "edge_softmax": "edge"}
 _BUFFER_ROWS_OF_REF = {RowRef.SRC: "node", RowRef.DST: "node", RowRef.ETYPE: "etype", RowRef.NTYPE: "ntype",
                        RowRef.NONE: "global"}

@@ -47,6 +47,8 @@ from typing import Callable
 
 import torch
 
+from ..torch_dtypes import TORCH_DTYPES
+
 import tvm
 
 from ..ir.kernel import GemmInstance
@@ -57,8 +59,6 @@ from .tvm_gemm import (  # noqa: F401  (some are re-exported)
 __all__ = ["CUDA_TARGET", "EPILOGUE_OPS", "INDEX_DTYPES", "LLVM_DTYPES", "gemm_primfunc", "weight_grad_tvmscript",
            "schedule_llvm", "schedule_cuda", "cuda_source", "build_llvm", "run_gemm_llvm", "row_type_from_seg_ptr"]
 
-_TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                "int32": torch.int32, "int64": torch.int64}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +132,8 @@ def run_gemm_llvm(inst: GemmInstance, X: torch.Tensor, W: torch.Tensor, seg_ptr:
     index_dtype = _index_dtype(gather, scatter, seg_ptr)
     check_instance(inst, index_dtype)
     H, K, N = inst.heads, inst.k, inst.n
-    dt = _TORCH_DTYPE[inst.dtype]
-    ix = _TORCH_DTYPE[index_dtype]
+    dt = TORCH_DTYPES[inst.dtype]
+    ix = TORCH_DTYPES[index_dtype]
     if (gather is not None) != inst.gather or (scatter is not None) != inst.scatter:
         raise ValueError(f"instance has gather={inst.gather} scatter={inst.scatter}; got "
                          f"gather={gather is not None} scatter={scatter is not None}")
@@ -193,7 +193,7 @@ def run_gemm_llvm(inst: GemmInstance, X: torch.Tensor, W: torch.Tensor, seg_ptr:
         args.append(row_type_from_seg_ptr(seg_ptr, m))
     if gather is not None:
         args.append(_arg(gather, ix))
-    out_dt = _TORCH_DTYPE[rows_out_dtype(inst)]
+    out_dt = TORCH_DTYPES[rows_out_dtype(inst)]
     direct = scatter is None and not inst.accumulate and _aligned(y3)
     z = y3 if direct else torch.empty((m, H, N), dtype=out_dt)
     build_llvm(inst, index_dtype)(*args, z)

@@ -25,10 +25,10 @@ from ..codegen.layout import KernelGraph
 from ..ir.kernel import GemmInstance
 from ..ir.serialize import from_json, to_json
 from ..ir.traversal import TraversalInstance
+from ..torch_dtypes import TORCH_DTYPES
 
 GRAPH_FIELDS = ("src", "dst", "etype", "etype_ptr", "ntype", "ntype_perm", "ntype_ptr",
                 "csc_ptr", "csc_eid", "csr_ptr", "csr_eid")
-_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def instance_json(inst) -> str:
@@ -75,7 +75,7 @@ def gemm(inst: str, a: torch.Tensor, b: torch.Tensor, seg_ptr: torch.Tensor, gat
          scatter: Optional[torch.Tensor], init: Optional[torch.Tensor], out_rows: int) -> torch.Tensor:
     ins = _instance(inst)
     shape = _gemm_shape(ins, a, seg_ptr, out_rows)
-    out = init.clone() if init is not None else torch.zeros(shape, dtype=_DT[ins.dtype], device=a.device)
+    out = init.clone() if init is not None else torch.zeros(shape, dtype=TORCH_DTYPES[ins.dtype], device=a.device)
     x, w, y = (a, b, out) if ins.form == "rows" else (a, out, b)
     if a.is_cuda:
         from ..codegen.gemm import build_gemm, run_gemm
@@ -89,7 +89,7 @@ def gemm(inst: str, a: torch.Tensor, b: torch.Tensor, seg_ptr: torch.Tensor, gat
 @gemm.register_fake
 def _(inst, a, b, seg_ptr, gather, scatter, init, out_rows):
     ins = _instance(inst)
-    return a.new_empty(_gemm_shape(ins, a, seg_ptr, out_rows), dtype=_DT[ins.dtype])
+    return a.new_empty(_gemm_shape(ins, a, seg_ptr, out_rows), dtype=TORCH_DTYPES[ins.dtype])
 
 
 def _gemm_setup(ctx, inputs, output):
@@ -109,7 +109,7 @@ def gemm_backward(inst: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 
     def f(a2, b2):
         # autograd is switched off inside custom ops; torch.func's vjp works there
-        out = torch.zeros(shape, dtype=_DT[ins.dtype], device=a.device)
+        out = torch.zeros(shape, dtype=TORCH_DTYPES[ins.dtype], device=a.device)
         x, w, y = (a2, b2, out) if ins.form == "rows" else (a2, out, b2)
         return gemm_reference(ins, x, w, seg_ptr, gather, scatter, y)
 
@@ -149,7 +149,7 @@ def traversal(inst: str, sizes: list[int], graph: list[torch.Tensor], inputs: li
     if len(inputs) != len(names):
         raise ValueError(f"pigeon::traversal: the instance reads {names}, got {len(inputs)} tensors")
     bufs = dict(zip(names, inputs))
-    out = torch.empty(_trav_shape(ins, sizes), dtype=_DT[ins.out.dtype], device=kg.device)
+    out = torch.empty(_trav_shape(ins, sizes), dtype=TORCH_DTYPES[ins.out.dtype], device=kg.device)
     if kg.device.type == "cuda":
         from ..codegen.traversal import run_traversal_launch
         run_traversal_launch(ins, kg, bufs, out, _cuda_backend())
@@ -165,7 +165,7 @@ def traversal(inst: str, sizes: list[int], graph: list[torch.Tensor], inputs: li
 @traversal.register_fake
 def _(inst, sizes, graph, inputs):
     ins = _instance(inst)
-    return graph[0].new_empty(_trav_shape(ins, sizes), dtype=_DT[ins.out.dtype], device=graph[0].device)
+    return graph[0].new_empty(_trav_shape(ins, sizes), dtype=TORCH_DTYPES[ins.out.dtype], device=graph[0].device)
 
 
 def _trav_setup(ctx, inputs, output):

@@ -17,9 +17,7 @@ import torch
 from ..codegen.layout import KernelGraph
 from ..codegen.lower import GemmLaunch, HostAdd, KernelProgram, TraversalLaunch
 from ..ir.traversal import Buffer, TraversalInstance
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                "float64": torch.float64}
+from ..torch_dtypes import TORCH_DTYPES
 
 
 class ProgramError(ValueError):

@@ -1,0 +1,5 @@
+"""torch dtypes of the dtype names kernels and IR use (the IR itself never imports torch)."""
+import torch
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
