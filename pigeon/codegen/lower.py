@@ -225,7 +225,7 @@ class _Lowering:
         if op.kind is OpKind.TYPED_LINEAR:
             x_key, w_key = op.inputs
             xt, wt = self.ir.op(x_key).type, self.ir.op(w_key).type
-            wbuf = self.ensure_param(w_key)
+            wbuf = self.weight_buffer(w_key)
             transpose = bool(op.attr("transpose"))
             wshape = wt.shape[:-2] + ((wt.shape[-1], wt.shape[-2]) if transpose else wt.shape[-2:])
             heads = wshape[0] if len(wshape) == 3 else 1
@@ -265,9 +265,11 @@ class _Lowering:
                             gather=ga is not None, scatter=gb is not None, dtype=self.dtype)
         self.launches.append(GemmLaunch(inst, a.name, out.name, b.name, rows, seg, ga, gb))
 
-    def ensure_param(self, key: str) -> Buffer:
+    def weight_buffer(self, key: str) -> Buffer:
+        """A per-type or global weight: a param, or a weight gradient some kernel already wrote."""
         if key not in self.buffers:
-            raise LoweringError("a typed_linear weight must be a param or an input-derived weight buffer")
+            raise LoweringError(f"weight value {self.ir.op(key).kind.value} has no buffer: elementwise ops on "
+                                "weights are not lowered to kernels")
         return self.buffers[key]
 
     # -- driver ---------------------------------------------------------------------------------
@@ -308,7 +310,7 @@ class _Lowering:
             elif k is OpKind.BINARY and op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
                 if op.attr("fn") != "add" or any(ir.op(i).type != op.type for i in op.inputs):
                     raise LoweringError(f"elementwise {op.attr('fn')} on weights is not lowered to kernels")
-                a, b = (self.buffers.get(i) or self._weight_value(i) for i in op.inputs)
+                a, b = (self.weight_buffer(i) for i in op.inputs)
                 out = self.new_buffer(op)
                 self.launches.append(HostAdd(a.name, b.name, out.name))
             elif k in (OpKind.CONCAT, OpKind.SLICE, OpKind.EXPAND_COMPACT):
@@ -326,10 +328,6 @@ class _Lowering:
             outputs.append((name, self.buffers[key].name))
         return KernelProgram(ir.name, tuple(self.buffers.values()), tuple(self.launches), tuple(inputs),
                              tuple(params), tuple(gdata), tuple(outputs))
-
-    def _weight_value(self, key: str) -> Buffer:
-        raise LoweringError("a weight-domain value without a buffer cannot be added")
-
 
 def lower(ir: IRGraph, dtype: str = "float32") -> KernelProgram:
     """Lower a (forward or backward) IR graph to a kernel program."""
