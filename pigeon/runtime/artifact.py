@@ -121,7 +121,6 @@ class ArtifactLayer(torch.nn.Module):
         self.kgraph = kernel_graph(graph)
         backend = CudaBackend(arch=manifest["arch"])
         backend._modules.update(modules)
-        backend.require_prebuilt = True
         self.input_names = tuple(manifest["input_names"])
         self.param_names = tuple(manifest["param_names"])
         self.n_outputs = manifest["n_outputs"]
