@@ -11,6 +11,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from .ir.fns import get_fn
 from .ir.graph import IRGraph
 from .ir.ops import Op, OpKind
 from .ir.types import Domain, TypeAxis
@@ -95,22 +96,12 @@ def typed_matmul(x: torch.Tensor, w: torch.Tensor, types: torch.Tensor) -> torch
 
 
 def unary_fn(fn: str, x: torch.Tensor, c=None) -> torch.Tensor:
-    """The meaning of every unary fn name the IR uses (forward and derivative fns)."""
-    table = {
-        "neg": lambda: -x, "relu": lambda: torch.relu(x), "sigmoid": lambda: torch.sigmoid(x),
-        "tanh": lambda: torch.tanh(x), "exp": lambda: torch.exp(x), "gelu": lambda: F.gelu(x),
-        "elu": lambda: F.elu(x), "leaky_relu": lambda: F.leaky_relu(x, c), "scale": lambda: x * c,
-        "shift": lambda: x + c, "rsub": lambda: c - x, "rdiv": lambda: c / x,
-        "step": lambda: (x > 0).to(x.dtype),
-        "leaky_step": lambda: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, c)),
-        "elu_grad": lambda: torch.where(x > 0, torch.ones_like(x), torch.exp(x)),
-        "gelu_grad": lambda: 0.5 * (1 + torch.erf(x * 0.7071067811865476))
-        + x * 0.3989422804014327 * torch.exp(-0.5 * x * x),
-        "square": lambda: x * x, "recip": lambda: 1.0 / x,
-    }
-    if fn not in table:
-        raise ValueError(f"unknown unary fn {fn!r}")
-    return table[fn]()
+    """The meaning of a unary fn: its torch form in the fn registry (pigeon/ir/fns.py)."""
+    return get_fn(fn, 1).torch(torch, x, c)
+
+
+def binary_fn(fn: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return get_fn(fn, 2).torch(torch, a, b)
 
 
 def edge_softmax(score: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -188,7 +179,7 @@ def evaluate_op(op: Op, args: list[torch.Tensor], arg_types: list, graph,
         a, b = (_broadcastable(x, t, n, drop) for x, t in zip(args, arg_types))
         if k is OpKind.DOT:
             return (a * b).sum(-1)
-        return {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[op.attr("fn")](a, b)
+        return binary_fn(op.attr("fn"), a, b)
     if k is OpKind.RESHAPE:
         return args[0].reshape((args[0].shape[0],) + op.type.shape if op.type.is_rows else op.type.shape)
     if k is OpKind.CONCAT:

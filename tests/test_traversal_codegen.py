@@ -93,7 +93,7 @@ def with_dtype(inst: TraversalInstance, dtype: str) -> TraversalInstance:
         return dataclasses.replace(b, dtype=dtype)
 
     def ex(e: Expr) -> Expr:
-        return dataclasses.replace(e, args=tuple(ex(a) for a in e.args),
+        return e.replace(args=tuple(ex(a) for a in e.args),
                                    buffer=buf(e.buffer) if e.buffer is not None else None)
     return dataclasses.replace(inst, expr=ex(inst.expr), out=buf(inst.out), dtype=dtype)
 

@@ -20,7 +20,9 @@ import torch
 
 from pigeon.codegen.layout import KernelGraph, kernel_graph
 from pigeon.graph import HeteroGraph
-from pigeon.ir.traversal import UNARY_C, Buffer, Expr, RowRef, TraversalInstance, load
+from pigeon.ir import expr as ex
+from pigeon.ir.fns import FLOAT, FNS
+from pigeon.ir.traversal import Buffer, Expr, RowRef, TraversalInstance, load
 
 H, D = 4, 8          # heads, per-head width
 
@@ -164,10 +166,22 @@ def traversal_cases() -> list[tuple[str, TraversalInstance, dict]]:
     xn = load(x, RowRef.SELF)
     add("const_add", _inst("node_map", bin_("add", xn, const(1.5))))
     add("const_only_edge", _inst("edge_map", bin_("mul", load(s_e, RowRef.SELF), const(-2.0))))
-    for fn in UNARY_C:
+    for fn in [n for n, f in FNS.items() if f.arity == 1 and FLOAT in f.operands]:
         arg = un("shift", un("square", xn), 0.5) if fn in ("rdiv", "recip") else un("scale", xn, 3.0)
         c = {"leaky_relu": 0.1, "scale": -1.7, "shift": 0.3, "rsub": 2.0, "rdiv": 1.5, "leaky_step": 0.05}.get(fn)
         add(f"unary_{fn}", _inst("node_map", un(fn, arg, c)))
+
+    # comparisons, select, min/max, casts, index variables and integer ops of the expression IR
+    an0 = load(nbuf("a_n0", H), RowRef.SELF)          # [H]
+    add("where_cmp", _inst("node_map", ex.where(ex.binary("gt", xn, ex.const(0.25)), xn, un("scale", xn, -0.5))))
+    add("min_max", _inst("edge_map", ex.binary("max", ex.binary("min", load(s_e, RowRef.SELF), ex.const(0.5)),
+                                               ex.const(-0.5))))
+    add("index_row_feat", _inst("node_map", bin_("add", xn, ex.cast(ex.binary(
+        "add", ex.binary("mul", ex.index("row"), ex.const(3)), ex.index("feat1", xn.shape)), "float32"))))
+    ints = ex.cast(ex.unary("scale", an0, 8.0), "int32")
+    bits = ex.binary("bit_xor", ex.binary("shl", ints, ex.const(2)), ex.binary("bit_and", ints, ex.const(5)))
+    add("int_bitwise_popcount", _inst("node_map", ex.cast(ex.binary(
+        "add", ex.unary("popcount", bits), ex.binary("shr", ex.unary("bit_not", ints), ex.const(1))), "float32")))
 
     # binary fns with left-aligned broadcasting
     an = load(nbuf("a_n", H), RowRef.SELF)            # [H]

@@ -20,13 +20,37 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..ir.traversal import BINARY_C, UNARY_C, Buffer, Expr, RowRef
+from ..ir.expr import Buffer, Expr, RowRef
+from ..ir.fns import INT_C, FnError, get_fn
+from ..ir.types import dtype_class
 from .jinja import cfloat
 from .kernel_source import c_ident
 
 UNROLL_MAX = 32
 
-C_STORAGE = {"float32": "float", "float64": "double", "bfloat16": "__nv_bfloat16", "float16": "__half"}
+C_STORAGE = {"float32": "float", "float64": "double", "bfloat16": "__nv_bfloat16", "float16": "__half",
+             "int8": "signed char", "uint8": "unsigned char", "int32": "int", "int64": "long long", "bool": "bool"}
+# C types of compute dtypes (pigeon.ir.expr.compute_dtype)
+C_COMPUTE = {"float32": "float", "float64": "double", "int32": "int", "int64": "long long", "bool": "bool"}
+
+
+def compute_type(dtype: str) -> str:
+    if dtype not in C_COMPUTE:
+        raise ExprCodegenError(f"no C compute type for dtype {dtype!r} (known: {sorted(C_COMPUTE)})")
+    return C_COMPUTE[dtype]
+
+
+def fn_code(fn: str, arity: int, names: dict[str, str], dtype: str) -> str:
+    """C of a registered fn over the C operands in ``names`` (x, y, c); integer operands use the
+    integer spelling where the float one differs (fminf -> min)."""
+    try:
+        f = get_fn(fn, arity)
+    except FnError as e:
+        raise ExprCodegenError(str(e)) from None
+    template = INT_C.get(fn, f.c) if dtype_class(dtype) != "float" else f.c
+    if f.takes_const and "c" not in names:
+        raise ExprCodegenError(f"unary {fn} needs a constant c")
+    return _subst(template, names)
 
 
 class ExprCodegenError(ValueError):
@@ -228,8 +252,14 @@ class ExprEmitter:
     """Emits C for expressions of one kernel. ``rows`` maps every RowRef the loop allows to its
     binding; a load through any other RowRef is an error naming the loop."""
 
-    def __init__(self, rows: dict[RowRef, RowBinding], loop_name: str):
+    def __init__(self, rows: dict[RowRef, RowBinding], loop_name: str,
+                 indices: dict[str, RowBinding] | None = None):
         self.rows = rows
+        # index variables the loop binds (pigeon.ir.expr index nodes): the row, and for attention
+        # loops batch/head/query/key; feature indices come from the flat index being evaluated
+        self.indices = dict(indices or {})
+        if "row" not in self.indices and RowRef.SELF in rows and rows[RowRef.SELF].array is None:
+            self.indices["row"] = rows[RowRef.SELF]
         self.loop_name = loop_name
         self.n = 0
         self.graph_arrays: set[str] = set()
@@ -317,10 +347,28 @@ class ExprEmitter:
 
     def _eval(self, e: Expr, idx: Idx, scope: Scope) -> Value:
         op = e.op
+        ctype = compute_type(e.dtype)
+        key = ("expr", e, idx.code)
         if op == "const":
             if e.c is None:
                 raise ExprCodegenError("const expression without a value")
-            return Value(c_float(e.c))
+            if e.dtype == "bool":
+                return Value("true" if e.c else "false")
+            if dtype_class(e.dtype) == "int":
+                return Value(f"({ctype})({int(e.c)})")
+            return Value(c_float(e.c) if e.dtype == "float32" else repr(float(e.c)))
+        if op == "index":
+            if e.fn.startswith("feat"):
+                axis = int(e.fn[4:])
+                if axis >= len(e.shape):
+                    raise ExprCodegenError(f"index {e.fn} of a value of shape {list(e.shape)}")
+                i = unravel(idx, e.shape)[axis]
+                return Value(f"(int)({i.code})", i.vars)
+            b = self.indices.get(e.fn)
+            if b is None:
+                raise ExprCodegenError(f"index variable {e.fn!r} is not bound in a {self.loop_name} loop "
+                                       f"(bound: {sorted(self.indices)})")
+            return Value(f"(int)({b.code})", b.vars)
         if op == "load":
             b = e.buffer
             if b is None:
@@ -341,33 +389,35 @@ class ExprEmitter:
                     off = row.code
                 else:
                     off = f"(long long){row.code} * {W}" + ("" if idx.is_const and idx.const == 0 else f" + {idx.code}")
-            return self.define("float", "t", f"pg_f({buffer_param(b)}[{off}])", vars, scope, ("expr", e, idx.code))
+            read = f"{buffer_param(b)}[{off}]"
+            rhs = f"pg_f({read})" if ctype == "float" and dtype_class(b.dtype) == "float" else f"({ctype}){read}"
+            return self.define(ctype, "t", rhs, vars, scope, key)
         if op == "reshape":
             (a,) = e.args
             if math.prod(a.shape) != math.prod(e.shape):
                 raise ExprCodegenError(f"reshape {list(a.shape)} -> {list(e.shape)} changes the element count")
             return self.eval(a, idx, scope)
+        if op == "cast":
+            (a,) = e.args
+            x = self.eval(a, idx, scope)
+            return self.define(ctype, "t", f"({ctype})({x.code})", x.vars, scope, key)
         if op == "unary":
             (a,) = e.args
-            if e.fn not in UNARY_C:
-                raise ExprCodegenError(f"unknown unary fn {e.fn!r}")
             if tuple(a.shape) != tuple(e.shape):
                 raise ExprCodegenError(f"unary {e.fn}: argument shape {list(a.shape)} != {list(e.shape)}")
             x = self.eval(a, idx, scope)
             names = {"x": x.code}
-            if re.search(r"\bc\b", UNARY_C[e.fn]):
-                if e.c is None:
-                    raise ExprCodegenError(f"unary {e.fn} needs a constant c")
+            if e.c is not None:
                 names["c"] = c_float(e.c)
-            return self.define("float", "t", _subst(UNARY_C[e.fn], names), x.vars, scope, ("expr", e, idx.code))
-        if op == "binary":
-            if e.fn not in BINARY_C:
-                raise ExprCodegenError(f"unknown binary fn {e.fn!r}")
-            a, b = e.args
-            va = self.eval(a, bcast_flat(idx, e.shape, a.shape), scope)
-            vb = self.eval(b, bcast_flat(idx, e.shape, b.shape), scope)
-            return self.define("float", "t", _subst(BINARY_C[e.fn], {"a": va.code, "b": vb.code}),
-                               va.vars | vb.vars, scope, ("expr", e, idx.code))
+            return self.define(ctype, "t", fn_code(e.fn, 1, names, a.dtype), x.vars, scope, key)
+        if op in ("binary", "where"):
+            vals = [self.eval(a, bcast_flat(idx, e.shape, a.shape), scope) for a in e.args]
+            vars = frozenset().union(*(v.vars for v in vals))
+            if op == "where":
+                rhs = f"({vals[0].code} ? ({ctype})({vals[1].code}) : ({ctype})({vals[2].code}))"
+            else:
+                rhs = fn_code(e.fn, 2, {"x": vals[0].code, "y": vals[1].code}, e.args[0].dtype)
+            return self.define(ctype, "t", rhs, vars, scope, key)
         if op == "dot":
             a, b = e.args
             if not a.shape or not b.shape or a.shape[-1] != b.shape[-1]:

@@ -45,6 +45,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..ir.fns import unary_fns
+from .expr_c import fn_code
 from ..ir.kernel import GemmInstance
 from ..torch_dtypes import TORCH_DTYPES
 from .jinja import cfloat, ctype, render
@@ -73,19 +75,15 @@ class GemmLaunchError(ValueError):
 
 # ------------------------------------------------------------------------------ epilogue
 
-def _unary_table() -> dict[str, str]:
-    from ..ir.traversal import UNARY_C
-    return UNARY_C
-
-
 def _parse_epilogue_op(op: str) -> tuple[str, float | None]:
+    """"name" or "name:const" for a unary fn of the fn registry (pigeon/ir/fns.py)."""
     if not isinstance(op, str):
         raise GemmCodegenError(f"epilogue op {op!r} is not a string")
     name, sep, arg = op.partition(":")
-    table = _unary_table()
-    if name not in table:
-        raise GemmCodegenError(f"unknown epilogue op {op!r}; known: {sorted(table)} (\"name\" or \"name:const\")")
-    takes_c = re.search(r"\bc\b", table[name]) is not None
+    known = unary_fns()
+    if name not in known:
+        raise GemmCodegenError(f"unknown epilogue op {op!r}; known: {sorted(known)} (\"name\" or \"name:const\")")
+    takes_c = known[name]
     if takes_c and not sep:
         raise GemmCodegenError(f"epilogue op {op!r} needs a constant, e.g. '{name}:0.2'")
     if not takes_c and sep:
@@ -101,13 +99,13 @@ def _parse_epilogue_op(op: str) -> tuple[str, float | None]:
 
 def epilogue_code(ops: Sequence[str]) -> tuple[str, ...]:
     """C statements applying ``ops`` in order to the float ``v`` (no user text reaches the code:
-    names are checked against ``UNARY_C``, constants are re-printed from floats)."""
+    names are checked against the fn registry, constants are re-printed from floats)."""
     out = []
-    table = _unary_table()
     for op in ops:
         name, c = _parse_epilogue_op(op)
+        names = {"x": "x"} if c is None else {"x": "x", "c": "c"}
         decl = "const float x = v;" if c is None else f"const float x = v, c = {cfloat(c)};"
-        out.append(f"{{ {decl} v = {table[name]}; }}  // {name}")
+        out.append(f"{{ {decl} v = {fn_code(name, 1, names, 'float32')}; }}  // {name}")
     return tuple(out)
 
 

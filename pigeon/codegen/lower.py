@@ -20,6 +20,7 @@ import functools
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from ..ir import expr as ex
 from ..ir.graph import IRGraph
 from ..ir.kernel import GemmInstance
 from ..ir.ops import Op, OpKind
@@ -120,6 +121,8 @@ class _Lowering:
         self.counter = 0
         self.consumers = {op.key: ir.users(op.key) for op in ir.ops()}
         self.outputs = set(ir.outputs)
+        self._expr_memo: dict = {}
+        self._gather_memo: dict[str, bool] = {}
 
     def new_buffer(self, op: Op, prefix: str = "t") -> Buffer:
         b = Buffer(f"{prefix}{self.counter}", _buffer_rows(op), op.type.shape, self.dtype)
@@ -130,7 +133,18 @@ class _Lowering:
     # -- element expressions ----------------------------------------------------------------
     def expr(self, key: str, edge_loop: bool, remap: dict[RowRef, RowRef] | None = None) -> Expr:
         """The element expression of a value inside a loop over edges (or nodes).  ``remap``
-        turns a node expression into one evaluated at src[e] / dst[e]."""
+        turns a node expression into one evaluated at src[e] / dst[e].  Memoized per (value,
+        loop, remap) while the value has no buffer, so lowering is linear in the IR's size."""
+        memo_key = (key, edge_loop, None if remap is None else tuple(sorted((a.value, b.value) for a, b in remap.items())),
+                    key in self.buffers)
+        hit = self._expr_memo.get(memo_key)
+        if hit is not None:
+            return hit
+        e = self._expr(key, edge_loop, remap)
+        self._expr_memo[(key, edge_loop, memo_key[2], key in self.buffers)] = e
+        return e
+
+    def _expr(self, key: str, edge_loop: bool, remap: dict[RowRef, RowRef] | None) -> Expr:
         op = self.ir.op(key)
         if key in self.buffers:
             b = self.buffers[key]
@@ -165,11 +179,11 @@ class _Lowering:
             return self.expr(key, edge_loop, remap)
         args = tuple(self.expr(i, edge_loop, remap) for i in op.inputs)
         if k is OpKind.UNARY:
-            return Expr("unary", op.type.shape, args, fn=op.attr("fn"), c=op.attr("c"))
+            return ex.unary(op.attr("fn"), args[0], op.attr("c"))
         if k is OpKind.BINARY:
-            return Expr("binary", op.type.shape, args, fn=op.attr("fn"))
+            return ex.binary(op.attr("fn"), *args)
         if k is OpKind.RESHAPE:
-            return Expr("reshape", op.type.shape, args)
+            return ex.reshape(args[0], op.type.shape)
         if k is OpKind.GRAPH_DATA:
             raise AssertionError("graph data always has a buffer")
         raise LoweringError(f"{k.value} cannot be fused into an element expression yet"
@@ -177,12 +191,15 @@ class _Lowering:
 
     def _gatherable(self, key: str) -> bool:
         """Can a node expression be evaluated at src[e]/dst[e] by remapping its loads?"""
-        op = self.ir.op(key)
         if key in self.buffers:
             return True
-        if op.kind in (OpKind.UNARY, OpKind.BINARY, OpKind.RESHAPE):
-            return all(self._gatherable(i) for i in op.inputs)
-        return False
+        hit = self._gather_memo.get(key)
+        if hit is None:
+            op = self.ir.op(key)
+            hit = op.kind in (OpKind.UNARY, OpKind.BINARY, OpKind.RESHAPE) and all(
+                self._gatherable(i) for i in op.inputs)
+            self._gather_memo[key] = hit
+        return hit
 
     def materialize(self, key: str) -> str:
         """Give an element value its own buffer through a map kernel."""
@@ -194,7 +211,7 @@ class _Lowering:
         edge = op.type.domain is Domain.EDGE
         if op.kind in (OpKind.DOT, OpKind.SUM_TO):
             args = tuple(self.expr(i, edge) for i in op.inputs)
-            e = (Expr("dot", op.type.shape, args) if op.kind is OpKind.DOT else Expr("sum_to", op.type.shape, args))
+            e = ex.dot(*args) if op.kind is OpKind.DOT else ex.sum_to(args[0], op.type.shape)
         else:
             e = self.expr(key, edge)
         out = self.new_buffer(op)

@@ -6,8 +6,8 @@ from typing import Mapping
 
 import torch
 
-from ..reference import aggregate, edge_softmax, sum_to
-from ..reference import unary_fn as _unary
+from ..reference import aggregate, binary_fn, edge_softmax, sum_to, unary_fn
+from ..torch_dtypes import TORCH_DTYPES
 from ..ir.traversal import Expr, RowRef, TraversalInstance
 from .layout import KernelGraph
 
@@ -31,24 +31,50 @@ def row_index(kg: KernelGraph, row: RowRef, edge_loop: bool) -> torch.Tensor | N
     return table[row]
 
 
-def eval_expr(e: Expr, kg: KernelGraph, edge_loop: bool, bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Value of ``e`` at every loop row: a [rows, *e.shape] float32 tensor."""
+def eval_expr(e: Expr, kg: KernelGraph, edge_loop: bool, bufs: Mapping[str, torch.Tensor],
+              memo: dict | None = None) -> torch.Tensor:
+    """Value of ``e`` at every loop row: a [rows, *e.shape] tensor (float32 for float values).
+    Memoized per node, so a DAG with reuse costs its size, not its tree size."""
+    memo = {} if memo is None else memo
+    for node in e.toposort():
+        if node not in memo:
+            memo[node] = _eval_node(node, [memo[a] for a in node.args], kg, edge_loop, bufs)
+    return memo[e]
+
+
+def _eval_node(e: Expr, args: list[torch.Tensor], kg: KernelGraph, edge_loop: bool,
+               bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     R = kg.num_edges if edge_loop else kg.num_nodes
+    tdt = TORCH_DTYPES[e.dtype]
     if e.op == "load":
-        b = bufs[e.buffer.name].float()
+        b = bufs[e.buffer.name].to(tdt)
         idx = row_index(kg, e.row, edge_loop)
         if e.row is RowRef.NONE:
             return b.reshape((1,) + e.shape).expand((R,) + e.shape)
         b = b.reshape((-1,) + e.shape)
         return b if idx is None else b[idx.long()]
     if e.op == "const":
-        return torch.full((R,), float(e.c), device=kg.device)
-    args = [eval_expr(a, kg, edge_loop, bufs) for a in e.args]
+        return torch.full((R,), e.c, dtype=tdt, device=kg.device)
+    if e.op == "index":
+        if e.fn == "row":
+            return torch.arange(R, dtype=tdt, device=kg.device)
+        if e.fn.startswith("feat"):
+            axis = int(e.fn[4:])
+            shape = [1] * (len(e.shape) + 1)
+            shape[axis + 1] = e.shape[axis]
+            ar = torch.arange(e.shape[axis], dtype=tdt, device=kg.device).reshape(shape)
+            return ar.expand((R,) + e.shape)
+        raise ValueError(f"index variable {e.fn!r} is not bound in a traversal loop")
     if e.op == "unary":
-        return _unary(e.fn, args[0], e.c)
-    if e.op == "binary":
-        a, b = (_pad(x, len(e.shape)) for x in args)
-        return {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[e.fn](a, b).reshape((R,) + e.shape)
+        return unary_fn(e.fn, args[0], e.c).to(tdt)
+    if e.op == "cast":
+        return args[0].to(tdt)
+    if e.op in ("binary", "where"):
+        xs = [_pad(x, len(e.shape)) for x in args]
+        if e.op == "where":
+            return torch.where(xs[0], xs[1].to(tdt), xs[2].to(tdt)).expand((R,) + e.shape).reshape((R,) + e.shape)
+        out = binary_fn(e.fn, xs[0], xs[1])
+        return out.to(tdt).expand((R,) + e.shape).reshape((R,) + e.shape)
     if e.op == "dot":
         a, b = (_pad(x, len(e.shape), keep_last=1) for x in args)
         return (a * b).sum(-1).reshape((R,) + e.shape)

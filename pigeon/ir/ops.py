@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .types import ROW_DOMAINS, Domain, TypeAxis, ValueType
+from .fns import FnError, get_fn
+from .types import ROW_DOMAINS, Domain, TypeAxis, ValueType, dtype_class
 
 
 class OpKind(enum.Enum):
@@ -36,14 +37,6 @@ class OpKind(enum.Enum):
     SLICE = "slice"                 # a range of the last feature axis
 
 
-UNARY_FNS = {
-    # name: takes a constant
-    "neg": False, "relu": False, "sigmoid": False, "tanh": False, "exp": False, "gelu": False,
-    "elu": False, "leaky_relu": True, "scale": True, "shift": True, "rsub": True, "rdiv": True,
-    # derivatives
-    "step": False, "leaky_step": True, "elu_grad": False, "gelu_grad": False, "square": False, "recip": False,
-}
-BINARY_FNS = ("add", "sub", "mul", "div")
 REDUCES = ("sum", "mean", "max")
 GRAPH_DATA = {
     "inv_in_degree_by_etype": Domain.EDGE,   # 1 / #(edges with this edge's (dst, etype)), per edge
@@ -128,6 +121,13 @@ def _rows_domain(types: list[ValueType], what: str) -> Domain:
     return doms.pop()
 
 
+def _fn(name: str, arity: int):
+    try:
+        return get_fn(name, arity)
+    except FnError as e:
+        raise SignatureError(str(e)) from None
+
+
 def _need(n: int, ins: list[ValueType], what: str) -> None:
     if len(ins) != n:
         raise SignatureError(f"{what} takes {n} input(s), got {len(ins)}")
@@ -198,24 +198,25 @@ def infer_type(kind: OpKind, attrs: dict[str, Any], ins: list[ValueType]) -> Val
         raise SignatureError(f"typed_linear weight must be [K, N] or [heads, K, N] per type, got {list(w.shape)}")
     if kind is OpKind.UNARY:
         _need(1, ins, what)
-        fn = attrs["fn"]
-        if fn not in UNARY_FNS:
-            raise SignatureError(f"unknown unary fn {fn!r}; known: {sorted(UNARY_FNS)}")
-        if UNARY_FNS[fn] != ("c" in attrs and attrs["c"] is not None):
-            raise SignatureError(f"unary {fn} {'needs' if UNARY_FNS[fn] else 'takes no'} constant")
-        return ins[0]
+        fn = _fn(attrs["fn"], 1)
+        if fn.takes_const != ("c" in attrs and attrs["c"] is not None):
+            raise SignatureError(f"unary {fn.name} {'needs' if fn.takes_const else 'takes no'} constant")
+        if dtype_class(ins[0].dtype) not in fn.operands:
+            raise SignatureError(f"unary {fn.name}: operand dtype {ins[0].dtype} is not one of {list(fn.operands)}")
+        return ins[0] if fn.result is None else ValueType(ins[0].domain, ins[0].shape, fn.result, ins[0].per)
     if kind is OpKind.BINARY:
         _need(2, ins, what)
-        if attrs["fn"] not in BINARY_FNS:
-            raise SignatureError(f"unknown binary fn {attrs['fn']!r}")
+        fn = _fn(attrs["fn"], 2)
         a, b = ins
         if a.dtype != b.dtype:
             raise SignatureError(f"{attrs['fn']}: dtypes differ ({a.dtype} vs {b.dtype})")
         if a.domain is Domain.WEIGHT and b.domain is Domain.WEIGHT and a.per is b.per:
             # per-type weights combine type by type (backward sums a weight's gradients)
             return ValueType(Domain.WEIGHT, _broadcast(a.shape, b.shape, attrs["fn"]), a.dtype, a.per)
+        if dtype_class(a.dtype) not in fn.operands:
+            raise SignatureError(f"{fn.name}: operand dtype {a.dtype} is not one of {list(fn.operands)}")
         dom = _rows_domain([a, b], attrs["fn"])
-        return ValueType(dom, _broadcast(a.shape, b.shape, attrs["fn"]), a.dtype)
+        return ValueType(dom, _broadcast(a.shape, b.shape, attrs["fn"]), fn.result or a.dtype)
     if kind is OpKind.DOT:
         _need(2, ins, what)
         a, b = ins

@@ -27,7 +27,7 @@ with ``len(I) == len(shape)``:
 
 * ``load``: ``buffer[row(r), ravel(I, shape)]``; the buffer is contiguous ``[rows, *shape]``.
 * ``const``: the number ``c`` (shape ``()``).
-* ``unary fn [c]``: ``fn(arg(r, I))``; fns in ``UNARY_C`` below give their C/TIR meaning.
+* ``unary fn [c]``: ``fn(arg(r, I))``; the fn registry (pigeon/ir/fns.py) gives every fn's meaning.
 * ``binary fn``: ``fn(a(r, Ia), b(r, Ib))`` with left-aligned broadcasting: an argument of shape
   ``A`` is read at ``I[:len(A)]`` with the index of every axis where ``A[i] == 1`` set to 0.
 * ``dot``: arguments ``a`` of shape ``(*La, K)``, ``b`` of shape ``(*Lb, K)``;
@@ -50,76 +50,12 @@ Loops (one output buffer per instance; ``out_shape == expr.shape``)
 """
 from __future__ import annotations
 
-import enum
 import hashlib
-import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
-
-class RowRef(enum.Enum):
-    SELF = "self"
-    SRC = "src"
-    DST = "dst"
-    ETYPE = "etype"
-    NTYPE = "ntype"
-    NONE = "none"
-
-
-# C expressions of the unary fns; ``x`` is the argument and ``c`` the constant (as a float).
-UNARY_C = {
-    "neg": "(-x)", "relu": "fmaxf(x, 0.f)", "sigmoid": "(1.f / (1.f + expf(-x)))", "tanh": "tanhf(x)",
-    "exp": "expf(x)", "gelu": "(0.5f * x * (1.f + erff(x * 0.70710678118654752f)))",
-    "elu": "(x > 0.f ? x : expm1f(x))", "leaky_relu": "(x > 0.f ? x : c * x)", "scale": "(c * x)",
-    "shift": "(x + c)", "rsub": "(c - x)", "rdiv": "(c / x)",
-    # derivatives used by backward graphs
-    "step": "(x > 0.f ? 1.f : 0.f)", "leaky_step": "(x > 0.f ? 1.f : c)",
-    "elu_grad": "(x > 0.f ? 1.f : expf(x))",
-    "gelu_grad": "(0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * expf(-0.5f * x * x))",
-    "square": "(x * x)", "recip": "(1.f / x)",
-}
-BINARY_C = {"add": "(a + b)", "sub": "(a - b)", "mul": "(a * b)", "div": "(a / b)"}
-
-
-@dataclass(frozen=True)
-class Buffer:
-    """A kernel argument: ``rows`` says what indexes its leading axis."""
-    name: str                       # C identifier chosen by the lowering, never a user string
-    rows: Literal["node", "edge", "etype", "ntype", "global"]
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-    @property
-    def width(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class Expr:
-    op: Literal["load", "const", "unary", "binary", "dot", "sum_to", "reshape"]
-    shape: tuple[int, ...]
-    args: tuple["Expr", ...] = ()
-    fn: str = ""
-    c: float | None = None
-    buffer: Buffer | None = None
-    row: RowRef = RowRef.SELF
-
-    def buffers(self) -> tuple[Buffer, ...]:
-        """Every buffer the expression reads, first use first, without repeats."""
-        seen: dict[str, Buffer] = {}
-        stack = [self]
-        order = []
-        while stack:
-            e = stack.pop()
-            if e.op == "load" and e.buffer.name not in seen:
-                seen[e.buffer.name] = e.buffer
-                order.append(e.buffer)
-            stack.extend(reversed(e.args))
-        return tuple(order)
-
-
-def load(buffer: Buffer, row: RowRef) -> Expr:
-    return Expr("load", buffer.shape, buffer=buffer, row=row)
+# the element expressions are the one expression IR (pigeon/ir/expr.py)
+from .expr import Buffer, Expr, RowRef, load  # noqa: F401
 
 
 @dataclass(frozen=True)

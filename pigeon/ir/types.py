@@ -23,7 +23,24 @@ class TypeAxis(enum.Enum):
 
 
 ROW_DOMAINS = (Domain.NODE, Domain.EDGE, Domain.COMPACT)
-DTYPES = ("float32", "float64", "bfloat16", "float16")
+# every dtype the IR knows; value types of the inter-operator IR are the float ones today, the
+# others type buffers and expressions of the integer / bitwise / fp8 families (ShiftAdd, fp8 GEMM)
+FLOAT_DTYPES = ("float32", "float64", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
+INT_DTYPES = ("int8", "uint8", "int32", "int64")
+DTYPES = FLOAT_DTYPES + INT_DTYPES + ("bool",)
+ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+            "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
+
+
+def dtype_class(dtype: str) -> str:
+    """"float", "int" or "bool"."""
+    if dtype in FLOAT_DTYPES:
+        return "float"
+    if dtype in INT_DTYPES:
+        return "int"
+    if dtype == "bool":
+        return "bool"
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
 
 
 @dataclass(frozen=True)

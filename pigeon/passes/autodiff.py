@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..ir.fns import get_fn
 from ..ir.graph import IRGraph
 from ..ir.ops import Op, OpKind, make_op
 from ..ir.types import Domain
@@ -36,6 +37,12 @@ class AutodiffResult:
     grads: tuple[tuple[str, str], ...]  # (input/param name, backward output name)
 
 
+@dataclass(frozen=True)
+class _Const:
+    """A constant local derivative (d(c*x)/dx = c): the gradient is then dy scaled, not dy * a tensor."""
+    c: float
+
+
 class _Builder:
     def __init__(self, ir: IRGraph):
         self.ops: dict[str, Op] = {op.key: op for op in ir.ops()}
@@ -51,6 +58,17 @@ class _Builder:
 
     def bin(self, a: Op, b: Op, fn: str) -> Op:
         return self.make(OpKind.BINARY, [a, b], fn=fn)
+
+    def const_like(self, x: Op, c: float) -> "_Const":
+        return _Const(float(c))
+
+    def scaled(self, x: Op, c: float) -> Op:
+        """x * c, spelled as the cheapest op."""
+        if c == 1.0:
+            return x
+        if c == -1.0:
+            return self.un(x, "neg")
+        return self.un(x, "scale", c)
 
     def reshape(self, x: Op, shape) -> Op:
         return x if x.type.shape == tuple(shape) else self.make(OpKind.RESHAPE, [x], shape=tuple(shape))
@@ -87,42 +105,20 @@ def _rule(b: _Builder, y: Op, dy: Op, ins: list[Op]) -> list[tuple[int, Op]]:
         return [(0, dx), (1, dw)]
     if k is OpKind.UNARY:
         fn, c, x = y.attr("fn"), y.attr("c"), ins[0]
-        if fn == "neg":
-            return [(0, b.un(dy, "neg"))]
-        if fn == "scale":
-            return [(0, b.un(dy, "scale", c))]
-        if fn == "shift":
-            return [(0, dy)]
-        if fn == "rsub":
-            return [(0, b.un(dy, "neg"))]
-        local = {
-            "relu": lambda: b.un(x, "step"),
-            "leaky_relu": lambda: b.un(x, "leaky_step", c),
-            "sigmoid": lambda: b.bin(y, b.un(y, "rsub", 1.0), "mul"),
-            "tanh": lambda: b.un(b.un(y, "square"), "rsub", 1.0),
-            "exp": lambda: y,
-            "gelu": lambda: b.un(x, "gelu_grad"),
-            "elu": lambda: b.un(x, "elu_grad"),
-            "square": lambda: b.un(x, "scale", 2.0),
-            "rdiv": lambda: b.un(b.bin(y, x, "div"), "neg"),
-            "recip": lambda: b.un(b.un(y, "square"), "neg"),
-        }
-        if fn not in local:
+        f = get_fn(fn, 1)
+        if f.grad is None:
             raise AutodiffError(f"no gradient rule for unary {fn!r}")
-        return [(0, b.bin(dy, local[fn](), "mul"))]
+        local = f.grad(b, x, y, c)     # dy/dx, an IR value or a constant
+        if isinstance(local, _Const):
+            return [(0, b.scaled(dy, local.c))]
+        return [(0, b.bin(dy, local, "mul"))]
     if k is OpKind.BINARY:
         fn, (p, q) = y.attr("fn"), ins
-        if fn == "add":
-            return [(0, b.reduce_like(dy, p)), (1, b.reduce_like(dy, q))]
-        if fn == "sub":
-            return [(0, b.reduce_like(dy, p)), (1, b.reduce_like(b.un(dy, "neg"), q))]
-        if fn == "mul":
-            return [(0, b.reduce_like(b.bin(dy, q, "mul"), p)), (1, b.reduce_like(b.bin(dy, p, "mul"), q))]
-        if fn == "div":
-            da = b.bin(dy, q, "div")
-            db = b.un(b.bin(b.bin(dy, y, "mul"), q, "div"), "neg")
-            return [(0, b.reduce_like(da, p)), (1, b.reduce_like(db, q))]
-        raise AutodiffError(f"no gradient rule for binary {fn!r}")
+        f = get_fn(fn, 2)
+        if f.grad is None:
+            raise AutodiffError(f"no gradient rule for binary {fn!r}")
+        da, db = f.grad(b, p, q, y, dy)
+        return [(0, b.reduce_like(da, p)), (1, b.reduce_like(db, q))]
     if k is OpKind.DOT:
         lead = y.type.shape
         dy1 = b.reshape(dy, lead + (1,))

@@ -28,6 +28,13 @@ static thread_local dim3 gridDim;
 static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 static inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 
+// integer intrinsics CUDA provides on the device (min/max overloads, population count)
+static inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline long long min(long long a, long long b) { return a < b ? a : b; }
+static inline long long max(long long a, long long b) { return a > b ? a : b; }
+
 static inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
 static inline double atomicAdd(double* p, double v) { double old = *p; *p = old + v; return old; }
 static inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
