@@ -15,6 +15,12 @@ directory. When two processes build the same kernel at once, the first rename wi
 its copy. An entry that fails validation on read (missing file, unreadable meta.json, wrong checksum) is
 removed, and ``get_or_build`` builds it again.
 
+A root that cannot be written (a file, a read-only directory, a full disk) is not fatal: the cache warns
+once, naming the bad path, and writes its entries under a per-user temporary directory instead
+(``$TMPDIR/pigeon-cache-<uid>``); entries already present under the bad root are still read. When the
+fallback cannot be written either, :class:`CacheWriteError` (an ``OSError``) says which path failed and
+why; no half-written entry is left behind in either case.
+
 This module needs neither torch nor a GPU.
 """
 
@@ -29,12 +35,14 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "CacheEntry",
+    "CacheWriteError",
     "KernelCache",
     "default_cache_root",
     "pigeon_version",
@@ -53,6 +61,57 @@ _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+# errors of a root that cannot hold entries: they make the cache fall back to a temporary root
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOENT,
+               errno.ENOSPC, errno.EDQUOT}
+
+
+class CacheWriteError(OSError):
+    """A cache entry could not be written, to the configured root nor to the temporary fallback."""
+
+
+def fallback_cache_root() -> Path:
+    """Where entries go when the configured root cannot be written: ``$TMPDIR/pigeon-cache-<uid>``."""
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"pigeon-cache-{uid}"
+
+
+def _describe(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+def root_problem(root: Path) -> str | None:
+    """Why entries cannot be written under ``root`` (None if they can): creates the directory and
+    a probe file, so a read-only directory or full disk is found before a build, not after."""
+    if root.exists() and not root.is_dir():
+        return "it is not a directory"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX + "probe-", dir=root)
+        try:
+            os.write(fd, b"pigeon")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(probe)
+            except OSError:
+                pass
+    except OSError as e:
+        return _describe(e)
+    return None
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_fallback(bad: Path, problem: str, fallback: Path) -> None:
+    key = (str(bad), str(fallback))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(f"pigeon: kernel cache {bad} is not usable ({problem}); caching kernels in {fallback} "
+                  f"instead (set PIGEON_CACHE_DIR to a writable directory)", RuntimeWarning, stacklevel=3)
 
 
 def default_cache_root() -> Path:
@@ -119,6 +178,37 @@ class KernelCache:
 
     def __init__(self, root: str | os.PathLike[str] | None = None):
         self.root = Path(root).expanduser() if root is not None else default_cache_root()
+        # where new entries are written: self.root, or the fallback once self.root proved unwritable
+        self._write_root: Path | None = None
+
+    @property
+    def write_root(self) -> Path:
+        """The directory new entries go to: :attr:`root`, or (with a one-time warning) the temporary
+        fallback when :attr:`root` cannot be written."""
+        if self._write_root is None:
+            problem = root_problem(self.root)
+            self._write_root = self.root if problem is None else self._fall_back(self.root, problem)
+        return self._write_root
+
+    def _fall_back(self, bad: Path, problem: str) -> Path:
+        fallback = fallback_cache_root()
+        if fallback == bad or root_problem(fallback) is not None:
+            try:
+                fallback = Path(tempfile.mkdtemp(prefix="pigeon-cache-"))
+            except OSError as e:
+                raise CacheWriteError(e.errno, f"kernel cache {bad} is not usable ({problem}), and no "
+                                      f"temporary directory can be made to fall back to ({_describe(e)}); "
+                                      f"set PIGEON_CACHE_DIR to a writable directory") from e
+        _warn_fallback(bad, problem, fallback)
+        self._write_root = fallback
+        return fallback
+
+    def _roots(self) -> list[Path]:
+        """Roots entries are read from: the configured one, then the fallback in use (if any)."""
+        roots = [self.root]
+        if self._write_root is not None and self._write_root != self.root:
+            roots.append(self._write_root)
+        return roots
 
     def __repr__(self) -> str:
         return f"KernelCache({str(self.root)!r})"
@@ -161,14 +251,14 @@ class KernelCache:
         )
         return _sha256(payload.encode("utf-8"))
 
-    def entry_dir(self, key: str) -> Path:
+    def entry_dir(self, key: str, root: Path | None = None) -> Path:
         self._check_key(key)
-        return self.root / key[:2] / key
+        return (self.root if root is None else root) / key[:2] / key
 
     @property
     def failed_dir(self) -> Path:
-        """Where the sources and logs of failed builds are kept."""
-        return self.root / "failed"
+        """Where the sources and logs of failed builds are kept (under :attr:`write_root`)."""
+        return self.write_root / "failed"
 
     @staticmethod
     def _check_key(key: str) -> None:
@@ -179,13 +269,17 @@ class KernelCache:
 
     def get(self, key: str) -> CacheEntry | None:
         """The valid entry for ``key``, or None. A corrupted entry is removed and None returned."""
-        path = self.entry_dir(key)
-        if not path.exists():
-            return None
-        entry, problem = self._validate(key, path)
-        if entry is not None:
-            return entry
-        self._discard(path, reason=problem)
+        for root in self._roots():
+            path = self.entry_dir(key, root)
+            try:
+                if not path.exists():
+                    continue
+            except OSError:   # e.g. a root under an unreadable directory
+                continue
+            entry, problem = self._validate(key, path)
+            if entry is not None:
+                return entry
+            self._discard(path, reason=problem)
         return None
 
     def _validate(self, key: str, path: Path) -> tuple[CacheEntry | None, str]:
@@ -235,7 +329,7 @@ class KernelCache:
         ``files`` maps file names (``kernel.cubin`` required, ``kernel.cu`` customary) to bytes;
         ``meta`` is merged into meta.json together with the key, checksums and a timestamp.
         """
-        final = self.entry_dir(key)
+        self._check_key(key)
         if CUBIN_NAME not in files:
             raise ValueError(f"a cache entry needs {CUBIN_NAME!r}")
         for name, data in files.items():
@@ -256,6 +350,32 @@ class KernelCache:
         )
         meta_bytes = json.dumps(full_meta, indent=2, sort_keys=True, default=str).encode("utf-8")
 
+        root = self.write_root
+        try:
+            return self._install(key, root, files, full_meta, meta_bytes)
+        except CacheWriteError:
+            raise
+        except OSError as e:
+            if e.errno not in _UNWRITABLE:
+                raise
+            first = e
+        if root == self.root:   # e.g. the disk filled up after the probe: try the fallback once
+            fallback = self._fall_back(root, _describe(first))
+            try:
+                return self._install(key, fallback, files, full_meta, meta_bytes)
+            except OSError as e:
+                raise CacheWriteError(e.errno, f"cannot write kernel cache entry {key[:16]}: {_describe(first)} "
+                                      f"in {root}, and {_describe(e)} in the fallback {fallback}; free space "
+                                      f"or set PIGEON_CACHE_DIR to a writable directory") from e
+        raise CacheWriteError(first.errno, f"cannot write kernel cache entry {key[:16]} in {root}: "
+                              f"{_describe(first)}; free space or set PIGEON_CACHE_DIR to a writable "
+                              f"directory") from first
+
+    def _install(self, key: str, root: Path, files: Mapping[str, bytes], full_meta: dict[str, Any],
+                 meta_bytes: bytes) -> CacheEntry:
+        """Write the entry into a temporary directory under ``root`` and rename it into place; on any
+        error the temporary directory is removed, so no half entry is ever visible or left behind."""
+        final = self.entry_dir(key, root)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key[:16]}-", dir=final.parent))
         try:
@@ -271,6 +391,8 @@ class KernelCache:
                         raise
                     # Another process got there first. Use its entry if valid; if it is corrupted,
                     # get() removes it and we try our rename again.
+                    if e.errno in (errno.EACCES, errno.EPERM) and not final.exists():
+                        raise   # nothing in the way: the directory refuses the rename itself
                     existing = self.get(key)
                     if existing is not None:
                         return existing

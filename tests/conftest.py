@@ -1,0 +1,40 @@
+"""Test-session setup shared by every test (tests/gpu/conftest.py adds the GPU skip on top).
+
+Kernel builds are cached on disk: ``PIGEON_CACHE_DIR`` (nvcc/NVRTC cubins, pigeon/runtime/cache.py,
+default ``~/.cache/pigeon``) and ``PIGEON_EMULATE_CACHE`` (host builds of the CUDA emulator,
+pigeon/codegen/cuda_emulate.py).  The test session must not fill the user's own caches, so each one
+left unset is pointed at a fresh temporary directory, set in ``os.environ`` before any test module is
+imported (subprocesses such as the CLI tests inherit it) and removed when the session ends.  A cache
+the caller set explicitly is kept: scripts/gpu_session.sh points ``PIGEON_CACHE_DIR`` at prebuilt cubins.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+CACHE_VARS = ("PIGEON_CACHE_DIR", "PIGEON_EMULATE_CACHE")
+_session_dirs: list[str] = []
+
+
+def pytest_configure(config):
+    unset = [v for v in CACHE_VARS if not os.environ.get(v)]
+    if not unset:
+        return
+    base = tempfile.mkdtemp(prefix="pigeon-test-cache-")
+    _session_dirs.append(base)
+    for var in unset:
+        path = os.path.join(base, var.lower())
+        os.makedirs(path)
+        os.environ[var] = path
+    os.environ["PIGEON_TEST_SESSION_CACHE"] = base
+
+
+def pytest_unconfigure(config):
+    while _session_dirs:
+        base = _session_dirs.pop()
+        for var in CACHE_VARS:
+            if os.environ.get(var, "").startswith(base + os.sep):
+                del os.environ[var]
+        os.environ.pop("PIGEON_TEST_SESSION_CACHE", None)
+        shutil.rmtree(base, ignore_errors=True)
