@@ -72,3 +72,44 @@ def test_multiple_outputs_and_edge_inputs():
     assert ir.output_names == ("sum", "max")
     assert [i.type.domain for i in ir.inputs()] == [Domain.NODE, Domain.EDGE]
     assert len(ir.of_kind(OpKind.AGGREGATE)) == 2
+
+
+def _line_of(fn, marker: str) -> int:
+    import inspect
+    lines, start = inspect.getsourcelines(fn)
+    return start + next(i for i, line in enumerate(lines) if marker in line)
+
+
+@pytest.mark.parametrize("divisor", [0, 0.0, -0.0, 1e-320, 1e-45])
+def test_division_by_constant_zero_names_the_spec_line(divisor):
+    @pg.layer
+    def div(g, x):
+        h = pg.aggregate(g, g.src(x), "sum")
+        return h / divisor   # the division
+
+    with pytest.raises(pg.SpecError, match="division by zero") as info:
+        div.trace(8)
+    assert info.value.loc.file == __file__
+    assert info.value.loc.line == _line_of(div.fn, "# the division")
+
+
+@pytest.mark.parametrize("expr,match", [
+    (lambda h: h / float("nan"), "constants must be finite"),
+    (lambda h: h * float("inf"), "constants must be finite"),
+    (lambda h: h + 0j, "constants must be real numbers"),
+    (lambda h: h / 0j, "constants must be real numbers"),
+    (lambda h: pg.leaky_relu(h, float("nan")), "must be finite"),
+])
+def test_non_finite_and_complex_constants_are_spec_errors(expr, match):
+    spec = pg.layer(lambda g, x: expr(pg.aggregate(g, g.src(x), "sum")))
+    with pytest.raises(pg.SpecError, match=match) as info:
+        spec.trace(8)
+    assert info.value.loc is not None and info.value.loc.file == __file__
+
+
+def test_division_by_a_small_constant_still_traces():
+    ir = pg.layer(lambda g, x: pg.aggregate(g, g.src(x), "sum") / 1e-30).trace(8)
+    scale = [op for op in ir.ops() if op.kind is OpKind.UNARY]
+    assert [op.attr("c") for op in scale] == [pytest.approx(1e30)]
+    # a constant numerator is fine: 0 / h divides by the (runtime) value, not by a constant
+    pg.layer(lambda g, x: 0 / pg.aggregate(g, g.src(x), "sum")).trace(8)

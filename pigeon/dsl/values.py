@@ -80,7 +80,7 @@ class Value:
     # -- arithmetic -------------------------------------------------------------------------------
     def _bin(self, other, fn: str, reverse: bool = False) -> "Value":
         if isinstance(other, Number) and not isinstance(other, bool):
-            c = float(other)
+            c = _constant(other, fn, reverse)
             if fn == "add":
                 return unary(self, "shift", c)
             if fn == "mul":
@@ -90,9 +90,7 @@ class Value:
             if fn == "div":
                 if reverse:
                     return unary(self, "rdiv", c)
-                if c == 0:
-                    raise SpecError("division by the constant 0", caller_loc())
-                return unary(self, "scale", 1.0 / c)
+                return unary(self, "scale", _reciprocal(c, other))
         if not isinstance(other, Value):
             raise SpecError(f"cannot combine a pigeon value with {type(other).__name__}", caller_loc())
         a, b = (other, self) if reverse else (self, other)
@@ -109,10 +107,47 @@ class Value:
     def __neg__(self): return unary(self, "neg")
 
 
+_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+_F32_MAX = 3.4028234663852886e38
+
+
+def _constant(other: Number, fn: str, reverse: bool) -> float:
+    """A Python number combined with a value: a finite real constant, else a SpecError."""
+    expr = f"{other!r} {_SYMBOL[fn]} value" if reverse else f"value {_SYMBOL[fn]} {other!r}"
+    try:
+        c = float(other)
+    except (TypeError, ValueError, OverflowError):
+        raise SpecError(f"{expr}: constants must be real numbers, got {type(other).__name__}",
+                        caller_loc()) from None
+    if not math.isfinite(c):
+        raise SpecError(f"{expr}: constants must be finite, got {c}", caller_loc())
+    return c
+
+
+def _reciprocal(c: float, other: Number) -> float:
+    """``1 / c`` for ``value / c``: a SpecError for 0 and for constants so close to 0 that the
+    reciprocal is not a finite float32 (a division by zero once the kernels store float32)."""
+    if c == 0:
+        raise SpecError(f"division by zero: value / {other!r}", caller_loc())
+    r = 1.0 / c
+    if not abs(r) <= _F32_MAX:
+        raise SpecError(f"division by zero: value / {other!r} (a constant this close to 0 has a reciprocal, "
+                        f"{r:g}, beyond float32)", caller_loc())
+    return r
+
+
 def unary(x: Value, fn: str, c: float | None = None) -> Value:
     if not isinstance(x, Value):
         raise SpecError(f"{fn} expects a pigeon value, got {type(x).__name__}", caller_loc())
-    attrs = {"fn": fn} if c is None else {"fn": fn, "c": float(c)}
+    if c is not None:
+        try:
+            c = float(c)
+        except (TypeError, ValueError):
+            raise SpecError(f"{fn}: the constant must be a real number, got {type(c).__name__}",
+                            caller_loc()) from None
+        if not math.isfinite(c):
+            raise SpecError(f"{fn}: the constant must be finite, got {c}", caller_loc())
+    attrs = {"fn": fn} if c is None else {"fn": fn, "c": c}
     return Value(current().emit(OpKind.UNARY, [x.op], **attrs))
 
 
