@@ -181,7 +181,8 @@ def evaluate_op(op: Op, args: list[torch.Tensor], arg_types: list, graph,
             return (a * b).sum(-1)
         return binary_fn(op.attr("fn"), a, b)
     if k is OpKind.RESHAPE:
-        return args[0].reshape((args[0].shape[0],) + op.type.shape if op.type.is_rows else op.type.shape)
+        has_rows = op.type.is_rows or op.type.domain is Domain.WEIGHT    # per-type weights are [T, *shape]
+        return args[0].reshape((args[0].shape[0],) + op.type.shape if has_rows else op.type.shape)
     if k is OpKind.CONCAT:
         return torch.cat(args, dim=-1)
     if k is OpKind.EDGE_SOFTMAX:

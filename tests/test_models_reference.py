@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pigeon as pg
+from pigeon.graph import load
 from pigeon.models import hgt, rgat, rgcn
 from pigeon.reference import run
 
@@ -71,3 +72,55 @@ def test_bad_input_tensors_are_named():
         layer(torch.randn(g.num_nodes, 7))
     with pytest.raises(InputError, match="floating-point"):
         layer(torch.ones(g.num_nodes, IN, dtype=torch.long))
+
+
+@pg.layer
+def reshaped_attention(g, x, *, heads: int = 2, d: int = 3):
+    W = pg.weight("W", (x.dim, heads * d), per=g.etype)
+    a = pg.weight("a", (heads * d,), per=g.etype)          # one flat vector per relation
+    z = pg.typed_linear(g.src(x), W, by=g.etype).heads(heads)
+    score = pg.dot(z, a.reshape((heads, d))[g.etype])       # [E, H]
+    return pg.aggregate(g, pg.edge_softmax(g, score) * z, "sum").flatten()
+
+
+def test_reference_reshapes_per_type_weights_keeping_the_type_axis():
+    g = load("tiny")
+    layer = pg.compile(reshaped_attention, g, 4, backend="reference")
+    x = torch.randn(g.num_nodes, 4, requires_grad=True)
+    out = layer(x)
+    W, a = layer.weights["W"], layer.weights["a"]
+    # by hand: relation r's attention vector is a[r] viewed as [heads, d]
+    z = torch.einsum("ek,ekn->en", x[g.src], W[g.etype]).reshape(-1, 2, 3)
+    score = (z * a.reshape(g.num_etypes, 2, 3)[g.etype]).sum(-1)
+    from pigeon.reference import aggregate, edge_softmax
+    want = aggregate(edge_softmax(score, g.dst, g.num_nodes)[..., None] * z, g.dst, g.num_nodes, "sum")
+    torch.testing.assert_close(out, want.reshape(g.num_nodes, 6))
+    out.sum().backward()
+    assert a.grad is not None and a.grad.shape == a.shape
+
+
+@pg.layer
+def max_messages(g, x, *, out_dim: int = 3):
+    W = pg.weight("W", (x.dim, out_dim), per=g.etype)
+    return pg.aggregate(g, pg.typed_linear(g.src(x), W, by=g.etype), "max")
+
+
+@pytest.mark.parametrize("spec", [reshaped_attention, max_messages], ids=lambda s: s.name)
+def test_what_kernels_refuse_runs_on_the_reference_backend(spec):
+    """The kernels backend's error for what it cannot run says backend='reference' runs it: it does."""
+    pytest.importorskip("tvm")
+    from pigeon.codegen.lower import LoweringError
+    g = load("tiny")
+    x = torch.randn(g.num_nodes, 4, requires_grad=True)
+    refused = None
+    try:
+        pg.compile(spec, g, 4, backend="kernels")(x).square().sum().backward()
+    except (LoweringError, RuntimeError) as e:
+        refused = str(e)
+    if refused is None:
+        pytest.skip(f"{spec.name} now runs on the kernels backend")
+    assert "backend='reference'" in refused and "\n" not in refused, refused
+    x.grad = None
+    layer = pg.compile(spec, g, 4, backend="reference")    # the advice works, forward and backward
+    layer(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
