@@ -11,6 +11,7 @@ from .ir.graph import IRGraph
 from .ir.ops import Op
 from .passes.manager import run_pipeline
 from .reference import expected_shape, run
+from .torch_dtypes import TORCH_DTYPES
 
 BACKENDS = ("reference", "kernels")
 
@@ -30,32 +31,58 @@ def init_param(op: Op, shape: tuple[int, ...], generator: torch.Generator | None
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
+# the dtypes each backend computes in (weights are float32 master copies for 16-bit layers)
+DTYPES = {"kernels": ("float32", "bfloat16"), "reference": ("float32", "float64", "bfloat16")}
+
+
+def _check_dtype(backend: str, dtype: str) -> None:
+    if dtype not in DTYPES["reference"] + DTYPES["kernels"]:
+        raise ValueError(f"unknown dtype {dtype!r}; pigeon layers compute in float32 or bfloat16 "
+                         f"(and float64 with backend='reference')")
+    if dtype not in DTYPES[backend]:
+        raise ValueError(f"dtype {dtype!r} is not supported by backend={backend!r} ({', '.join(DTYPES[backend])}); "
+                         f"backend='reference' runs {', '.join(DTYPES['reference'])}")
+
+
+def _glue(spec: Layer, ir: IRGraph, dtype: str):
+    from .runtime.ops import LayerGlue
+    return LayerGlue(spec.name, dtype,
+                     tuple((op.attr("name"), op.type.domain.value, tuple(op.type.shape)) for op in ir.inputs()),
+                     tuple(op.attr("name") for op in ir.params()),
+                     tuple((n, ir.op(k).type.domain.value) for n, k in zip(ir.output_names, ir.outputs)))
+
+
 class CompiledLayer(torch.nn.Module):
     """A traced, compiled spec bound to one graph. ``forward(*inputs)`` takes the spec's tensor
-    inputs in order (or by keyword) and returns its output (a dict if the spec returns several)."""
+    inputs in order (or by keyword) and returns its output (a dict if the spec returns several).
+    Inputs are checked the same way on both backends (``pigeon.runtime.ops.bind_inputs``): a
+    bad call raises an InputError naming the tensor and changes nothing."""
 
     def __init__(self, spec: Layer, ir: IRGraph, graph, backend: str = "kernels", seed: int | None = 0,
                  dtype: str = "float32"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
+        _check_dtype(backend, dtype)
         self.spec, self.ir, self.graph, self.backend, self.dtype = spec, ir, graph, backend, dtype
         self.in_dims = {op.attr("name"): op.type.shape[0] for op in ir.inputs()}
         self.hparams = {}
         self.layer_id = None
+        self.glue = _glue(spec, ir, dtype)
+        self._graphs = {}          # reference backend: the graph on each device it ran on
         if backend == "kernels":
             self._build_kernels()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        wdt = torch.float64 if dtype == "float64" else torch.float32
         self.weights = torch.nn.ParameterDict({
-            op.attr("name"): torch.nn.Parameter(init_param(op, expected_shape(op, graph), gen))
+            op.attr("name"): torch.nn.Parameter(init_param(op, expected_shape(op, graph), gen).to(wdt))
             for op in ir.params()})
         self.input_names = [op.attr("name") for op in ir.inputs()]
 
     def _build_kernels(self) -> None:
-        from .codegen.layout import kernel_graph
         from .codegen.lower import lower
         from .passes.autodiff import autodiff
-        from .runtime.ops import LayerPrograms, register_layer
+        from .runtime.ops import LayerPrograms, layer_kgraph, register_layer
         from .codegen.lower import LoweringError
         from .passes.autodiff import AutodiffError, AutodiffResult
         hint = ("This spec cannot run on pigeon's kernels yet; pigeon.compile(..., backend='reference') "
@@ -74,57 +101,34 @@ class CompiledLayer(torch.nn.Module):
         self.autodiff = res
         self.forward_program, self.backward_program = fwd, bwd
         self.backward_error = backward_error
-        self.kgraph = kernel_graph(self.graph)
+        self.kgraph = layer_kgraph(self.graph)
         lp = LayerPrograms(self.forward_program, self.backward_program,
                            tuple(op.attr("name") for op in self.ir.inputs()),
                            tuple(op.attr("name") for op in self.ir.params()),
                            tuple(res.forward.output_names), len(self.ir.outputs), res.grads,
                            {str(self.kgraph.device): self.kgraph}, backward_error=backward_error)
-        self.layer_id = register_layer(lp)
-        from .ir.types import Domain
-        self._kernel_inputs = tuple((op.attr("name"), op.type.domain is Domain.EDGE) for op in self.ir.inputs())
-        self._kernel_params = tuple(op.attr("name") for op in self.ir.params())
-        self._kernel_outputs = tuple((n, self.ir.op(k).type.domain is Domain.EDGE)
-                                     for n, k in zip(self.ir.output_names, self.ir.outputs))
+        # the registry holds its entries weakly: this layer keeps its entry alive
+        self._programs = register_layer(lp)
+        self.layer_id = self._programs.layer_id
 
-    def _forward_kernels(self, inputs: dict) -> dict:
-        # plain tuples only: torch.compile traces this glue, and must not walk the networkx IR
-        from .runtime.program import TORCH_DTYPES
-        dt = TORCH_DTYPES[self.dtype]
-        ins = []
-        for name, is_edge in self._kernel_inputs:
-            if name not in inputs:
-                raise TypeError(f"{self.spec.name}: input {name!r} is missing")
-            x = inputs[name]
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-                raise TypeError(f"{self.spec.name}: input {name!r} must be a floating-point tensor")
-            if is_edge:   # kernels see edges sorted by type
-                x = x[self.kgraph.edge_perm.to(x.device)]
-            ins.append(x.to(dt).contiguous())
-        params = [self.weights[name].to(dt) for name in self._kernel_params]
-        outs = torch.ops.pigeon.layer_forward(self.layer_id, ins, params)
-        result = {}
-        for (name, is_edge), val in zip(self._kernel_outputs, outs):
-            if is_edge:
-                val = val[self.kgraph.edge_perm_inverse.to(val.device)]
-            result[name] = val
-        return result
+    def _graph_on(self, device: torch.device):
+        key = str(device)
+        if key not in self._graphs:
+            self._graphs[key] = self.graph.to(device)
+        return self._graphs[key]
 
     def forward(self, *args, **kwargs):
-        if len(args) > len(self.input_names):
-            raise TypeError(f"{self.spec.name} takes {len(self.input_names)} inputs "
-                            f"({', '.join(self.input_names)}), got {len(args)}")
-        inputs = dict(zip(self.input_names, args)) | kwargs
+        from .runtime import ops
         if self.backend == "kernels":      # the kernel graph moves inside the op, per device
-            out = self._forward_kernels(inputs)
-            return out["out"] if len(out) == 1 and "out" in out else out
-        graph = self.graph
-        dev = next(iter(inputs.values())).device if inputs else graph.src.device
-        if graph.src.device != dev:
-            graph = self.graph = graph.to(dev)
-        params = {k: v for k, v in self.weights.items()}
-        out = run(self.ir, graph, inputs, params)
-        return out["out"] if list(out) == ["out"] else out
+            return ops.call_layer(self.layer_id, self.glue, self.kgraph, args, kwargs, self.weights)
+        g = self.graph
+        inputs = ops.bind_inputs(self.glue, args, kwargs, self.weights, g.num_nodes, g.num_edges)
+        dt = TORCH_DTYPES[self.dtype]
+        dev = next(iter(self.weights.values())).device if len(self.weights) else \
+            next(iter(inputs.values())).device if inputs else g.src.device
+        params = {k: v.to(dt) for k, v in self.weights.items()}
+        out = run(self.ir, self._graph_on(dev), {k: v.to(dt) for k, v in inputs.items()}, params)
+        return ops.layer_result(out)
 
 
 def compile(spec: Layer, graph, in_dim: int | Mapping[str, int] | None = None, *,
@@ -134,7 +138,8 @@ def compile(spec: Layer, graph, in_dim: int | Mapping[str, int] | None = None, *
 
     ``backend="kernels"`` (the default) runs pigeon's generated kernels forward and backward (CUDA
     templates on a GPU, TVM's llvm build on a CPU), with ``dtype`` float32 or bfloat16 storage;
-    ``backend="reference"`` runs the reference interpreter (torch ops, torch autograd)."""
+    ``backend="reference"`` runs the reference interpreter (torch ops, torch autograd), in float32,
+    bfloat16 or float64.  Inputs must have the layer's dtype (a bfloat16 layer also takes float32)."""
     if not isinstance(spec, Layer):
         raise TypeError(f"pigeon.compile takes a @pigeon.layer spec, got {type(spec).__name__}")
     ir, _ = run_pipeline(spec.trace(in_dim, **hparams))

@@ -83,4 +83,4 @@ def test_layer_backward_opcheck():
     outs = torch.ops.pigeon.layer_forward(layer.layer_id, [x], params)
     grads = [torch.randn_like(outs[0])]
     torch.library.opcheck(torch.ops.pigeon.layer_backward.default,
-                          (layer.layer_id, grads, [x], params, list(outs[lp.n_outputs:])))
+                          (layer.layer_id, grads, [x], params, lp.saved_of(outs)))

@@ -3,12 +3,15 @@ custom ops, ``pigeon::layer_forward`` and ``pigeon::layer_backward``, with fake 
 implementations and autograd, so compiled layers work under torch.compile and pass opcheck.
 
 The ops take a layer id (a string naming a ``LayerPrograms`` in this process's registry) and
-lists of tensors; the registry holds the programs, the kernel graph and the executor backend.
+lists of tensors; the registry holds the programs, the kernel graph and the executor backend, and
+holds them weakly: the layers using an entry keep it alive.  ``call_layer`` is the forward glue
+around the op (input checks, edge order, dtype) of compiled layers and loaded artifacts alike.
 """
 from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +22,7 @@ from . import kernel_ops  # noqa: F401  (registers pigeon::gemm and pigeon::trav
 from .program import TORCH_DTYPES, Executor, buffer_rows
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerPrograms:
     forward: KernelProgram
     backward: KernelProgram | None
@@ -31,6 +34,38 @@ class LayerPrograms:
     kgraphs: dict = field(default_factory=dict)   # device -> KernelGraph
     backends: dict = field(default_factory=dict)  # device type -> Backend
     backward_error: str | None = None             # why there is no backward program, if it failed
+    layer_id: str | None = None                   # set by register_layer
+
+    def __post_init__(self):
+        # What pigeon::layer_forward returns. A value can be a user output and saved for backward
+        # (a spec returning the attention weights it aggregates with), or be returned twice: the
+        # forward program then names one buffer several times, and a custom op may not return
+        # aliases. So each buffer is returned once, as the first output naming it; user outputs
+        # that repeat a buffer (or pass an input, weight or graph array through) are copies, and
+        # saved values are indices into what the op returns (``saved_of``).
+        buf = dict(self.forward.outputs)
+        fwd = self.forward
+        fixed = {b for _, b in fwd.inputs + fwd.params + fwd.graph_data}
+        returned, copy, where = [], [], {}
+        for name in self.output_names[:self.n_outputs]:
+            b = buf[name]
+            copy.append(b in where or b in fixed)
+            where.setdefault(b, len(returned))
+            returned.append(name)
+        saved_index = []
+        for name in self.output_names[self.n_outputs:]:
+            b = buf[name]
+            if b not in where:
+                where[b] = len(returned)
+                returned.append(name)
+                copy.append(b in fixed)
+            saved_index.append(where[b])
+        self.returned, self.returned_copy = tuple(returned), tuple(copy)
+        self.saved_index = tuple(saved_index)
+
+    def saved_of(self, outputs):
+        """The saved values (the backward program's ``saved_<i>`` inputs) among the op's outputs."""
+        return [outputs[i] for i in self.saved_index]
 
     def kg(self, device: torch.device) -> KernelGraph:
         key = str(device)
@@ -45,15 +80,36 @@ class LayerPrograms:
             self.backends[device.type] = BACKENDS[default_backend(device)]()
         return self.backends[device.type]
 
-    def out_spec(self, program: KernelProgram, kg: KernelGraph):
+    def out_spec(self, kg: KernelGraph):
+        """(shape, dtype) of every tensor pigeon::layer_forward returns."""
+        buf = dict(self.forward.outputs)
         specs = []
-        for _, bname in program.outputs:
-            b = program.buffer(bname)
+        for name in self.returned:
+            b = self.forward.buffer(buf[name])
             specs.append((buffer_rows(b, kg) + b.shape, TORCH_DTYPES[b.dtype]))
         return specs
 
+    # The registry holds entries weakly; the layers (and autograd graphs) that use an entry hold it.
+    # A copy of a layer shares its entry, and an unpickled one registers (or joins) it again.
+    def __copy__(self):
+        return self
 
-_REGISTRY: dict[str, LayerPrograms] = {}
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        state = {f: getattr(self, f) for f in ("forward", "backward", "input_names", "param_names", "output_names",
+                                               "n_outputs", "grad_names", "kgraphs", "backward_error")}
+        return _revive, (state,)
+
+
+def _revive(state: dict) -> "LayerPrograms":
+    return register_layer(LayerPrograms(**state))
+
+
+# layer id -> programs, held weakly: an entry lives while a compiled or loaded layer (or the
+# autograd graph of one of its outputs) holds it, so compiling many layers does not leak
+_REGISTRY: "weakref.WeakValueDictionary[str, LayerPrograms]" = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 
 
@@ -77,19 +133,158 @@ def layer_key(programs: LayerPrograms) -> str:
     return "pg" + h.hexdigest()[:24]
 
 
-def register_layer(programs: LayerPrograms) -> str:
+def register_layer(programs: LayerPrograms) -> LayerPrograms:
+    """The registry's entry for ``programs``: ``programs`` itself, or the live entry of an equal
+    layer (equal ids mean equal programs on an equal graph: the entry is interchangeable). The
+    caller must keep the returned object alive for as long as it runs the layer."""
     layer_id = layer_key(programs)
     with _lock:
-        # equal ids mean equal programs on an equal graph: the entry is interchangeable
-        _REGISTRY.setdefault(layer_id, programs)
-    return layer_id
+        entry = _REGISTRY.get(layer_id)
+        if entry is None:
+            programs.layer_id = layer_id
+            _REGISTRY[layer_id] = entry = programs
+        else:
+            _merge_backends(entry, programs)
+    return entry
+
+
+def _merge_backends(entry: LayerPrograms, other: LayerPrograms) -> None:
+    """A loaded artifact joining a live entry brings its cubins along."""
+    for dev, backend in other.backends.items():
+        mine = entry.backends.setdefault(dev, backend)
+        if mine is not backend and hasattr(mine, "_modules") and hasattr(backend, "_modules"):
+            for name, mod in backend._modules.items():
+                mine._modules.setdefault(name, mod)
 
 
 def get_layer(layer_id: str) -> LayerPrograms:
-    try:
-        return _REGISTRY[layer_id]
-    except KeyError:
+    entry = _REGISTRY.get(layer_id)
+    if entry is None:
         raise KeyError(f"no compiled pigeon layer {layer_id!r} in this process") from None
+    return entry
+
+
+# ------------------------------------------------------------------------ the forward glue
+
+@dataclass(frozen=True)
+class LayerGlue:
+    """What a layer's forward needs besides tensors, as plain tuples (torch.compile traces the
+    glue and must not walk the IR). Compiled layers build it from the IR; artifacts store it."""
+    name: str                                        # the spec's name, for messages
+    dtype: str                                       # what the layer computes in
+    inputs: tuple[tuple[str, str, tuple[int, ...]], ...]   # (name, "node" | "edge", feature shape)
+    params: tuple[str, ...]
+    outputs: tuple[tuple[str, str], ...]             # user outputs: (name, "node" | "edge" | ...)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "inputs": [[n, r, list(s)] for n, r, s in self.inputs],
+                "params": list(self.params), "outputs": [list(o) for o in self.outputs]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LayerGlue":
+        return cls(str(d["name"]), str(d["dtype"]), tuple((n, r, tuple(s)) for n, r, s in d["inputs"]),
+                   tuple(d["params"]), tuple((n, r) for n, r in d["outputs"]))
+
+
+# dtypes an input may have: the layer's own, and float32 for a 16-bit layer (whose weights are
+# float32 master copies, cast down on every call, as the inputs are)
+def _accepts(layer_dtype: torch.dtype, x: torch.dtype) -> bool:
+    return x == layer_dtype or (x == torch.float32 and layer_dtype in (torch.bfloat16, torch.float16))
+
+
+_CAST = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "bfloat16", torch.float16: "half"}
+
+
+def bind_inputs(glue: LayerGlue, args: tuple, kwargs: dict, weights, num_nodes: int, num_edges: int) -> dict:
+    """The inputs of one call by name, checked: every input present, a floating-point tensor of
+    the layer's dtype, the shape the graph gives it, on the layer's device. Both backends and
+    artifacts call this, so they take the same inputs and refuse the same ones with the same
+    InputError (one line, naming the tensor). Nothing is moved or cached before it passes."""
+    from ..reference import InputError
+    names = [n for n, _, _ in glue.inputs]
+    if len(args) > len(names):
+        raise InputError(f"{glue.name} takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+    inputs = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise InputError(f"{glue.name}: unexpected input {k!r}; it takes {', '.join(names)}")
+        if k in inputs:
+            raise InputError(f"{glue.name}: input {k!r} given twice (by position and by keyword)")
+        inputs[k] = v
+    dt = TORCH_DTYPES[glue.dtype]
+    device = None
+    for w in (weights[n] for n in glue.params):
+        device = w.device
+        break
+    for name, rows, shape in glue.inputs:
+        want = ({"node": (num_nodes,), "edge": (num_edges,)}[rows]) + tuple(shape)
+        if name not in inputs:
+            raise InputError(f"{glue.name}: input {name!r} is missing; expected a tensor of shape {list(want)}")
+        x = inputs[name]
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{glue.name}: input {name!r} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InputError(f"{glue.name}: input {name!r} must be a floating-point tensor, got {x.dtype}")
+        if not _accepts(dt, x.dtype):
+            hint = f"pass {name}.{_CAST.get(dt, 'to')}()"
+            if x.dtype == torch.float64 and dt != torch.float64:
+                hint += (", or compile the layer with pg.compile(..., dtype='float64', backend='reference') "
+                         "to compute in float64")
+            raise InputError(f"{glue.name}: input {name!r} is {x.dtype} but the layer computes in {glue.dtype}; "
+                             f"{hint}")
+        if tuple(x.shape) != want:
+            raise InputError(f"{glue.name}: input {name!r} has shape {list(x.shape)}, expected {list(want)} "
+                             f"({rows}-wise input of feature shape {list(shape)} on a graph of {num_nodes} "
+                             f"nodes, {num_edges} edges)")
+        if device is None:
+            device = x.device
+        if x.device != device:
+            raise InputError(f"{glue.name}: input {name!r} is on {x.device} but the layer is on {device}; "
+                             f"move the input with .to({str(device)!r}) or the layer with .to({str(x.device)!r})")
+    return inputs
+
+
+def layer_kgraph(graph) -> KernelGraph:
+    """The kernel layout of ``graph`` as a layer's forward glue reads it: the inverse edge order is
+    computed here, once, not on a first call that torch.compile may be tracing (a cached_property
+    takes a lock there, which dynamo cannot trace)."""
+    from ..codegen.layout import kernel_graph
+    kg = kernel_graph(graph)
+    kg.edge_perm_inverse  # noqa: B018
+    return kg
+
+
+def layer_result(out: dict):
+    """A spec's outputs as a layer returns them: the tensor of a single output, else the dict."""
+    return out["out"] if list(out) == ["out"] else out
+
+
+def run_layer_forward(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, inputs: dict, weights) -> dict:
+    """pigeon::layer_forward on checked inputs (``bind_inputs``): edge-wise inputs permuted into
+    the kernels' edge order and edge-wise outputs back, tensors cast to the layer's dtype. The one
+    forward of compiled kernels-backend layers and of loaded artifacts; ``kgraph`` comes from
+    ``layer_kgraph``."""
+    dt = TORCH_DTYPES[glue.dtype]
+    ins = []
+    for name, rows, _ in glue.inputs:
+        x = inputs[name]
+        if rows == "edge":   # kernels see edges sorted by type
+            x = x[kgraph.edge_perm.to(x.device)]
+        ins.append(x.to(dt).contiguous())
+    params = [weights[name].to(dt) for name in glue.params]
+    outs = torch.ops.pigeon.layer_forward(layer_id, ins, params)
+    result = {}
+    for (name, rows), val in zip(glue.outputs, outs):
+        if rows == "edge":
+            val = val[kgraph.edge_perm_inverse.to(val.device)]
+        result[name] = val
+    return result
+
+
+def call_layer(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, args: tuple, kwargs: dict, weights):
+    """``forward(*args, **kwargs)`` of a kernels-backend layer (compiled or loaded)."""
+    inputs = bind_inputs(glue, args, kwargs, weights, kgraph.num_nodes, kgraph.num_edges)
+    return layer_result(run_layer_forward(layer_id, glue, kgraph, inputs, weights))
 
 
 def _device(tensors) -> torch.device:
@@ -105,9 +300,8 @@ def layer_forward(layer_id: str, inputs: list[torch.Tensor], params: list[torch.
     kg = lp.kg(dev)
     out = Executor(lp.forward, lp.backend(dev)).run(kg, dict(zip(lp.input_names, inputs)),
                                                     dict(zip(lp.param_names, params)))
-    # outputs must not alias inputs (custom-op contract): copy the rare pass-through
-    ins = {t.data_ptr() for t in inputs + params}
-    return [out[n].clone() if out[n].data_ptr() in ins else out[n] for n in lp.output_names]
+    # outputs may not alias inputs or each other (custom-op contract): see LayerPrograms.returned
+    return [out[n].clone() if c else out[n] for n, c in zip(lp.returned, lp.returned_copy)]
 
 
 @layer_forward.register_fake
@@ -115,7 +309,7 @@ def _(layer_id, inputs, params):
     lp = get_layer(layer_id)
     kg = next(iter(lp.kgraphs.values()))
     dev = _device(inputs + params)
-    return [torch.empty(shape, dtype=dt, device=dev) for shape, dt in lp.out_spec(lp.forward, kg)]
+    return [torch.empty(shape, dtype=dt, device=dev) for shape, dt in lp.out_spec(kg)]
 
 
 @torch.library.custom_op("pigeon::layer_backward", mutates_args=())
@@ -133,9 +327,19 @@ def layer_backward(layer_id: str, grads: list[torch.Tensor], inputs: list[torch.
         kg, {k: v for k, v in bwd_inputs.items() if k in used}, dict(zip(lp.param_names, params)))
     result = []
     by_name = dict(lp.grad_names)
+    bufs = dict(lp.backward.outputs)
+    bwd = lp.backward
+    taken = {b for _, b in bwd.inputs + bwd.params + bwd.graph_data}   # returning these would alias
     for name, like in itertools.chain(zip(lp.input_names, inputs), zip(lp.param_names, params)):
-        g = out.get(by_name.get(name, ""))
-        result.append(torch.zeros_like(like) if g is None else g)
+        gname = by_name.get(name, "")
+        g = out.get(gname)
+        if g is None:
+            g = torch.zeros_like(like)
+        elif bufs[gname] in taken:
+            g = g.clone()
+        else:
+            taken.add(bufs[gname])
+        result.append(g)
     return result
 
 
@@ -148,8 +352,9 @@ def _setup_context(ctx, inputs, output):
     layer_id, ins, params = inputs
     lp = get_layer(layer_id)
     ctx.layer_id = layer_id
+    ctx.programs = lp          # the registry holds entries weakly: backward may outlive the layer
     ctx.n_in = len(ins)
-    ctx.save_for_backward(*ins, *params, *output[lp.n_outputs:])
+    ctx.save_for_backward(*ins, *params, *lp.saved_of(output))
     ctx.n_params = len(params)
     ctx.out_meta = [(o.shape, o.dtype, o.device) for o in output[:lp.n_outputs]]
 
