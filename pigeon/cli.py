@@ -1,20 +1,62 @@
-"""Command line: ``pigeon compile | inspect``."""
+"""Command line: ``pigeon compile | inspect``.
+
+Every mistake of the user's (a bad flag, a spec that fails to import or trace, sizes that do not fit
+in memory, an unwritable output directory, a full disk) is one line ``error: ...`` on stderr and exit
+code 2; ``--check`` failing is exit code 1.  Flags are checked before any work is done.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
+import re
 import sys
+import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 from .dsl.layer import Layer
 from .dsl.trace import SpecError
 
+# sm_XY / sm_XYZ with an optional arch-specific (a) or family (f) suffix: sm_80, sm_90a, sm_100f
+ARCH_RE = re.compile(r"^sm_\d{2,3}[af]?$")
+ARCH_EXAMPLES = "sm_80, sm_86, sm_89, sm_90, sm_90a, sm_100"
+# --check: a kernel output is ok when max|kernel - reference| <= ATOL + RTOL * max|reference|
+CHECK_TOLERANCE = {"float32": (1e-4, 1e-5), "bfloat16": (2e-2, 1e-3)}   # dtype -> (rtol, atol)
+
 
 class CliError(Exception):
     pass
+
+
+class CheckFailed(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one ``error:`` line (exit 2), not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+# ---------------------------------------------------------------------------------------- the spec
+
+def _spec_frame(exc: BaseException, path: str) -> str | None:
+    """file:line of the deepest traceback frame in ``path``."""
+    target = os.path.abspath(path)
+    where = None
+    for fs in traceback.extract_tb(exc.__traceback__):
+        if os.path.abspath(fs.filename) == target:
+            where = f"{path}:{fs.lineno}"
+    return where
 
 
 def load_spec(target: str) -> Layer:
@@ -25,13 +67,21 @@ def load_spec(target: str) -> Layer:
     path, _, name = target.partition(":") if not os.path.exists(target) else (target, "", "")
     if not path.endswith(".py") or not os.path.exists(path):
         raise CliError(f"no spec {target!r}: give a built-in model ({', '.join(MODELS)}) or a .py file")
+    if not os.path.isfile(path):
+        raise CliError(f"spec {path} is not a file")
     mod_name = f"pigeon_spec_{abs(hash(os.path.abspath(path)))}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
-        raise CliError(f"{e.filename}:{e.lineno}: syntax error: {e.msg}") from None
+        where = f"{e.filename}:{e.lineno}" if e.filename else path
+        raise CliError(f"{where}: syntax error: {e.msg}") from None
+    except SpecError as e:
+        raise CliError(f"{e} (while importing the spec {path})") from None
+    except (Exception, SystemExit) as e:   # NameError, ImportError, ZeroDivisionError, sys.exit() ...
+        where = _spec_frame(e, path) or path
+        raise CliError(f"{where}: {type(e).__name__} while importing the spec: {_one_line(e)}") from None
     layers = {k: v for k, v in vars(module).items() if isinstance(v, Layer)}
     if name:
         if name not in layers:
@@ -44,32 +94,226 @@ def load_spec(target: str) -> Layer:
 
 def _user_frame(exc: BaseException, spec: Layer) -> str:
     """file:line of the deepest frame in the spec's own file, for errors raised by user code."""
-    spec_file = os.path.abspath(spec.fn.__code__.co_filename)
-    where = None
-    for fs in traceback.extract_tb(exc.__traceback__):
-        if os.path.abspath(fs.filename) == spec_file:
-            where = f"{fs.filename}:{fs.lineno}"
-    return where or "?"
+    return _spec_frame(exc, spec.fn.__code__.co_filename) or "?"
 
 
-def _parse_sets(items: list[str]) -> dict:
+# ---------------------------------------------------------------------------------------- flags
+
+def check_arch(arch: str) -> str:
+    if ARCH_RE.match(arch):
+        return arch
+    m = re.fullmatch(r"(?:compute|sm|arch)_?(\d{2,3}[af]?)", arch)
+    if arch.startswith("compute_") and m:
+        hint = f"{arch} is a virtual (PTX) architecture; artifacts hold cubins for a real one: --arch sm_{m.group(1)}"
+    elif m:
+        hint = f"did you mean --arch sm_{m.group(1)}?"
+    else:
+        hint = f"give sm_XY, such as {ARCH_EXAMPLES}"
+    raise CliError(f"--arch {arch}: not a GPU architecture; {hint}")
+
+
+def _convert(key: str, raw: str, default, annotation):
+    """A --set value converted to the type of the hyperparameter's default (or annotation)."""
+    kind = type(default) if default is not None and default is not inspect.Parameter.empty else None
+    if kind is None and annotation is not inspect.Parameter.empty:
+        ann = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        kind = {"int": int, "float": float, "bool": bool, "str": str}.get(ann)
+    low = raw.strip().lower()
+    if kind is bool:
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise CliError(f"--set {key}={raw}: {key} is a bool; give true or false")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise CliError(f"--set {key}={raw}: {key} is an int") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise CliError(f"--set {key}={raw}: {key} is a float") from None
+    if kind is str:
+        return raw
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(low, raw)
+
+
+def parse_sets(items: list[str], spec: Layer) -> dict:
+    """``--set KEY=VALUE`` items checked against the spec's keyword hyperparameters."""
+    params = inspect.signature(spec.fn).parameters
+    known = sorted(spec.hparams)
     out = {}
     for item in items:
         key, eq, val = item.partition("=")
-        if not eq:
+        key = key.strip()
+        if not eq or not key:
             raise CliError(f"--set takes KEY=VALUE, got {item!r}")
-        for conv in (int, float):
-            try:
-                out[key] = conv(val)
-                break
-            except ValueError:
-                pass
-        else:
-            out[key] = {"true": True, "false": False}.get(val.lower(), val)
+        if key not in spec.hparams:
+            has = f"it has {known}" if known else "it takes none"
+            raise CliError(f"--set {item}: spec {spec.name} has no hyperparameter {key!r}; {has}")
+        p = params.get(key)
+        out[key] = _convert(key, val, spec.hparams[key], p.annotation if p is not None else inspect.Parameter.empty)
     return out
 
 
+def check_out_dir(out: str) -> Path:
+    """Fail before any work when ``--out`` cannot be created (a file in the way, no permission)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--out {out}: a file is in the way")
+    parent = path.parent if not path.exists() else path
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CliError(f"--out {out}: {probe} is not a directory")
+    try:
+        tempfile.TemporaryDirectory(prefix=".pigeon-probe-", dir=probe).cleanup()
+    except OSError as e:
+        raise CliError(f"--out {out}: cannot write in {probe}: {e.strerror or e}") from None
+    return path
+
+
+def pick_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        import torch
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+# ---------------------------------------------------------------------------------------- running
+
+def executor_backend(layer, device) -> str | None:
+    """The executor backend the layer's kernel programs ran with on ``device`` ("cuda", "llvm",
+    "torch", ...), as registered in pigeon.runtime.ops; None when it cannot be told."""
+    try:
+        from .runtime.ops import get_layer
+        b = get_layer(layer.layer_id).backends.get(device.type)
+        return getattr(b, "name", None) if b is not None else None
+    except Exception:   # the registry's shape is another module's business: report, don't fail
+        return None
+
+
+def planned_backend(device) -> str | None:
+    try:
+        from .runtime.program import default_backend
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return default_backend(device)
+    except Exception:
+        return None
+
+
+BACKEND_WORDS = {"cuda": "pigeon's CUDA kernels",
+                 "llvm": "TVM's llvm build of the kernel instances",
+                 "torch": "the plain-torch semantics of each kernel instance"}
+
+
+def _use_torch_executor(layer, device) -> bool:
+    try:
+        from .runtime.ops import get_layer
+        from .runtime.program import BACKENDS
+        get_layer(layer.layer_id).backends[device.type] = BACKENDS["torch"]()
+        return True
+    except Exception:
+        return False
+
+
+def _first_call(layer, inputs, args, device):
+    """The first call (which builds the kernels). On a CPU, a kernel executor that refuses the
+    storage dtype (TVM's llvm traversals store fp32 only) is replaced by the plain-torch semantics of
+    the same kernel instances, and the user is told so."""
+    try:
+        return layer(*inputs)
+    except NotImplementedError as e:
+        used = executor_backend(layer, device)
+        if not (layer.backend == "kernels" and device.type == "cpu" and args.dtype != "float32"
+                and used not in (None, "torch") and _use_torch_executor(layer, device)):
+            raise
+        print(f"[pigeon] the {used} executor refused {args.dtype} ({_one_line(e)}); running "
+              f"{BACKEND_WORDS['torch']} (executor 'torch') instead", file=sys.stderr)
+        return layer(*inputs)
+
+
+def check_memory(ir, graph, args, device, backend: str) -> None:
+    from .sizes import SizeError, estimate, format_bytes, memory_limit
+    dtype = args.dtype if backend == "kernels" else "float32"
+    try:
+        est = estimate(ir, graph, dtype, copies=2 if args.check else 1)
+        limit, why = memory_limit(device)
+    except SizeError as e:
+        raise CliError(str(e)) from None
+    if est.total > limit:
+        raise CliError(f"{ir.name} on {graph.name} would need ~{format_bytes(est.total)} "
+                       f"(largest: {est.largest}); limit is {format_bytes(limit)} ({why})")
+
+
+def _outputs(out) -> dict:
+    return out if isinstance(out, dict) else {"out": out}
+
+
+def run_check(spec, ir, graph, layer, inputs, outs, dtype: str) -> bool:
+    """Run the reference interpreter on the same inputs and weights; print one line per output."""
+    import torch
+
+    from .module import CompiledLayer
+    ref = CompiledLayer(spec, ir, graph, backend="reference", seed=0)
+    ref.weights.load_state_dict({k: v.detach().float() for k, v in layer.weights.state_dict().items()})
+    dev = next(iter(inputs)).device if inputs else torch.device("cpu")
+    ref = ref.to(dev)
+    with torch.no_grad():
+        expect = _outputs(ref(*[x.float() for x in inputs]))
+    rtol, atol = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE["bfloat16"])
+    print(f"# check vs reference ({dtype}; ok when max_abs <= {atol:g} + {rtol:g} * max|ref|, "
+          f"max_rel = max_abs / max|ref|)")
+    ok_all = True
+    for name, want in expect.items():
+        got = outs[name].detach().float()
+        want = want.detach().float()
+        if got.shape != want.shape:
+            print(f"# check vs reference: {name} shape {list(got.shape)} != reference {list(want.shape)} FAIL")
+            ok_all = False
+            continue
+        diff = (got - want).abs()
+        max_abs = float(diff.max()) if diff.numel() else 0.0
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        finite = bool(torch.isfinite(got).all()) == bool(torch.isfinite(want).all())
+        ok = finite and max_abs <= atol + rtol * scale
+        ok_all &= ok
+        print(f"# check vs reference: {name} max_abs={max_abs:.3e} max_rel={max_rel:.3e} "
+              f"{'ok' if ok else 'FAIL'} (tolerance rtol={rtol:g} atol={atol:g})")
+    return ok_all
+
+
 def cmd_compile(args) -> int:
+    # flags first: nothing below runs for a command line that cannot work
+    check_arch(args.arch)
+    if args.in_dim <= 0:
+        raise CliError(f"--in-dim {args.in_dim}: the feature size must be a positive integer")
+    spec = load_spec(args.spec)
+    hparams = parse_sets(args.set, spec)
+    if args.out:
+        check_out_dir(args.out)
+        if args.backend == "reference":
+            raise CliError("--out writes kernel artifacts: it needs --backend kernels")
+
     import torch
 
     from .graph import load
@@ -77,18 +321,26 @@ def cmd_compile(args) -> int:
     from .module import CompiledLayer
     from .passes.manager import run_pipeline
 
-    spec = load_spec(args.spec)
+    device = pick_device(args.device)
     graph = load(args.graph)
-    hparams = _parse_sets(args.set)
-    print(f"[pigeon] spec {spec.name} from {spec.fn.__code__.co_filename}", file=sys.stderr)
-    print(f"[pigeon] graph {graph!r}", file=sys.stderr)
+    if args.reverse:
+        graph = graph.with_reverse_edges()
+    backend = "kernels" if args.out else args.backend
+    # what is compiled, on what: the report (stdout); stderr is kept for diagnostics
+    print(f"# spec {spec.name} from {spec.fn.__code__.co_filename}")
+    print(f"# graph {graph!r}" + (" (reverse relations added)" if args.reverse else ""))
+    if backend == "kernels" and device.type == "cpu" and args.dtype != "float32":
+        planned = planned_backend(device)
+        words = BACKEND_WORDS.get(planned, f"executor {planned!r}")
+        print(f"[pigeon] no CUDA device: {args.dtype} kernel programs run on the CPU through {words} "
+              f"(executor {planned!r}), not through pigeon's CUDA {args.dtype} kernels", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         ir = spec.trace(args.in_dim, **hparams)
     except SpecError:
         raise
     except Exception as e:  # a bug in the user's spec: point at its line
-        raise CliError(f"{_user_frame(e, spec)}: {type(e).__name__}: {e}") from None
+        raise CliError(f"{_user_frame(e, spec)}: {type(e).__name__}: {_one_line(e)}") from None
     if args.dump:
         print(f"# traced IR ({len(ir)} ops)")
         print(format_ir(ir))
@@ -98,9 +350,12 @@ def cmd_compile(args) -> int:
     print(format_ir(ir, locs=args.dump))
     for r in records:
         print(f"# pass {r.name}: {'changed' if r.changed else 'no change'} ({r.ops_before} -> {r.ops_after} ops)")
-    backend = "kernels" if args.out else args.backend
+    check_memory(ir, graph, args, device, backend)      # before any weight or input is allocated
+
+    t1 = time.perf_counter()
     layer = CompiledLayer(spec, ir, graph, backend=backend, seed=0, dtype=args.dtype)
     layer.hparams = hparams
+    t_lower = time.perf_counter() - t1
     if backend == "kernels":
         if layer.backward_program is None and layer.backward_error:
             print(f"# autodiff: {layer.backward_error} (forward kernels only)")
@@ -110,42 +365,81 @@ def cmd_compile(args) -> int:
         if layer.backward_program is not None:
             print(layer.backward_program.describe())
     if args.out:
-        from .runtime.artifact import save
-        path = save(layer, args.out, arch=args.arch, progress=lambda m: print(m, file=sys.stderr))
+        from .runtime.artifact import ArtifactError, save
+        try:
+            path = save(layer, args.out, arch=args.arch, progress=lambda m: print(m, file=sys.stderr))
+        except (ArtifactError, OSError) as e:
+            raise CliError(f"--out {args.out}: cannot write the artifact: {_one_line(e)}") from None
         print(f"# wrote artifact {path} ({len(list((path / 'kernels').glob('*.cubin')))} kernels for {args.arch})")
+
     gen = torch.Generator().manual_seed(0)
     inputs = []
     for op in ir.inputs():
         rows = graph.num_nodes if op.type.domain.value == "node" else graph.num_edges
-        inputs.append(torch.randn((rows,) + op.type.shape, generator=gen))
-    t1 = time.perf_counter()
-    out = layer(*inputs)
-    t_run = time.perf_counter() - t1
-    outs = out if isinstance(out, dict) else {"out": out}
+        inputs.append(torch.randn((rows,) + op.type.shape, generator=gen).to(device))
+    layer = layer.to(device)
+    with torch.no_grad():
+        t2 = time.perf_counter()
+        out = _first_call(layer, inputs, args, device)
+        _sync(device)
+        t_first = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        out = layer(*inputs)
+        _sync(device)
+        t_steady = time.perf_counter() - t3
+    outs = _outputs(out)
+    if layer.backend == "kernels":
+        used = executor_backend(layer, device) or planned_backend(device) or "?"
+        where, first = f"kernels via {used}", "build+first call"
+    else:
+        where, first = "reference", "first call"
     print(f"# summary: spec={spec.name} ops={len(ir)} params={sum(p.numel() for p in layer.parameters())} "
-          f"compile={t_compile * 1e3:.1f} ms backend={layer.backend}")
+          f"compile={t_compile * 1e3:.1f} ms lower={t_lower * 1e3:.1f} ms backend={layer.backend} "
+          f"dtype={args.dtype}")
+    print(f"# ran on {graph.name} ({device_name(device)}, {where}): {first} {t_first * 1e3:.1f} ms, "
+          f"steady call {t_steady * 1e3:.1f} ms")
     for name, val in outs.items():
-        print(f"# ran on {graph.name}: {name} shape={list(val.shape)} mean={val.float().mean():.6f} "
-              f"std={val.float().std():.6f} finite={bool(torch.isfinite(val).all())} ({t_run * 1e3:.1f} ms)")
+        print(f"# {name} shape={list(val.shape)} dtype={str(val.dtype).replace('torch.', '')} "
+              f"mean={val.float().mean():.6f} std={val.float().std():.6f} "
+              f"finite={bool(torch.isfinite(val).all())}")
+    if args.check:
+        if not run_check(spec, ir, graph, layer, inputs, outs, args.dtype if backend == "kernels" else "float32"):
+            raise CheckFailed(f"{spec.name}: outputs differ from the reference interpreter beyond the tolerance")
     return 0
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(device)
 
 
 def cmd_inspect(args) -> int:
     from .graph import load
     g = load(args.graph)
+    if args.reverse:
+        g = g.with_reverse_edges()
     print(repr(g))
     for k, v in g.stats().items():
         print(f"  {k}: {v}")
     return 0
 
 
+def _version() -> str:
+    from . import __version__
+    return f"pigeon {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pigeon", description="compile relational GNN specs to fused kernels")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="pigeon", description="compile relational GNN specs to fused kernels")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     c = sub.add_parser("compile", help="trace a spec, run the passes, print the IR and run it on a graph")
     c.add_argument("spec", help="built-in model (rgcn, rgat, hgt), SPEC.py or SPEC.py:NAME")
     c.add_argument("--graph", default="tiny", help="dataset name, synthetic:PRESET, or a saved graph path "
                    "(default: the bundled tiny graph)")
+    c.add_argument("--reverse", action="store_true",
+                   help="add a reverse relation rev_<r> for every relation r (the R-GCN convention)")
     c.add_argument("--in-dim", type=int, default=16, help="feature size of the spec's inputs (default 16)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec hyperparameter")
     c.add_argument("--dump", action="store_true", help="also print the traced IR and source locations")
@@ -153,28 +447,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run pigeon's kernels (default; TVM llvm builds on a CPU, CUDA on a GPU) "
                         "or the reference interpreter")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the layer runs (default: cuda when there is a GPU, else cpu)")
+    c.add_argument("--check", action="store_true",
+                   help="also run the reference interpreter with the same inputs and weights and compare "
+                        "(exit 1 beyond the tolerance)")
     c.add_argument("--out", metavar="DIR", help="write an AOT artifact (kernel programs + cubins) to DIR")
-    c.add_argument("--arch", default="sm_90", help="GPU architecture of the artifact's cubins (default sm_90)")
+    c.add_argument("--arch", default="sm_90", help=f"GPU architecture of the artifact's cubins "
+                   f"(sm_XY: {ARCH_EXAMPLES}; default sm_90)")
     c.set_defaults(func=cmd_compile)
     i = sub.add_parser("inspect", help="print a graph's statistics")
     i.add_argument("--graph", default="tiny")
+    i.add_argument("--reverse", action="store_true", help="add reverse relations first")
     i.set_defaults(func=cmd_inspect)
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _error(msg: str) -> int:
+    print(f"error: {_one_line(msg)}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    old_show = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except CheckFailed as e:
+        print(f"check failed: {e}", file=sys.stderr)
+        return 1
+    except (SpecError, CliError) as e:
+        return _error(str(e))
     except (ValueError, NotImplementedError) as e:  # graph / dataset / input / lowering errors
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return _error(f"{type(e).__name__}: {e}")
+    except OSError as e:                             # a full disk, a permission, a missing file
+        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) not in str(e) else ""
+        return _error(f"{type(e).__name__}: {e}{where}")
+    except MemoryError as e:
+        return _error(f"out of memory: {e or 'MemoryError'}")
+    except RuntimeError as e:
+        text = str(e)
+        if "out of memory" in text.lower() or "can't allocate memory" in text:
+            return _error(f"out of memory: {text}")
+        raise
+    finally:
+        warnings.showwarning = old_show
 
 
 if __name__ == "__main__":
