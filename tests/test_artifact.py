@@ -21,7 +21,6 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is no
 
 @pytest.fixture(scope="module")
 def layer():
-    pytest.importorskip("tvm")
     return pg.compile(rgcn, tiny_graph(), 8, backend="kernels", out_dim=4)
 
 
@@ -228,7 +227,6 @@ def edge_gated(g, x, w: pg.EdgeTensor, *, out_dim: int = 4):
 
 @pytest.fixture(scope="module")
 def edge_artifact(tmp_path_factory):
-    pytest.importorskip("tvm")
     g = load_graph_named("tiny")
     k = pg.compile(edge_gated, g, {"x": 6, "w": 1}, backend="kernels", seed=3)
     out = artifact.save(k, tmp_path_factory.mktemp("edge") / "art", progress=lambda m: None)

@@ -49,7 +49,6 @@ def linear_out(g, x, *, out_dim: int = 5):
 
 
 def _both(spec, g, in_dim=IN, **hp):
-    pytest.importorskip("tvm")
     k = pg.compile(spec, g, in_dim, backend="kernels", **hp)
     r = pg.compile(spec, g, in_dim, backend="reference", **hp)
     r.load_state_dict(k.state_dict())
@@ -111,7 +110,6 @@ def test_outputs_saved_for_backward_under_torch_compile(g):
 # ---------------------------------------------------------------- the registry of compiled layers
 
 def test_registry_forgets_layers_nobody_holds(g):
-    pytest.importorskip("tvm")
     from pigeon.runtime import ops
     gc.collect()
     start = len(ops._REGISTRY)
@@ -123,7 +121,6 @@ def test_registry_forgets_layers_nobody_holds(g):
 
 
 def test_layers_with_one_id_share_an_entry_that_lives_while_one_does(g):
-    pytest.importorskip("tvm")
     from pigeon.runtime import ops
     gc.collect()
     start = len(ops._REGISTRY)
@@ -141,7 +138,6 @@ def test_layers_with_one_id_share_an_entry_that_lives_while_one_does(g):
 
 
 def test_backward_after_the_layer_is_gone(g):
-    pytest.importorskip("tvm")
     x = torch.randn(g.num_nodes, IN, requires_grad=True)
     out = pg.compile(agg_and_relu, g, IN, backend="kernels")(x)    # the layer is a temporary
     gc.collect()
@@ -150,7 +146,6 @@ def test_backward_after_the_layer_is_gone(g):
 
 
 def test_deepcopy_of_a_layer_outlives_the_original(g):
-    pytest.importorskip("tvm")
     import copy
     a = pg.compile(linear_out, g, IN, backend="kernels", out_dim=3)
     b = copy.deepcopy(a)
@@ -245,7 +240,6 @@ def test_unsupported_dtypes_are_refused_at_compile(g):
 
 
 def test_bfloat16_layers_take_float32_inputs_on_both_backends(g):
-    pytest.importorskip("tvm")
     k = pg.compile(node_and_edge, g, NE, backend="kernels", dtype="bfloat16")
     r = pg.compile(node_and_edge, g, NE, backend="reference", dtype="bfloat16")
     r.load_state_dict(k.state_dict())
@@ -254,8 +248,10 @@ def test_bfloat16_layers_take_float32_inputs_on_both_backends(g):
     assert b.dtype == torch.bfloat16
     torch.testing.assert_close(b, r(x.bfloat16(), w.bfloat16()))
     assert _error(k, x.double(), w) == _error(r, x.double(), w)
-    if torch.cuda.is_available():      # bf16 kernels are CUDA kernels (TVM's llvm build is fp32 only)
-        dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
         a = k.to(dev)(x.to(dev), w.to(dev))
-        assert a.dtype == torch.bfloat16
-        torch.testing.assert_close(a.float().cpu(), b.float(), rtol=5e-2, atol=5e-2)
+    except NotImplementedError as e:       # a CPU executor without bf16 storage (TVM's llvm build)
+        pytest.skip(f"bf16 kernels do not run here: {e}")
+    assert a.dtype == torch.bfloat16
+    torch.testing.assert_close(a.float().cpu(), b.float(), rtol=5e-2, atol=5e-2)
