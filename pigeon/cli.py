@@ -332,7 +332,8 @@ def cmd_compile(args) -> int:
     if backend == "kernels" and device.type == "cpu" and args.dtype != "float32":
         planned = planned_backend(device)
         words = BACKEND_WORDS.get(planned, f"executor {planned!r}")
-        print(f"[pigeon] no CUDA device: {args.dtype} kernel programs run on the CPU through {words} "
+        why = "--device cpu" if torch.cuda.is_available() else "no CUDA device"
+        print(f"[pigeon] {why}: {args.dtype} kernel programs run on the CPU through {words} "
               f"(executor {planned!r}), not through pigeon's CUDA {args.dtype} kernels", file=sys.stderr)
     t0 = time.perf_counter()
     try:

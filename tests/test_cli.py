@@ -475,13 +475,20 @@ def test_check_fails_with_exit_1_when_kernels_are_off(capsys, monkeypatch):
 
 
 def test_bfloat16_on_cpu_says_what_runs(capsys):
+    import torch
+
+    from pigeon.cli import planned_backend
     code, out, err = cli(capsys, "compile", SPECS / "two_layers.py:first", "--device", "cpu",
                          "--dtype", "bfloat16", "--check")
     assert code == 0, err
-    assert err.startswith("[pigeon] no CUDA device: bfloat16 kernel programs run on the CPU through ")
+    why = "--device cpu" if torch.cuda.is_available() else "no CUDA device"
+    planned = planned_backend(torch.device("cpu"))     # what pigeon.runtime.program picks for a CPU
+    assert err.startswith(f"[pigeon] {why}: bfloat16 kernel programs run on the CPU through "), err
+    assert f"(executor {planned!r})" in err.splitlines()[0]
     m = RAN_ON.search(out)
-    assert m and m.group(4) in ("llvm", "torch"), out
-    if m.group(4) == "torch":   # the llvm executor refused bf16 storage: the switch was said out loud
+    assert m and m.group(2) == "cpu" and m.group(4) in ("llvm", "torch"), out
+    if m.group(4) != planned:   # the planned executor refused bf16 storage: the switch is said out loud
+        assert f"the {planned} executor refused bfloat16" in err
         assert "running the plain-torch semantics of each kernel instance (executor 'torch') instead" in err
     assert "dtype=bfloat16" in out
     assert re.search(r"^# check vs reference: out .* ok \(tolerance rtol=0.02 ", out, re.M), out
