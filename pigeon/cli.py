@@ -200,8 +200,8 @@ def device_name(device) -> str:
 # ---------------------------------------------------------------------------------------- running
 
 def executor_backend(layer, device) -> str | None:
-    """The executor backend the layer's kernel programs ran with on ``device`` ("cuda", "llvm",
-    "torch", ...), as registered in pigeon.runtime.ops; None when it cannot be told."""
+    """The executor backend the layer's kernel programs ran with on ``device`` ("cuda", "torch",
+    "emulate", ...), as registered in pigeon.runtime.ops; None when it cannot be told."""
     try:
         from .runtime.ops import get_layer
         b = get_layer(layer.layer_id).backends.get(device.type)
@@ -221,8 +221,21 @@ def planned_backend(device) -> str | None:
 
 
 BACKEND_WORDS = {"cuda": "pigeon's CUDA kernels",
-                 "llvm": "TVM's llvm build of the kernel instances",
                  "torch": "the plain-torch semantics of each kernel instance"}
+
+
+def backend_words(name: str | None) -> str:
+    """What an executor backend is, in words: a known phrase, else its class's docstring."""
+    if name in BACKEND_WORDS:
+        return BACKEND_WORDS[name]
+    try:
+        from .runtime.program import BACKENDS
+        doc = (BACKENDS[name].__doc__ or "").strip().splitlines()
+        if doc:
+            return f"the {name!r} executor ({doc[0].rstrip('.')})"
+    except Exception:
+        pass
+    return f"the {name!r} executor"
 
 
 def _use_torch_executor(layer, device) -> bool:
@@ -237,8 +250,8 @@ def _use_torch_executor(layer, device) -> bool:
 
 def _first_call(layer, inputs, args, device):
     """The first call (which builds the kernels). On a CPU, a kernel executor that refuses the
-    storage dtype (TVM's llvm traversals store fp32 only) is replaced by the plain-torch semantics of
-    the same kernel instances, and the user is told so."""
+    storage dtype (NotImplementedError, as TVM's llvm traversals did for bf16) is replaced by the
+    plain-torch semantics of the same kernel instances, and the user is told so."""
     try:
         return layer(*inputs)
     except NotImplementedError as e:
@@ -247,7 +260,7 @@ def _first_call(layer, inputs, args, device):
                 and used not in (None, "torch") and _use_torch_executor(layer, device)):
             raise
         print(f"[pigeon] the {used} executor refused {args.dtype} ({_one_line(e)}); running "
-              f"{BACKEND_WORDS['torch']} (executor 'torch') instead", file=sys.stderr)
+              f"{backend_words('torch')} (executor 'torch') instead", file=sys.stderr)
         return layer(*inputs)
 
 
@@ -331,7 +344,7 @@ def cmd_compile(args) -> int:
     print(f"# graph {graph!r}" + (" (reverse relations added)" if args.reverse else ""))
     if backend == "kernels" and device.type == "cpu" and args.dtype != "float32":
         planned = planned_backend(device)
-        words = BACKEND_WORDS.get(planned, f"executor {planned!r}")
+        words = backend_words(planned)
         why = "--device cpu" if torch.cuda.is_available() else "no CUDA device"
         print(f"[pigeon] {why}: {args.dtype} kernel programs run on the CPU through {words} "
               f"(executor {planned!r}), not through pigeon's CUDA {args.dtype} kernels", file=sys.stderr)
@@ -445,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec hyperparameter")
     c.add_argument("--dump", action="store_true", help="also print the traced IR and source locations")
     c.add_argument("--backend", choices=["reference", "kernels"], default="kernels",
-                   help="run pigeon's kernels (default; TVM llvm builds on a CPU, CUDA on a GPU) "
-                        "or the reference interpreter")
+                   help="run pigeon's kernel programs (default; CUDA on a GPU, on a CPU the executor "
+                        "pigeon.runtime.program picks) or the reference interpreter")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the layer runs (default: cuda when there is a GPU, else cpu)")
