@@ -24,12 +24,14 @@ def _programs(model):
     return spec, hp, ir, res, lower(res.forward), lower(res.backward)
 
 
-@pytest.mark.parametrize("backend", ["torch", "llvm"])
+@pytest.mark.parametrize("backend", ["torch", "emulate"])
 @pytest.mark.parametrize("case", ["random", "single_edge"])
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_kernel_programs_equal_reference(model, case, backend):
-    if backend == "llvm":
-        pytest.importorskip("tvm")
+    if backend == "emulate":
+        from pigeon.codegen import cuda_emulate
+        if not cuda_emulate.available():
+            pytest.skip("no C++ compiler for the CUDA emulation")
     seed = random.randrange(1 << 30)
     spec, hp, ir, res, fwd, bwd = _programs(model)
     g = CASES[case](seed)

@@ -136,10 +136,7 @@ def _check_instance(inst: TraversalInstance) -> None:
         if names.setdefault(b.name, b) != b:
             raise TraversalCodegenError(f"two different buffers are named {b.name!r}")
     own = "edge" if inst.edge_loop else "node"
-    stack = [inst.expr]
-    while stack:
-        e = stack.pop()
-        stack.extend(e.args)
+    for e in inst.expr.toposort():
         if e.op != "load":
             continue
         want_rows = own if e.row is RowRef.SELF else _BUFFER_ROWS_OF_REF[e.row]

@@ -83,13 +83,19 @@ def binary_fns() -> tuple[str, ...]:
 
 # -- TIR helpers (T is tvm.tirx) -------------------------------------------------------------------
 
+def tir_dtype(x) -> str:
+    """The dtype of a TIR expression (TVM 0.27 keeps it in ``ty``)."""
+    d = getattr(x, "dtype", None)
+    return str(d) if d is not None else str(x.ty)
+
+
 def _f(T, v: float, x=None):
-    return T.const(float(v), x.dtype if x is not None else "float32")
+    return T.const(float(v), tir_dtype(x) if x is not None else "float32")
 
 
 def _extern(T, name: str, x):
     # libm / CUDA math functions: TVM's own tanh lowering loses relative accuracy near 0
-    return T.call_pure_extern(x.dtype, name, x)
+    return T.call_pure_extern(tir_dtype(x), name, x)
 
 
 def _unary(name, c, torch, tir=None, grad=None, *, takes_const=False, operands=(FLOAT,), result=None, doc=""):
@@ -194,11 +200,13 @@ _binary("bit_or", "(x | y)", lambda T, x, y: x | y, lambda T, x, y: x | y, opera
 _binary("bit_xor", "(x ^ y)", lambda T, x, y: x ^ y, lambda T, x, y: x ^ y, operands=(INT, BOOL))
 _binary("shl", "(x << y)", lambda T, x, y: x << y, lambda T, x, y: T.shift_left(x, y), operands=(INT,))
 _binary("shr", "(x >> y)", lambda T, x, y: x >> y, lambda T, x, y: T.shift_right(x, y), operands=(INT,))
-for _name, _op, _py in (("lt", "<", operator.lt), ("le", "<=", operator.le), ("gt", ">", operator.gt),
-                        ("ge", ">=", operator.ge), ("eq", "==", operator.eq), ("ne", "!=", operator.ne)):
-    _binary(_name, f"(x {_op} y)", (lambda f: lambda T, x, y: f(x, y))(_py), (lambda f: lambda T, x, y: f(x, y))(_py),
-            operands=(FLOAT, INT, BOOL), result="bool")
-del _name, _op, _py
+for _name, _op, _py, _tir in (("lt", "<", operator.lt, "LT"), ("le", "<=", operator.le, "LE"),
+                              ("gt", ">", operator.gt, "GT"), ("ge", ">=", operator.ge, "GE"),
+                              ("eq", "==", operator.eq, "EQ"), ("ne", "!=", operator.ne, "NE")):
+    _binary(_name, f"(x {_op} y)", (lambda f: lambda T, x, y: f(x, y))(_py),
+            (lambda t: lambda T, x, y: getattr(T, t)(x, y))(_tir),
+            operands=(FLOAT, INT), result="bool")
+del _name, _op, _py, _tir
 
 # C spellings of min/max for integer operands (fminf/fmaxf are float functions)
 INT_C = {"min": "min(x, y)", "max": "max(x, y)", "neg": "(-x)"}

@@ -16,7 +16,31 @@ def _registry() -> dict[str, type]:
                                     TileConfig, Buffer, Expr, RowRef, TraversalInstance)}
 
 
+def _expr_to_json(e) -> dict:
+    """An expression DAG as a node table (arguments by index), so shared nodes are written once."""
+    nodes, index = [], {}
+    for n in e.toposort():
+        index[n] = len(nodes)
+        nodes.append({"op": n.op, "shape": list(n.shape), "args": [index[a] for a in n.args], "fn": n.fn,
+                      "c": n.c, "buffer": to_json(n.buffer), "row": n.row.value, "dtype": n.dtype})
+    return {"__expr__": nodes}
+
+
+def _expr_from_json(nodes: list, reg: dict):
+    from .expr import Expr, RowRef
+    built = []
+    for d in nodes:
+        built.append(Expr(d["op"], tuple(d["shape"]), tuple(built[i] for i in d["args"]), fn=d["fn"], c=d["c"],
+                          buffer=from_json(d["buffer"], reg), row=RowRef(d["row"]), dtype=d["dtype"]))
+    if not built:
+        raise ValueError("empty expression in serialized program")
+    return built[-1]
+
+
 def to_json(obj: Any) -> Any:
+    from .expr import Expr
+    if isinstance(obj, Expr):
+        return _expr_to_json(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {"__type__": type(obj).__name__,
                 **{f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
@@ -34,6 +58,8 @@ def to_json(obj: Any) -> Any:
 def from_json(data: Any, _reg: dict | None = None) -> Any:
     reg = _reg or _registry()
     if isinstance(data, dict):
+        if "__expr__" in data:
+            return _expr_from_json(data["__expr__"], reg)
         if "__tuple__" in data:
             return tuple(from_json(x, reg) for x in data["__tuple__"])
         if "__enum__" in data:

@@ -8,8 +8,8 @@
   ``inst.inputs()`` order.
 
 ``inst`` is the instance's JSON (pigeon.ir.serialize), so fake kernels and autograd rebuild it.
-On CUDA tensors the generated CUDA kernels run; on CPU tensors the TVM llvm builds (fp32) or, for
-other dtypes, the instance's plain-torch semantics.  Autograd of a single kernel op differentiates
+On CUDA tensors the generated CUDA kernels run; on CPU tensors the instance's plain-torch
+semantics (its oracle).  Autograd of a single kernel op differentiates
 the instance's plain-torch semantics (the reference of that kernel).  Compiled layers do not use
 this: their backward is a kernel program derived by the autodiff pass.
 """
@@ -80,9 +80,9 @@ def gemm(inst: str, a: torch.Tensor, b: torch.Tensor, seg_ptr: torch.Tensor, gat
     if a.is_cuda:
         from ..codegen.gemm import build_gemm, run_gemm
         run_gemm(ins, build_gemm(ins, device=a.device), x, w, seg_ptr, gather, scatter, y)
-    else:
-        from ..codegen.tvm import run_gemm_llvm
-        run_gemm_llvm(ins, x, w, seg_ptr, gather, scatter, y)
+    else:   # CPU: the instance's semantics (the GEMM templates need shared memory and barriers)
+        from ..codegen.gemm import gemm_reference
+        gemm_reference(ins, x, w, seg_ptr, gather, scatter, y)
     return out
 
 
@@ -153,9 +153,6 @@ def traversal(inst: str, sizes: list[int], graph: list[torch.Tensor], inputs: li
     if kg.device.type == "cuda":
         from ..codegen.traversal import run_traversal_launch
         run_traversal_launch(ins, kg, bufs, out, _cuda_backend())
-    elif ins.out.dtype == "float32" and all(t.dtype == torch.float32 for t in inputs):
-        from ..codegen.tvm_traversal import run_traversal_llvm
-        run_traversal_llvm(ins, kg, bufs, out)
     else:
         from ..codegen.traversal_ref import run_traversal_reference
         out.copy_(run_traversal_reference(ins, kg, bufs).reshape(out.shape))

@@ -3,9 +3,15 @@
 The program (pigeon/codegen/lower.py) names buffers and kernel instances; an ``Executor`` binds
 tensors and hands each launch to a backend:
 
-* ``cuda``  -- pigeon's Jinja2 CUDA templates, built with nvcc and launched on torch's stream;
-* ``llvm``  -- the TVM definitions of the same instances, built for the CPU;
-* ``torch`` -- the plain-torch semantics of each instance (the kernel-level oracle).
+* ``cuda``    -- pigeon's Jinja2 CUDA templates, built with nvcc and launched on torch's stream;
+* ``emulate`` -- the same CUDA text on the CPU: traversal kernels compiled as C++ by the CUDA
+  emulation shim (pigeon/codegen/cuda_emulate.py); GEMMs by their semantics (the GEMM templates
+  use shared memory and barriers, which the shim does not emulate);
+* ``torch``   -- the plain-torch semantics of each instance (the kernel-level oracle); the default
+  on a CPU.
+
+The CUDA templates are the one definition of each kernel's GPU code; on a CPU the kernels
+backend runs each instance's semantics, and the tests check the CUDA text there by emulation.
 """
 from __future__ import annotations
 
@@ -61,18 +67,13 @@ class TorchBackend:
         out.copy_(run_traversal_reference(inst, kg, bufs).reshape(out.shape))
 
 
-class LlvmBackend:
-    """TVM definitions of the instances, built for the CPU."""
-    name = "llvm"
-
-    def gemm(self, launch, x, w, y, kg):
-        from ..codegen.tvm import run_gemm_llvm
-        ops = gemm_operands(launch, kg)
-        run_gemm_llvm(launch.inst, x, w, ops["seg_ptr"], ops["gather"], ops["scatter"], y)
+class EmulateBackend(TorchBackend):
+    """The CUDA text of traversal kernels, compiled for the CPU (tests and debugging)."""
+    name = "emulate"
 
     def traversal(self, inst, kg, bufs, out):
-        from ..codegen.tvm_traversal import run_traversal_llvm
-        run_traversal_llvm(inst, kg, bufs, out)
+        from ..codegen.cuda_emulate import run_traversal_emulated
+        run_traversal_emulated(inst, kg, bufs, out)
 
 
 class CudaBackend:
@@ -92,21 +93,24 @@ class CudaBackend:
         run_traversal_launch(inst, kg, bufs, out, self)
 
 
-BACKENDS = {"torch": TorchBackend, "llvm": LlvmBackend, "cuda": CudaBackend}
+BACKENDS = {"torch": TorchBackend, "emulate": EmulateBackend, "cuda": CudaBackend}
+CPU_BACKEND_ENV = "PIGEON_CPU_BACKEND"
 
 
 def default_backend(device: torch.device) -> str:
+    """``cuda`` on a GPU; on a CPU ``torch`` (each instance's semantics) unless
+    ``PIGEON_CPU_BACKEND=emulate`` asks for the emulated CUDA text."""
     if device.type == "cuda":
         return "cuda"
-    try:
-        import tvm  # noqa: F401
-        return "llvm"
-    except ImportError:
-        import warnings
-        warnings.warn("pigeon: no CUDA device and no TVM: kernel programs run on the CPU with the plain-torch "
-                      "semantics of each kernel instance (install apache-tvm for the generated llvm kernels)",
-                      stacklevel=3)
-        return "torch"
+    name = os.environ.get(CPU_BACKEND_ENV, "torch")
+    if name not in ("torch", "emulate"):
+        raise ProgramError(f"{CPU_BACKEND_ENV}={name!r}: expected 'torch' or 'emulate'")
+    return name
+
+
+def describe_backend(name: str) -> str:
+    return {"cuda": "CUDA templates (nvcc)", "torch": "each kernel instance's torch semantics (no GPU)",
+            "emulate": "CUDA text emulated on the CPU (traversals) + GEMM semantics"}[name]
 
 
 class Executor:
