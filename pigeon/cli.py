@@ -332,7 +332,7 @@ def cmd_compile(args) -> int:
     from .graph import load
     from .ir.printer import format_ir
     from .module import CompiledLayer
-    from .passes.manager import run_pipeline
+    from .passes.pipeline import run_pipeline
 
     device = pick_device(args.device)
     graph = load(args.graph)
@@ -358,16 +358,23 @@ def cmd_compile(args) -> int:
     if args.dump:
         print(f"# traced IR ({len(ir)} ops)")
         print(format_ir(ir))
-    ir, records = run_pipeline(ir)
+    compilation, records = run_pipeline(ir)
+    ir = compilation.ir
     t_compile = time.perf_counter() - t0
+    for r in records:
+        print(f"# {r.summary()}")
+        if args.dump:
+            for gname, ch in r.changes:
+                print(f"#   [{gname}] {ch.rule}: {ch.before}  ->  {ch.after}")
     print(f"# IR after passes ({len(ir)} ops)")
     print(format_ir(ir, locs=args.dump))
-    for r in records:
-        print(f"# pass {r.name}: {'changed' if r.changed else 'no change'} ({r.ops_before} -> {r.ops_after} ops)")
+    if args.dump and compilation.backward is not None:
+        print(f"# backward IR after passes ({len(compilation.backward)} ops)")
+        print(format_ir(compilation.backward, locs=False))
     check_memory(ir, graph, args, device, backend)      # before any weight or input is allocated
 
     t1 = time.perf_counter()
-    layer = CompiledLayer(spec, ir, graph, backend=backend, seed=0, dtype=args.dtype)
+    layer = CompiledLayer(spec, compilation, graph, backend=backend, seed=0, dtype=args.dtype)
     layer.hparams = hparams
     t_lower = time.perf_counter() - t1
     if backend == "kernels":

@@ -9,7 +9,7 @@ import torch
 from .dsl.layer import Layer
 from .ir.graph import IRGraph
 from .ir.ops import Op
-from .passes.manager import run_pipeline
+from .passes.pipeline import Compilation, run_pipeline
 from .reference import expected_shape, run
 from .torch_dtypes import TORCH_DTYPES
 
@@ -58,12 +58,16 @@ class CompiledLayer(torch.nn.Module):
     Inputs are checked the same way on both backends (``pigeon.runtime.ops.bind_inputs``): a
     bad call raises an InputError naming the tensor and changes nothing."""
 
-    def __init__(self, spec: Layer, ir: IRGraph, graph, backend: str = "kernels", seed: int | None = 0,
-                 dtype: str = "float32"):
+    def __init__(self, spec: Layer, ir: "IRGraph | Compilation", graph, backend: str = "kernels",
+                 seed: int | None = 0, dtype: str = "float32"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
         _check_dtype(backend, dtype)
+        if isinstance(ir, IRGraph):      # a traced graph: run the pass pipeline (autodiff included)
+            ir, _ = run_pipeline(ir)
+        self.compilation = ir
+        ir = ir.ir
         self.spec, self.ir, self.graph, self.backend, self.dtype = spec, ir, graph, backend, dtype
         self.in_dims = {op.attr("name"): op.type.shape[0] for op in ir.inputs()}
         self.hparams = {}
@@ -80,22 +84,26 @@ class CompiledLayer(torch.nn.Module):
         self.input_names = [op.attr("name") for op in ir.inputs()]
 
     def _build_kernels(self) -> None:
-        from .codegen.lower import lower
-        from .passes.autodiff import autodiff
+        from .codegen.lower import LoweringError, lower
+        from .passes.autodiff import AutodiffResult
         from .runtime.ops import LayerPrograms, layer_kgraph, register_layer
-        from .codegen.lower import LoweringError
-        from .passes.autodiff import AutodiffError, AutodiffResult
         hint = ("This spec cannot run on pigeon's kernels yet; pigeon.compile(..., backend='reference') "
                 "runs it with torch ops")
+        c = self.compilation
         backward_error = None
+        res = c.autodiff
+        if res is None:   # forward kernels still run; backward raises this when asked
+            backward_error = f"{self.spec.name}: {c.backward_error}. {hint}"
+            res = AutodiffResult(c.forward or self.ir, None, (), (), (), ())
+        else:             # the graphs after every pass (autodiff is one of them)
+            res = AutodiffResult(c.forward, c.backward, res.saved, res.recomputed, res.grad_inputs, res.grads)
         try:
-            res = autodiff(self.ir)
-        except AutodiffError as e:   # forward kernels still run; backward raises this when asked
-            backward_error = f"{self.spec.name}: {e}. {hint}"
-            res = AutodiffResult(self.ir, None, (), (), (), ())
-        try:
-            fwd = lower(res.forward, self.dtype)
-            bwd = lower(res.backward, self.dtype) if res.backward is not None else None
+            # buffers take their IR values' dtypes; an IR traced in another float dtype than the
+            # layer's gets the layer's storage for its float values
+            traced = {op.type.dtype for op in self.ir.inputs()} | {op.type.dtype for op in self.ir.params()}
+            override = None if traced <= {self.dtype} else self.dtype
+            fwd = lower(res.forward, override)
+            bwd = lower(res.backward, override) if res.backward is not None else None
         except LoweringError as e:
             raise LoweringError(f"{self.spec.name}: {e}. {hint}") from None
         self.autodiff = res
@@ -137,12 +145,14 @@ def compile(spec: Layer, graph, in_dim: int | Mapping[str, int] | None = None, *
     """Trace ``spec`` with ``hparams``, run the pass pipeline, and bind the result to ``graph``.
 
     ``backend="kernels"`` (the default) runs pigeon's generated kernels forward and backward (CUDA
-    templates on a GPU, TVM's llvm build on a CPU), with ``dtype`` float32 or bfloat16 storage;
+    templates on a GPU; on a CPU each kernel instance's torch semantics, or the emulated CUDA text
+    with PIGEON_CPU_BACKEND=emulate), with ``dtype`` float32 or bfloat16 storage;
     ``backend="reference"`` runs the reference interpreter (torch ops, torch autograd), in float32,
     bfloat16 or float64.  Inputs must have the layer's dtype (a bfloat16 layer also takes float32)."""
     if not isinstance(spec, Layer):
         raise TypeError(f"pigeon.compile takes a @pigeon.layer spec, got {type(spec).__name__}")
-    ir, _ = run_pipeline(spec.trace(in_dim, **hparams))
-    layer = CompiledLayer(spec, ir, graph, backend, seed, dtype)
+    traced = dtype if dtype in ("float32", "bfloat16", "float16", "float64") else "float32"
+    compilation, _ = run_pipeline(spec.trace(in_dim, dtype=traced, **hparams))
+    layer = CompiledLayer(spec, compilation, graph, backend, seed, dtype)
     layer.hparams = dict(hparams)
     return layer

@@ -25,7 +25,7 @@ from ..ir.graph import IRGraph
 from ..ir.kernel import GemmInstance
 from ..ir.ops import Op, OpKind
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance, load
-from ..ir.types import Domain, TypeAxis
+from ..ir.types import Domain, TypeAxis, dtype_class
 
 
 class LoweringError(NotImplementedError):
@@ -124,8 +124,14 @@ class _Lowering:
         self._expr_memo: dict = {}
         self._gather_memo: dict[str, bool] = {}
 
+    def storage(self, dtype: str) -> str:
+        """A buffer's storage dtype: its IR value's dtype, or the override for float values."""
+        if self.dtype is not None and dtype_class(dtype) == "float":
+            return self.dtype
+        return dtype
+
     def new_buffer(self, op: Op, prefix: str = "t") -> Buffer:
-        b = Buffer(f"{prefix}{self.counter}", _buffer_rows(op), op.type.shape, self.dtype)
+        b = Buffer(f"{prefix}{self.counter}", _buffer_rows(op), op.type.shape, self.storage(op.type.dtype))
         self.counter += 1
         self.buffers[op.key] = b
         return b
@@ -216,7 +222,7 @@ class _Lowering:
             e = self.expr(key, edge)
         out = self.new_buffer(op)
         self.launches.append(TraversalLaunch(TraversalInstance(
-            "edge_map" if edge else "node_map", e, out, dtype=self.dtype)))
+            "edge_map" if edge else "node_map", e, out, dtype=out.dtype)))
         return key
 
     def ensure_buffer(self, key: str) -> Buffer:
@@ -261,7 +267,7 @@ class _Lowering:
             elif typed:
                 seg = "etype"
             inst = GemmInstance("rows", k, n, heads=heads, typed=typed, gather=gather is not None,
-                                scatter=scatter is not None, transpose_w=transpose, dtype=self.dtype)
+                                scatter=scatter is not None, transpose_w=transpose, dtype=self._gemm_dtype(x, wbuf, out))
             self.launches.append(GemmLaunch(inst, x.name, wbuf.name, out.name, rows, seg, gather, scatter))
             return
         # weight gradient: dW[t] = sum over rows of type t of outer(a, b)
@@ -279,8 +285,15 @@ class _Lowering:
         if per is TypeAxis.NTYPE:
             ga = gb = "ntype_perm"
         inst = GemmInstance("weight_grad", wshape[-2], wshape[-1], heads=heads, typed=per is not None,
-                            gather=ga is not None, scatter=gb is not None, dtype=self.dtype)
+                            gather=ga is not None, scatter=gb is not None, dtype=self._gemm_dtype(a, b, out))
         self.launches.append(GemmLaunch(inst, a.name, out.name, b.name, rows, seg, ga, gb))
+
+    @staticmethod
+    def _gemm_dtype(*bufs: Buffer) -> str:
+        dts = {b.dtype for b in bufs}
+        if len(dts) != 1:
+            raise LoweringError(f"a GEMM reads and writes one dtype; got {[(b.name, b.dtype) for b in bufs]}")
+        return dts.pop()
 
     def weight_buffer(self, key: str) -> Buffer:
         """A per-type or global weight: a param, or a weight gradient some kernel already wrote."""
@@ -310,11 +323,11 @@ class _Lowering:
                 e = self.expr(op.inputs[0], True)
                 out = self.new_buffer(op)
                 self.launches.append(TraversalLaunch(TraversalInstance(
-                    "aggregate", e, out, side=op.attr("side", "dst"), reduce=op.attr("reduce"), dtype=self.dtype)))
+                    "aggregate", e, out, side=op.attr("side", "dst"), reduce=op.attr("reduce"), dtype=out.dtype)))
             elif k is OpKind.EDGE_SOFTMAX:
                 e = self.expr(op.inputs[0], True)
                 out = self.new_buffer(op)
-                self.launches.append(TraversalLaunch(TraversalInstance("edge_softmax", e, out, dtype=self.dtype)))
+                self.launches.append(TraversalLaunch(TraversalInstance("edge_softmax", e, out, dtype=out.dtype)))
             elif k is OpKind.TYPE_REDUCE:
                 src = ir.op(op.inputs[0])
                 edge = src.type.domain is Domain.EDGE
@@ -323,7 +336,7 @@ class _Lowering:
                 per = op.attr("per")
                 self.launches.append(TraversalLaunch(TraversalInstance(
                     "type_reduce", e, out, rows="edge" if edge else "node",
-                    per=per.value if per is not None else "none", dtype=self.dtype)))
+                    per=per.value if per is not None else "none", dtype=out.dtype)))
             elif k is OpKind.BINARY and op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
                 if op.attr("fn") != "add" or any(ir.op(i).type != op.type for i in op.inputs):
                     raise LoweringError(f"elementwise {op.attr('fn')} on weights is not lowered to kernels")
@@ -346,6 +359,8 @@ class _Lowering:
         return KernelProgram(ir.name, tuple(self.buffers.values()), tuple(self.launches), tuple(inputs),
                              tuple(params), tuple(gdata), tuple(outputs))
 
-def lower(ir: IRGraph, dtype: str = "float32") -> KernelProgram:
-    """Lower a (forward or backward) IR graph to a kernel program."""
+def lower(ir: IRGraph, dtype: str | None = None) -> KernelProgram:
+    """Lower a (forward or backward) IR graph to a kernel program.  Every buffer takes the dtype
+    of its IR value; ``dtype`` overrides the storage of float values (an IR traced in float32
+    run with bfloat16 storage)."""
     return _Lowering(ir, dtype).run()

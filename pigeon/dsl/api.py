@@ -14,9 +14,10 @@ def _val(x, what: str) -> Value:
 
 
 def weight(name: str, shape, per: TypeSelector | None = None, init: str = "glorot",
-           dtype: str = "float32") -> Value:
+           dtype: str | None = None) -> Value:
     """Declare a learned weight: one block of ``shape`` per type of ``per`` (g.etype / g.ntype),
-    or a single tensor when ``per`` is None."""
+    or a single tensor when ``per`` is None; ``dtype`` defaults to the trace's dtype."""
+    dtype = dtype or current().dtype
     if isinstance(shape, int):
         shape = (shape,)
     shape = tuple(shape)

@@ -55,7 +55,10 @@ class Layer:
             if not isinstance(d, int) or d <= 0:
                 raise SpecError(f"spec {self.name}: give the feature size of input {name!r} (in_dim=...)")
             dims[name] = d
-        with tracing() as tr:
+        from ..ir.types import FLOAT_DTYPES
+        if dtype not in FLOAT_DTYPES:
+            raise SpecError(f"spec {self.name}: dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        with tracing(dtype) as tr:
             code = self.fn.__code__
             loc = SourceLoc(code.co_filename, code.co_firstlineno, self.name)
             args = [Value(tr.leaf(OpKind.INPUT, name, ValueType(dom, (dims[name],), dtype), loc))

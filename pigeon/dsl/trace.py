@@ -40,7 +40,8 @@ def caller_loc() -> SourceLoc | None:
 
 
 class Tracer:
-    def __init__(self):
+    def __init__(self, dtype: str = "float32"):
+        self.dtype = dtype          # the dtype of inputs, weights and graph data of this trace
         self.ops: dict[str, Op] = {}
         self.params: dict[str, Op] = {}
         self.inputs: dict[str, Op] = {}
@@ -84,10 +85,13 @@ def current() -> Tracer:
 class tracing:
     """Context manager that makes a fresh tracer current."""
 
+    def __init__(self, dtype: str = "float32"):
+        self.dtype = dtype
+
     def __enter__(self) -> Tracer:
         if getattr(_state, "tracer", None) is not None:
             raise SpecError("nested tracing is not supported")
-        _state.tracer = Tracer()
+        _state.tracer = Tracer(self.dtype)
         return _state.tracer
 
     def __exit__(self, *exc: Any) -> None:

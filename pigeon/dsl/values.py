@@ -173,11 +173,11 @@ class Graph:
 
     def inv_in_degree_by_etype(self) -> Value:
         """Per edge: 1 / number of edges of the same type into the same destination."""
-        return Value(current().emit(OpKind.GRAPH_DATA, [], what="inv_in_degree_by_etype"))
+        return Value(current().emit(OpKind.GRAPH_DATA, [], what="inv_in_degree_by_etype", dtype=current().dtype))
 
     def inv_in_degree(self) -> Value:
         """Per node: 1 / in-degree (0 for nodes without incoming edges)."""
-        return Value(current().emit(OpKind.GRAPH_DATA, [], what="inv_in_degree"))
+        return Value(current().emit(OpKind.GRAPH_DATA, [], what="inv_in_degree", dtype=current().dtype))
 
     def __repr__(self) -> str:
         return "<pigeon graph handle>"

@@ -142,7 +142,7 @@ def infer_type(kind: OpKind, attrs: dict[str, Any], ins: list[ValueType]) -> Val
         _need(0, ins, what)
         if attrs["what"] not in GRAPH_DATA:
             raise SignatureError(f"unknown graph data {attrs['what']!r}; known: {sorted(GRAPH_DATA)}")
-        return ValueType(GRAPH_DATA[attrs["what"]], (), "float32")
+        return ValueType(GRAPH_DATA[attrs["what"]], (), attrs.get("dtype", "float32"))
     if kind is OpKind.GATHER:
         _need(1, ins, what)
         side = attrs["side"]

@@ -1,3 +1,5 @@
-from .manager import PIPELINE, PassError, PassRecord, run_pipeline, run_to_fixpoint
+from .pipeline import PIPELINE, Compilation, PassError, PassRecord, run_pipeline
+from .rewrite import Pat, Rule, RewriteError, rewrite
 
-__all__ = ["PIPELINE", "PassError", "PassRecord", "run_pipeline", "run_to_fixpoint"]
+__all__ = ["PIPELINE", "Compilation", "PassError", "PassRecord", "Pat", "Rule", "RewriteError", "rewrite",
+           "run_pipeline"]

@@ -153,7 +153,7 @@ def _rule(b: _Builder, y: Op, dy: Op, ins: list[Op]) -> list[tuple[int, Op]]:
         if red == "sum":
             return [(0, b.make(OpKind.GATHER, [dy], side=side))]
         if red == "mean" and side == "dst":
-            inv = b.make(OpKind.GRAPH_DATA, [], what="inv_in_degree")
+            inv = b.make(OpKind.GRAPH_DATA, [], what="inv_in_degree", dtype=dy.type.dtype)
             return [(0, b.make(OpKind.GATHER, [b.bin(dy, inv, "mul")], side="dst"))]
         raise AutodiffError(f"no gradient rule for aggregate reduce={red!r} side={side!r} "
                             "(max aggregation is forward-only for now)")

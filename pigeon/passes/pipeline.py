@@ -1,0 +1,144 @@
+"""The pass pipeline: one flat, ordered list.  Autodiff is a pass like the others, so backward
+graphs go through every pass after it.
+
+The pipeline transforms a ``Compilation``: the user's graph (``ir``), and after the autodiff pass
+the forward graph (user outputs plus the values backward saves) and the backward graph.  A graph
+pass (``GraphPass``) runs on every graph the compilation holds at that point; ``StagePass`` passes
+(autodiff) transform the compilation.  The verifier runs after every pass; every pass is recorded
+with what it changed (``pigeon compile --dump`` prints the records).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from ..ir.graph import IRGraph
+from ..ir.verify import verify
+from .autodiff import AutodiffError, AutodiffResult, autodiff
+from .rewrite import Change, Rule, rewrite
+from .simplify import RULES as SIMPLIFY_RULES
+
+
+class PassError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Compilation:
+    ir: IRGraph                                # the user's outputs (after the passes before autodiff)
+    forward: IRGraph | None = None             # after autodiff: outputs + saved values
+    backward: IRGraph | None = None
+    autodiff: AutodiffResult | None = None
+    backward_error: str | None = None          # why there is no backward graph
+
+    def graphs(self) -> dict[str, IRGraph]:
+        out = {"ir": self.ir}
+        if self.forward is not None:
+            out["forward"] = self.forward
+        if self.backward is not None:
+            out["backward"] = self.backward
+        return out
+
+
+@dataclass
+class PassRecord:
+    name: str
+    graphs: dict[str, tuple[int, int]] = field(default_factory=dict)   # graph -> (ops before, after)
+    changes: list[tuple[str, Change]] = field(default_factory=list)    # (graph, change)
+    note: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes) or any(a != b for a, b in self.graphs.values()) or bool(self.note)
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{g} {a}->{b} ops" for g, (a, b) in self.graphs.items())
+        head = f"pass {self.name}: {'changed' if self.changed else 'no change'} ({sizes})"
+        return head + (f"; {self.note}" if self.note else "")
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    name: str
+    run: Callable[[IRGraph, list[Change]], IRGraph]
+
+
+@dataclass(frozen=True)
+class StagePass:
+    name: str
+    run: Callable[[Compilation, PassRecord], Compilation]
+
+
+def rules_pass(name: str, rules: list[Rule]) -> GraphPass:
+    return GraphPass(name, lambda ir, changes: rewrite(ir, rules, changes=changes))
+
+
+def _dead_ops(ir: IRGraph, changes: list[Change]) -> IRGraph:
+    live = ir.live()
+    if len(live) != len(ir):
+        keep = {op.key for op in live.ops()}
+        for op in ir.ops():
+            if op.key not in keep:
+                changes.append(Change("dead", f"{op.kind.value} : {op.type}", "(removed)"))
+    return live
+
+
+def _autodiff(c: Compilation, rec: PassRecord) -> Compilation:
+    try:
+        res = autodiff(c.ir)
+    except AutodiffError as e:
+        rec.note = f"no backward: {e}"
+        return replace(c, forward=c.ir, backward=None, autodiff=None, backward_error=str(e))
+    rec.note = (f"saves {len(res.saved)} forward values, recomputes {len(res.recomputed)} ops; "
+                f"backward {len(res.backward) if res.backward is not None else 0} ops")
+    return replace(c, forward=res.forward, backward=res.backward, autodiff=res)
+
+
+SIMPLIFY = rules_pass("simplify", SIMPLIFY_RULES)
+DEAD_OPS = GraphPass("remove_dead_ops", _dead_ops)
+AUTODIFF = StagePass("autodiff", _autodiff)
+
+PIPELINE: tuple = (SIMPLIFY, DEAD_OPS, AUTODIFF, SIMPLIFY, DEAD_OPS)
+FORWARD_ONLY: tuple = (SIMPLIFY, DEAD_OPS)
+
+
+def run_pipeline(ir: IRGraph, pipeline=PIPELINE) -> tuple[Compilation, list[PassRecord]]:
+    """Run the passes in order; returns the compilation and one record per pass."""
+    c = Compilation(verify(ir))
+    records = []
+    for p in pipeline:
+        rec = PassRecord(p.name)
+        if isinstance(p, StagePass):
+            before = {k: len(g) for k, g in c.graphs().items()}
+            c = p.run(c, rec)
+            after = c.graphs()
+            # a graph the stage creates counts from nothing (the forward graph from the user's)
+            before.setdefault("forward", before["ir"])
+            rec.graphs = {k: (before.get(k, 0), len(g)) for k, g in after.items() if k != "ir" or "forward" not in after}
+        else:
+            new = {}
+            for gname, g in c.graphs().items():
+                if gname == "ir" and c.forward is not None:
+                    continue      # after autodiff the forward graph stands for the user's graph
+                changes: list[Change] = []
+                try:
+                    out = verify(p.run(g, changes))
+                except Exception as e:
+                    if isinstance(e, (PassError,)):
+                        raise
+                    raise PassError(f"pass {p.name} on the {gname} graph: {e}") from e
+                rec.graphs[gname] = (len(g), len(out))
+                rec.changes.extend((gname, ch) for ch in changes)
+                new[gname] = out
+            c = replace(c, **new)
+            if c.forward is not None and "forward" in new:
+                c = replace(c, ir=_user_view(c))
+        records.append(rec)
+    return c, records
+
+
+def _user_view(c: Compilation) -> IRGraph:
+    """The forward graph restricted to the user's outputs (what the reference backend runs)."""
+    n = len(c.ir.outputs)
+    f = c.forward
+    return IRGraph(list(f.ops()), f.outputs[:n], c.ir.name, f.output_names[:n]).live()
