@@ -4,7 +4,7 @@ from .dsl import (EdgeTensor, Graph, Layer, NodeTensor, SpecError, Value, aggreg
                   typed_linear, weight)
 from .module import CompiledLayer, compile
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 
 def load(path, graph=None):

@@ -84,7 +84,7 @@ class CompiledLayer(torch.nn.Module):
         self.input_names = [op.attr("name") for op in ir.inputs()]
 
     def _build_kernels(self) -> None:
-        from .codegen.lower import LoweringError, lower
+        from .passes.lower import LoweringError, lower
         from .passes.autodiff import AutodiffResult
         from .runtime.ops import LayerPrograms, layer_kgraph, register_layer
         hint = ("This spec cannot run on pigeon's kernels yet; pigeon.compile(..., backend='reference') "

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from .ir.fns import get_fn
 from .ir.graph import IRGraph

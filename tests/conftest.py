@@ -2,7 +2,7 @@
 
 Kernel builds are cached on disk: ``PIGEON_CACHE_DIR`` (nvcc/NVRTC cubins, pigeon/runtime/cache.py,
 default ``~/.cache/pigeon``) and ``PIGEON_EMULATE_CACHE`` (host builds of the CUDA emulator,
-pigeon/codegen/cuda_emulate.py).  The test session must not fill the user's own caches, so each one
+pigeon/runtime/emulate.py).  The test session must not fill the user's own caches, so each one
 left unset is pointed at a fresh temporary directory, set in ``os.environ`` before any test module is
 imported (subprocesses such as the CLI tests inherit it) and removed when the session ends.  A cache
 the caller set explicitly is kept: scripts/gpu_session.sh points ``PIGEON_CACHE_DIR`` at prebuilt cubins.

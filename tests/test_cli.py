@@ -93,7 +93,7 @@ def test_bad_graph_name_is_a_clear_error():
 # ---------------------------------------------------------------- the test session's own kernel cache
 
 def test_session_does_not_write_the_users_cache():
-    from pigeon.codegen.cuda_emulate import cache_root as emulate_root
+    from pigeon.runtime.emulate import cache_root as emulate_root
     from pigeon.runtime.cache import KernelCache, default_cache_root
     home = Path("~/.cache/pigeon").expanduser()
     for root in (default_cache_root(), KernelCache().root, emulate_root()):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import pigeon as pg
-from pigeon.codegen.layout import kernel_graph
-from pigeon.codegen.lower import lower
+from pigeon.graph.kernel_graph import kernel_graph
+from pigeon.passes.lower import lower
 from pigeon.dsl.values import unary
 from pigeon.graph import load
 from pigeon.ir import expr as ex

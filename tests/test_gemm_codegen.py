@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from pigeon.codegen import jinja as pj
-from pigeon.codegen.gemm import (GemmCodegenError, GemmConfig, GemmLaunchError, apply_epilogue, epilogue_code,
-                                 gemm_config, gemm_reference, kernel_name, render_gemm, run_gemm, tile_schedule,
-                                 weight_grad_rows_per_block)
+from pigeon.codegen.gemm import (GemmCodegenError, GemmConfig, GemmLaunchError, epilogue_code, gemm_config,
+                                 kernel_name, render_gemm)
+from pigeon.runtime.family_gemm import (apply_epilogue, gemm_reference, run_gemm, tile_schedule,
+                                        weight_grad_rows_per_block)
 from pigeon.ir.kernel import GemmInstance as G
 from pigeon.ir.kernel import TileConfig
 from pigeon.runtime.build import compile_cuda, nvcc_available

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from pigeon.codegen.layout import kernel_graph
+from pigeon.graph.kernel_graph import kernel_graph
 from pigeon.ir.kernel import GemmInstance
 from pigeon.runtime.kernel_ops import graph_args, instance_json
 
@@ -40,7 +40,7 @@ def test_gemm_op(inst):
     args = (instance_json(inst), a, b, _seg(kg), kg.src if inst.gather else None, None, None, E)
     torch.library.opcheck(torch.ops.pigeon.gemm.default, args)
     out = torch.ops.pigeon.gemm(*args)
-    from pigeon.codegen.gemm import gemm_reference
+    from pigeon.runtime.family_gemm import gemm_reference
     from pigeon.runtime.kernel_ops import _gemm_shape
     y = torch.zeros(_gemm_shape(inst, a, _seg(kg), E))
     x_, w_, y_ = (a, b, y) if inst.form == "rows" else (a, y, b)
@@ -68,7 +68,7 @@ def test_traversal_op(name):
     sizes, graph = graph_args(kg)
     args = (instance_json(inst), sizes, graph, inputs)
     torch.library.opcheck(torch.ops.pigeon.traversal.default, args)
-    from pigeon.codegen.traversal_ref import run_traversal_reference
+    from pigeon.runtime.family_traversal import run_traversal_reference
     out = torch.ops.pigeon.traversal(*args)
     ref = run_traversal_reference(inst, kg, dict(zip([b.name for b in inst.inputs()], inputs)))
     torch.testing.assert_close(out, ref.reshape(out.shape), rtol=1e-5, atol=1e-5)

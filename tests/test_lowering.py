@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import pigeon as pg
-from pigeon.codegen.layout import kernel_graph
-from pigeon.codegen.lower import GemmLaunch, TraversalLaunch, lower
+from pigeon.graph.kernel_graph import kernel_graph
+from pigeon.passes.lower import lower
+from pigeon.ir.program import GemmLaunch, TraversalLaunch
 from pigeon.passes.autodiff import autodiff
 from pigeon.reference import run
 from pigeon.runtime.program import BACKENDS, Executor
@@ -29,7 +30,7 @@ def _programs(model):
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_kernel_programs_equal_reference(model, case, backend):
     if backend == "emulate":
-        from pigeon.codegen import cuda_emulate
+        from pigeon.runtime import emulate as cuda_emulate
         if not cuda_emulate.available():
             pytest.skip("no C++ compiler for the CUDA emulation")
     seed = random.randrange(1 << 30)
@@ -72,7 +73,7 @@ def test_lowering_uses_only_generated_kernel_families(model):
 
 
 def test_compact_rows_are_refused_clearly():
-    from pigeon.codegen.lower import LoweringError
+    from pigeon.passes.lower import LoweringError
     from pigeon.ir import IRGraph, Op, OpKind, ValueType, Domain, make_op
     x = Op(OpKind.INPUT, (), (("name", "x"),), ValueType(Domain.NODE, (4,)))
     c = make_op(OpKind.GATHER, [x], side="compact_src")

@@ -108,7 +108,7 @@ def max_messages(g, x, *, out_dim: int = 3):
 @pytest.mark.parametrize("spec", [reshaped_attention, max_messages], ids=lambda s: s.name)
 def test_what_kernels_refuse_runs_on_the_reference_backend(spec):
     """The kernels backend's error for what it cannot run says backend='reference' runs it: it does."""
-    from pigeon.codegen.lower import LoweringError
+    from pigeon.passes.lower import LoweringError
     g = load("tiny")
     x = torch.randn(g.num_nodes, 4, requires_grad=True)
     refused = None

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pigeon as pg
-from pigeon.codegen.layout import kernel_graph
-from pigeon.codegen.lower import lower
+from pigeon.graph.kernel_graph import kernel_graph
+from pigeon.passes.lower import lower
 from pigeon.passes.autodiff import autodiff
 from pigeon.reference import run
 from pigeon.runtime.program import Executor, TorchBackend
@@ -71,7 +71,7 @@ def test_random_spec_kernel_program_equals_reference(steps, seed):
 def test_random_spec_emulated_cuda_kernels_equal_reference(steps, seed):
     """The same through the CUDA text of every traversal kernel, emulated on the CPU (slower: few examples)."""
     import pytest
-    from pigeon.codegen import cuda_emulate
+    from pigeon.runtime import emulate as cuda_emulate
     if not cuda_emulate.available():
         pytest.skip("no C++ compiler for the CUDA emulation")
     from pigeon.runtime.program import EmulateBackend

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pigeon.runtime import build as B
+from pigeon.runtime import toolchain as T
 from pigeon.runtime.build import (
     CompilerNotFoundError,
     KernelBuildError,
@@ -114,7 +115,7 @@ def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PIGEON_NVCC", str(tmp_path / "no-such-nvcc"))
     with pytest.raises(CompilerNotFoundError, match="nvcc"):
         compile_cuda(KERNELS, builder="nvcc")
-    monkeypatch.setattr(B, "nvrtc_available", lambda: False)
+    monkeypatch.setattr(T, "nvrtc_available", lambda: False)
     with pytest.raises(CompilerNotFoundError, match="nvcc.*nvrtc|nvrtc.*nvcc"):
         compile_cuda(KERNELS)
 
@@ -135,7 +136,7 @@ def test_failed_build_with_fake_nvcc_keeps_source_and_leaves_no_entry(monkeypatc
         "exit 2\n",
     )
     monkeypatch.setenv("PIGEON_NVCC", str(fake))
-    B._nvcc_version_of.cache_clear()
+    T._nvcc_version_of.cache_clear()
     cache = KernelCache(tmp_path / "cache")
     source = "this is not CUDA\n"
     with pytest.raises(KernelBuildError) as ei:

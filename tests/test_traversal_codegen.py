@@ -16,13 +16,13 @@ import re
 import pytest
 import torch
 
-from pigeon.codegen import cuda_emulate
-from pigeon.codegen.cuda_emulate import EmulatedModule, EmulationError
+from pigeon.runtime import emulate as cuda_emulate
+from pigeon.runtime.emulate import EmulatedModule, EmulationError
 from pigeon.codegen.expr_c import idx_div, idx_mod, unravel, var_idx, c_float, idx_add, idx_mul
-from pigeon.codegen.layout import kernel_graph
-from pigeon.codegen.traversal import (TraversalCodegenError, TraversalLaunchError, render_traversal,
-                                      run_traversal_cuda)
-from pigeon.codegen.traversal_ref import run_traversal_reference
+from pigeon.graph.kernel_graph import kernel_graph
+from pigeon.codegen.traversal import TraversalCodegenError, TraversalLaunchError, render_traversal
+from pigeon.runtime.family_traversal import run_traversal_cuda
+from pigeon.runtime.family_traversal import run_traversal_reference
 from pigeon.ir.traversal import Buffer, Expr, RowRef, TraversalInstance, load
 from pigeon.runtime.build import compile_cuda, nvcc_available
 
@@ -164,8 +164,9 @@ def test_emulated_low_precision_storage(dtype):
 
 
 def _lowered_instances():
-    pytest.importorskip("pigeon.codegen.lower")
-    from pigeon.codegen.lower import TraversalLaunch, lower
+    pytest.importorskip("pigeon.passes.lower")
+    from pigeon.passes.lower import lower
+    from pigeon.ir.program import TraversalLaunch
     from pigeon.passes.autodiff import autodiff
     from test_models_reference import IN, MODELS
     found = {}

@@ -1,6 +1,6 @@
 """Hand-built traversal instances, graphs and inputs shared by the traversal-kernel tests
 (TVM llvm, CUDA templates).  Every backend checks its output against
-``pigeon.codegen.traversal_ref.run_traversal_reference``.
+``pigeon.runtime.family_traversal.run_traversal_reference``.
 
 * ``traversal_cases()``: ``[(name, inst, shapes)]`` where ``shapes`` maps every buffer name (inputs
   and output) to ``(rows, feature shape)``, ``rows`` in node/edge/etype/ntype/global.  The list covers
@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from pigeon.codegen.layout import KernelGraph, kernel_graph
+from pigeon.graph.kernel_graph import KernelGraph, kernel_graph
 from pigeon.graph import HeteroGraph
 from pigeon.ir import expr as ex
 from pigeon.ir.fns import FLOAT, FNS

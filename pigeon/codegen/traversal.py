@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-import torch
-
-from ..ir.traversal import Buffer, RowRef, TraversalInstance
-from ..torch_dtypes import TORCH_DTYPES
+from ..ir.traversal import RowRef, TraversalInstance
 from .expr_c import ExprCodegenError, ExprEmitter, RowBinding, Scope, buffer_param, storage_type, var_idx
 from .jinja import render as render_template
 from .kernel_source import KernelParam, RenderedKernel, c_ident
-from .layout import KernelGraph
 
 BLOCK = 256
 MIN_BLOCKS = 4      # __launch_bounds__(BLOCK, MIN_BLOCKS): >= 1024 resident threads per SM, <= 64 registers
@@ -109,7 +105,7 @@ def _render_template(name: str, config: TraversalConfig) -> str:
 
 # ------------------------------------------------------------------------------ validation
 
-def _check_instance(inst: TraversalInstance) -> None:
+def check_instance(inst: TraversalInstance) -> None:
     if inst.loop not in ("edge_map", "node_map", "aggregate", "edge_softmax", "type_reduce"):
         raise TraversalCodegenError(f"unknown traversal loop {inst.loop!r}")
     out = inst.out
@@ -172,7 +168,7 @@ def _out_param(inst: TraversalInstance) -> KernelParam:
 @functools.lru_cache(maxsize=4096)
 def render_traversal(inst: TraversalInstance, block: int = BLOCK, chunk: int = CHUNK) -> RenderedKernel:
     """The CUDA kernel of ``inst`` (cached per instance)."""
-    _check_instance(inst)
+    check_instance(inst)
     try:
         return _render(inst, block, chunk)
     except TraversalCodegenError:
@@ -253,98 +249,3 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
             "chunk": cfg.get("chunk"), "instance_key": inst.key()}
     return RenderedKernel(name=name, source=source, params=tuple(params), block=(block, 1, 1), grid=grid,
                           template=template, meta=meta)
-
-
-# ------------------------------------------------------------------------------ launching
-
-def _rows_of(b: Buffer, kg: KernelGraph) -> tuple[int, ...]:
-    return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "etype": (kg.num_etypes,),
-            "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
-
-
-def _check_tensor(what: str, b: Buffer, t: Any, kg: KernelGraph) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TraversalLaunchError(f"{what} {b.name}: expected a torch.Tensor, got {type(t).__name__}")
-    want = _rows_of(b, kg) + tuple(b.shape)
-    if tuple(t.shape) != want and not (b.rows == "global" and tuple(t.shape) == (1,) + want):
-        alt = f" or {[1] + list(want)}" if b.rows == "global" else ""
-        raise TraversalLaunchError(f"{what} {b.name}: shape {list(t.shape)}, expected {list(want)}{alt} "
-                                   f"(rows {b.rows!r}, feature shape {list(b.shape)})")
-    if t.dtype != TORCH_DTYPES[b.dtype]:
-        raise TraversalLaunchError(f"{what} {b.name}: dtype {t.dtype}, expected {TORCH_DTYPES[b.dtype]}")
-    if t.device != kg.device:
-        raise TraversalLaunchError(f"{what} {b.name}: on {t.device}, but the graph is on {kg.device}")
-
-
-def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
-                   bufs: Mapping[str, torch.Tensor], target: torch.Tensor) -> list[Any]:
-    """Kernel arguments in ``rk.params`` order; ``target`` is what the output parameter points to."""
-    args: list[Any] = []
-    for p in rk.params:
-        kind, what = p.role.split(":", 1)
-        if kind in ("out", "accum"):
-            args.append(target)
-        elif kind == "buffer":
-            t = bufs[what]
-            args.append(t if t.is_contiguous() else t.contiguous())
-        elif kind == "graph":
-            a = getattr(kg, what)
-            if a.dtype != torch.int32 or a.device != kg.device:
-                raise TraversalLaunchError(f"graph array {what}: expected int32 on {kg.device}, got {a.dtype} on {a.device}")
-            args.append(a)
-        elif kind == "size":
-            args.append(int(getattr(kg, what)))
-        else:  # pragma: no cover
-            raise TraversalLaunchError(f"{rk.name}: unknown parameter role {p.role!r}")
-    return args
-
-
-def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[str, torch.Tensor],
-                       out: torch.Tensor, module: Any) -> torch.Tensor:
-    """Run the kernel of ``inst`` from ``module`` (a runtime CudaModule built from
-    ``render_traversal(inst).source``, or a :class:`pigeon.codegen.cuda_emulate.EmulatedModule`),
-    writing ``out`` in place. Tensors must be on the graph's device."""
-    rk = render_traversal(inst)
-    _check_tensor("output", inst.out, out, kg)
-    if not out.is_contiguous():
-        raise TraversalLaunchError(f"output {inst.out.name}: must be contiguous (written in place)")
-    for b in inst.inputs():
-        if b.name not in bufs:
-            raise TraversalLaunchError(f"{inst.loop}: input buffer {b.name!r} is missing (have {sorted(bufs)})")
-        _check_tensor("input", b, bufs[b.name], kg)
-    workspace = None
-    if inst.loop == "type_reduce":
-        if out.dtype == torch.float32:
-            target = out
-        else:
-            target = workspace = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        target.zero_()
-    else:
-        target = out
-    grid = rk.grid(kg)
-    if rk.grid.threads(kg) > 0:
-        args = traversal_args(rk, inst, kg, bufs, target)
-        module.function(rk.name).launch(grid, rk.block, args, rk.ctypes)
-    if workspace is not None:
-        out.copy_(workspace)
-    return out
-
-
-def run_traversal_launch(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[str, torch.Tensor],
-                         out: torch.Tensor, backend: Any = None) -> torch.Tensor:
-    """Build (disk cache) and load the kernel of ``inst`` for ``out``'s device, then run it.
-    ``backend`` (runtime.program.CudaBackend) supplies ``arch`` and a per-backend module dict."""
-    from ..runtime.build import build_kernel, device_arch
-    from ..runtime.launch import load_module
-    rk = render_traversal(inst)
-    modules = getattr(backend, "_modules", None)
-    mod = modules.get(rk.name) if modules is not None else None
-    if mod is None:
-        arch = getattr(backend, "arch", None) or device_arch(out.device)
-        if arch is None:
-            raise TraversalLaunchError("no CUDA device to build the traversal kernel for")
-        entry = build_kernel(rk.source, arch, name=rk.name)
-        mod = load_module(entry, out.device)
-        if modules is not None:
-            modules[rk.name] = mod
-    return run_traversal_cuda(inst, kg, bufs, out, mod)

@@ -38,7 +38,7 @@ import math
 import weakref
 from dataclasses import dataclass
 
-from .fns import BOOL, FLOAT, INT, FnError, get_fn
+from .fns import BOOL, FLOAT, FnError, get_fn
 from .types import DTYPES, dtype_class
 
 OPS = ("load", "const", "index", "unary", "binary", "where", "cast", "dot", "sum_to", "reshape")

@@ -1,7 +1,7 @@
 """Intra-operator IR: kernel instances.
 
 A kernel instance is a frozen description of one launch family, complete enough for a template
-(pigeon/templates) or a TVM definition (pigeon/codegen/tvm.py) to generate code from it alone.
+(pigeon/templates) to generate code from it alone.
 Instances hold no tensors; the runtime binds tensors to the parameters the instance names.
 
 GemmInstance -- the segment / gather / scatter matmul with one weight per type (Hector's GEMM
@@ -67,8 +67,3 @@ class GemmInstance:
         """Structural name of the instance: stable across processes, safe as a C identifier suffix."""
         text = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# Traversal instances live in traversal.py (with their element-expression IR); both kernel
-# families are importable from here.
-from .traversal import Buffer, Expr, RowRef, TraversalInstance  # noqa: E402,F401

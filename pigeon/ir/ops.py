@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .fns import FnError, get_fn
-from .types import ROW_DOMAINS, Domain, TypeAxis, ValueType, dtype_class
+from .types import Domain, TypeAxis, ValueType, dtype_class
 
 
 class OpKind(enum.Enum):

@@ -8,12 +8,21 @@ import enum
 from typing import Any
 
 
+_CLASSES: dict[str, type] = {}
+
+
+def register_serializable(*classes: type) -> None:
+    """Classes that artifacts may contain (kernel families register their instance and launch
+    types); nothing else is ever rebuilt from JSON."""
+    for c in classes:
+        prev = _CLASSES.get(c.__name__)
+        if prev is not None and prev is not c:
+            raise ValueError(f"two serializable classes are named {c.__name__}")
+        _CLASSES[c.__name__] = c
+
+
 def _registry() -> dict[str, type]:
-    from ..codegen.lower import GemmLaunch, HostAdd, KernelProgram, TraversalLaunch
-    from .kernel import GemmInstance, TileConfig
-    from .traversal import Buffer, Expr, RowRef, TraversalInstance
-    return {c.__name__: c for c in (GemmLaunch, HostAdd, KernelProgram, TraversalLaunch, GemmInstance,
-                                    TileConfig, Buffer, Expr, RowRef, TraversalInstance)}
+    return _CLASSES
 
 
 def _expr_to_json(e) -> dict:

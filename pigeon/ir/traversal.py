@@ -55,7 +55,9 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 # the element expressions are the one expression IR (pigeon/ir/expr.py)
-from .expr import Buffer, Expr, RowRef, load  # noqa: F401
+from .expr import Buffer, Expr, RowRef, load
+
+__all__ = ["Buffer", "Expr", "RowRef", "TraversalInstance", "load"]
 
 
 @dataclass(frozen=True)

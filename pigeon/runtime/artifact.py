@@ -34,15 +34,9 @@ class ArtifactError(ValueError):
 
 
 def _render(launch):
-    """The rendered CUDA kernel of a launch (None for host ops)."""
-    from ..codegen.lower import GemmLaunch, TraversalLaunch
-    if isinstance(launch, GemmLaunch):
-        from ..codegen.gemm import render_gemm
-        return render_gemm(launch.inst)
-    if isinstance(launch, TraversalLaunch):
-        from ..codegen.traversal import render_traversal
-        return render_traversal(launch.inst)
-    return None
+    """The rendered CUDA kernel of a launch (None for host work), from its kernel family."""
+    from .families import family_of
+    return family_of(launch).render(launch)
 
 
 def kernels_of(layer) -> dict:
@@ -87,7 +81,7 @@ def save(layer, out_dir: str | os.PathLike, *, arch: str = "sm_90", progress=pri
     to ``out_dir`` at the end: readers see no artifact or a whole one.  Two writers of one
     ``out_dir`` cannot mix files: the rename of the second fails (the target is no longer empty)
     and it raises ArtifactError, leaving the first writer's artifact as it was."""
-    from .. import __version__
+    from .._version import __version__
     from ..graph import save_graph
     from ..ir.printer import format_ir
     from ..ir.serialize import to_json
@@ -214,7 +208,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of the artifact at ``path``, checked before anything is loaded or run: valid
     JSON, this format, every key, its own checksum, and the checksum of every file it lists.
     Raises ArtifactError naming the file and the problem."""
-    from .. import __version__
+    from .._version import __version__
     p = Path(path)
     mf = p / "manifest.json"
     if not mf.is_file():

@@ -232,7 +232,7 @@ class KernelCache:
         if isinstance(flags, (str, bytes)):
             raise TypeError("flags must be a sequence of strings, not a single string")
         if compiler is None:
-            from .build import compiler_identity
+            from .toolchain import compiler_identity
 
             compiler = compiler_identity()
         if version is None:

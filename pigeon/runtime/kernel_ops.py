@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..codegen.layout import KernelGraph
+from ..graph.kernel_graph import KernelGraph
 from ..ir.kernel import GemmInstance
 from ..ir.serialize import from_json, to_json
 from ..ir.traversal import TraversalInstance
@@ -78,10 +78,10 @@ def gemm(inst: str, a: torch.Tensor, b: torch.Tensor, seg_ptr: torch.Tensor, gat
     out = init.clone() if init is not None else torch.zeros(shape, dtype=TORCH_DTYPES[ins.dtype], device=a.device)
     x, w, y = (a, b, out) if ins.form == "rows" else (a, out, b)
     if a.is_cuda:
-        from ..codegen.gemm import build_gemm, run_gemm
+        from .family_gemm import build_gemm, run_gemm
         run_gemm(ins, build_gemm(ins, device=a.device), x, w, seg_ptr, gather, scatter, y)
     else:   # CPU: the instance's semantics (the GEMM templates need shared memory and barriers)
-        from ..codegen.gemm import gemm_reference
+        from .family_gemm import gemm_reference
         gemm_reference(ins, x, w, seg_ptr, gather, scatter, y)
     return out
 
@@ -103,7 +103,7 @@ def gemm_backward(inst: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tenso
                   gather: Optional[torch.Tensor], scatter: Optional[torch.Tensor],
                   out_rows: int) -> list[torch.Tensor]:
     """Gradients of pigeon::gemm with respect to a and b (init's gradient is ``grad`` itself)."""
-    from ..codegen.gemm import gemm_reference
+    from .family_gemm import gemm_reference
     ins = _instance(inst)
     shape = _gemm_shape(ins, a, seg_ptr, out_rows)
 
@@ -151,10 +151,10 @@ def traversal(inst: str, sizes: list[int], graph: list[torch.Tensor], inputs: li
     bufs = dict(zip(names, inputs))
     out = torch.empty(_trav_shape(ins, sizes), dtype=TORCH_DTYPES[ins.out.dtype], device=kg.device)
     if kg.device.type == "cuda":
-        from ..codegen.traversal import run_traversal_launch
+        from .family_traversal import run_traversal_launch
         run_traversal_launch(ins, kg, bufs, out, _cuda_backend())
     else:
-        from ..codegen.traversal_ref import run_traversal_reference
+        from .family_traversal import run_traversal_reference
         out.copy_(run_traversal_reference(ins, kg, bufs).reshape(out.shape))
     return out
 
@@ -175,7 +175,7 @@ def _trav_setup(ctx, inputs, output):
 def traversal_backward(inst: str, sizes: list[int], graph: list[torch.Tensor], inputs: list[torch.Tensor],
                        grad: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of pigeon::traversal with respect to its inputs."""
-    from ..codegen.traversal_ref import run_traversal_reference
+    from .family_traversal import run_traversal_reference
     ins = _instance(inst)
     kg = _kernel_graph(sizes, graph)
     names = [b.name for b in ins.inputs()]

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..codegen.layout import KernelGraph
-from ..codegen.lower import KernelProgram
+from ..graph.kernel_graph import KernelGraph
+from ..ir.program import KernelProgram
 from . import kernel_ops  # noqa: F401  (registers pigeon::gemm and pigeon::traversal)
 from .program import TORCH_DTYPES, Executor, buffer_rows
 
@@ -248,7 +248,7 @@ def layer_kgraph(graph) -> KernelGraph:
     """The kernel layout of ``graph`` as a layer's forward glue reads it: the inverse edge order is
     computed here, once, not on a first call that torch.compile may be tracing (a cached_property
     takes a lock there, which dynamo cannot trace)."""
-    from ..codegen.layout import kernel_graph
+    from ..graph.kernel_graph import kernel_graph
     kg = kernel_graph(graph)
     kg.edge_perm_inverse  # noqa: B018
     return kg

@@ -1,5 +1,5 @@
 // cuda_emulate.h: the CUDA subset pigeon's traversal kernels use, for compiling their exact
-// source as C++ on a CPU (pigeon/codegen/cuda_emulate.py). A generated host loop runs every
+// source as C++ on a CPU (pigeon/runtime/emulate.py). A generated host loop runs every
 // block and thread of a launch one after another, so there are no barriers, shuffles or shared
 // memory here (kernels that need them cannot be emulated), and atomics are plain read-modify-writes.
 // cuda_bf16.h / cuda_fp16.h next to this file include it, so kernel sources compile unchanged.

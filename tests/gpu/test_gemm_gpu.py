@@ -12,7 +12,8 @@ import random
 import pytest
 import torch
 
-from pigeon.codegen.gemm import build_gemm, gemm_reference, render_gemm, run_gemm, tile_schedule
+from pigeon.codegen.gemm import render_gemm
+from pigeon.runtime.family_gemm import build_gemm, gemm_reference, run_gemm, tile_schedule
 from pigeon.ir.kernel import GemmInstance as G
 from pigeon.ir.kernel import TileConfig
 

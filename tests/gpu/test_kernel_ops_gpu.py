@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pigeon.codegen.layout import kernel_graph
-from pigeon.codegen.traversal_ref import run_traversal_reference
+from pigeon.graph.kernel_graph import kernel_graph
+from pigeon.runtime.family_traversal import run_traversal_reference
 from pigeon.ir.kernel import GemmInstance
 from pigeon.runtime.kernel_ops import graph_args, instance_json
 

@@ -20,9 +20,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
-from pigeon.codegen.layout import kernel_graph  # noqa: E402
-from pigeon.codegen.traversal import render_traversal, run_traversal_launch  # noqa: E402
-from pigeon.codegen.traversal_ref import run_traversal_reference  # noqa: E402
+from pigeon.graph.kernel_graph import kernel_graph  # noqa: E402
+from pigeon.codegen.traversal import render_traversal  # noqa: E402
+from pigeon.runtime.family_traversal import run_traversal_launch  # noqa: E402
+from pigeon.runtime.family_traversal import run_traversal_reference  # noqa: E402
 from pigeon.graph import HeteroGraph  # noqa: E402
 from pigeon.runtime.program import CudaBackend  # noqa: E402
 

@@ -16,13 +16,11 @@ visited through ``ntype_perm`` (gather and scatter by the same permutation).
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Literal, Union
 
 from ..ir import expr as ex
 from ..ir.graph import IRGraph
 from ..ir.kernel import GemmInstance
+from ..ir.program import GemmLaunch, HostAdd, KernelProgram, Launch, TraversalLaunch
 from ..ir.ops import Op, OpKind
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance, load
 from ..ir.types import Domain, TypeAxis, dtype_class
@@ -30,71 +28,6 @@ from ..ir.types import Domain, TypeAxis, dtype_class
 
 class LoweringError(NotImplementedError):
     pass
-
-
-@dataclass(frozen=True)
-class GemmLaunch:
-    inst: GemmInstance
-    x: str                  # buffer names; the weight_grad form reads x and y and writes w (dW)
-    w: str
-    y: str
-    rows: Literal["edge", "node"]    # which rows the instance loops over (M)
-    seg: Literal["etype", "ntype", "all"]
-    gather: str | None = None        # graph index array: "src", "dst", "ntype_perm"
-    scatter: str | None = None       # rows form: output index; weight_grad form: dY index
-
-
-@dataclass(frozen=True)
-class TraversalLaunch:
-    inst: TraversalInstance
-
-
-@dataclass(frozen=True)
-class HostAdd:
-    """out = a + b on per-type or global weights (summing a weight's gradient contributions).
-    Runs as a torch op: it is not graph work, and its size is the weight's, not the graph's."""
-    a: str
-    b: str
-    out: str
-
-
-Launch = Union[GemmLaunch, TraversalLaunch, HostAdd]
-
-
-@dataclass(frozen=True)
-class KernelProgram:
-    name: str
-    buffers: tuple[Buffer, ...]
-    launches: tuple[Launch, ...]
-    inputs: tuple[tuple[str, str], ...]    # (IR input name, buffer name)
-    params: tuple[tuple[str, str], ...]
-    graph_data: tuple[tuple[str, str], ...]  # (graph data name, buffer name)
-    outputs: tuple[tuple[str, str], ...]   # (IR output name, buffer name)
-
-    def buffer(self, name: str) -> Buffer:
-        return self._by_name[name]
-
-    @functools.cached_property
-    def _by_name(self) -> dict[str, Buffer]:
-        return {b.name: b for b in self.buffers}
-
-    def describe(self) -> str:
-        lines = [f"kernel program {self.name}: {len(self.launches)} launches, {len(self.buffers)} buffers"]
-        for i, l in enumerate(self.launches):
-            if isinstance(l, GemmLaunch) and l.inst.form == "weight_grad":
-                lines.append(f"  [{i}] gemm.weight_grad {l.rows}/{l.seg} k={l.inst.k} n={l.inst.n} h={l.inst.heads}"
-                             f" gather={l.gather}/{l.scatter}: outer({l.x}, {l.y}) -> {l.w}")
-            elif isinstance(l, GemmLaunch):
-                lines.append(f"  [{i}] gemm.{l.inst.form} {l.rows}/{l.seg} k={l.inst.k} n={l.inst.n} h={l.inst.heads}"
-                             f" gather={l.gather} scatter={l.scatter} T={l.inst.transpose_w}: {l.x},{l.w} -> {l.y}")
-            elif isinstance(l, TraversalLaunch):
-                t = l.inst
-                extra = {"aggregate": f" {t.reduce}/{t.side}", "type_reduce": f" {t.rows}->{t.per}"}.get(t.loop, "")
-                lines.append(f"  [{i}] traversal.{t.loop}{extra} reads {[b.name for b in t.inputs()]} -> {t.out.name}"
-                             f"{list(t.out.shape)}")
-            else:
-                lines.append(f"  [{i}] host add {l.a} + {l.b} -> {l.out}")
-        return "\n".join(lines)
 
 
 _ROWS = {Domain.NODE: "node", Domain.EDGE: "edge"}

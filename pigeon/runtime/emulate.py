@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from .kernel_source import RenderedKernel
+from ..codegen.kernel_source import RenderedKernel
 
 CXX_FLAGS = ("-x", "c++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas")
 _CTYPES = {"ptr": ctypes.c_void_p, "int32": ctypes.c_int32, "int64": ctypes.c_int64, "uint32": ctypes.c_uint32,
@@ -195,9 +195,3 @@ class EmulatedModule:
         return fn
 
     __getitem__ = function
-
-
-def run_traversal_emulated(inst, kg, bufs, out):
-    """``run_traversal_cuda`` on an emulated module: the CPU check of a traversal kernel."""
-    from .traversal import render_traversal, run_traversal_cuda
-    return run_traversal_cuda(inst, kg, bufs, out, EmulatedModule(render_traversal(inst)))

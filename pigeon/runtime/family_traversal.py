@@ -1,0 +1,235 @@
+"""The traversal kernel family: edge/node loops over fused element expressions
+(pigeon/ir/traversal.py TraversalInstance).  Its one registry entry (bottom of this file) gives
+the executor, the artifacts, the serializer and the torch op everything they need: validation
+and rendering (pigeon/codegen/traversal.py, the CUDA templates), the semantics
+(``run_traversal_reference``, the oracle of an instance), the launcher, the CPU emulation of the
+same CUDA text, and its torch op (``pigeon::traversal``, pigeon/runtime/kernel_ops.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..codegen.kernel_source import RenderedKernel
+from ..graph.kernel_graph import KernelGraph
+from ..codegen.traversal import TraversalLaunchError, check_instance, render_traversal
+from ..ir.program import TraversalLaunch
+from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance
+from ..reference import aggregate, binary_fn, edge_softmax, sum_to, unary_fn
+from ..torch_dtypes import TORCH_DTYPES
+from .family import KernelFamily, register_family
+
+
+# ------------------------------------------------------------------------------ semantics
+
+def _pad(x: torch.Tensor, nfeat: int, keep_last: int = 0) -> torch.Tensor:
+    """[R, *A] -> [R, *A_lead, 1.., *A_tail] with ``nfeat`` leading feature axes (left-aligned)."""
+    feat = tuple(x.shape[1:])
+    lead, tail = feat[:len(feat) - keep_last], feat[len(feat) - keep_last:]
+    return x.reshape((x.shape[0],) + lead + (1,) * (nfeat - len(lead)) + tail)
+
+
+def row_index(kg: KernelGraph, row: RowRef, edge_loop: bool) -> torch.Tensor | None:
+    if row is RowRef.NONE:
+        return None
+    if edge_loop:
+        table = {RowRef.SELF: None, RowRef.SRC: kg.src, RowRef.DST: kg.dst, RowRef.ETYPE: kg.etype}
+    else:
+        table = {RowRef.SELF: None, RowRef.NTYPE: kg.ntype}
+    if row not in table:
+        raise ValueError(f"row reference {row.value} is not allowed in an {'edge' if edge_loop else 'node'} loop")
+    return table[row]
+
+
+def eval_expr(e: Expr, kg: KernelGraph, edge_loop: bool, bufs: Mapping[str, torch.Tensor],
+              memo: dict | None = None) -> torch.Tensor:
+    """Value of ``e`` at every loop row: a [rows, *e.shape] tensor (float32 for float values).
+    Memoized per node, so a DAG with reuse costs its size, not its tree size."""
+    memo = {} if memo is None else memo
+    for node in e.toposort():
+        if node not in memo:
+            memo[node] = _eval_node(node, [memo[a] for a in node.args], kg, edge_loop, bufs)
+    return memo[e]
+
+
+def _eval_node(e: Expr, args: list[torch.Tensor], kg: KernelGraph, edge_loop: bool,
+               bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    R = kg.num_edges if edge_loop else kg.num_nodes
+    tdt = TORCH_DTYPES[e.dtype]
+    if e.op == "load":
+        b = bufs[e.buffer.name].to(tdt)
+        idx = row_index(kg, e.row, edge_loop)
+        if e.row is RowRef.NONE:
+            return b.reshape((1,) + e.shape).expand((R,) + e.shape)
+        b = b.reshape((-1,) + e.shape)
+        return b if idx is None else b[idx.long()]
+    if e.op == "const":
+        return torch.full((R,), e.c, dtype=tdt, device=kg.device)
+    if e.op == "index":
+        if e.fn == "row":
+            return torch.arange(R, dtype=tdt, device=kg.device)
+        if e.fn.startswith("feat"):
+            axis = int(e.fn[4:])
+            shape = [1] * (len(e.shape) + 1)
+            shape[axis + 1] = e.shape[axis]
+            ar = torch.arange(e.shape[axis], dtype=tdt, device=kg.device).reshape(shape)
+            return ar.expand((R,) + e.shape)
+        raise ValueError(f"index variable {e.fn!r} is not bound in a traversal loop")
+    if e.op == "unary":
+        return unary_fn(e.fn, args[0], e.c).to(tdt)
+    if e.op == "cast":
+        return args[0].to(tdt)
+    if e.op in ("binary", "where"):
+        xs = [_pad(x, len(e.shape)) for x in args]
+        if e.op == "where":
+            return torch.where(xs[0], xs[1].to(tdt), xs[2].to(tdt)).expand((R,) + e.shape).reshape((R,) + e.shape)
+        out = binary_fn(e.fn, xs[0], xs[1])
+        return out.to(tdt).expand((R,) + e.shape).reshape((R,) + e.shape)
+    if e.op == "dot":
+        a, b = (_pad(x, len(e.shape), keep_last=1) for x in args)
+        return (a * b).sum(-1).reshape((R,) + e.shape)
+    if e.op == "sum_to":
+        return sum_to(args[0], e.shape)
+    if e.op == "reshape":
+        return args[0].reshape((R,) + e.shape)
+    raise ValueError(f"unknown expr op {e.op!r}")
+
+
+def run_traversal_reference(inst: TraversalInstance, kg: KernelGraph,
+                            bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The output buffer of ``inst`` as a [rows, *out.shape] float32 tensor."""
+    v = eval_expr(inst.expr, kg, inst.edge_loop, bufs)
+    shape = inst.out.shape
+    if inst.loop in ("edge_map", "node_map"):
+        return v.reshape((-1,) + shape)
+    if inst.loop == "aggregate":
+        idx = (kg.dst if inst.side == "dst" else kg.src).long()
+        return aggregate(v, idx, kg.num_nodes, inst.reduce)
+    if inst.loop == "edge_softmax":
+        return edge_softmax(v, kg.dst.long(), kg.num_nodes)
+    if inst.loop == "type_reduce":
+        if inst.per == "none":
+            return v.sum(0).reshape(shape)
+        types = (kg.etype if inst.per == "etype" else kg.ntype).long()
+        n = kg.num_etypes if inst.per == "etype" else kg.num_ntypes
+        return v.new_zeros((n,) + shape).index_add(0, types, v)
+    raise ValueError(f"unknown loop {inst.loop!r}")
+
+
+# ------------------------------------------------------------------------------ launching
+
+def _rows_of(b: Buffer, kg: KernelGraph) -> tuple[int, ...]:
+    return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "etype": (kg.num_etypes,),
+            "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
+
+
+def _check_tensor(what: str, b: Buffer, t: Any, kg: KernelGraph) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TraversalLaunchError(f"{what} {b.name}: expected a torch.Tensor, got {type(t).__name__}")
+    want = _rows_of(b, kg) + tuple(b.shape)
+    if tuple(t.shape) != want and not (b.rows == "global" and tuple(t.shape) == (1,) + want):
+        alt = f" or {[1] + list(want)}" if b.rows == "global" else ""
+        raise TraversalLaunchError(f"{what} {b.name}: shape {list(t.shape)}, expected {list(want)}{alt} "
+                                   f"(rows {b.rows!r}, feature shape {list(b.shape)})")
+    if t.dtype != TORCH_DTYPES[b.dtype]:
+        raise TraversalLaunchError(f"{what} {b.name}: dtype {t.dtype}, expected {TORCH_DTYPES[b.dtype]}")
+    if t.device != kg.device:
+        raise TraversalLaunchError(f"{what} {b.name}: on {t.device}, but the graph is on {kg.device}")
+
+
+def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
+                   bufs: Mapping[str, torch.Tensor], target: torch.Tensor) -> list[Any]:
+    """Kernel arguments in ``rk.params`` order; ``target`` is what the output parameter points to."""
+    args: list[Any] = []
+    for p in rk.params:
+        kind, what = p.role.split(":", 1)
+        if kind in ("out", "accum"):
+            args.append(target)
+        elif kind == "buffer":
+            t = bufs[what]
+            args.append(t if t.is_contiguous() else t.contiguous())
+        elif kind == "graph":
+            a = getattr(kg, what)
+            if a.dtype != torch.int32 or a.device != kg.device:
+                raise TraversalLaunchError(f"graph array {what}: expected int32 on {kg.device}, got {a.dtype} on {a.device}")
+            args.append(a)
+        elif kind == "size":
+            args.append(int(getattr(kg, what)))
+        else:  # pragma: no cover
+            raise TraversalLaunchError(f"{rk.name}: unknown parameter role {p.role!r}")
+    return args
+
+
+def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[str, torch.Tensor],
+                       out: torch.Tensor, module: Any) -> torch.Tensor:
+    """Run the kernel of ``inst`` from ``module`` (a runtime CudaModule built from
+    ``render_traversal(inst).source``, or a :class:`pigeon.runtime.emulate.EmulatedModule`),
+    writing ``out`` in place. Tensors must be on the graph's device."""
+    rk = render_traversal(inst)
+    _check_tensor("output", inst.out, out, kg)
+    if not out.is_contiguous():
+        raise TraversalLaunchError(f"output {inst.out.name}: must be contiguous (written in place)")
+    for b in inst.inputs():
+        if b.name not in bufs:
+            raise TraversalLaunchError(f"{inst.loop}: input buffer {b.name!r} is missing (have {sorted(bufs)})")
+        _check_tensor("input", b, bufs[b.name], kg)
+    workspace = None
+    if inst.loop == "type_reduce":
+        if out.dtype == torch.float32:
+            target = out
+        else:
+            target = workspace = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        target.zero_()
+    else:
+        target = out
+    grid = rk.grid(kg)
+    if rk.grid.threads(kg) > 0:
+        args = traversal_args(rk, inst, kg, bufs, target)
+        module.function(rk.name).launch(grid, rk.block, args, rk.ctypes)
+    if workspace is not None:
+        out.copy_(workspace)
+    return out
+
+
+def run_traversal_launch(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[str, torch.Tensor],
+                         out: torch.Tensor, backend: Any = None) -> torch.Tensor:
+    """Build (disk cache) and load the kernel of ``inst`` for ``out``'s device, then run it.
+    ``backend`` (runtime.program.CudaBackend) supplies ``arch`` and a per-backend module dict."""
+    from .build import build_kernel, device_arch
+    from .launch import load_module
+    rk = render_traversal(inst)
+    modules = getattr(backend, "_modules", None)
+    mod = modules.get(rk.name) if modules is not None else None
+    if mod is None:
+        arch = getattr(backend, "arch", None) or device_arch(out.device)
+        if arch is None:
+            raise TraversalLaunchError("no CUDA device to build the traversal kernel for")
+        entry = build_kernel(rk.source, arch, name=rk.name)
+        mod = load_module(entry, out.device)
+        if modules is not None:
+            modules[rk.name] = mod
+    return run_traversal_cuda(inst, kg, bufs, out, mod)
+
+
+def run_traversal_emulated(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[str, torch.Tensor],
+                           out: torch.Tensor) -> torch.Tensor:
+    """``run_traversal_cuda`` on an emulated module: the CUDA text of the kernel, run on the CPU."""
+    from .emulate import EmulatedModule
+    return run_traversal_cuda(inst, kg, bufs, out, EmulatedModule(render_traversal(inst)))
+
+
+# ------------------------------------------------------------------------------ the registry entry
+
+def _semantics(launch: TraversalLaunch, kg: KernelGraph, bufs: Any) -> None:
+    out = bufs[launch.inst.out.name]
+    out.copy_(run_traversal_reference(launch.inst, kg, bufs).reshape(out.shape))
+
+
+TRAVERSAL = register_family(KernelFamily(
+    "traversal", TraversalLaunch, (TraversalInstance, Buffer, RowRef), semantics=_semantics,
+    validate=lambda launch: check_instance(launch.inst), render=lambda launch: render_traversal(launch.inst),
+    cuda=lambda launch, kg, bufs, backend: run_traversal_launch(launch.inst, kg, bufs, bufs[launch.inst.out.name],
+                                                                backend),
+    emulate=lambda launch, kg, bufs: run_traversal_emulated(launch.inst, kg, bufs, bufs[launch.inst.out.name]),
+    doc="edge/node loops over fused element expressions (map, aggregate, edge softmax, type reduce)"))
