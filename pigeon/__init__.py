@@ -2,6 +2,7 @@
 from .dsl import (EdgeTensor, Graph, Layer, NodeTensor, SpecError, Value, aggregate, concat, dot,
                   edge_softmax, elu, exp, gelu, leaky_relu, layer, linear, relu, sigmoid, tanh,
                   typed_linear, weight)
+from . import opset  # noqa: F401  (the op registry's records)
 from .module import CompiledLayer, compile
 
 from ._version import __version__  # noqa: E402

@@ -250,7 +250,7 @@ def _use_torch_executor(layer, device) -> bool:
 
 def _first_call(layer, inputs, args, device):
     """The first call (which builds the kernels). On a CPU, a kernel executor that refuses the
-    storage dtype (NotImplementedError, as TVM's llvm traversals did for bf16) is replaced by the
+    storage dtype (NotImplementedError) is replaced by the
     plain-torch semantics of the same kernel instances, and the user is told so."""
     try:
         return layer(*inputs)
@@ -502,6 +502,12 @@ def main(argv=None) -> int:
     except CheckFailed as e:
         print(f"check failed: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:                          # `pigeon inspect | head`: the reader left
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except (SpecError, CliError) as e:
         return _error(str(e))
     except (ValueError, NotImplementedError) as e:  # graph / dataset / input / lowering errors

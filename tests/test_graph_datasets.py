@@ -15,14 +15,13 @@ def _data_root():
     env = os.environ.get("PIGEON_DATA")
     if env:
         return Path(env)
-    sibling = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-    return sibling if sibling.is_dir() else None
+    return None
 
 
 ROOT = _data_root()
 needs_data = pytest.mark.skipif(ROOT is None or not ROOT.is_dir(),
                                 reason="real datasets not found: set PIGEON_DATA to the datasets folder "
-                                       "(or place it at ../shared/datasets next to the repo)")
+                                       "(docs/datasets.md)")
 
 
 @functools.cache
@@ -30,7 +29,7 @@ def fb(split="all"):
     return load_fb15k237(ROOT, split=split)
 
 
-# ---------- real datasets: counts from /work/shared/datasets/README.md and SOURCE.md ----------
+# ---------- real datasets: counts from the datasets' sources (docs/datasets.md) ----------
 
 @needs_data
 def test_fb15k237_all():

@@ -12,7 +12,6 @@ from pigeon.runtime.kernel_ops import graph_args, instance_json
 from graphs import random_graph
 from traversal_cases import random_inputs, traversal_cases
 
-pytest.importorskip("tvm")
 
 
 def _seg(kg):

@@ -1,5 +1,5 @@
 """Lowering: the kernel programs of every model, forward and backward, executed instance by
-instance (plain-torch semantics of each instance, and TVM's llvm build of each), equal the
+instance (plain-torch semantics of each instance, and the emulated CUDA text), equal the
 reference interpreter on fresh random graphs and inputs; every temporary buffer starts as NaN."""
 import random
 

@@ -143,3 +143,22 @@ def test_make_op_interns_structurally():
     again = make_op(OpKind.UNARY, [src], **dict(op.attrs))
     assert again.key == op.key
     assert SIMPLIFY.name == "simplify"
+
+
+def test_remove_dead_ops_before_after_and_reference_equal():
+    from pigeon.ir.graph import IRGraph
+    from pigeon.passes.pipeline import DEAD_OPS
+    g = load("tiny")
+    ir = redundant.trace(6)
+    # a graph with an extra output, then that output dropped: its ops are dead
+    extra = next(op for op in ir.ops() if op.kind is OpKind.UNARY and op.attr("fn") == "relu")
+    both = IRGraph(list(ir.ops()), [ir.outputs[0], extra.key], ir.name, ["out", "h"])
+    dead = IRGraph(list(both.ops()) + [make_op(OpKind.UNARY, [extra], fn="tanh")], both.outputs[:1], ir.name, ["out"])
+    changes = []
+    out = DEAD_OPS.run(dead, changes)
+    assert len(dead) == len(out) + 1 and [c.before.split(" ")[0] for c in changes] == ["unary"]
+    assert "tanh" not in format_ir(out) and "tanh" in format_ir(dead)
+    layer = pg.compile(redundant, g, 6, backend="reference")
+    x = torch.randn(g.num_nodes, 6)
+    params = dict(layer.weights.items())
+    torch.testing.assert_close(run(dead, g, {"x": x}, params)["out"], run(out, g, {"x": x}, params)["out"])

@@ -1,5 +1,5 @@
 """Hand-built traversal instances, graphs and inputs shared by the traversal-kernel tests
-(TVM llvm, CUDA templates).  Every backend checks its output against
+(CUDA templates on a GPU, their CPU emulation, the torch semantics).  Every backend checks its output against
 ``pigeon.runtime.family_traversal.run_traversal_reference``.
 
 * ``traversal_cases()``: ``[(name, inst, shapes)]`` where ``shapes`` maps every buffer name (inputs

@@ -369,6 +369,11 @@ class ExprEmitter:
                 raise ExprCodegenError(f"index variable {e.fn!r} is not bound in a {self.loop_name} loop "
                                        f"(bound: {sorted(self.indices)})")
             return Value(f"(int)({b.code})", b.vars)
+        if op == "var":
+            b = self.indices.get(e.fn)
+            if b is None:
+                raise ExprCodegenError(f"value {e.fn!r} is not bound in a {self.loop_name} (bound: {sorted(self.indices)})")
+            return Value(b.code, b.vars)
         if op == "load":
             b = e.buffer
             if b is None:

@@ -8,7 +8,7 @@ the buffer layout of its kernel; ``index`` is the flat feature index as a TIR ex
 
 ``elementwise_primfunc`` builds the simplest kernel over this translation, ``out[r, j] =
 expr(r, j)`` over rows of width-``prod(shape)`` buffers, used to check every fn's TIR form against
-its torch form on the CPU (llvm).
+its torch form on the CPU (built for llvm by pigeon/runtime/tvm_llvm.py).
 """
 from __future__ import annotations
 
@@ -103,8 +103,3 @@ def elementwise_primfunc(e: Expr, name: str = "pigeon_elementwise"):
 
     out = te.compute((rows, width), body, name="out")
     return te.create_prim_func(list(holders.values()) + [out]).with_attr("global_symbol", name)
-
-
-def build_elementwise_llvm(e: Expr):
-    import tvm
-    return tvm.compile(tvm.IRModule({"main": elementwise_primfunc(e)}), target="llvm")

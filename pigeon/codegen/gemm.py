@@ -40,10 +40,11 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..ir.fns import unary_fns
-from .expr_c import fn_code
+from ..ir.expr import Expr, ExprError
+from ..ir.kernel import epilogue_expr
+from .expr_c import ExprEmitter, RowBinding, Scope, const_idx
 from ..ir.kernel import GemmInstance
-from .jinja import cfloat, ctype, render
+from .jinja import ctype, render
 from .kernel_source import KernelParam, RenderedKernel
 
 __all__ = [
@@ -68,46 +69,41 @@ class GemmLaunchError(ValueError):
 
 # ------------------------------------------------------------------------------ epilogue
 
-def parse_epilogue_op(op: str) -> tuple[str, float | None]:
-    """"name" or "name:const" for a unary fn of the fn registry (pigeon/ir/fns.py)."""
-    if not isinstance(op, str):
-        raise GemmCodegenError(f"epilogue op {op!r} is not a string")
-    name, sep, arg = op.partition(":")
-    known = unary_fns()
-    if name not in known:
-        raise GemmCodegenError(f"unknown epilogue op {op!r}; known: {sorted(known)} (\"name\" or \"name:const\")")
-    takes_c = known[name]
-    if takes_c and not sep:
-        raise GemmCodegenError(f"epilogue op {op!r} needs a constant, e.g. '{name}:0.2'")
-    if not takes_c and sep:
-        raise GemmCodegenError(f"epilogue op {name!r} takes no constant, got {op!r}")
-    c = None
-    if takes_c:
-        try:
-            c = float(arg)
-        except ValueError:
-            raise GemmCodegenError(f"epilogue op {op!r}: {arg!r} is not a number") from None
-    return name, c
+def as_epilogue(ep) -> Expr | None:
+    """An epilogue expression (of var("acc")), or unary fn names read into one."""
+    if ep is None or isinstance(ep, Expr):
+        return ep
+    try:
+        return epilogue_expr(tuple(ep))
+    except ExprError as e:
+        raise GemmCodegenError(str(e)) from None
 
 
-def epilogue_code(ops: Sequence[str]) -> tuple[str, ...]:
-    """C statements applying ``ops`` in order to the float ``v`` (no user text reaches the code:
-    names are checked against the fn registry, constants are re-printed from floats)."""
-    out = []
-    for op in ops:
-        name, c = parse_epilogue_op(op)
-        names = {"x": "x"} if c is None else {"x": "x", "c": "c"}
-        decl = "const float x = v;" if c is None else f"const float x = v, c = {cfloat(c)};"
-        out.append(f"{{ {decl} v = {fn_code(name, 1, names, 'float32')}; }}  // {name}")
-    return tuple(out)
+def epilogue_code(ep) -> tuple[str, ...]:
+    """C statements computing the epilogue of the accumulator ``v`` into ``v``: the expression
+    rendered by the one expression emitter (no user text reaches the code: fns come from the
+    fn registry, constants are re-printed from floats)."""
+    e = as_epilogue(ep)
+    if e is None:
+        return ()
+    for n in e.toposort():
+        if n.op == "load" or n.op == "index" or (n.op == "var" and n.fn != "acc"):
+            raise GemmCodegenError(f"a GEMM epilogue reads only var('acc') and constants, got {n.op} {n.fn}".strip())
+        if n.op in ("dot", "sum_to") or n.shape != ():
+            raise GemmCodegenError(f"a GEMM epilogue is elementwise on the accumulator, got {n.op}")
+    em = ExprEmitter({}, "GEMM epilogue", {"acc": RowBinding("v", frozenset())})
+    root = Scope(name="epilogue")
+    val = em.eval(e, const_idx(0), root)
+    return tuple(root.lines) + (f"v = (float)({val.code});",)
 
 
-def _epilogue_names(ops: Sequence[str]) -> str:
-    parts = []
-    for op in ops:
-        name, c = parse_epilogue_op(op)
-        parts.append(name if c is None else f"{name}:{c!r}")
-    return "[" + ", ".join(parts) + "]"
+def _epilogue_names(ep) -> str:
+    e = as_epilogue(ep)
+    if e is None:
+        return "[]"
+    parts = [f"{n.fn}" + (f":{n.c!r}" if n.c is not None else "") for n in e.toposort() if n.op == "unary"]
+    others = sum(1 for n in e.toposort() if n.op not in ("unary", "var", "const"))
+    return "[" + ", ".join(parts) + (f", +{others} ops" if others else "") + "]"
 
 
 # ------------------------------------------------------------------------------ config
@@ -130,7 +126,7 @@ class GemmConfig:
     scatter: bool
     transpose_w: bool
     store: str                # rows: "store" | "add" | "atomic"; weight_grad: "atomic" (fp32 target)
-    epilogue: tuple[str, ...]
+    epilogue: tuple[str, ...]          # C statements (epilogue_code)
     block_m: int
     block_n: int
     block_k: int

@@ -10,7 +10,7 @@ from .hetero import GraphError, HeteroGraph
 __all__ = ["synthetic_graph", "preset", "PRESETS", "tiny_graph"]
 
 
-# Published statistics (see /work/shared/datasets/README.md). Literals count as nodes for the
+# Published statistics (the datasets' papers; docs/datasets.md lists the sources). Literals count as nodes for the
 # RDF graphs (R-GCN convention). ogbn-mag lists node-type sizes and (src type, dst type, edges)
 # per relation.
 PRESETS: dict[str, dict] = {

@@ -16,6 +16,8 @@ Node kinds (``op``) and their attributes:
 =========  ===================================================================================
 load       ``buffer`` read at ``row`` (a :class:`RowRef`) and the feature index
 const      the scalar ``c`` (shape ``()``)
+var        a scalar value ``fn`` the kernel binds (the GEMM accumulator ``acc`` in an epilogue, the
+           attention ``score`` in a score modifier); ``dtype`` given
 index      an index variable ``fn``: ``row`` (the loop row), ``feat<i>`` (feature axis i), or the
            attention indices ``batch``, ``head``, ``query``, ``key`` (shape ``()``, int)
 unary      ``fn(x[, c])`` for a unary fn of :mod:`pigeon.ir.fns`
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 from .fns import BOOL, FLOAT, FnError, get_fn
 from .types import DTYPES, dtype_class
 
-OPS = ("load", "const", "index", "unary", "binary", "where", "cast", "dot", "sum_to", "reshape")
+OPS = ("load", "const", "index", "var", "unary", "binary", "where", "cast", "dot", "sum_to", "reshape")
 INDEX_VARS = ("row", "batch", "head", "query", "key")   # plus feat0, feat1, ...
 
 
@@ -222,6 +224,8 @@ def _infer_dtype(op, args, fn, c, buffer) -> str:
         return "int32" if isinstance(c, int) else "float32"
     if op == "index":
         return "int32"
+    if op == "var":
+        return "float32"
     if op in ("unary", "binary"):
         try:
             f = get_fn(fn, 1 if op == "unary" else 2)
@@ -274,6 +278,13 @@ def index(name: str, shape: tuple[int, ...] = ()) -> Expr:
     return Expr("index", (), fn=name)
 
 
+def var(name: str, dtype: str = "float32") -> Expr:
+    """A scalar the kernel binds by name (``acc``: a GEMM epilogue's accumulator value)."""
+    if not name.isidentifier():
+        raise ExprError(f"var name {name!r} must be an identifier")
+    return Expr("var", (), fn=name, dtype=dtype)
+
+
 def unary(fn: str, x: Expr, c=None) -> Expr:
     f = get_fn(fn, 1)
     if f.takes_const != (c is not None):
@@ -321,8 +332,8 @@ def format_expr(e: Expr) -> str:
             body = f"load {n.buffer.name}[{n.row.value}]"
         elif n.op == "const":
             body = f"const {n.c!r}"
-        elif n.op == "index":
-            body = f"index {n.fn}"
+        elif n.op in ("index", "var"):
+            body = f"{n.op} {n.fn}"
         else:
             attrs = f" {n.fn}" if n.fn else ""
             attrs += f" c={n.c!r}" if n.c is not None else ""

@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, Sequence
+
+from .expr import Expr, ExprError, unary, var
+from .fns import FnError, unary_fns
 
 DTypes = Literal["float32", "bfloat16", "float16"]
 
@@ -58,12 +61,45 @@ class GemmInstance:
     scatter_unique: bool = True
     transpose_w: bool = False
     accumulate: bool = False
-    epilogue: tuple[str, ...] = ()      # unary ops applied before the store, e.g. ("leaky_relu:0.2",)
+    epilogue: Expr | None = None        # an expression of var("acc") applied before the store; unary fn
+                                        # names ("leaky_relu:0.2", "scale:2") are read into one
     dtype: DTypes = "float32"           # dtype of X, W and Y
     acc_dtype: Literal["float32"] = "float32"
     tile: TileConfig = TileConfig()
+
+    def __post_init__(self):
+        if isinstance(self.epilogue, (tuple, list)):
+            object.__setattr__(self, "epilogue", epilogue_expr(self.epilogue))
 
     def key(self) -> str:
         """Structural name of the instance: stable across processes, safe as a C identifier suffix."""
         text = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def epilogue_expr(ops: Sequence[str]) -> Expr | None:
+    """The expression of unary fns applied in order to the accumulator: ("leaky_relu:0.2",
+    "scale:2") -> scale(leaky_relu(acc, 0.2), 2).  Names come from the fn registry."""
+    e = var("acc")
+    known = unary_fns()
+    for op in ops:
+        if not isinstance(op, str):
+            raise ExprError(f"epilogue op {op!r} is not a string")
+        name, sep, arg = op.partition(":")
+        if name not in known:
+            raise ExprError(f"unknown epilogue op {op!r}; known: {sorted(known)} (\"name\" or \"name:const\")")
+        if known[name] and not sep:
+            raise ExprError(f"epilogue op {op!r} needs a constant, e.g. '{name}:0.2'")
+        if not known[name] and sep:
+            raise ExprError(f"epilogue op {name!r} takes no constant, got {op!r}")
+        c = None
+        if known[name]:
+            try:
+                c = float(arg)
+            except ValueError:
+                raise ExprError(f"epilogue op {op!r}: {arg!r} is not a number") from None
+        try:
+            e = unary(name, e, c)
+        except FnError as err:
+            raise ExprError(str(err)) from None
+    return None if not ops else e

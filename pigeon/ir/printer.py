@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .graph import IRGraph
 from .ops import OpKind
+from .registry import OP_DEFS
 
 
 def _fmt_attr(v) -> str:
@@ -20,8 +21,14 @@ def format_ir(ir: IRGraph, *, locs: bool = True) -> str:
         else:
             names[op.key] = f"%{i}"
         args = [names[k] for k in op.inputs]
-        args += [f"{k}={_fmt_attr(v)}" for k, v in op.attrs if not (op.kind in (OpKind.INPUT, OpKind.PARAM) and k == "name")]
-        line = f"  {names[op.key]} = {op.kind.value}({', '.join(args)}) : {op.type}"
+        d = OP_DEFS.get(op.kind)
+        if d is not None and d.fmt is not None:          # the kind's own printing (op registry)
+            body = d.fmt(op, args)
+        else:
+            args += [f"{k}={_fmt_attr(v)}" for k, v in op.attrs
+                     if not (op.kind in (OpKind.INPUT, OpKind.PARAM) and k == "name")]
+            body = f"{op.kind.value}({', '.join(args)})"
+        line = f"  {names[op.key]} = {body} : {op.type}"
         if locs and op.loc is not None:
             line = f"{line:<78} # {op.loc}"
         lines.append(line)

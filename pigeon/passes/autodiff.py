@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.fns import get_fn
+from ..ir.registry import GradientError, op_def
 from ..ir.graph import IRGraph
 from ..ir.ops import Op, OpKind, make_op
 from ..ir.types import Domain
 from ..ir.verify import verify
 
 
-class AutodiffError(ValueError):
+class AutodiffError(GradientError):
     pass
 
 
@@ -62,6 +62,10 @@ class _Builder:
     def const_like(self, x: Op, c: float) -> "_Const":
         return _Const(float(c))
 
+    @staticmethod
+    def is_const(local) -> bool:
+        return isinstance(local, _Const)
+
     def scaled(self, x: Op, c: float) -> Op:
         """x * c, spelled as the cheapest op."""
         if c == 1.0:
@@ -86,78 +90,15 @@ class _Builder:
 
 
 def _rule(b: _Builder, y: Op, dy: Op, ins: list[Op]) -> list[tuple[int, Op]]:
-    """Contributions to the gradients of y's inputs, as (input position, gradient op)."""
-    k = y.kind
-    if k is OpKind.GATHER:
-        side = y.attr("side")
-        if side not in ("src", "dst"):
-            raise AutodiffError(f"no gradient rule for gather side {side!r}")
-        return [(0, b.make(OpKind.AGGREGATE, [dy], reduce="sum", side=side))]
-    if k is OpKind.TYPE_INDEX:
-        return [(0, b.make(OpKind.TYPE_REDUCE, [dy], per=ins[0].type.per))]
-    if k is OpKind.TYPED_LINEAR:
-        x, w = ins
-        t = bool(y.attr("transpose"))
-        dx = b.make(OpKind.TYPED_LINEAR, [dy, w], **({} if t else {"transpose": True}))
-        per = w.type.per if w.type.domain is Domain.WEIGHT else None
-        a, c = (dy, x) if t else (x, dy)
-        dw = b.make(OpKind.WEIGHT_GRAD, [a, c], per=per, wshape=w.type.shape)
-        return [(0, dx), (1, dw)]
-    if k is OpKind.UNARY:
-        fn, c, x = y.attr("fn"), y.attr("c"), ins[0]
-        f = get_fn(fn, 1)
-        if f.grad is None:
-            raise AutodiffError(f"no gradient rule for unary {fn!r}")
-        local = f.grad(b, x, y, c)     # dy/dx, an IR value or a constant
-        if isinstance(local, _Const):
-            return [(0, b.scaled(dy, local.c))]
-        return [(0, b.bin(dy, local, "mul"))]
-    if k is OpKind.BINARY:
-        fn, (p, q) = y.attr("fn"), ins
-        f = get_fn(fn, 2)
-        if f.grad is None:
-            raise AutodiffError(f"no gradient rule for binary {fn!r}")
-        da, db = f.grad(b, p, q, y, dy)
-        return [(0, b.reduce_like(da, p)), (1, b.reduce_like(db, q))]
-    if k is OpKind.DOT:
-        lead = y.type.shape
-        dy1 = b.reshape(dy, lead + (1,))
-        out = []
-        for pos, (mine, other) in enumerate(((ins[0], ins[1]), (ins[1], ins[0]))):
-            o_lead, kdim = other.type.shape[:-1], other.type.shape[-1]
-            o = b.reshape(other, o_lead + (1,) * (len(lead) - len(o_lead)) + (kdim,))
-            prod = b.bin(dy1, o, "mul")                       # [*lead, K]
-            m_lead = mine.type.shape[:-1]
-            aligned = m_lead + (1,) * (len(lead) - len(m_lead)) + (kdim,)
-            g = prod if prod.type.shape == aligned else b.make(OpKind.SUM_TO, [prod], shape=aligned)
-            g = b.reshape(g, mine.type.shape)
-            if mine.type.domain is Domain.GLOBAL and g.type.domain is not Domain.GLOBAL:
-                g = b.make(OpKind.TYPE_REDUCE, [g], per=None)
-            out.append((pos, g))
-        return out
-    if k is OpKind.RESHAPE:
-        return [(0, b.reshape(dy, ins[0].type.shape))]
-    if k is OpKind.CONCAT:
-        out, start = [], 0
-        for pos, x in enumerate(ins):
-            stop = start + x.type.shape[-1]
-            out.append((pos, b.make(OpKind.SLICE, [dy], start=start, stop=stop)))
-            start = stop
-        return out
-    if k is OpKind.EDGE_SOFTMAX:
-        ydy = b.bin(y, dy, "mul")
-        s = b.make(OpKind.GATHER, [b.make(OpKind.AGGREGATE, [ydy], reduce="sum", side="dst")], side="dst")
-        return [(0, b.bin(y, b.bin(dy, s, "sub"), "mul"))]
-    if k is OpKind.AGGREGATE:
-        side, red = y.attr("side", "dst"), y.attr("reduce")
-        if red == "sum":
-            return [(0, b.make(OpKind.GATHER, [dy], side=side))]
-        if red == "mean" and side == "dst":
-            inv = b.make(OpKind.GRAPH_DATA, [], what="inv_in_degree", dtype=dy.type.dtype)
-            return [(0, b.make(OpKind.GATHER, [b.bin(dy, inv, "mul")], side="dst"))]
-        raise AutodiffError(f"no gradient rule for aggregate reduce={red!r} side={side!r} "
-                            "(max aggregation is forward-only for now)")
-    raise AutodiffError(f"no gradient rule for {k.value}")
+    """Contributions to the gradients of y's inputs, as (input position, gradient op): the kind's
+    gradient rule in the op registry (pigeon/opset.py)."""
+    d = op_def(y.kind)
+    if d.grad is None:
+        raise AutodiffError(f"no gradient rule for {y.kind.value}")
+    try:
+        return d.grad(b, y, dy, ins)
+    except GradientError as e:
+        raise AutodiffError(str(e)) from None
 
 
 def _rebuild(ops: list[Op], subst: dict[str, Op]) -> dict[str, Op]:

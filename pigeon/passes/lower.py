@@ -17,11 +17,11 @@ visited through ``ntype_perm`` (gather and scatter by the same permutation).
 from __future__ import annotations
 
 
-from ..ir import expr as ex
 from ..ir.graph import IRGraph
 from ..ir.kernel import GemmInstance
 from ..ir.program import GemmLaunch, HostAdd, KernelProgram, Launch, TraversalLaunch
 from ..ir.ops import Op, OpKind
+from ..ir.registry import op_def
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance, load
 from ..ir.types import Domain, TypeAxis, dtype_class
 
@@ -31,8 +31,6 @@ class LoweringError(NotImplementedError):
 
 
 _ROWS = {Domain.NODE: "node", Domain.EDGE: "edge"}
-_FUSED = {OpKind.GATHER, OpKind.TYPE_INDEX, OpKind.UNARY, OpKind.BINARY, OpKind.RESHAPE, OpKind.SLICE,
-          OpKind.DOT, OpKind.SUM_TO, OpKind.CONCAT}
 
 
 def _buffer_rows(op: Op) -> str:
@@ -116,13 +114,9 @@ class _Lowering:
         if k in (OpKind.DOT, OpKind.SUM_TO) and key not in self.buffers:
             self.materialize(key)
             return self.expr(key, edge_loop, remap)
-        args = tuple(self.expr(i, edge_loop, remap) for i in op.inputs)
-        if k is OpKind.UNARY:
-            return ex.unary(op.attr("fn"), args[0], op.attr("c"))
-        if k is OpKind.BINARY:
-            return ex.binary(op.attr("fn"), *args)
-        if k is OpKind.RESHAPE:
-            return ex.reshape(args[0], op.type.shape)
+        d = op_def(k)
+        if d.lower == "fused" and d.element is not None:    # the kind's element rule (pigeon/opset.py)
+            return d.element(op, tuple(self.expr(i, edge_loop, remap) for i in op.inputs))
         if k is OpKind.GRAPH_DATA:
             raise AssertionError("graph data always has a buffer")
         raise LoweringError(f"{k.value} cannot be fused into an element expression yet"
@@ -150,7 +144,7 @@ class _Lowering:
         edge = op.type.domain is Domain.EDGE
         if op.kind in (OpKind.DOT, OpKind.SUM_TO):
             args = tuple(self.expr(i, edge) for i in op.inputs)
-            e = ex.dot(*args) if op.kind is OpKind.DOT else ex.sum_to(args[0], op.type.shape)
+            e = op_def(op.kind).element(op, args)
         else:
             e = self.expr(key, edge)
         out = self.new_buffer(op)
@@ -250,18 +244,19 @@ class _Lowering:
             k = op.kind
             if op.key in self.buffers:
                 continue
-            if k in (OpKind.TYPED_LINEAR, OpKind.WEIGHT_GRAD):
+            rule = op_def(k).lower      # how the op registry says this kind lowers
+            if rule == "gemm":
                 self.gemm(op)
-            elif k is OpKind.AGGREGATE:
+            elif rule == "aggregate":
                 e = self.expr(op.inputs[0], True)
                 out = self.new_buffer(op)
                 self.launches.append(TraversalLaunch(TraversalInstance(
                     "aggregate", e, out, side=op.attr("side", "dst"), reduce=op.attr("reduce"), dtype=out.dtype)))
-            elif k is OpKind.EDGE_SOFTMAX:
+            elif rule == "edge_softmax":
                 e = self.expr(op.inputs[0], True)
                 out = self.new_buffer(op)
                 self.launches.append(TraversalLaunch(TraversalInstance("edge_softmax", e, out, dtype=out.dtype)))
-            elif k is OpKind.TYPE_REDUCE:
+            elif rule == "type_reduce":
                 src = ir.op(op.inputs[0])
                 edge = src.type.domain is Domain.EDGE
                 e = self.expr(src.key, edge)
@@ -270,20 +265,22 @@ class _Lowering:
                 self.launches.append(TraversalLaunch(TraversalInstance(
                     "type_reduce", e, out, rows="edge" if edge else "node",
                     per=per.value if per is not None else "none", dtype=out.dtype)))
-            elif k is OpKind.BINARY and op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
+            elif rule == "fused" and op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
+                if k is not OpKind.BINARY:
+                    raise LoweringError(f"elementwise {k.value} on weights is not lowered to kernels")
                 if op.attr("fn") != "add" or any(ir.op(i).type != op.type for i in op.inputs):
                     raise LoweringError(f"elementwise {op.attr('fn')} on weights is not lowered to kernels")
                 a, b = (self.weight_buffer(i) for i in op.inputs)
                 out = self.new_buffer(op)
                 self.launches.append(HostAdd(a.name, b.name, out.name))
-            elif k in (OpKind.CONCAT, OpKind.SLICE, OpKind.EXPAND_COMPACT):
-                raise LoweringError(f"{k.value} is not lowered to kernels yet"
-                                    + (f" (from {op.loc})" if op.loc else ""))
-            elif k in _FUSED:
+            elif rule == "fused":
                 if op.key in self.outputs:
                     self.materialize(op.key)
+            elif rule == "leaf":
+                raise AssertionError(f"{k.value} always has a buffer")
             else:
-                raise LoweringError(f"no lowering for {k.value}")
+                raise LoweringError(f"{k.value} is not lowered to kernels yet"
+                                    + (f" (from {op.loc})" if op.loc else ""))
         outputs = []
         for name, key in zip(ir.output_names, ir.outputs):
             if key not in self.buffers:

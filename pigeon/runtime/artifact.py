@@ -251,8 +251,8 @@ def load(path: str | os.PathLike, graph=None, *, cpu: bool = False) -> ArtifactL
     """Load an artifact; ``graph`` defaults to the one it was compiled for.
 
     Its kernels are cubins, so running it needs a CUDA GPU.  ``cpu=True`` skips the cubins: the
-    layer then runs its kernel programs on CPU tensors with the CPU backends (TVM llvm builds or
-    plain torch semantics), which tests an artifact's programs and glue on a machine without one."""
+    layer then runs its kernel programs on CPU tensors with the CPU executors (each instance's torch
+    semantics, or the emulated CUDA text), which tests an artifact's programs and glue on a machine without one."""
     from ..graph import load_graph
     from ..ir.serialize import from_json
     p = Path(path)

@@ -11,25 +11,23 @@ import functools
 import math
 import os
 import weakref
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from ..codegen.gemm import (BLOCKS_PER_SM, MIN_ROWS_PER_BLOCK, GemmLaunchError, check_instance, parse_epilogue_op,
+from ..codegen.gemm import (BLOCKS_PER_SM, MIN_ROWS_PER_BLOCK, GemmLaunchError, as_epilogue, check_instance,
                              render_gemm)
 from ..codegen.kernel_source import RenderedKernel
 from ..ir.kernel import GemmInstance, TileConfig
 from ..ir.program import GemmLaunch
-from ..reference import unary_fn
+from ..semantics import eval_elementwise
 from ..torch_dtypes import TORCH_DTYPES
 from .family import KernelFamily, register_family
 
-def apply_epilogue(y: torch.Tensor, ops: Sequence[str]) -> torch.Tensor:
-    """The epilogue on a torch tensor, by pigeon.reference.unary_fn (the meaning of the names)."""
-    for op in ops:
-        name, c = parse_epilogue_op(op)
-        y = unary_fn(name, y, c)
-    return y
+def apply_epilogue(y: torch.Tensor, ep) -> torch.Tensor:
+    """The epilogue expression (or fn names) on the accumulator tensor, by the fns' torch forms."""
+    e = as_epilogue(ep)
+    return y if e is None else eval_elementwise(e, {"acc": y}).to(y.dtype)
 
 
 # ------------------------------------------------------------------------------ tile schedule

@@ -16,7 +16,7 @@ from ..graph.kernel_graph import KernelGraph
 from ..codegen.traversal import TraversalLaunchError, check_instance, render_traversal
 from ..ir.program import TraversalLaunch
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance
-from ..reference import aggregate, binary_fn, edge_softmax, sum_to, unary_fn
+from ..semantics import aggregate, binary_fn, edge_softmax, sum_to, unary_fn
 from ..torch_dtypes import TORCH_DTYPES
 from .family import KernelFamily, register_family
 
