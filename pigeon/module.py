@@ -86,6 +86,7 @@ class CompiledLayer(torch.nn.Module):
     def _build_kernels(self) -> None:
         from .passes.lower import LoweringError, lower
         from .passes.autodiff import AutodiffResult
+        from .passes.schedule import choose_schedules
         from .runtime.ops import LayerPrograms, layer_kgraph, register_layer
         hint = ("This spec cannot run on pigeon's kernels yet; pigeon.compile(..., backend='reference') "
                 "runs it with torch ops")
@@ -107,9 +108,13 @@ class CompiledLayer(torch.nn.Module):
         except LoweringError as e:
             raise LoweringError(f"{self.spec.name}: {e}. {hint}") from None
         self.autodiff = res
+        self.kgraph = layer_kgraph(self.graph)
+        # graph-dependent schedules (sum aggregations: node- or edge-parallel) from degree statistics
+        stats = self.kgraph.degree_stats
+        fwd = choose_schedules(fwd, stats)
+        bwd = choose_schedules(bwd, stats) if bwd is not None else None
         self.forward_program, self.backward_program = fwd, bwd
         self.backward_error = backward_error
-        self.kgraph = layer_kgraph(self.graph)
         lp = LayerPrograms(self.forward_program, self.backward_program,
                            tuple(op.attr("name") for op in self.ir.inputs()),
                            tuple(op.attr("name") for op in self.ir.params()),

@@ -25,10 +25,12 @@ def _programs(model):
     return spec, hp, ir, res, lower(res.forward), lower(res.backward)
 
 
-@pytest.mark.parametrize("backend", ["torch", "emulate"])
+@pytest.mark.parametrize("backend", ["torch", "emulate", "emulate_edge_chunks"])
 @pytest.mark.parametrize("case", ["random", "single_edge"])
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_kernel_programs_equal_reference(model, case, backend):
+def test_kernel_programs_equal_reference(model, case, backend, monkeypatch):
+    chunks = backend == "emulate_edge_chunks"     # every sum aggregation on the edge-chunk schedule
+    backend = "emulate" if chunks else backend
     if backend == "emulate":
         from pigeon.runtime import emulate as cuda_emulate
         if not cuda_emulate.available():
@@ -37,6 +39,11 @@ def test_kernel_programs_equal_reference(model, case, backend):
     spec, hp, ir, res, fwd, bwd = _programs(model)
     g = CASES[case](seed)
     kg = kernel_graph(g)
+    if chunks:
+        from pigeon.passes.schedule import ENV, choose_schedules
+        monkeypatch.setenv(ENV, "edge_chunks")
+        fwd, bwd = choose_schedules(fwd, kg.degree_stats), choose_schedules(bwd, kg.degree_stats)
+        assert "edge_chunks" in fwd.describe() + bwd.describe()
     torch.manual_seed(seed)
     x = torch.randn(g.num_nodes, IN)
     layer = pg.compile(spec, g, IN, **hp, backend="reference")

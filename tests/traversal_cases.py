@@ -162,6 +162,15 @@ def traversal_cases() -> list[tuple[str, TraversalInstance, dict]]:
     add("load_ntype", _inst("node_map", load(b_nt, RowRef.NTYPE)))
     add("load_none_node", _inst("node_map", bin_("mul", load(x, RowRef.SELF), load(g_h, RowRef.NONE))))
 
+    # the edge_chunks schedule of sum aggregation (hubs split across threads), both sides, with
+    # destination loads, broadcasts and a dot inside the body
+    add("aggregate_sum_dst_edge_chunks", _inst("aggregate", bin_("mul", ae, xs), side="dst", reduce="sum",
+                                               schedule="edge_chunks"))
+    add("aggregate_sum_src_edge_chunks", _inst("aggregate", bin_("add", xd, fe), side="src", reduce="sum",
+                                               schedule="edge_chunks"))
+    add("aggregate_sum_dot_edge_chunks", _inst("aggregate", bin_("mul", dot(xs, qd), xs), side="dst",
+                                               reduce="sum", schedule="edge_chunks"))
+
     # const and every unary fn (on node rows; the denominators of rdiv / recip are kept >= 0.5)
     xn = load(x, RowRef.SELF)
     add("const_add", _inst("node_map", bin_("add", xn, const(1.5))))

@@ -123,6 +123,10 @@ def check_instance(inst: TraversalInstance) -> None:
         want = OUT_ROWS[inst.loop]
     if inst.loop == "aggregate" and (inst.side not in ("dst", "src") or inst.reduce not in ("sum", "mean", "max")):
         raise TraversalCodegenError(f"aggregate with side {inst.side!r} / reduce {inst.reduce!r}")
+    if inst.schedule not in ("node", "edge_chunks"):
+        raise TraversalCodegenError(f"unknown schedule {inst.schedule!r}")
+    if inst.schedule == "edge_chunks" and (inst.loop != "aggregate" or inst.reduce != "sum"):
+        raise TraversalCodegenError(f"the edge_chunks schedule is for sum aggregation, not {inst.loop} {inst.reduce}")
     if out.rows != want:
         raise TraversalCodegenError(f"{inst.loop}: output {out.name} has rows {out.rows!r}, expected {want!r}")
     names = {}
@@ -158,9 +162,14 @@ def _node_rows(row: str) -> dict[RowRef, RowBinding]:
     return {RowRef.SELF: RowBinding(row, v), RowRef.NTYPE: RowBinding(row, v, "ntype")}
 
 
+def accumulates(inst: TraversalInstance) -> bool:
+    """Does the kernel add into a zeroed float32 accumulator (atomics) instead of writing?"""
+    return inst.loop == "type_reduce" or (inst.loop == "aggregate" and inst.schedule == "edge_chunks")
+
+
 def _out_param(inst: TraversalInstance) -> KernelParam:
     name = buffer_param(inst.out)
-    if inst.loop == "type_reduce":
+    if accumulates(inst):
         return KernelParam(name, "ptr", "float* __restrict__", f"accum:{inst.out.name}")
     return KernelParam(name, "ptr", f"{storage_type(inst.out.dtype)}* __restrict__", f"out:{inst.out.name}")
 
@@ -212,6 +221,21 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
                    rows=inst.rows, per=inst.per, chunk=chunk)
         template = "traversal.edge.cu.jinja"
         grid = _Grid("edge_chunks" if edge else "node_chunks", W, block, chunk=chunk)
+    elif loop == "aggregate" and inst.schedule == "edge_chunks":
+        side = inst.side
+        rows = _edge_rows("e")
+        rows[RowRef.DST if side == "dst" else RowRef.SRC] = RowBinding("v", frozenset({"e"}))
+        em = ExprEmitter(rows, f"aggregate over {'incoming' if side == 'dst' else 'outgoing'} edge chunks")
+        item = root.child({"j"}, "item")
+        row = item.child({"e"}, "edge")
+        val = em.eval(inst.expr, j, row)
+        lists = ("csc_eid", "dst") if side == "dst" else ("csr_eid", "src")
+        graph |= set(lists)
+        size = "num_edges"
+        cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size, chunk=chunk,
+                   eid=f"g_{lists[0]}", ptr=f"g_{lists[1]}")
+        template = "traversal.edge.cu.jinja"
+        grid = _Grid("edge_chunks", W, block, chunk=chunk)
     else:
         side = "dst" if loop == "edge_softmax" else inst.side
         rows = _edge_rows("e")
@@ -245,7 +269,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
     config = TraversalConfig(name=name, loop=loop, signature=signature, block=block, min_blocks=MIN_BLOCKS, width=W,
                              out=params[0].name, root_code=root.code(4), **cfg)
     source = _render_template(template, config)
-    meta = {"loop": loop, "width": W, "template": template, "group": cfg.get("group"),
+    meta = {"loop": loop, "schedule": inst.schedule, "width": W, "template": template, "group": cfg.get("group"),
             "chunk": cfg.get("chunk"), "instance_key": inst.key()}
     return RenderedKernel(name=name, source=source, params=tuple(params), block=(block, 1, 1), grid=grid,
                           template=template, meta=meta)

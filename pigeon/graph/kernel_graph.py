@@ -64,6 +64,16 @@ class KernelGraph:
         """[0, N]: one segment holding every node (untyped GEMMs over nodes)."""
         return torch.tensor([0, self.num_nodes], dtype=torch.int32, device=self.device)
 
+    @functools.cached_property
+    def degree_stats(self) -> dict:
+        """Degree statistics the schedule choice reads (plain ints and floats)."""
+        E, N = self.num_edges, max(self.num_nodes, 1)
+        ind = (self.csc_ptr[1:] - self.csc_ptr[:-1]) if self.num_nodes else self.csc_ptr[:0]
+        outd = (self.csr_ptr[1:] - self.csr_ptr[:-1]) if self.num_nodes else self.csr_ptr[:0]
+        return {"num_nodes": self.num_nodes, "num_edges": E,
+                "max_in_degree": int(ind.max()) if ind.numel() else 0,
+                "max_out_degree": int(outd.max()) if outd.numel() else 0, "mean_degree": E / N}
+
     @property
     def device(self) -> torch.device:
         return self.src.device

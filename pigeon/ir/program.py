@@ -59,7 +59,7 @@ class TraversalLaunch:
 
     def describe(self) -> str:
         t = self.inst
-        extra = {"aggregate": f" {t.reduce}/{t.side}", "type_reduce": f" {t.rows}->{t.per}"}.get(t.loop, "")
+        extra = {"aggregate": f" {t.reduce}/{t.side}/{t.schedule}", "type_reduce": f" {t.rows}->{t.per}"}.get(t.loop, "")
         return f"traversal.{t.loop}{extra} reads {list(self.reads())} -> {t.out.name}{list(t.out.shape)}"
 
 

@@ -43,6 +43,7 @@ Loops (one output buffer per instance; ``out_shape == expr.shape``)
 * ``node_map``:     ``out[v, I] = expr(v, I)`` for every node.
 * ``aggregate``:    ``out[v, I] = reduce over edges e with side(e) == v of expr(e, I)``; ``side`` is
   ``dst`` or ``src``; ``reduce`` is ``sum``, ``mean`` (sum / count) or ``max``; 0 where no edge.
+  ``schedule`` changes only the thread mapping (and the order of float additions).
 * ``edge_softmax``: ``out[e, I] = exp(s(e, I) - m) / sum over e' with dst(e') == dst(e) of
   exp(s(e', I) - m)`` where ``s = expr`` and ``m`` the max of ``s`` over those edges.
 * ``type_reduce``:  ``out[t, I] = sum over rows r (edges or nodes, per ``rows``) with type(r) == t
@@ -70,6 +71,10 @@ class TraversalInstance:
     rows: Literal["edge", "node"] = "edge"       # type_reduce only
     per: Literal["etype", "ntype", "none"] = "none"  # type_reduce only
     dtype: str = "float32"                       # storage dtype of float buffers; math is fp32
+    # aggregate only: "node" (a lane group walks each node's edge list) or "edge_chunks" (fixed
+    # chunks of edges in destination order, a segmented sum per chunk and one atomicAdd per
+    # destination run: hub nodes are split across threads); chosen from degree statistics
+    schedule: Literal["node", "edge_chunks"] = "node"
 
     def key(self) -> str:
         text = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))

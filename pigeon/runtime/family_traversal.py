@@ -13,7 +13,7 @@ import torch
 
 from ..codegen.kernel_source import RenderedKernel
 from ..graph.kernel_graph import KernelGraph
-from ..codegen.traversal import TraversalLaunchError, check_instance, render_traversal
+from ..codegen.traversal import TraversalLaunchError, accumulates, check_instance, render_traversal
 from ..ir.program import TraversalLaunch
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance
 from ..semantics import aggregate, binary_fn, edge_softmax, sum_to, unary_fn
@@ -175,7 +175,7 @@ def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[s
             raise TraversalLaunchError(f"{inst.loop}: input buffer {b.name!r} is missing (have {sorted(bufs)})")
         _check_tensor("input", b, bufs[b.name], kg)
     workspace = None
-    if inst.loop == "type_reduce":
+    if accumulates(inst):        # atomics into a zeroed float32 accumulator
         if out.dtype == torch.float32:
             target = out
         else:
