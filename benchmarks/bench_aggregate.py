@@ -50,21 +50,29 @@ def bench_graph(name: str, dims: list[int], rows: list, log) -> None:
     src, dst = kg.src.long(), kg.dst.long()
     crow = kg.csc_ptr.long()
     col = src[kg.csc_eid.long()]
-    adj = torch.sparse_csr_tensor(crow, col, torch.ones(E, device="cuda"), size=(N, N))
+    adj = torch.sparse_csr_tensor(crow, col, torch.ones(E, device="cuda"), size=(N, N), check_invariants=False)
     backend = CudaBackend()
     for d in dims:
         x = torch.randn(N, d, device="cuda")
         want = torch.zeros(N, d, device="cuda").index_add_(0, dst, x[src])
+        # float sums in another order differ by ~eps * sum|terms|: a hub of 1e5 edges needs that scale
+        scale = torch.zeros(N, d, device="cuda").index_add_(0, dst, x[src].abs())
+
+        def check(got, what):
+            bad = (got - want).abs() > 1e-5 * scale + 1e-5
+            if bool(bad.any()):
+                raise AssertionError(f"{name} d={d} {what}: {int(bad.sum())} elements off by more than 1e-5 of "
+                                     f"the sum of |terms| (max {float(((got - want).abs() / (scale + 1e-30)).max()):.2e})")
         bound_ms = (E * d * 4 + N * d * 4 + E * 8) / (COPY_TBS * 1e12) * 1e3
         impls = {}
         for sched in ("node", "edge_chunks"):
             inst = aggregate_instance(d, sched)
             out = torch.full((N, d), float("nan"), device="cuda")
             run_traversal_launch(inst, kg, {"x": x}, out, backend)
-            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3)
+            check(out, f"pigeon {sched}")
             impls[f"pigeon {sched}"] = (lambda inst=inst, out=out: run_traversal_launch(inst, kg, {"x": x}, out, backend))
         impls["torch index_add_"] = lambda: torch.zeros(N, d, device="cuda").index_add_(0, dst, x[src])
-        torch.testing.assert_close(torch.sparse.mm(adj, x), want, rtol=1e-4, atol=1e-3)
+        check(torch.sparse.mm(adj, x), "cuSPARSE")
         impls["cuSPARSE SpMM"] = lambda: torch.sparse.mm(adj, x)
         for impl, fn in impls.items():
             ms = timeit(fn)
