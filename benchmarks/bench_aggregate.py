@@ -143,7 +143,7 @@ def main() -> int:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python benchmarks/bench_aggregate.py " + " ".join(sys.argv[1:]))
     (out / "aggregate.json").write_text(json.dumps(dict(meta=meta, kernels=kernel_rows, models=model_rows), indent=1))
-    md = [f"# sum-aggregation of x[src]: pigeon's schedules vs index_add_ and cuSPARSE\n"]
+    md = ["# sum-aggregation of x[src]: pigeon's schedules vs index_add_ and cuSPARSE\n"]
     md += [f"- {k}: {v}" for k, v in meta.items()]
     md += ["", "| graph | d | impl | ms | TB/s (gathered bytes) | bound ms |", "|---|---|---|---|---|---|"]
     md += [f"| {r['graph']} | {r['dim']} | {r['impl']} | {r['ms']} | {r['tbs']} | {r['bound_ms']} |" for r in kernel_rows]
