@@ -168,6 +168,10 @@ def traversal_cases() -> list[tuple[str, TraversalInstance, dict]]:
                                                schedule="edge_chunks"))
     add("aggregate_sum_src_edge_chunks", _inst("aggregate", bin_("add", xd, fe), side="src", reduce="sum",
                                                schedule="edge_chunks"))
+    add("aggregate_max_dst_edge_chunks", _inst("aggregate", bin_("mul", ae, xs), side="dst", reduce="max",
+                                               schedule="edge_chunks"))
+    add("aggregate_max_src_edge_chunks", _inst("aggregate", un("scale", fe, -1.0), side="src", reduce="max",
+                                               schedule="edge_chunks"))
     add("aggregate_sum_dot_edge_chunks", _inst("aggregate", bin_("mul", dot(xs, qd), xs), side="dst",
                                                reduce="sum", schedule="edge_chunks"))
 

@@ -125,8 +125,8 @@ def check_instance(inst: TraversalInstance) -> None:
         raise TraversalCodegenError(f"aggregate with side {inst.side!r} / reduce {inst.reduce!r}")
     if inst.schedule not in ("node", "edge_chunks"):
         raise TraversalCodegenError(f"unknown schedule {inst.schedule!r}")
-    if inst.schedule == "edge_chunks" and (inst.loop != "aggregate" or inst.reduce != "sum"):
-        raise TraversalCodegenError(f"the edge_chunks schedule is for sum aggregation, not {inst.loop} {inst.reduce}")
+    if inst.schedule == "edge_chunks" and (inst.loop != "aggregate" or inst.reduce not in ("sum", "max")):
+        raise TraversalCodegenError(f"the edge_chunks schedule is for sum and max aggregation, not {inst.loop} {inst.reduce}")
     if out.rows != want:
         raise TraversalCodegenError(f"{inst.loop}: output {out.name} has rows {out.rows!r}, expected {want!r}")
     names = {}
@@ -233,7 +233,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         graph |= set(lists)
         size = "num_edges"
         cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size, chunk=chunk,
-                   eid=f"g_{lists[0]}", ptr=f"g_{lists[1]}")
+                   eid=f"g_{lists[0]}", ptr=f"g_{lists[1]}", reduce=inst.reduce)
         template = "traversal.edge.cu.jinja"
         grid = _Grid("edge_chunks", W, block, chunk=chunk)
     else:

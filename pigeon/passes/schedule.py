@@ -9,6 +9,10 @@ Sum aggregations have two schedules (``TraversalInstance.schedule``):
 * ``edge_chunks``: fixed chunks of edges in destination order, a segmented sum per chunk and one
   atomicAdd per destination run: cost ~ E * G / T steps plus (N + E / chunk) atomics per element.
 
+Edge softmax on such a graph becomes four launches (score per edge, max and sum of exponentials
+per destination on edge chunks, normalization) instead of the node schedule's two passes over
+each node's edge list.
+
 ``edge_chunks`` is chosen where the hub term dominates: d_max > SKEW * E * G / T.  T is the
 H200's resident thread count (132 SMs x 2048); SKEW = 4 leaves the node schedule (no atomics,
 deterministic sums) wherever the graph is not clearly hub-bound.  ``PIGEON_AGGREGATE_SCHEDULE`` =
@@ -19,7 +23,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from ..ir import expr as ex
+from ..ir.expr import Buffer, RowRef
 from ..ir.program import KernelProgram, TraversalLaunch
+from ..ir.traversal import TraversalInstance
 
 RESIDENT_THREADS = 132 * 2048
 SKEW = 4.0
@@ -43,9 +50,31 @@ def aggregate_schedule(width: int, stats: dict, side: str = "dst") -> str:
     return "edge_chunks" if d_max > SKEW * max(balanced, 1.0) else "node"
 
 
+def _softmax_on_edge_chunks(inst: TraversalInstance, tag: int) -> tuple[list[Buffer], list[TraversalLaunch]]:
+    """Edge softmax as four load-balanced launches: the score once per edge; its max per
+    destination (edge chunks, atomic max); the sum of exp(score - max) per destination (edge
+    chunks); and the normalized values.  Intermediates are float32."""
+    shape = inst.expr.shape
+    s = Buffer(f"sm{tag}_s", "edge", shape)
+    m = Buffer(f"sm{tag}_m", "node", shape)
+    z = Buffer(f"sm{tag}_z", "node", shape)
+    shifted = ex.unary("exp", ex.binary("sub", ex.load(s, RowRef.SELF), ex.load(m, RowRef.DST)))
+    launches = [
+        TraversalLaunch(TraversalInstance("edge_map", inst.expr, s, dtype=s.dtype)),
+        TraversalLaunch(TraversalInstance("aggregate", ex.load(s, RowRef.SELF), m, side="dst", reduce="max",
+                                          schedule="edge_chunks", dtype=m.dtype)),
+        TraversalLaunch(TraversalInstance("aggregate", shifted, z, side="dst", reduce="sum", schedule="edge_chunks",
+                                          dtype=z.dtype)),
+        TraversalLaunch(TraversalInstance("edge_map", ex.binary("div", shifted, ex.load(z, RowRef.DST)), inst.out,
+                                          dtype=inst.out.dtype)),
+    ]
+    return [s, m, z], launches
+
+
 def choose_schedules(program: KernelProgram, stats: dict) -> KernelProgram:
-    """The program with every sum aggregation given the schedule the cost model picks."""
-    launches = []
+    """The program with every sum aggregation given the schedule the cost model picks, and every
+    edge softmax on a hub-bound graph split into load-balanced launches."""
+    launches, buffers = [], list(program.buffers)
     changed = False
     for launch in program.launches:
         inst = getattr(launch, "inst", None)
@@ -54,5 +83,14 @@ def choose_schedules(program: KernelProgram, stats: dict) -> KernelProgram:
             if sched != inst.schedule:
                 launch = TraversalLaunch(dataclasses.replace(inst, schedule=sched))
                 changed = True
+        elif isinstance(launch, TraversalLaunch) and inst.loop == "edge_softmax" and \
+                aggregate_schedule(inst.out.width, stats, "dst") == "edge_chunks":
+            new_bufs, new_launches = _softmax_on_edge_chunks(inst, len(buffers))
+            buffers += new_bufs
+            launches += new_launches
+            changed = True
+            continue
         launches.append(launch)
-    return dataclasses.replace(program, launches=tuple(launches)) if changed else program
+    if not changed:
+        return program
+    return dataclasses.replace(program, buffers=tuple(buffers), launches=tuple(launches))

@@ -175,18 +175,23 @@ def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[s
             raise TraversalLaunchError(f"{inst.loop}: input buffer {b.name!r} is missing (have {sorted(bufs)})")
         _check_tensor("input", b, bufs[b.name], kg)
     workspace = None
-    if accumulates(inst):        # atomics into a zeroed float32 accumulator
+    is_max = inst.loop == "aggregate" and inst.reduce == "max"
+    if accumulates(inst):        # atomics into a float32 accumulator: zeros (sums) or -inf (max)
         if out.dtype == torch.float32:
             target = out
         else:
             target = workspace = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        target.zero_()
+        target.fill_(float("-inf")) if is_max else target.zero_()
     else:
         target = out
     grid = rk.grid(kg)
     if rk.grid.threads(kg) > 0:
         args = traversal_args(rk, inst, kg, bufs, target)
         module.function(rk.name).launch(grid, rk.block, args, rk.ctypes)
+    if accumulates(inst) and is_max:     # a node without edges aggregates to 0 (the semantics)
+        ptr = kg.csc_ptr if inst.side == "dst" else kg.csr_ptr
+        empty = (ptr[1:] == ptr[:-1]).view((-1,) + (1,) * (target.dim() - 1))
+        target.masked_fill_(empty, 0.0)
     if workspace is not None:
         out.copy_(workspace)
     return out

@@ -38,6 +38,12 @@ static inline long long max(long long a, long long b) { return a > b ? a : b; }
 static inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
 static inline double atomicAdd(double* p, double v) { double old = *p; *p = old + v; return old; }
 static inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
+static inline int atomicMax(int* p, int v) { int old = *p; if (v > old) *p = v; return old; }
+static inline unsigned int atomicMin(unsigned int* p, unsigned int v) { unsigned int old = *p; if (v < old) *p = v; return old; }
+static inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
+#ifndef INFINITY
+#define INFINITY (__builtin_inff())
+#endif
 
 // bfloat16: bits of the upper half of a float; float -> bf16 rounds to nearest even (as CUDA)
 struct __nv_bfloat16 { unsigned short __x; };
