@@ -26,6 +26,7 @@ from ..ir.kernel import GemmInstance
 from ..ir.serialize import from_json, to_json
 from ..ir.traversal import TraversalInstance
 from ..torch_dtypes import TORCH_DTYPES
+from . import families  # noqa: F401  (registers the families' serializable instance types)
 
 GRAPH_FIELDS = ("src", "dst", "etype", "etype_ptr", "ntype", "ntype_perm", "ntype_ptr",
                 "csc_ptr", "csc_eid", "csr_ptr", "csr_eid")
@@ -150,12 +151,10 @@ def traversal(inst: str, sizes: list[int], graph: list[torch.Tensor], inputs: li
         raise ValueError(f"pigeon::traversal: the instance reads {names}, got {len(inputs)} tensors")
     bufs = dict(zip(names, inputs))
     out = torch.empty(_trav_shape(ins, sizes), dtype=TORCH_DTYPES[ins.out.dtype], device=kg.device)
-    if kg.device.type == "cuda":
-        from .family_traversal import run_traversal_launch
-        run_traversal_launch(ins, kg, bufs, out, _cuda_backend())
-    else:
-        from .family_traversal import run_traversal_reference
-        out.copy_(run_traversal_reference(ins, kg, bufs).reshape(out.shape))
+    # through the family registry, on the executor backend of the device (CUDA, or the CPU's)
+    from ..ir.program import TraversalLaunch
+    from .families import run_launch
+    run_launch(_device_backend(kg.device), TraversalLaunch(ins), kg, {**bufs, ins.out.name: out})
     return out
 
 
@@ -205,3 +204,11 @@ torch.library.register_autograd("pigeon::traversal", _trav_backward, setup_conte
 def _cuda_backend():
     from .program import CudaBackend
     return CudaBackend()
+
+
+def _device_backend(device: torch.device):
+    """The executor backend for ``device``: one CudaBackend per process (its loaded modules are
+    reused), else the CPU executor ``PIGEON_CPU_BACKEND`` names."""
+    from .program import BACKENDS, default_backend
+    name = default_backend(device)
+    return _cuda_backend() if name == "cuda" else BACKENDS[name]()
