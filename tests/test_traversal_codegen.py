@@ -164,7 +164,6 @@ def test_emulated_low_precision_storage(dtype):
 
 
 def _lowered_instances():
-    pytest.importorskip("pigeon.passes.lower")
     from pigeon.passes.lower import lower
     from pigeon.ir.program import TraversalLaunch
     from pigeon.passes.autodiff import autodiff
