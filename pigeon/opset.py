@@ -35,7 +35,7 @@ from .semantics import (aggregate, apply_weight, binary_fn, broadcastable, edge_
 
 # -- input -------------------------------------------------------------------------------------
 
-def _type_input(kind, attrs, ins):
+def _type_input(kind, attrs, ins):     # leaves (inputs and params) carry their type
     what = kind.value
     raise SignatureError(f"{what} ops carry their type; nothing to infer")
 
@@ -46,12 +46,7 @@ register_op(OpDef(OpKind.INPUT, _type_input, grad=None, reference=None,
 
 # -- param -------------------------------------------------------------------------------------
 
-def _type_param(kind, attrs, ins):
-    what = kind.value
-    raise SignatureError(f"{what} ops carry their type; nothing to infer")
-
-
-register_op(OpDef(OpKind.PARAM, _type_param, grad=None, reference=None,
+register_op(OpDef(OpKind.PARAM, _type_input, grad=None, reference=None,
                   lower='leaf', doc='a learned weight, per type or global'))
 
 

@@ -125,26 +125,55 @@ def broadcastable(x: torch.Tensor, t, nfeat: int, keep_last: int) -> torch.Tenso
     return x.reshape((rows,) + lead + (1,) * (nfeat - len(lead)) + tail)
 
 
-def eval_elementwise(e, values: dict) -> torch.Tensor:
-    """An elementwise expression (pigeon/ir/expr.py) on tensors: ``var`` leaves from ``values``,
-    constants broadcast, fns by their torch forms.  Memoized per node."""
+def _pad(x: torch.Tensor, nfeat: int, keep_last: int = 0) -> torch.Tensor:
+    """[R, *A] -> [R, *A_lead, 1.., *A_tail] with ``nfeat`` leading feature axes (left-aligned)."""
+    feat = tuple(x.shape[1:])
+    lead, tail = feat[:len(feat) - keep_last], feat[len(feat) - keep_last:]
+    return x.reshape((x.shape[0],) + lead + (1,) * (nfeat - len(lead)) + tail)
+
+
+def eval_expr(e, rows: int, leaf, device) -> torch.Tensor:
+    """An expression (pigeon/ir/expr.py) at every one of ``rows`` rows: a [rows, *e.shape] tensor.
+    ``leaf(node)`` gives the value of the nodes a kernel binds (loads, ``var``s, index variables
+    other than row / feat<i>) as [rows, *node.shape]; everything else has its meaning here, fns
+    by their torch forms.  Memoized per node: a DAG with reuse costs its size."""
     from .torch_dtypes import TORCH_DTYPES
     memo: dict = {}
     for n in e.toposort():
+        if n in memo:
+            continue
         a = [memo[x] for x in n.args]
-        if n.op == "var":
-            v = values[n.fn]
+        tdt = TORCH_DTYPES[n.dtype]
+        full = (rows,) + n.shape
+        if n.op in ("load", "var") or (n.op == "index" and n.fn != "row" and not n.fn.startswith("feat")):
+            v = leaf(n)
         elif n.op == "const":
-            v = torch.tensor(n.c, dtype=TORCH_DTYPES[n.dtype])
+            v = torch.full((rows,), n.c, dtype=tdt, device=device)
+        elif n.op == "index" and n.fn == "row":
+            v = torch.arange(rows, dtype=tdt, device=device)
+        elif n.op == "index":
+            axis = int(n.fn[4:])
+            shape = [1] * (len(n.shape) + 1)
+            shape[axis + 1] = n.shape[axis]
+            v = torch.arange(n.shape[axis], dtype=tdt, device=device).reshape(shape).expand(full)
         elif n.op == "unary":
-            v = unary_fn(n.fn, a[0], n.c)
-        elif n.op == "binary":
-            v = binary_fn(n.fn, a[0], a[1])
-        elif n.op == "where":
-            v = torch.where(a[0], a[1], a[2])
+            v = unary_fn(n.fn, a[0], n.c).to(tdt)
         elif n.op == "cast":
-            v = a[0].to(TORCH_DTYPES[n.dtype])
+            v = a[0].to(tdt)
+        elif n.op == "where":
+            xs = [_pad(x, len(n.shape)) for x in a]
+            v = torch.where(xs[0], xs[1].to(tdt), xs[2].to(tdt)).expand(full).reshape(full)
+        elif n.op == "binary":
+            xs = [_pad(x, len(n.shape)) for x in a]
+            v = binary_fn(n.fn, xs[0], xs[1]).to(tdt).expand(full).reshape(full)
+        elif n.op == "dot":
+            x, y = (_pad(t, len(n.shape), keep_last=1) for t in a)
+            v = (x * y).sum(-1).reshape(full)
+        elif n.op == "sum_to":
+            v = sum_to(a[0], n.shape)
+        elif n.op == "reshape":
+            v = a[0].reshape(full)
         else:
-            raise ValueError(f"{n.op} is not elementwise on values")
+            raise ValueError(f"unknown expr op {n.op!r}")
         memo[n] = v
     return memo[e]

@@ -14,6 +14,19 @@ from graphs import CASES
 from test_models_reference import MODELS, IN
 
 
+def autograd_case(spec, hp, ir, g, seed):
+    """fp64 inputs and weights drawn from ``seed``, the reference's output of ``ir``, an upstream
+    gradient, and torch autograd's gradients by name: what a backward graph must reproduce."""
+    torch.manual_seed(seed)
+    x = torch.randn(g.num_nodes, IN, dtype=torch.float64, requires_grad=True)
+    layer = pg.compile(spec, g, IN, **hp, backend="reference").double()
+    params = {k: (torch.randn_like(v) * 0.5).requires_grad_() for k, v in layer.weights.items()}
+    out = run(ir, g, {"x": x}, params)["out"]
+    up = torch.randn_like(out)
+    want = dict(zip(["x"] + list(params), torch.autograd.grad((out * up).sum(), [x] + list(params.values()))))
+    return x, params, out, up, want
+
+
 @pytest.mark.parametrize("case", ["random", "single_edge"])
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_backward_graph_equals_torch_autograd(model, case):
@@ -22,14 +35,8 @@ def test_backward_graph_equals_torch_autograd(model, case):
     g = CASES[case](seed)
     ir = spec.trace(IN, **hp)
     res = autodiff(ir)
-    torch.manual_seed(seed)
-    x = torch.randn(g.num_nodes, IN, dtype=torch.float64, requires_grad=True)
-    layer = pg.compile(spec, g, IN, **hp, backend="reference").double()
-    params = {k: (torch.randn_like(v) * 0.5).requires_grad_() for k, v in layer.weights.items()}
-    out = run(ir, g, {"x": x}, params)["out"]
-    up = torch.randn_like(out)
+    x, params, out, up, want = autograd_case(spec, hp, ir, g, seed)
     names = ["x"] + list(params)
-    want = dict(zip(names, torch.autograd.grad((out * up).sum(), [x] + list(params.values()))))
 
     fwd = run(res.forward, g, {"x": x.detach()}, {k: v.detach() for k, v in params.items()})
     torch.testing.assert_close(fwd["out"], out.detach())

@@ -16,6 +16,7 @@ from pigeon.passes.rewrite import Pat, RewriteError, Rule, rewrite, var
 from pigeon.passes.simplify import RULES
 from pigeon.reference import run
 
+from test_autodiff import autograd_case
 from test_models_reference import IN, MODELS
 
 
@@ -93,13 +94,7 @@ def test_pipeline_autodiff_is_a_pass_and_backward_runs_through_later_passes(mode
     # the compiled graphs still equal the reference on random inputs, forward and backward
     seed = random.randrange(1 << 30)
     g = load("tiny")
-    torch.manual_seed(seed)
-    x = torch.randn(g.num_nodes, IN, dtype=torch.float64, requires_grad=True)
-    layer = pg.compile(spec, g, IN, **hp, backend="reference").double()
-    params = {k: (torch.randn_like(v) * 0.5).requires_grad_() for k, v in layer.weights.items()}
-    out = run(ir, g, {"x": x}, params)["out"]
-    up = torch.randn_like(out)
-    want = dict(zip(["x"] + list(params), torch.autograd.grad((out * up).sum(), [x] + list(params.values()))))
+    x, params, out, up, want = autograd_case(spec, hp, ir, g, seed)
     det = {k: v.detach() for k, v in params.items()}
     fwd = run(c.forward, g, {"x": x.detach()}, det)
     torch.testing.assert_close(fwd["out"], out.detach())

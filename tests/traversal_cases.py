@@ -32,39 +32,12 @@ __all__ = ["H", "D", "traversal_cases", "case_graphs", "random_inputs", "poisone
 
 # -- expression helpers -------------------------------------------------------------------------
 
-def un(fn: str, x: Expr, c: float | None = None) -> Expr:
-    return Expr("unary", x.shape, (x,), fn=fn, c=c)
-
-
-def _bshape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    """Left-aligned broadcast shape."""
-    n = max(len(a), len(b))
-    a2, b2 = a + (1,) * (n - len(a)), b + (1,) * (n - len(b))
-    out = []
-    for x, y in zip(a2, b2):
-        if x != y and 1 not in (x, y):
-            raise ValueError(f"shapes {a} and {b} do not broadcast")
-        out.append(max(x, y))
-    return tuple(out)
-
-
-def bin_(fn: str, a: Expr, b: Expr) -> Expr:
-    return Expr("binary", _bshape(a.shape, b.shape), (a, b), fn=fn)
-
-
-def const(c: float) -> Expr:
-    return Expr("const", (), c=c)
-
-
-def dot(a: Expr, b: Expr) -> Expr:
-    return Expr("dot", _bshape(a.shape[:-1], b.shape[:-1]), (a, b))
-
-
-def sum_to(x: Expr, shape: tuple[int, ...]) -> Expr:
-    return Expr("sum_to", shape, (x,))
+# the expression IR's own constructors (shape and dtype rules live there)
+un, bin_, const, dot, sum_to = ex.unary, ex.binary, ex.const, ex.dot, ex.sum_to
 
 
 def reshape(x: Expr, shape: tuple[int, ...]) -> Expr:
+    """A reshape node even where the shape is unchanged (ex.reshape would drop it)."""
     return Expr("reshape", shape, (x,))
 
 

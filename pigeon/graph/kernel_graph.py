@@ -65,11 +65,20 @@ class KernelGraph:
         return torch.tensor([0, self.num_nodes], dtype=torch.int32, device=self.device)
 
     @functools.cached_property
+    def in_degree(self) -> torch.Tensor:
+        """[N] incoming edges per node (int32)."""
+        return self.csc_ptr[1:] - self.csc_ptr[:-1]
+
+    @functools.cached_property
+    def out_degree(self) -> torch.Tensor:
+        """[N] outgoing edges per node (int32)."""
+        return self.csr_ptr[1:] - self.csr_ptr[:-1]
+
+    @functools.cached_property
     def degree_stats(self) -> dict:
         """Degree statistics the schedule choice reads (plain ints and floats)."""
         E, N = self.num_edges, max(self.num_nodes, 1)
-        ind = (self.csc_ptr[1:] - self.csc_ptr[:-1]) if self.num_nodes else self.csc_ptr[:0]
-        outd = (self.csr_ptr[1:] - self.csr_ptr[:-1]) if self.num_nodes else self.csr_ptr[:0]
+        ind, outd = self.in_degree, self.out_degree
         return {"num_nodes": self.num_nodes, "num_edges": E,
                 "max_in_degree": int(ind.max()) if ind.numel() else 0,
                 "max_out_degree": int(outd.max()) if outd.numel() else 0, "mean_degree": E / N}

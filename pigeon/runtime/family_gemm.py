@@ -20,14 +20,22 @@ from ..codegen.gemm import (BLOCKS_PER_SM, MIN_ROWS_PER_BLOCK, GemmLaunchError, 
 from ..codegen.kernel_source import RenderedKernel
 from ..ir.kernel import GemmInstance, TileConfig
 from ..ir.program import GemmLaunch
-from ..semantics import eval_elementwise
+from ..semantics import eval_expr
 from ..torch_dtypes import TORCH_DTYPES
 from .family import KernelFamily, register_family
 
 def apply_epilogue(y: torch.Tensor, ep) -> torch.Tensor:
     """The epilogue expression (or fn names) on the accumulator tensor, by the fns' torch forms."""
     e = as_epilogue(ep)
-    return y if e is None else eval_elementwise(e, {"acc": y}).to(y.dtype)
+    if e is None:
+        return y
+    flat = y.reshape(-1)          # the epilogue is scalar: every element is one row
+
+    def leaf(n):
+        if n.op != "var" or n.fn != "acc":
+            raise ValueError(f"a GEMM epilogue reads only var('acc'), got {n.op} {n.fn!r}")
+        return flat
+    return eval_expr(e, flat.numel(), leaf, y.device).reshape(y.shape).to(y.dtype)
 
 
 # ------------------------------------------------------------------------------ tile schedule

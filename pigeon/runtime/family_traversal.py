@@ -16,19 +16,13 @@ from ..graph.kernel_graph import KernelGraph
 from ..codegen.traversal import TraversalLaunchError, accumulates, check_instance, render_traversal
 from ..ir.program import TraversalLaunch
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance
-from ..semantics import aggregate, binary_fn, edge_softmax, sum_to, unary_fn
+from ..semantics import aggregate, edge_softmax
+from ..semantics import eval_expr as semantic_eval
 from ..torch_dtypes import TORCH_DTYPES
 from .family import KernelFamily, register_family
 
 
 # ------------------------------------------------------------------------------ semantics
-
-def _pad(x: torch.Tensor, nfeat: int, keep_last: int = 0) -> torch.Tensor:
-    """[R, *A] -> [R, *A_lead, 1.., *A_tail] with ``nfeat`` leading feature axes (left-aligned)."""
-    feat = tuple(x.shape[1:])
-    lead, tail = feat[:len(feat) - keep_last], feat[len(feat) - keep_last:]
-    return x.reshape((x.shape[0],) + lead + (1,) * (nfeat - len(lead)) + tail)
-
 
 def row_index(kg: KernelGraph, row: RowRef, edge_loop: bool) -> torch.Tensor | None:
     if row is RowRef.NONE:
@@ -42,58 +36,21 @@ def row_index(kg: KernelGraph, row: RowRef, edge_loop: bool) -> torch.Tensor | N
     return table[row]
 
 
-def eval_expr(e: Expr, kg: KernelGraph, edge_loop: bool, bufs: Mapping[str, torch.Tensor],
-              memo: dict | None = None) -> torch.Tensor:
-    """Value of ``e`` at every loop row: a [rows, *e.shape] tensor (float32 for float values).
-    Memoized per node, so a DAG with reuse costs its size, not its tree size."""
-    memo = {} if memo is None else memo
-    for node in e.toposort():
-        if node not in memo:
-            memo[node] = _eval_node(node, [memo[a] for a in node.args], kg, edge_loop, bufs)
-    return memo[e]
-
-
-def _eval_node(e: Expr, args: list[torch.Tensor], kg: KernelGraph, edge_loop: bool,
-               bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def eval_expr(e: Expr, kg: KernelGraph, edge_loop: bool, bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Value of ``e`` at every loop row: a [rows, *e.shape] tensor (float32 for float values);
+    loads read their buffers through the loop's row references."""
     R = kg.num_edges if edge_loop else kg.num_nodes
-    tdt = TORCH_DTYPES[e.dtype]
-    if e.op == "load":
-        b = bufs[e.buffer.name].to(tdt)
-        idx = row_index(kg, e.row, edge_loop)
-        if e.row is RowRef.NONE:
-            return b.reshape((1,) + e.shape).expand((R,) + e.shape)
-        b = b.reshape((-1,) + e.shape)
+
+    def leaf(n: Expr) -> torch.Tensor:
+        if n.op != "load":
+            raise ValueError(f"{n.op} {n.fn!r} is not bound in a traversal loop")
+        b = bufs[n.buffer.name].to(TORCH_DTYPES[n.dtype])
+        if n.row is RowRef.NONE:
+            return b.reshape((1,) + n.shape).expand((R,) + n.shape)
+        idx = row_index(kg, n.row, edge_loop)
+        b = b.reshape((-1,) + n.shape)
         return b if idx is None else b[idx.long()]
-    if e.op == "const":
-        return torch.full((R,), e.c, dtype=tdt, device=kg.device)
-    if e.op == "index":
-        if e.fn == "row":
-            return torch.arange(R, dtype=tdt, device=kg.device)
-        if e.fn.startswith("feat"):
-            axis = int(e.fn[4:])
-            shape = [1] * (len(e.shape) + 1)
-            shape[axis + 1] = e.shape[axis]
-            ar = torch.arange(e.shape[axis], dtype=tdt, device=kg.device).reshape(shape)
-            return ar.expand((R,) + e.shape)
-        raise ValueError(f"index variable {e.fn!r} is not bound in a traversal loop")
-    if e.op == "unary":
-        return unary_fn(e.fn, args[0], e.c).to(tdt)
-    if e.op == "cast":
-        return args[0].to(tdt)
-    if e.op in ("binary", "where"):
-        xs = [_pad(x, len(e.shape)) for x in args]
-        if e.op == "where":
-            return torch.where(xs[0], xs[1].to(tdt), xs[2].to(tdt)).expand((R,) + e.shape).reshape((R,) + e.shape)
-        out = binary_fn(e.fn, xs[0], xs[1])
-        return out.to(tdt).expand((R,) + e.shape).reshape((R,) + e.shape)
-    if e.op == "dot":
-        a, b = (_pad(x, len(e.shape), keep_last=1) for x in args)
-        return (a * b).sum(-1).reshape((R,) + e.shape)
-    if e.op == "sum_to":
-        return sum_to(args[0], e.shape)
-    if e.op == "reshape":
-        return args[0].reshape((R,) + e.shape)
-    raise ValueError(f"unknown expr op {e.op!r}")
+    return semantic_eval(e, R, leaf, kg.device)
 
 
 def run_traversal_reference(inst: TraversalInstance, kg: KernelGraph,
@@ -189,8 +146,8 @@ def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[s
         args = traversal_args(rk, inst, kg, bufs, target)
         module.function(rk.name).launch(grid, rk.block, args, rk.ctypes)
     if accumulates(inst) and is_max:     # a node without edges aggregates to 0 (the semantics)
-        ptr = kg.csc_ptr if inst.side == "dst" else kg.csr_ptr
-        empty = (ptr[1:] == ptr[:-1]).view((-1,) + (1,) * (target.dim() - 1))
+        deg = kg.in_degree if inst.side == "dst" else kg.out_degree
+        empty = (deg == 0).view((-1,) + (1,) * (target.dim() - 1))
         target.masked_fill_(empty, 0.0)
     if workspace is not None:
         out.copy_(workspace)
