@@ -332,7 +332,7 @@ def cmd_compile(args) -> int:
     from .graph import load
     from .ir.printer import format_ir
     from .module import CompiledLayer
-    from .passes.pipeline import run_pipeline
+    from .passes.pipeline import graph_stats_for, run_pipeline
 
     device = pick_device(args.device)
     graph = load(args.graph)
@@ -358,7 +358,7 @@ def cmd_compile(args) -> int:
     if args.dump:
         print(f"# traced IR ({len(ir)} ops)")
         print(format_ir(ir))
-    compilation, records = run_pipeline(ir)
+    compilation, records = run_pipeline(ir, graph_stats=graph_stats_for(graph))
     ir = compilation.ir
     t_compile = time.perf_counter() - t0
     for r in records:

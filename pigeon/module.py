@@ -9,7 +9,7 @@ import torch
 from .dsl.layer import Layer
 from .ir.graph import IRGraph
 from .ir.ops import Op
-from .passes.pipeline import Compilation, run_pipeline
+from .passes.pipeline import Compilation, graph_stats_for, run_pipeline
 from .reference import expected_shape, run
 from .torch_dtypes import TORCH_DTYPES
 
@@ -65,7 +65,7 @@ class CompiledLayer(torch.nn.Module):
             raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
         _check_dtype(backend, dtype)
         if isinstance(ir, IRGraph):      # a traced graph: run the pass pipeline (autodiff included)
-            ir, _ = run_pipeline(ir)
+            ir, _ = run_pipeline(ir, graph_stats=graph_stats_for(graph))
         self.compilation = ir
         ir = ir.ir
         self.spec, self.ir, self.graph, self.backend, self.dtype = spec, ir, graph, backend, dtype
@@ -111,6 +111,8 @@ class CompiledLayer(torch.nn.Module):
         self.kgraph = layer_kgraph(self.graph)
         # graph-dependent schedules (sum aggregations: node- or edge-parallel) from degree statistics
         stats = self.kgraph.degree_stats
+        if any(b.rows == "compact" for prog in (fwd, bwd) if prog is not None for b in prog.buffers):
+            stats = {**stats, **self.kgraph.compact_stats}
         fwd = choose_schedules(fwd, stats)
         bwd = choose_schedules(bwd, stats) if bwd is not None else None
         self.forward_program, self.backward_program = fwd, bwd
@@ -157,7 +159,7 @@ def compile(spec: Layer, graph, in_dim: int | Mapping[str, int] | None = None, *
     if not isinstance(spec, Layer):
         raise TypeError(f"pigeon.compile takes a @pigeon.layer spec, got {type(spec).__name__}")
     traced = dtype if dtype in ("float32", "bfloat16", "float16", "float64") else "float32"
-    compilation, _ = run_pipeline(spec.trace(in_dim, dtype=traced, **hparams))
+    compilation, _ = run_pipeline(spec.trace(in_dim, dtype=traced, **hparams), graph_stats=graph_stats_for(graph))
     layer = CompiledLayer(spec, compilation, graph, backend, seed, dtype)
     layer.hparams = dict(hparams)
     return layer

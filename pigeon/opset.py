@@ -83,10 +83,7 @@ def _type_gather(kind, attrs, ins):
 
 
 def _grad_gather(b, y, dy, ins):
-    side = y.attr("side")
-    if side not in ("src", "dst"):
-        raise GradientError(f"no gradient rule for gather side {side!r}")
-    return [(0, b.make(OpKind.AGGREGATE, [dy], reduce="sum", side=side))]
+    return [(0, b.make(OpKind.AGGREGATE, [dy], reduce="sum", side=y.attr("side")))]
 
 
 def _ref_gather(op, args, arg_types, graph, dtype):
@@ -113,8 +110,12 @@ def _ref_expand_compact(op, args, arg_types, graph, dtype):
     return args[0][graph.compact().edge_to_compact]
 
 
-register_op(OpDef(OpKind.EXPAND_COMPACT, _type_expand_compact, grad=None, reference=_ref_expand_compact,
-                  lower=None, doc='compact rows -> edge rows'))
+def _grad_expand_compact(b, y, dy, ins):
+    return [(0, b.make(OpKind.AGGREGATE, [dy], reduce="sum", side="compact"))]
+
+
+register_op(OpDef(OpKind.EXPAND_COMPACT, _type_expand_compact, grad=_grad_expand_compact,
+                  reference=_ref_expand_compact, lower='fused', doc='compact rows -> edge rows'))
 
 
 # -- type_index --------------------------------------------------------------------------------
@@ -405,15 +406,22 @@ def _type_aggregate(kind, attrs, ins):
     _need(1, ins, what)
     if attrs["reduce"] not in REDUCES:
         raise SignatureError(f"aggregate reduce must be one of {REDUCES}, got {attrs['reduce']!r}")
-    if attrs.get("side", "dst") not in AGGREGATE_SIDES:
-        raise SignatureError(f"aggregate side must be one of {AGGREGATE_SIDES}, got {attrs.get('side')!r}")
-    if ins[0].domain is not Domain.EDGE:
-        raise SignatureError(f"aggregate needs an edge-wise value, got {ins[0]}")
-    return ValueType(Domain.NODE, ins[0].shape, ins[0].dtype)
+    side = attrs.get("side", "dst")
+    if side not in AGGREGATE_SIDES:
+        raise SignatureError(f"aggregate side must be one of {sorted(AGGREGATE_SIDES)}, got {side!r}")
+    src_dom, dst_dom = AGGREGATE_SIDES[side]
+    if ins[0].domain is not src_dom:
+        raise SignatureError(f"aggregate ({side}) needs a {src_dom.value}-wise value, got {ins[0]}")
+    if src_dom is Domain.COMPACT or dst_dom is Domain.COMPACT:
+        if attrs["reduce"] != "sum":
+            raise SignatureError(f"aggregate side {side!r} sums (reduce='sum'), got {attrs['reduce']!r}")
+    return ValueType(dst_dom, ins[0].shape, ins[0].dtype)
 
 
 def _grad_aggregate(b, y, dy, ins):
     side, red = y.attr("side", "dst"), y.attr("reduce")
+    if red == "sum" and side == "compact":
+        return [(0, b.make(OpKind.EXPAND_COMPACT, [dy]))]
     if red == "sum":
         return [(0, b.make(OpKind.GATHER, [dy], side=side))]
     if red == "mean" and side == "dst":
@@ -424,12 +432,18 @@ def _grad_aggregate(b, y, dy, ins):
 
 
 def _ref_aggregate(op, args, arg_types, graph, dtype):
-    index = graph.src if op.attr("side", "dst") == "src" else graph.dst
+    side = op.attr("side", "dst")
+    if side == "compact":
+        c = graph.compact()
+        return aggregate(args[0], c.edge_to_compact, c.num_rows, "sum")
+    index = {"src": graph.src, "dst": graph.dst}.get(side)
+    if side == "compact_src":
+        index = graph.compact().src
     return aggregate(args[0], index, graph.num_nodes, op.attr("reduce"))
 
 
 register_op(OpDef(OpKind.AGGREGATE, _type_aggregate, grad=_grad_aggregate, reference=_ref_aggregate,
-                  lower='aggregate', doc='edge rows -> node rows (sum | mean | max)'))
+                  lower='aggregate', doc='edge rows -> node rows (sum | mean | max); edges -> compact rows, compact rows -> nodes (sum)'))
 
 
 # -- weight_grad -------------------------------------------------------------------------------

@@ -79,12 +79,24 @@ def test_lowering_uses_only_generated_kernel_families(model):
     assert any(isinstance(l, TraversalLaunch) and l.inst.loop == "aggregate" for l in fwd.launches)
 
 
-def test_compact_rows_are_refused_clearly():
-    from pigeon.passes.lower import LoweringError
+def test_compact_rows_lower_to_a_compact_map_read_by_edges():
+    """gather(compact_src) materializes on compact rows; expand_compact is a load through
+    edge_to_compact inside the edge loop that reads it; the program equals the reference."""
     from pigeon.ir import IRGraph, Op, OpKind, ValueType, Domain, make_op
+    from pigeon.ir.expr import RowRef
+    from pigeon.graph import tiny_graph
+    from pigeon.runtime.program import TorchBackend
     x = Op(OpKind.INPUT, (), (("name", "x"),), ValueType(Domain.NODE, (4,)))
     c = make_op(OpKind.GATHER, [x], side="compact_src")
     e = make_op(OpKind.EXPAND_COMPACT, [c])
     a = make_op(OpKind.AGGREGATE, [e], reduce="sum")
-    with pytest.raises(LoweringError, match="compact"):
-        lower(IRGraph([x, c, e, a], [a.key]))
+    ir = IRGraph([x, c, e, a], [a.key])
+    prog = lower(ir)
+    loops = [(l.inst.loop, l.inst.out.rows) for l in prog.launches]
+    assert loops == [("compact_map", "compact"), ("aggregate", "node")]
+    agg = prog.launches[1].inst
+    assert [n.row for n in agg.expr.toposort() if n.op == "load"] == [RowRef.COMPACT]
+    g = tiny_graph()
+    xv = torch.randn(g.num_nodes, 4)
+    out = Executor(prog, TorchBackend()).run(kernel_graph(g), {"x": xv}, {})
+    torch.testing.assert_close(out[prog.outputs[0][0]], run(ir, g, {"x": xv}, {})[ir.output_names[0]])

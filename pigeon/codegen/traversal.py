@@ -33,10 +33,18 @@ BLOCK = 256
 MIN_BLOCKS = 4      # __launch_bounds__(BLOCK, MIN_BLOCKS): >= 1024 resident threads per SM, <= 64 registers
 CHUNK = 64
 MAX_GRID = 1 << 16
-GRAPH_ARRAYS = ("src", "dst", "etype", "ntype", "ntype_perm", "csc_ptr", "csc_eid", "csr_ptr", "csr_eid")
-OUT_ROWS = {"edge_map": "edge", "node_map": "node", "aggregate": "node", "edge_softmax": "edge"}
+GRAPH_ARRAYS = ("src", "dst", "etype", "ntype", "ntype_perm", "csc_ptr", "csc_eid", "csr_ptr", "csr_eid",
+                "edge_to_compact", "compact_src", "compact_etype", "cmp_ptr", "cmp_eid", "csrc_ptr", "csrc_id")
 _BUFFER_ROWS_OF_REF = {RowRef.SRC: "node", RowRef.DST: "node", RowRef.ETYPE: "etype", RowRef.NTYPE: "ntype",
-                       RowRef.NONE: "global"}
+                       RowRef.COMPACT: "compact", RowRef.NONE: "global"}
+# aggregate side -> (member list pointer, member ids, output row count, what the members are)
+AGGREGATE_LISTS = {"dst": ("csc_ptr", "csc_eid", "num_nodes", "incoming edges"),
+                   "src": ("csr_ptr", "csr_eid", "num_nodes", "outgoing edges"),
+                   "compact": ("cmp_ptr", "cmp_eid", "num_compact", "the edges of each (src, etype) pair"),
+                   "compact_src": ("csrc_ptr", "csrc_id", "num_nodes", "the (src, etype) pairs of each node")}
+# edge_chunks: the row reference naming a member's output row, and the array giving it
+CHUNK_KEYS = {"dst": (RowRef.DST, "dst"), "src": (RowRef.SRC, "src"), "compact": (RowRef.COMPACT, "edge_to_compact"),
+              "compact_src": (RowRef.SRC, "compact_src")}
 
 
 class TraversalCodegenError(ExprCodegenError):
@@ -73,25 +81,26 @@ class TraversalConfig:
     elem_code: str = ""
     pass_code: tuple[str, ...] = ()
     pass_value: tuple[str, ...] = ()
+    members: str = ""
 
 
 @dataclass(frozen=True)
 class _Grid:
     """Grid of a traversal kernel from the graph sizes (grid-stride loops cover the rest)."""
-    kind: str           # "edge_items" | "node_items" | "edge_chunks" | "node_chunks" | "node_groups"
+    kind: str           # "items" | "chunks" | "groups"
     width: int
     block: int
+    rows: str = "num_edges"     # the KernelGraph count the loop covers: num_edges | num_nodes | num_compact
     chunk: int = CHUNK
     group: int = 32
 
     def threads(self, kg: Any) -> int:
-        E, N = int(kg.num_edges), int(kg.num_nodes)
-        R = E if self.kind.startswith("edge") else N
-        if self.kind.endswith("items"):
+        R = int(getattr(kg, self.rows))
+        if self.kind == "items":
             return R * self.width
-        if self.kind.endswith("chunks"):
+        if self.kind == "chunks":
             return -(-R // self.chunk) * self.width
-        return N * self.group
+        return R * self.group
 
     def __call__(self, kg: Any) -> tuple[int, int, int]:
         return (max(1, min(MAX_GRID, -(-self.threads(kg) // self.block))), 1, 1)
@@ -106,7 +115,7 @@ def _render_template(name: str, config: TraversalConfig) -> str:
 # ------------------------------------------------------------------------------ validation
 
 def check_instance(inst: TraversalInstance) -> None:
-    if inst.loop not in ("edge_map", "node_map", "aggregate", "edge_softmax", "type_reduce"):
+    if inst.loop not in ("edge_map", "node_map", "compact_map", "aggregate", "edge_softmax", "type_reduce"):
         raise TraversalCodegenError(f"unknown traversal loop {inst.loop!r}")
     out = inst.out
     c_ident(out.name, "output buffer name")
@@ -118,11 +127,11 @@ def check_instance(inst: TraversalInstance) -> None:
         allowed = {"edge": ("etype", "none"), "node": ("ntype", "none")}
         if inst.rows not in allowed or inst.per not in allowed[inst.rows]:
             raise TraversalCodegenError(f"type_reduce over {inst.rows} rows cannot reduce per {inst.per!r}")
-        want = {"etype": "etype", "ntype": "ntype", "none": "global"}[inst.per]
-    else:
-        want = OUT_ROWS[inst.loop]
-    if inst.loop == "aggregate" and (inst.side not in ("dst", "src") or inst.reduce not in ("sum", "mean", "max")):
+    want = inst.out_rows
+    if inst.loop == "aggregate" and (inst.side not in AGGREGATE_LISTS or inst.reduce not in ("sum", "mean", "max")):
         raise TraversalCodegenError(f"aggregate with side {inst.side!r} / reduce {inst.reduce!r}")
+    if inst.loop == "aggregate" and inst.side.startswith("compact") and inst.reduce != "sum":
+        raise TraversalCodegenError(f"aggregate side {inst.side!r} sums; got reduce {inst.reduce!r}")
     if inst.schedule not in ("node", "edge_chunks"):
         raise TraversalCodegenError(f"unknown schedule {inst.schedule!r}")
     if inst.schedule == "edge_chunks" and (inst.loop != "aggregate" or inst.reduce not in ("sum", "max")):
@@ -135,7 +144,7 @@ def check_instance(inst: TraversalInstance) -> None:
             raise TraversalCodegenError(f"{inst.loop}: buffer {b.name} is both read and written")
         if names.setdefault(b.name, b) != b:
             raise TraversalCodegenError(f"two different buffers are named {b.name!r}")
-    own = "edge" if inst.edge_loop else "node"
+    own = inst.loop_rows
     for e in inst.expr.toposort():
         if e.op != "load":
             continue
@@ -154,7 +163,14 @@ def kernel_name(inst: TraversalInstance) -> str:
 def _edge_rows(row: str) -> dict[RowRef, RowBinding]:
     v = frozenset({row})
     return {RowRef.SELF: RowBinding(row, v), RowRef.SRC: RowBinding(row, v, "src"),
-            RowRef.DST: RowBinding(row, v, "dst"), RowRef.ETYPE: RowBinding(row, v, "etype")}
+            RowRef.DST: RowBinding(row, v, "dst"), RowRef.ETYPE: RowBinding(row, v, "etype"),
+            RowRef.COMPACT: RowBinding(row, v, "edge_to_compact")}
+
+
+def _compact_rows(row: str) -> dict[RowRef, RowBinding]:
+    v = frozenset({row})
+    return {RowRef.SELF: RowBinding(row, v), RowRef.SRC: RowBinding(row, v, "compact_src"),
+            RowRef.ETYPE: RowBinding(row, v, "compact_etype")}
 
 
 def _node_rows(row: str) -> dict[RowRef, RowBinding]:
@@ -194,15 +210,15 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
     root = Scope((), None, "kernel")
     graph = set()
     cfg: dict[str, Any] = {}
-    if loop in ("edge_map", "node_map"):
-        edge = loop == "edge_map"
-        em = ExprEmitter(_edge_rows("r") if edge else _node_rows("r"), loop)
+    if loop in ("edge_map", "node_map", "compact_map"):
+        rows_of = {"edge_map": _edge_rows, "node_map": _node_rows, "compact_map": _compact_rows}[loop]
+        em = ExprEmitter(rows_of("r"), loop)
         item = root.child({"r", "j"}, "item")
         val = em.eval(inst.expr, j, item)
-        size = "num_edges" if edge else "num_nodes"
+        size = {"edge_map": "num_edges", "node_map": "num_nodes", "compact_map": "num_compact"}[loop]
         cfg = dict(item_code=item.code(8), value=val.code, num_rows=size)
         template = "traversal.edge.cu.jinja"
-        grid = _Grid("edge_items" if edge else "node_items", W, block)
+        grid = _Grid("items", W, block, size)
     elif loop == "type_reduce":
         edge = inst.rows == "edge"
         rows = _edge_rows("r") if edge else _node_rows("r")
@@ -220,42 +236,44 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size,
                    rows=inst.rows, per=inst.per, chunk=chunk)
         template = "traversal.edge.cu.jinja"
-        grid = _Grid("edge_chunks" if edge else "node_chunks", W, block, chunk=chunk)
+        grid = _Grid("chunks", W, block, size, chunk=chunk)
     elif loop == "aggregate" and inst.schedule == "edge_chunks":
         side = inst.side
-        rows = _edge_rows("e")
-        rows[RowRef.DST if side == "dst" else RowRef.SRC] = RowBinding("v", frozenset({"e"}))
-        em = ExprEmitter(rows, f"aggregate over {'incoming' if side == 'dst' else 'outgoing'} edge chunks")
+        _, ids, _, members = AGGREGATE_LISTS[side]
+        rows = _compact_rows("e") if side == "compact_src" else _edge_rows("e")
+        owner, key = CHUNK_KEYS[side]
+        rows[owner] = RowBinding("v", frozenset({"e"}))
+        em = ExprEmitter(rows, f"aggregate over chunks of {members}")
         item = root.child({"j"}, "item")
         row = item.child({"e"}, "edge")
         val = em.eval(inst.expr, j, row)
-        lists = ("csc_eid", "dst") if side == "dst" else ("csr_eid", "src")
-        graph |= set(lists)
-        size = "num_edges"
+        graph |= {ids, key}
+        size = "num_compact" if side == "compact_src" else "num_edges"     # the members chunked
         cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size, chunk=chunk,
-                   eid=f"g_{lists[0]}", ptr=f"g_{lists[1]}", reduce=inst.reduce)
+                   eid=f"g_{ids}", ptr=f"g_{key}", reduce=inst.reduce)
         template = "traversal.edge.cu.jinja"
-        grid = _Grid("edge_chunks", W, block, chunk=chunk)
+        grid = _Grid("chunks", W, block, size, chunk=chunk)
     else:
         side = "dst" if loop == "edge_softmax" else inst.side
-        rows = _edge_rows("e")
-        rows[RowRef.DST if side == "dst" else RowRef.SRC] = RowBinding("v", frozenset({"v"}))
-        em = ExprEmitter(rows, f"{loop} over {'incoming' if side == 'dst' else 'outgoing'} edges")
+        ptr, ids, size, members = AGGREGATE_LISTS[side]
+        # the member rows (edges, or compact rows for compact_src) and what the group row is to them
+        rows = _compact_rows("e") if side == "compact_src" else _edge_rows("e")
+        owner = {"dst": RowRef.DST, "src": RowRef.SRC, "compact": RowRef.COMPACT, "compact_src": RowRef.SRC}[side]
+        rows[owner] = RowBinding("v", frozenset({"v"}))
+        em = ExprEmitter(rows, f"{loop} over {members}")
         node = root.child({"v"}, "node")
         elem = node.child({"j"}, "element")
         passes = [elem.child({"e"}, f"edge pass {i}") for i in range(2 if loop == "edge_softmax" else 1)]
         vals = [em.eval(inst.expr, j, p) for p in passes]
-        lists = ("csc_ptr", "csc_eid") if side == "dst" else ("csr_ptr", "csr_eid")
-        graph |= set(lists)
+        graph |= {ptr, ids}
         group = 1 << max(0, (min(W, 32) - 1).bit_length())
         if block % group:
             raise TraversalCodegenError(f"block {block} is not a multiple of the lane group {group}")
-        size = "num_nodes"
         cfg = dict(node_code=node.code(8), elem_code=elem.code(12), pass_code=tuple(p.code(16) for p in passes),
-                   pass_value=tuple(v.code for v in vals), group=group, ptr=f"g_{lists[0]}", eid=f"g_{lists[1]}",
-                   reduce=inst.reduce, num_rows=size)
+                   pass_value=tuple(v.code for v in vals), group=group, ptr=f"g_{ptr}", eid=f"g_{ids}",
+                   reduce=inst.reduce, num_rows=size, members=members)
         template = "traversal.node.cu.jinja"
-        grid = _Grid("node_groups", W, block, group=group)
+        grid = _Grid("groups", W, block, size, group=group)
     graph |= em.graph_arrays
     inputs = inst.inputs()
     if set(em.buffers) != {b.name for b in inputs}:   # pragma: no cover - every load is emitted

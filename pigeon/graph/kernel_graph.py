@@ -83,9 +83,53 @@ class KernelGraph:
                 "max_in_degree": int(ind.max()) if ind.numel() else 0,
                 "max_out_degree": int(outd.max()) if outd.numel() else 0, "mean_degree": E / N}
 
+    # -- compact rows: one per unique (src, etype) pair, sorted by (etype, src) -------------------
+    @functools.cached_property
+    def _compact(self) -> dict:
+        N = max(self.num_nodes, 1)
+        key = self.etype.long() * N + self.src.long()
+        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        c_etype, c_src = torch.div(uniq, N, rounding_mode="floor"), uniq % N
+        U = int(uniq.numel())
+        return {"num_compact": U, "compact_src": c_src.int(), "compact_etype": c_etype.int(),
+                "compact_etype_ptr": _ptr(c_etype, self.num_etypes), "edge_to_compact": inverse.int(),
+                # a compact row's edges (kernel-order ids), and a node's compact rows
+                "cmp_ptr": _ptr(inverse, U), "cmp_eid": torch.argsort(inverse, stable=True).int(),
+                "csrc_ptr": _ptr(c_src, self.num_nodes), "csrc_id": torch.argsort(c_src, stable=True).int()}
+
+    @functools.cached_property
+    def compact_stats(self) -> dict:
+        """Compact-row statistics the schedule choice reads (plain ints)."""
+        per_row = self.cmp_ptr[1:] - self.cmp_ptr[:-1]
+        per_node = self.csrc_ptr[1:] - self.csrc_ptr[:-1]
+        return {"num_compact": self.num_compact,
+                "max_compact_edges": int(per_row.max()) if per_row.numel() else 0,
+                "max_node_compacts": int(per_node.max()) if per_node.numel() else 0}
+
+    @functools.cached_property
+    def all_compact_ptr(self) -> torch.Tensor:
+        """[0, U]: one segment holding every compact row (untyped GEMMs over compact rows)."""
+        return torch.tensor([0, self.num_compact], dtype=torch.int32, device=self.device)
+
     @property
     def device(self) -> torch.device:
         return self.src.device
+
+
+# the compact-row arrays, read as attributes (kernels bind graph arrays by these names)
+COMPACT_FIELDS = {
+    "num_compact": "U, the number of unique (src, etype) pairs (compact rows)",
+    "compact_src": "[U] source node of each compact row (int32)",
+    "compact_etype": "[U] edge type of each compact row (int32); rows are sorted by it",
+    "compact_etype_ptr": "[R+1] the compact rows of each relation",
+    "edge_to_compact": "[E] compact row of each kernel-order edge",
+    "cmp_ptr": "[U+1] into cmp_eid: the edges of each compact row",
+    "cmp_eid": "[E] kernel-order edge ids grouped by compact row",
+    "csrc_ptr": "[N+1] into csrc_id: the compact rows of each source node",
+    "csrc_id": "[U] compact row ids grouped by source node",
+}
+for _name, _doc in COMPACT_FIELDS.items():
+    setattr(KernelGraph, _name, property(lambda self, _n=_name: self._compact[_n], doc=_doc))
 
 
 def _ptr(sorted_keys: torch.Tensor, n: int) -> torch.Tensor:

@@ -57,6 +57,7 @@ class RowRef(enum.Enum):
     DST = "dst"
     ETYPE = "etype"
     NTYPE = "ntype"
+    COMPACT = "compact"    # edge loop: the edge's (src, etype) compact row (see Domain.COMPACT)
     NONE = "none"
 
 
@@ -64,7 +65,7 @@ class RowRef(enum.Enum):
 class Buffer:
     """A kernel argument: ``rows`` says what indexes its leading axis."""
     name: str                       # C identifier chosen by the lowering, never a user string
-    rows: str                       # "node" | "edge" | "etype" | "ntype" | "global"
+    rows: str                       # "node" | "edge" | "compact" | "etype" | "ntype" | "global"
     shape: tuple[int, ...]
     dtype: str = "float32"          # storage dtype
 

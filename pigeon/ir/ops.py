@@ -42,7 +42,11 @@ GRAPH_DATA = {
     "inv_in_degree_by_etype": Domain.EDGE,   # 1 / #(edges with this edge's (dst, etype)), per edge
     "inv_in_degree": Domain.NODE,            # 1 / in-degree (0 where the degree is 0), per node
 }
-AGGREGATE_SIDES = ("dst", "src")
+# side -> (input rows, output rows): dst/src sum edges into their destination/source node;
+# compact sums edges into their (src, etype) compact row; compact_src sums compact rows into
+# their source node (the gradients of expand_compact and of the compact_src gather)
+AGGREGATE_SIDES = {"dst": (Domain.EDGE, Domain.NODE), "src": (Domain.EDGE, Domain.NODE),
+                   "compact": (Domain.EDGE, Domain.COMPACT), "compact_src": (Domain.COMPACT, Domain.NODE)}
 GATHER_SIDES = {"src": (Domain.NODE, Domain.EDGE), "dst": (Domain.NODE, Domain.EDGE),
                 "compact_src": (Domain.NODE, Domain.COMPACT)}
 INITS = ("glorot", "zeros", "ones", "normal")

@@ -24,9 +24,9 @@ class GemmLaunch:
     x: str                  # buffer names; the weight_grad form reads x and y and writes w (dW)
     w: str
     y: str
-    rows: Literal["edge", "node"]    # which rows the instance loops over (M)
+    rows: Literal["edge", "node", "compact"]    # which rows the instance loops over (M)
     seg: Literal["etype", "ntype", "all"]
-    gather: str | None = None        # graph index array: "src", "dst", "ntype_perm"
+    gather: str | None = None        # graph index array: "src", "dst", "ntype_perm", "compact_src", "edge_to_compact"
     scatter: str | None = None       # rows form: output index; weight_grad form: dY index
 
     def reads(self) -> tuple[str, ...]:

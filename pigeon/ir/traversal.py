@@ -17,8 +17,13 @@ SRC        src[e]       (a node buffer)             -- not allowed
 DST        dst[e]       (a node buffer)             -- not allowed
 ETYPE      etype[e]     (a per-edge-type buffer)    -- not allowed
 NTYPE      -- not allowed                           ntype[v] (a per-node-type buffer)
+COMPACT    edge_to_compact[e] (a compact buffer)    -- not allowed
 NONE       -- (a global buffer: no row)             same
 =========  =======================================  ===============================
+
+Compact loops (``compact_map``, ``aggregate`` with side ``compact_src``) visit compact rows ``c``
+(one per unique (source node, edge type) pair, sorted by (etype, src)): SELF is ``c`` (a compact
+buffer), SRC ``compact_src[c]`` (a node buffer), ETYPE ``compact_etype[c]``.
 
 Element expressions
 -------------------
@@ -41,8 +46,11 @@ Loops (one output buffer per instance; ``out_shape == expr.shape``)
 ---------------------------------------------------------------------
 * ``edge_map``:     ``out[e, I] = expr(e, I)`` for every edge.
 * ``node_map``:     ``out[v, I] = expr(v, I)`` for every node.
+* ``compact_map``:  ``out[c, I] = expr(c, I)`` for every compact row.
 * ``aggregate``:    ``out[v, I] = reduce over edges e with side(e) == v of expr(e, I)``; ``side`` is
   ``dst`` or ``src``; ``reduce`` is ``sum``, ``mean`` (sum / count) or ``max``; 0 where no edge.
+  Side ``compact``: ``out[c, I] = sum over edges e of pair c``; side ``compact_src``:
+  ``out[v, I] = sum over compact rows c with compact_src[c] == v of expr(c, I)`` (sum only).
   ``schedule`` changes only the thread mapping (and the order of float additions).
 * ``edge_softmax``: ``out[e, I] = exp(s(e, I) - m) / sum over e' with dst(e') == dst(e) of
   exp(s(e', I) - m)`` where ``s = expr`` and ``m`` the max of ``s`` over those edges.
@@ -63,10 +71,10 @@ __all__ = ["Buffer", "Expr", "RowRef", "TraversalInstance", "load"]
 
 @dataclass(frozen=True)
 class TraversalInstance:
-    loop: Literal["edge_map", "node_map", "aggregate", "edge_softmax", "type_reduce"]
+    loop: Literal["edge_map", "node_map", "compact_map", "aggregate", "edge_softmax", "type_reduce"]
     expr: Expr
     out: Buffer
-    side: Literal["dst", "src"] = "dst"          # aggregate only
+    side: Literal["dst", "src", "compact", "compact_src"] = "dst"          # aggregate only
     reduce: Literal["sum", "mean", "max"] = "sum"  # aggregate only
     rows: Literal["edge", "node"] = "edge"       # type_reduce only
     per: Literal["etype", "ntype", "none"] = "none"  # type_reduce only
@@ -84,6 +92,24 @@ class TraversalInstance:
         return self.expr.buffers()
 
     @property
+    def loop_rows(self) -> str:
+        """What the expression's loop row is: "edge", "node" or "compact"."""
+        if self.loop == "compact_map" or (self.loop == "aggregate" and self.side == "compact_src"):
+            return "compact"
+        if self.loop in ("edge_map", "aggregate", "edge_softmax") or (
+                self.loop == "type_reduce" and self.rows == "edge"):
+            return "edge"
+        return "node"
+
+    @property
+    def out_rows(self) -> str:
+        """What indexes the output buffer."""
+        if self.loop == "type_reduce":
+            return {"etype": "etype", "ntype": "ntype", "none": "global"}[self.per]
+        if self.loop == "aggregate":
+            return "compact" if self.side == "compact" else "node"
+        return {"edge_map": "edge", "node_map": "node", "compact_map": "compact", "edge_softmax": "edge"}[self.loop]
+
+    @property
     def edge_loop(self) -> bool:
-        return self.loop in ("edge_map", "aggregate", "edge_softmax") or (
-            self.loop == "type_reduce" and self.rows == "edge")
+        return self.loop_rows == "edge"

@@ -30,7 +30,10 @@ class LoweringError(NotImplementedError):
     pass
 
 
-_ROWS = {Domain.NODE: "node", Domain.EDGE: "edge"}
+_ROWS = {Domain.NODE: "node", Domain.EDGE: "edge", Domain.COMPACT: "compact"}
+_MAP_LOOP = {"node": "node_map", "edge": "edge_map", "compact": "compact_map"}
+# the loop rows of an aggregation's input, per side (ir/ops.py AGGREGATE_SIDES)
+_AGGREGATE_LOOP = {"dst": "edge", "src": "edge", "compact": "edge", "compact_src": "compact"}
 
 
 def _buffer_rows(op: Op) -> str:
@@ -39,8 +42,6 @@ def _buffer_rows(op: Op) -> str:
         return t.per.value
     if t.domain is Domain.GLOBAL:
         return "global"
-    if t.domain is Domain.COMPACT:
-        raise LoweringError("compact rows are not lowered to kernels yet: run without compact materialization")
     return _ROWS[t.domain]
 
 
@@ -68,43 +69,50 @@ class _Lowering:
         return b
 
     # -- element expressions ----------------------------------------------------------------
-    def expr(self, key: str, edge_loop: bool, remap: dict[RowRef, RowRef] | None = None) -> Expr:
-        """The element expression of a value inside a loop over edges (or nodes).  ``remap``
-        turns a node expression into one evaluated at src[e] / dst[e].  Memoized per (value,
-        loop, remap) while the value has no buffer, so lowering is linear in the IR's size."""
-        memo_key = (key, edge_loop, None if remap is None else tuple(sorted((a.value, b.value) for a, b in remap.items())),
+    def expr(self, key: str, loop: str, remap: dict[RowRef, RowRef] | None = None) -> Expr:
+        """The element expression of a value inside a loop over ``loop`` rows ("edge", "node" or
+        "compact").  ``remap`` turns a node expression into one evaluated at src[e] / dst[e] (or
+        at a compact row's source).  Memoized per (value, loop, remap) while the value has no
+        buffer, so lowering is linear in the IR's size."""
+        memo_key = (key, loop, None if remap is None else tuple(sorted((a.value, b.value) for a, b in remap.items())),
                     key in self.buffers)
         hit = self._expr_memo.get(memo_key)
         if hit is not None:
             return hit
-        e = self._expr(key, edge_loop, remap)
-        self._expr_memo[(key, edge_loop, memo_key[2], key in self.buffers)] = e
+        e = self._expr(key, loop, remap)
+        self._expr_memo[(key, loop, memo_key[2], key in self.buffers)] = e
         return e
 
-    def _expr(self, key: str, edge_loop: bool, remap: dict[RowRef, RowRef] | None) -> Expr:
+    def _expr(self, key: str, loop: str, remap: dict[RowRef, RowRef] | None) -> Expr:
         op = self.ir.op(key)
         if key in self.buffers:
             b = self.buffers[key]
-            in_edge_loop = edge_loop and remap is None   # under a gather, rows are nodes
-            row = {"node": None if in_edge_loop else RowRef.SELF, "edge": RowRef.SELF,
-                   "etype": RowRef.ETYPE, "ntype": RowRef.NTYPE, "global": RowRef.NONE}[b.rows]
+            own = loop if remap is None else "node"      # under a gather, rows are nodes
+            row = RowRef.SELF if b.rows == own else {
+                "etype": RowRef.ETYPE, "ntype": RowRef.NTYPE, "global": RowRef.NONE}.get(b.rows)
+            if row is None:
+                how = " without a gather" if b.rows == "node" else ""
+                raise LoweringError(f"{b.rows} value {b.name} read in a loop over {loop} rows{how}")
             if remap is not None:
                 if row not in remap:
                     raise LoweringError(f"{b.rows} buffer {b.name} cannot be read through a gather")
                 row = remap[row]
-            if row is None:
-                raise LoweringError(f"node value {b.name} read in an edge loop without a gather")
             return load(b, row)
         k = op.kind
         if k is OpKind.GATHER:
             side = op.attr("side")
-            if side not in ("src", "dst"):
-                raise LoweringError(f"gather {side} is not lowered to kernels yet")
+            want = "compact" if side == "compact_src" else "edge"
+            if loop != want or remap is not None:
+                raise LoweringError(f"gather {side} inside a loop over {loop} rows")
             inner = self.ir.op(op.inputs[0])
-            sub = {RowRef.SELF: RowRef.SRC if side == "src" else RowRef.DST, RowRef.NONE: RowRef.NONE}
+            sub = {RowRef.SELF: RowRef.DST if side == "dst" else RowRef.SRC, RowRef.NONE: RowRef.NONE}
             if not self._gatherable(inner.key):
                 self.materialize(inner.key)
-            return self.expr(inner.key, edge_loop, sub)
+            return self.expr(inner.key, loop, sub)
+        if k is OpKind.EXPAND_COMPACT:      # an edge reads its (src, etype) pair's compact row
+            if loop != "edge" or remap is not None:
+                raise LoweringError(f"expand_compact inside a loop over {loop} rows")
+            return load(self.ensure_buffer(op.inputs[0]), RowRef.COMPACT)
         if k is OpKind.TYPE_INDEX:
             w = self.ensure_buffer(op.inputs[0])
             row = RowRef.ETYPE if w.rows == "etype" else RowRef.NTYPE
@@ -113,10 +121,10 @@ class _Lowering:
             return load(w, row)
         if k in (OpKind.DOT, OpKind.SUM_TO) and key not in self.buffers:
             self.materialize(key)
-            return self.expr(key, edge_loop, remap)
+            return self.expr(key, loop, remap)
         d = op_def(k)
         if d.lower == "fused" and d.element is not None:    # the kind's element rule (pigeon/opset.py)
-            return d.element(op, tuple(self.expr(i, edge_loop, remap) for i in op.inputs))
+            return d.element(op, tuple(self.expr(i, loop, remap) for i in op.inputs))
         if k is OpKind.GRAPH_DATA:
             raise AssertionError("graph data always has a buffer")
         raise LoweringError(f"{k.value} cannot be fused into an element expression yet"
@@ -141,15 +149,14 @@ class _Lowering:
         op = self.ir.op(key)
         if op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
             raise LoweringError(f"elementwise {op.kind.value} on weights is not lowered to kernels")
-        edge = op.type.domain is Domain.EDGE
+        loop = _ROWS[op.type.domain]
         if op.kind in (OpKind.DOT, OpKind.SUM_TO):
-            args = tuple(self.expr(i, edge) for i in op.inputs)
+            args = tuple(self.expr(i, loop) for i in op.inputs)
             e = op_def(op.kind).element(op, args)
         else:
-            e = self.expr(key, edge)
+            e = self.expr(key, loop)
         out = self.new_buffer(op)
-        self.launches.append(TraversalLaunch(TraversalInstance(
-            "edge_map" if edge else "node_map", e, out, dtype=out.dtype)))
+        self.launches.append(TraversalLaunch(TraversalInstance(_MAP_LOOP[loop], e, out, dtype=out.dtype)))
         return key
 
     def ensure_buffer(self, key: str) -> Buffer:
@@ -164,11 +171,12 @@ class _Lowering:
         op = self.ir.op(key)
         while op.kind is OpKind.RESHAPE and op.key not in self.buffers:
             op = self.ir.op(op.inputs[0])
-        if op.kind is OpKind.GATHER and op.attr("side") in ("src", "dst"):
+        if op.kind in (OpKind.GATHER, OpKind.EXPAND_COMPACT) and op.key not in self.buffers:
             inner = self.ir.op(op.inputs[0])
             while inner.kind is OpKind.RESHAPE and inner.key not in self.buffers:
                 inner = self.ir.op(inner.inputs[0])
-            return self.ensure_buffer(inner.key), op.attr("side")
+            index = "edge_to_compact" if op.kind is OpKind.EXPAND_COMPACT else op.attr("side")
+            return self.ensure_buffer(inner.key), index
         return self.ensure_buffer(op.key), None
 
     def gemm(self, op: Op) -> None:
@@ -248,18 +256,20 @@ class _Lowering:
             if rule == "gemm":
                 self.gemm(op)
             elif rule == "aggregate":
-                e = self.expr(op.inputs[0], True)
+                e = self.expr(op.inputs[0], _AGGREGATE_LOOP[op.attr("side", "dst")])
                 out = self.new_buffer(op)
                 self.launches.append(TraversalLaunch(TraversalInstance(
                     "aggregate", e, out, side=op.attr("side", "dst"), reduce=op.attr("reduce"), dtype=out.dtype)))
             elif rule == "edge_softmax":
-                e = self.expr(op.inputs[0], True)
+                e = self.expr(op.inputs[0], "edge")
                 out = self.new_buffer(op)
                 self.launches.append(TraversalLaunch(TraversalInstance("edge_softmax", e, out, dtype=out.dtype)))
             elif rule == "type_reduce":
                 src = ir.op(op.inputs[0])
+                if src.type.domain is Domain.COMPACT:
+                    raise LoweringError("a type reduction over compact rows is not lowered yet")
                 edge = src.type.domain is Domain.EDGE
-                e = self.expr(src.key, edge)
+                e = self.expr(src.key, "edge" if edge else "node")
                 out = self.new_buffer(op)
                 per = op.attr("per")
                 self.launches.append(TraversalLaunch(TraversalInstance(

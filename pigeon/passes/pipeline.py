@@ -15,6 +15,7 @@ from typing import Callable
 from ..ir.graph import IRGraph
 from ..ir.verify import verify
 from .autodiff import AutodiffError, AutodiffResult, autodiff
+from .compact import RULES as COMPACT_RULES, decide as decide_compaction
 from .rewrite import Change, Rule, rewrite
 from .simplify import RULES as SIMPLIFY_RULES
 
@@ -30,6 +31,7 @@ class Compilation:
     backward: IRGraph | None = None
     autodiff: AutodiffResult | None = None
     backward_error: str | None = None          # why there is no backward graph
+    graph_stats: dict | None = None            # the graph's statistics, for graph-dependent passes
 
     def graphs(self) -> dict[str, IRGraph]:
         out = {"ir": self.ir}
@@ -94,17 +96,35 @@ def _autodiff(c: Compilation, rec: PassRecord) -> Compilation:
     return replace(c, forward=res.forward, backward=res.backward, autodiff=res)
 
 
+def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
+    """Compact materialization where the graph's statistics say it pays (pigeon/passes/compact.py).
+    Before autodiff, so the backward graph is built on the compact rows."""
+    d = decide_compaction(c.graph_stats)
+    if not d.compact:
+        rec.note = f"not applied: {d.why}"
+        return c
+    changes: list[Change] = []
+    out = verify(rewrite(c.ir, COMPACT_RULES, changes=changes))
+    rec.changes.extend(("ir", ch) for ch in changes)
+    rec.note = f"applied: {d.why}" if changes else f"nothing to compact ({d.why})"
+    return replace(c, ir=out)
+
+
 SIMPLIFY = rules_pass("simplify", SIMPLIFY_RULES)
 DEAD_OPS = GraphPass("remove_dead_ops", _dead_ops)
+COMPACTION = StagePass("compaction", _compaction)
 AUTODIFF = StagePass("autodiff", _autodiff)
 
-PIPELINE: tuple = (SIMPLIFY, DEAD_OPS, AUTODIFF, SIMPLIFY, DEAD_OPS)
+PIPELINE: tuple = (SIMPLIFY, DEAD_OPS, COMPACTION, AUTODIFF, SIMPLIFY, DEAD_OPS)
 FORWARD_ONLY: tuple = (SIMPLIFY, DEAD_OPS)
 
 
-def run_pipeline(ir: IRGraph, pipeline=PIPELINE) -> tuple[Compilation, list[PassRecord]]:
-    """Run the passes in order; returns the compilation and one record per pass."""
-    c = Compilation(verify(ir))
+def run_pipeline(ir: IRGraph, pipeline=PIPELINE, *, graph_stats: dict | None = None
+                 ) -> tuple[Compilation, list[PassRecord]]:
+    """Run the passes in order; returns the compilation and one record per pass.  ``graph_stats``
+    (``num_edges``, ``compact_rows``: see ``graph_stats_for``) feeds the graph-dependent passes;
+    without it they keep the graph as traced."""
+    c = Compilation(verify(ir), graph_stats=graph_stats)
     records = []
     for p in pipeline:
         rec = PassRecord(p.name)
@@ -135,6 +155,11 @@ def run_pipeline(ir: IRGraph, pipeline=PIPELINE) -> tuple[Compilation, list[Pass
                 c = replace(c, ir=_user_view(c))
         records.append(rec)
     return c, records
+
+
+def graph_stats_for(graph) -> dict:
+    """The statistics the graph-dependent passes read (cheap: the compact map is cached)."""
+    return {"num_edges": graph.num_edges, "compact_rows": graph.compact().num_rows}
 
 
 def _user_view(c: Compilation) -> IRGraph:

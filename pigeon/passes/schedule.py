@@ -45,8 +45,14 @@ def aggregate_schedule(width: int, stats: dict, side: str = "dst") -> str:
     if forced != "auto":
         return forced
     group = 1 << max(0, (min(max(width, 1), 32) - 1).bit_length())
-    d_max = stats["max_in_degree" if side == "dst" else "max_out_degree"]
-    balanced = stats["num_edges"] * group / RESIDENT_THREADS
+    # the largest member list of one output row, and how many members there are in all
+    d_key, n_key = {"dst": ("max_in_degree", "num_edges"), "src": ("max_out_degree", "num_edges"),
+                    "compact": ("max_compact_edges", "num_edges"),
+                    "compact_src": ("max_node_compacts", "num_compact")}[side]
+    if d_key not in stats:
+        return "node"
+    d_max = stats[d_key]
+    balanced = stats[n_key] * group / RESIDENT_THREADS
     return "edge_chunks" if d_max > SKEW * max(balanced, 1.0) else "node"
 
 

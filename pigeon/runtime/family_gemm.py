@@ -372,10 +372,16 @@ def build_gemm(inst: GemmInstance, arch: str | None = None, device: Any = None, 
 
 def gemm_operands(launch: GemmLaunch, kg: Any) -> dict[str, Any]:
     """Graph arrays of a GEMM launch: segment pointers, gather/scatter index lists, row count."""
-    M = kg.num_edges if launch.rows == "edge" else kg.num_nodes
-    seg = {"etype": kg.etype_ptr, "ntype": kg.ntype_ptr,
-           "all": kg.all_edges_ptr if launch.rows == "edge" else kg.all_nodes_ptr}[launch.seg]
-    index = {"src": kg.src, "dst": kg.dst, "ntype_perm": kg.ntype_perm, None: None}
+    rows = launch.rows
+    M = {"edge": kg.num_edges, "node": kg.num_nodes, "compact": kg.num_compact}[rows]
+    if launch.seg == "etype":
+        seg = kg.compact_etype_ptr if rows == "compact" else kg.etype_ptr
+    elif launch.seg == "ntype":
+        seg = kg.ntype_ptr
+    else:
+        seg = {"edge": kg.all_edges_ptr, "node": kg.all_nodes_ptr, "compact": kg.all_compact_ptr}[rows]
+    index = {"src": kg.src, "dst": kg.dst, "ntype_perm": kg.ntype_perm, "compact_src": kg.compact_src,
+             "edge_to_compact": kg.edge_to_compact, None: None}
     return {"M": M, "seg_ptr": seg, "gather": index[launch.gather], "scatter": index[launch.scatter]}
 
 

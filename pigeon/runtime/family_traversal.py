@@ -24,22 +24,29 @@ from .family import KernelFamily, register_family
 
 # ------------------------------------------------------------------------------ semantics
 
-def row_index(kg: KernelGraph, row: RowRef, edge_loop: bool) -> torch.Tensor | None:
+def row_index(kg: KernelGraph, row: RowRef, loop_rows: str) -> torch.Tensor | None:
     if row is RowRef.NONE:
         return None
-    if edge_loop:
-        table = {RowRef.SELF: None, RowRef.SRC: kg.src, RowRef.DST: kg.dst, RowRef.ETYPE: kg.etype}
+    if loop_rows == "edge":
+        table = {RowRef.SELF: None, RowRef.SRC: kg.src, RowRef.DST: kg.dst, RowRef.ETYPE: kg.etype,
+                 RowRef.COMPACT: kg.edge_to_compact}
+    elif loop_rows == "compact":
+        table = {RowRef.SELF: None, RowRef.SRC: kg.compact_src, RowRef.ETYPE: kg.compact_etype}
     else:
         table = {RowRef.SELF: None, RowRef.NTYPE: kg.ntype}
     if row not in table:
-        raise ValueError(f"row reference {row.value} is not allowed in an {'edge' if edge_loop else 'node'} loop")
+        raise ValueError(f"row reference {row.value} is not allowed in a loop over {loop_rows} rows")
     return table[row]
 
 
-def eval_expr(e: Expr, kg: KernelGraph, edge_loop: bool, bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def loop_row_count(kg: KernelGraph, loop_rows: str) -> int:
+    return {"edge": kg.num_edges, "node": kg.num_nodes, "compact": kg.num_compact}[loop_rows]
+
+
+def eval_expr(e: Expr, kg: KernelGraph, loop_rows: str, bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Value of ``e`` at every loop row: a [rows, *e.shape] tensor (float32 for float values);
     loads read their buffers through the loop's row references."""
-    R = kg.num_edges if edge_loop else kg.num_nodes
+    R = loop_row_count(kg, loop_rows)
 
     def leaf(n: Expr) -> torch.Tensor:
         if n.op != "load":
@@ -47,7 +54,7 @@ def eval_expr(e: Expr, kg: KernelGraph, edge_loop: bool, bufs: Mapping[str, torc
         b = bufs[n.buffer.name].to(TORCH_DTYPES[n.dtype])
         if n.row is RowRef.NONE:
             return b.reshape((1,) + n.shape).expand((R,) + n.shape)
-        idx = row_index(kg, n.row, edge_loop)
+        idx = row_index(kg, n.row, loop_rows)
         b = b.reshape((-1,) + n.shape)
         return b if idx is None else b[idx.long()]
     return semantic_eval(e, R, leaf, kg.device)
@@ -56,13 +63,15 @@ def eval_expr(e: Expr, kg: KernelGraph, edge_loop: bool, bufs: Mapping[str, torc
 def run_traversal_reference(inst: TraversalInstance, kg: KernelGraph,
                             bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The output buffer of ``inst`` as a [rows, *out.shape] float32 tensor."""
-    v = eval_expr(inst.expr, kg, inst.edge_loop, bufs)
+    v = eval_expr(inst.expr, kg, inst.loop_rows, bufs)
     shape = inst.out.shape
-    if inst.loop in ("edge_map", "node_map"):
+    if inst.loop in ("edge_map", "node_map", "compact_map"):
         return v.reshape((-1,) + shape)
     if inst.loop == "aggregate":
-        idx = (kg.dst if inst.side == "dst" else kg.src).long()
-        return aggregate(v, idx, kg.num_nodes, inst.reduce)
+        idx, n = {"dst": (kg.dst, kg.num_nodes), "src": (kg.src, kg.num_nodes),
+                  "compact": (kg.edge_to_compact, kg.num_compact),
+                  "compact_src": (kg.compact_src, kg.num_nodes)}[inst.side]
+        return aggregate(v, idx.long(), n, inst.reduce)
     if inst.loop == "edge_softmax":
         return edge_softmax(v, kg.dst.long(), kg.num_nodes)
     if inst.loop == "type_reduce":
@@ -77,8 +86,8 @@ def run_traversal_reference(inst: TraversalInstance, kg: KernelGraph,
 # ------------------------------------------------------------------------------ launching
 
 def _rows_of(b: Buffer, kg: KernelGraph) -> tuple[int, ...]:
-    return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "etype": (kg.num_etypes,),
-            "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
+    return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "compact": (kg.num_compact,),
+            "etype": (kg.num_etypes,), "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
 
 
 def _check_tensor(what: str, b: Buffer, t: Any, kg: KernelGraph) -> None:

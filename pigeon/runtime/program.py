@@ -32,8 +32,8 @@ class ProgramError(ValueError):
 
 
 def buffer_rows(b: Buffer, kg: KernelGraph) -> tuple[int, ...]:
-    return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "etype": (kg.num_etypes,),
-            "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
+    return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "compact": (kg.num_compact,),
+            "etype": (kg.num_etypes,), "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
 
 
 class TorchBackend:

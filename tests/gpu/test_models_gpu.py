@@ -33,9 +33,11 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
+@pytest.mark.parametrize("compact", ["0", "1"])
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_fp32_forward_and_gradients_equal_reference(model, monkeypatch):
+def test_fp32_forward_and_gradients_equal_reference(model, compact, monkeypatch):
     monkeypatch.setenv("PIGEON_POISON", "1")        # every temporary buffer starts as NaN
+    monkeypatch.setenv("PIGEON_COMPACT", compact)   # with and without compact materialization
     seed = random.randrange(1 << 30)
     spec, hp, g, layer, x = _setup(model, seed)
     x.requires_grad_(True)

@@ -1,0 +1,135 @@
+"""Compact materialization (pigeon/passes/compact.py): the rewrite before and after, the cost
+rule, the pipeline record, and the compacted programs against the reference interpreter,
+forward and backward, on the torch semantics and on the emulated CUDA text (node and
+edge-chunk schedules), with NaN-poisoned temporaries."""
+import random
+
+import pytest
+import torch
+
+import pigeon as pg
+from pigeon.ir.ops import OpKind
+from pigeon.passes.compact import MIN_EDGES_PER_ROW, RULES, CompactionError, decide
+from pigeon.passes.pipeline import graph_stats_for, run_pipeline
+from pigeon.passes.rewrite import rewrite
+from pigeon.reference import run
+
+from graphs import random_graph
+from test_models_reference import IN, MODELS
+
+
+def _kinds(ir):
+    return [op.kind for op in ir.ops()]
+
+
+def test_rule_moves_source_typed_linear_onto_compact_rows():
+    spec, hp, _ = MODELS["rgcn_mean"]
+    ir = spec.trace(IN, **hp)
+    before = [op for op in ir.ops() if op.kind is OpKind.TYPED_LINEAR]
+    out = rewrite(ir, RULES)
+    tl = [op for op in out.ops() if op.kind is OpKind.TYPED_LINEAR]
+    assert len(tl) == len(before)
+    typed = [op for op in tl if out.op(op.inputs[1]).type.domain.value == "weight"]
+    assert [op.type.domain.value for op in typed] == ["compact"]
+    gather = out.op(typed[0].inputs[0])
+    assert gather.kind is OpKind.GATHER and gather.attr("side") == "compact_src"
+    users = out.users(typed[0].key)
+    assert [u.kind for u in users] == [OpKind.EXPAND_COMPACT]
+    # the global self-loop linear on node rows is untouched
+    assert any(op.type.domain.value == "node" for op in tl)
+
+
+def test_rule_leaves_destination_and_node_typed_linears():
+    spec, hp, _ = MODELS["rgat"]
+    out = rewrite(spec.trace(IN, **hp), RULES)
+    kinds = {(op.type.domain.value, out.op(op.inputs[0]).attr("side")) for op in out.ops()
+             if op.kind is OpKind.TYPED_LINEAR}
+    assert kinds == {("compact", "compact_src"), ("edge", "dst")}
+    hgt_ir = MODELS["hgt"][0].trace(IN, **MODELS["hgt"][1])
+    out = rewrite(hgt_ir, RULES)
+    node_typed = [op for op in out.ops() if op.kind is OpKind.TYPED_LINEAR and op.type.domain.value == "node"]
+    assert len(node_typed) == 4          # K, Q, V, out: per node type, not gathered
+    assert sum(op.kind is OpKind.EXPAND_COMPACT for op in out.ops()) == 2    # k_r and v_r
+
+
+def test_decision_rule_and_override(monkeypatch):
+    monkeypatch.delenv("PIGEON_COMPACT", raising=False)
+    assert decide({"num_edges": 300, "compact_rows": 100}).compact
+    assert not decide({"num_edges": 120, "compact_rows": 100}).compact
+    assert decide({"num_edges": int(MIN_EDGES_PER_ROW * 100), "compact_rows": 100}).compact
+    assert not decide(None).compact
+    monkeypatch.setenv("PIGEON_COMPACT", "1")
+    assert decide({"num_edges": 100, "compact_rows": 100}).compact
+    monkeypatch.setenv("PIGEON_COMPACT", "0")
+    assert not decide({"num_edges": 1000, "compact_rows": 10}).compact
+    monkeypatch.setenv("PIGEON_COMPACT", "yes")
+    with pytest.raises(CompactionError, match="PIGEON_COMPACT='yes'"):
+        decide({"num_edges": 1, "compact_rows": 1})
+
+
+def test_pipeline_records_the_decision(monkeypatch):
+    monkeypatch.delenv("PIGEON_COMPACT", raising=False)
+    spec, hp, _ = MODELS["rgcn_mean"]
+    dense = random_graph(1, num_nodes=20, num_edges=400, num_etypes=2)
+    sparse = random_graph(1, num_nodes=400, num_edges=100, num_etypes=2)
+    c, recs = run_pipeline(spec.trace(IN, **hp), graph_stats=graph_stats_for(dense))
+    rec = next(r for r in recs if r.name == "compaction")
+    assert rec.note.startswith("applied") and [ch.rule for _, ch in rec.changes] == ["compact_src_linear"]
+    assert OpKind.EXPAND_COMPACT in _kinds(c.forward)
+    assert any(op.kind is OpKind.AGGREGATE and op.attr("side") == "compact" for op in c.backward.ops())
+    assert any(op.kind is OpKind.AGGREGATE and op.attr("side") == "compact_src" for op in c.backward.ops())
+    c, recs = run_pipeline(spec.trace(IN, **hp), graph_stats=graph_stats_for(sparse))
+    rec = next(r for r in recs if r.name == "compaction")
+    assert rec.note.startswith("not applied") and OpKind.EXPAND_COMPACT not in _kinds(c.forward)
+
+
+# the torch semantics of an aggregate do not depend on its schedule: one schedule there
+@pytest.mark.parametrize("executor,schedule", [("torch", "node"), ("emulate", "node"), ("emulate", "edge_chunks")])
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_compacted_kernels_equal_the_reference(model, executor, schedule, monkeypatch):
+    monkeypatch.setenv("PIGEON_COMPACT", "1")
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    monkeypatch.setenv("PIGEON_CPU_BACKEND", executor)
+    monkeypatch.setenv("PIGEON_AGGREGATE_SCHEDULE", schedule)
+    seed = random.randrange(1 << 30)
+    spec, hp, _ = MODELS[model]
+    # a hub source with many edges of one relation: long compact rows, and nodes with many rows
+    g = random_graph(seed, num_nodes=40, num_edges=600, num_etypes=3)
+    layer = pg.compile(spec, g, IN, seed=seed, **hp)
+    assert any(b.rows == "compact" for b in layer.forward_program.buffers), "the pass did not fire"
+    torch.manual_seed(seed)
+    x = torch.randn(g.num_nodes, IN, requires_grad=True)
+    params = {k: v.detach().clone().double().requires_grad_(True) for k, v in layer.weights.items()}
+    x64 = x.detach().double().requires_grad_(True)
+    out = layer(x)
+    up = torch.randn_like(out)
+    grads = torch.autograd.grad((out * up).sum(), [x] + list(layer.weights.values()))
+    ref = run(layer.ir, g, {"x": x64}, params)["out"]
+    ref_grads = torch.autograd.grad((ref * up.double()).sum(), [x64] + list(params.values()))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"seed {seed}: {m}")
+    for name, a, b in zip(["x"] + list(params), grads, ref_grads):
+        assert torch.isfinite(a).all(), f"grad {name} not finite (seed {seed})"
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}, seed {seed}: {m}")
+
+
+def test_compaction_changes_nothing_the_user_sees(monkeypatch):
+    """The same layer compiled with and without compaction: equal outputs and gradients."""
+    seed = random.randrange(1 << 30)
+    spec, hp, _ = MODELS["rgat"]
+    g = random_graph(seed, num_nodes=30, num_edges=300, num_etypes=3)
+    torch.manual_seed(seed)
+    x0 = torch.randn(g.num_nodes, IN)
+    res = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("PIGEON_COMPACT", mode)
+        layer = pg.compile(spec, g, IN, seed=seed, **hp)
+        x = x0.clone().requires_grad_(True)
+        out = layer(x)
+        (out * out).sum().backward()
+        res[mode] = (out.detach(), x.grad, {k: v.grad for k, v in layer.weights.items()},
+                     len(layer.forward_program.launches))
+    torch.testing.assert_close(res["0"][0], res["1"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res["0"][1], res["1"][1], rtol=1e-4, atol=1e-5)
+    for k in res["0"][2]:
+        torch.testing.assert_close(res["0"][2][k], res["1"][2][k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
