@@ -15,6 +15,7 @@ errors (illegal address, ...) at the launch that caused them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -32,6 +33,7 @@ __all__ = [
     "load_module",
     "clear_module_cache",
     "sync_launch_enabled",
+    "keep_launch_args",
     "C_TYPES",
 ]
 
@@ -101,6 +103,23 @@ def _check(result: Any, what: str) -> Any:
 def sync_launch_enabled() -> bool:
     v = os.environ.get("PIGEON_SYNC_LAUNCH")
     return bool(v) and v.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_keep = threading.local()
+
+
+@contextlib.contextmanager
+def keep_launch_args():
+    """Collect, while the block runs, every tensor that a kernel launched on this thread receives.
+    A CUDA-graph capture (pigeon/runtime/replay.py) keeps them: the graph reads their memory at
+    every replay, so none may be freed (and reused) while the graph lives."""
+    prev = getattr(_keep, "tensors", None)
+    kept: list = []
+    _keep.tensors = kept
+    try:
+        yield kept
+    finally:
+        _keep.tensors = prev
 
 
 _lock = threading.RLock()
@@ -417,6 +436,10 @@ class CudaFunction:
             return f"kernel {self.name!r} grid={g} block={b} smem={shared_mem}"
 
         params = self._pack(args, types, where)
+        kept = getattr(_keep, "tensors", None)
+        if kept is not None:
+            tensor_type = _torch().Tensor
+            kept.extend(a for a in args if isinstance(a, tensor_type))
         if self.module._module is None:
             raise KernelLaunchError(f"{where()}: its module was unloaded")
         dev = self.module.device
