@@ -15,7 +15,10 @@ backend runs each instance's semantics, and the tests check the CUDA text there 
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
+import weakref
 from typing import Mapping
 
 import torch
@@ -23,6 +26,7 @@ import torch
 from ..graph.kernel_graph import KernelGraph
 from ..ir.expr import Buffer
 from ..ir.program import KernelProgram
+from . import replay as _replay
 from .families import run_launch
 from ..torch_dtypes import TORCH_DTYPES
 
@@ -80,39 +84,132 @@ def describe_backend(name: str) -> str:
             "emulate": "CUDA text emulated on the CPU (traversals) + GEMM semantics"}[name]
 
 
+class _Plan:
+    """What running ``program`` on ``kg`` needs that no call's tensors change: the expected shape of
+    every input and weight, the graph data in the buffers' dtypes (cast once, not on every call),
+    the buffers to allocate, and the sizes the CUDA-graph rule reads (pigeon/runtime/replay.py)."""
+    __slots__ = ("inputs", "params", "input_names", "param_names", "graph", "allocs", "outputs",
+                 "n_launches", "buffer_bytes", "__weakref__")
+
+    def __init__(self, p: KernelProgram, kg: KernelGraph):
+        def want(decl):
+            return tuple((name, bname, buffer_rows(p.buffer(bname), kg) + p.buffer(bname).shape)
+                         for name, bname in decl)
+        self.inputs, self.params = want(p.inputs), want(p.params)
+        self.input_names = tuple(n for n, _, _ in self.inputs)
+        self.param_names = tuple(n for n, _, _ in self.params)
+        self.graph = tuple((bname, getattr(kg, what).to(TORCH_DTYPES[p.buffer(bname).dtype]).contiguous())
+                           for what, bname in p.graph_data)
+        bound = {b for _, b, _ in self.inputs + self.params} | {b for b, _ in self.graph}
+        allocs, nbytes = [], 0
+        for b in p.buffers:
+            shape, dt = buffer_rows(b, kg) + b.shape, TORCH_DTYPES[b.dtype]
+            nbytes += math.prod(shape) * dt.itemsize
+            if b.name not in bound:
+                bound.add(b.name)
+                allocs.append((b.name, shape, dt, dt.is_floating_point))
+        self.allocs = tuple(allocs)
+        self.outputs = tuple(p.outputs)
+        self.n_launches = len(p.launches)
+        self.buffer_bytes = nbytes
+
+
+# (id(program), id(kg)) -> (weakref to program, weakref to kg, plan); an entry dies with either
+_PLANS: dict[tuple[int, int], tuple] = {}
+
+
+def _plan(p: KernelProgram, kg: KernelGraph) -> _Plan:
+    key = (id(p), id(kg))
+    ent = _PLANS.get(key)
+    if ent is not None and ent[0]() is p and ent[1]() is kg:
+        return ent[2]
+    plan = _Plan(p, kg)
+    refs = (weakref.ref(p), weakref.ref(kg))
+    _PLANS[key] = refs + (plan,)
+    for obj in (p, kg):
+        weakref.finalize(obj, _drop_plan, key, refs)
+    return plan
+
+
+def _drop_plan(key, refs) -> None:
+    ent = _PLANS.get(key)
+    if ent is not None and ent[:2] == refs:
+        del _PLANS[key]
+
+
+def _plain(tensors) -> bool:
+    """Real tensors (no fake, functional or other subclass): what the plan cache may serve."""
+    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
 class Executor:
     """Runs a kernel program: binds tensors to its buffers, then hands every launch to its kernel
-    family (pigeon/runtime/family.py) on the chosen backend."""
+    family (pigeon/runtime/family.py) on the chosen backend.
 
-    def __init__(self, program: KernelProgram, backend, *, poison: bool | None = None):
+    On the ``cuda`` backend a call may replay a CUDA graph of the program instead
+    (pigeon/runtime/replay.py: ``PIGEON_CUDA_GRAPHS``, the rule, memory and fallback); ``replay``
+    False turns that off for this executor. The results are the same either way."""
+
+    def __init__(self, program: KernelProgram, backend, *, poison: bool | None = None,
+                 replay: bool | None = None):
         self.program, self.backend = program, backend
-        self.poison = poison if poison is not None else os.environ.get("PIGEON_POISON", "") == "1"
+        self.poison = poison if poison is not None else _replay.getenv("PIGEON_POISON") == "1"
+        self.replay = replay
 
     def run(self, kg: KernelGraph, inputs: Mapping[str, torch.Tensor],
             params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         p = self.program
+        tensors = [*inputs.values(), *params.values()]
+        if not _plain(tensors):      # fake or other subclass tensors: nothing cached, nothing captured
+            return self._execute(_Plan(p, kg), kg, inputs, params)[0]
+        plan = _plan(p, kg)
+        if (self.replay is not False and getattr(self.backend, "name", None) == "cuda"
+                and _replay.use_replay("cuda", kg.device, plan.n_launches, plan.buffer_bytes, tensors,
+                                       mode="1" if self.replay else None)):
+            key = self._key(plan, kg, inputs, params)
+            if key is not None:
+                out = _replay.replay_set(self.backend, p).run(
+                    key, functools.partial(self._execute, plan, kg), kg, kg.device, inputs, params,
+                    plan.input_names, plan.param_names)
+                if out is not None:
+                    return out
+        return self._execute(plan, kg, inputs, params)[0]
+
+    def _key(self, plan: _Plan, kg: KernelGraph, inputs, params) -> tuple | None:
+        """What a captured graph is specific to; None when an input is missing (the plain path
+        raises the error)."""
+        parts = [id(kg), self.poison]
+        for table, decl in ((inputs, plan.input_names), (params, plan.param_names)):
+            for name in decl:
+                t = table.get(name)
+                if t is None:
+                    return None
+                parts.append((t.shape, t.dtype, t.device))
+        return tuple(parts)
+
+    def _execute(self, plan: _Plan, kg: KernelGraph, inputs: Mapping[str, torch.Tensor],
+                 params: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+        """The plain run: ``(outputs, buffers)``."""
+        p = self.program
         bufs: dict[str, torch.Tensor] = {}
-        for table, decl, what in ((inputs, p.inputs, "input"), (params, p.params, "param")):
-            for name, bname in decl:
-                if name not in table:
-                    raise ProgramError(f"{p.name}: {what} {name!r} is missing")
-                t = table[name]
-                b = p.buffer(bname)
-                want = buffer_rows(b, kg) + b.shape
-                if tuple(t.shape) != want:
-                    raise ProgramError(f"{p.name}: {what} {name!r} has shape {list(t.shape)}, expected {list(want)}")
-                if t.device != kg.device:
-                    raise ProgramError(f"{p.name}: {what} {name!r} is on {t.device}, the graph on {kg.device}")
-                bufs[bname] = t.contiguous()
-        for what, bname in p.graph_data:
-            bufs[bname] = getattr(kg, what).to(TORCH_DTYPES[p.buffer(bname).dtype]).contiguous()
         dev = kg.device
-        for b in p.buffers:
-            if b.name not in bufs:
-                t = torch.empty(buffer_rows(b, kg) + b.shape, dtype=TORCH_DTYPES[b.dtype], device=dev)
-                if self.poison and t.is_floating_point():
-                    t.fill_(float("nan"))
-                bufs[b.name] = t
+        for table, decl, what in ((inputs, plan.inputs, "input"), (params, plan.params, "param")):
+            for name, bname, want in decl:
+                t = table.get(name)
+                if t is None:
+                    raise ProgramError(f"{p.name}: {what} {name!r} is missing")
+                if t.shape != want:
+                    raise ProgramError(f"{p.name}: {what} {name!r} has shape {list(t.shape)}, expected {list(want)}")
+                if t.device != dev:
+                    raise ProgramError(f"{p.name}: {what} {name!r} is on {t.device}, the graph on {dev}")
+                bufs[bname] = t.contiguous()
+        bufs.update(plan.graph)
+        poison = self.poison
+        for bname, shape, dt, is_float in plan.allocs:
+            t = torch.empty(shape, dtype=dt, device=dev)
+            if poison and is_float:
+                t.fill_(float("nan"))
+            bufs[bname] = t
         for launch in p.launches:
             run_launch(self.backend, launch, kg, bufs)
-        return {name: bufs[bname] for name, bname in p.outputs}
+        return {name: bufs[bname] for name, bname in plan.outputs}, bufs
