@@ -20,6 +20,7 @@ from ..graph.kernel_graph import KernelGraph
 from ..ir.program import KernelProgram
 from . import kernel_ops  # noqa: F401  (registers pigeon::gemm and pigeon::traversal)
 from .program import TORCH_DTYPES, Executor, buffer_rows
+from .replay import getenv as _replay_getenv
 
 
 @dataclass(eq=False)
@@ -272,7 +273,10 @@ def run_layer_forward(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, input
             x = x[kgraph.edge_perm.to(x.device)]
         ins.append(x.to(dt).contiguous())
     params = [weights[name].to(dt) for name in glue.params]
-    outs = torch.ops.pigeon.layer_forward(layer_id, ins, params)
+    if _eager(ins, params):
+        outs = _LayerForward.apply(layer_id, len(ins), *ins, *params)
+    else:
+        outs = torch.ops.pigeon.layer_forward(layer_id, ins, params)
     result = {}
     for (name, rows), val in zip(glue.outputs, outs):
         if rows == "edge":
@@ -293,8 +297,7 @@ def _device(tensors) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.library.custom_op("pigeon::layer_forward", mutates_args=())
-def layer_forward(layer_id: str, inputs: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+def _forward_impl(layer_id: str, inputs: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
     lp = get_layer(layer_id)
     dev = _device(inputs + params)
     kg = lp.kg(dev)
@@ -302,6 +305,11 @@ def layer_forward(layer_id: str, inputs: list[torch.Tensor], params: list[torch.
                                                     dict(zip(lp.param_names, params)))
     # outputs may not alias inputs or each other (custom-op contract): see LayerPrograms.returned
     return [out[n].clone() if c else out[n] for n, c in zip(lp.returned, lp.returned_copy)]
+
+
+@torch.library.custom_op("pigeon::layer_forward", mutates_args=())
+def layer_forward(layer_id: str, inputs: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return _forward_impl(layer_id, inputs, params)
 
 
 @layer_forward.register_fake
@@ -312,8 +320,7 @@ def _(layer_id, inputs, params):
     return [torch.empty(shape, dtype=dt, device=dev) for shape, dt in lp.out_spec(kg)]
 
 
-@torch.library.custom_op("pigeon::layer_backward", mutates_args=())
-def layer_backward(layer_id: str, grads: list[torch.Tensor], inputs: list[torch.Tensor],
+def _backward_impl(layer_id: str, grads: list[torch.Tensor], inputs: list[torch.Tensor],
                    params: list[torch.Tensor], saved: list[torch.Tensor]) -> list[torch.Tensor]:
     lp = get_layer(layer_id)
     dev = _device(inputs + params)
@@ -343,6 +350,12 @@ def layer_backward(layer_id: str, grads: list[torch.Tensor], inputs: list[torch.
     return result
 
 
+@torch.library.custom_op("pigeon::layer_backward", mutates_args=())
+def layer_backward(layer_id: str, grads: list[torch.Tensor], inputs: list[torch.Tensor],
+                   params: list[torch.Tensor], saved: list[torch.Tensor]) -> list[torch.Tensor]:
+    return _backward_impl(layer_id, grads, inputs, params, saved)
+
+
 @layer_backward.register_fake
 def _(layer_id, grads, inputs, params, saved):
     return [torch.empty_like(t) for t in inputs + params]
@@ -350,6 +363,10 @@ def _(layer_id, grads, inputs, params, saved):
 
 def _setup_context(ctx, inputs, output):
     layer_id, ins, params = inputs
+    _save(ctx, layer_id, ins, params, output)
+
+
+def _save(ctx, layer_id, ins, params, output):
     lp = get_layer(layer_id)
     ctx.layer_id = layer_id
     ctx.programs = lp          # the registry holds entries weakly: backward may outlive the layer
@@ -359,7 +376,8 @@ def _setup_context(ctx, inputs, output):
     ctx.out_meta = [(o.shape, o.dtype, o.device) for o in output[:lp.n_outputs]]
 
 
-def _backward(ctx, grads):
+def _input_grads(ctx, grads, backward_fn):
+    """The gradients of a layer's inputs and weights: ``(inputs' grads, weights' grads)``."""
     lp = get_layer(ctx.layer_id)
     saved = ctx.saved_tensors
     ins, params = list(saved[:ctx.n_in]), list(saved[ctx.n_in:ctx.n_in + ctx.n_params])
@@ -368,11 +386,68 @@ def _backward(ctx, grads):
         if lp.backward_error:
             raise RuntimeError(f"pigeon: no backward for this layer: {lp.backward_error}")
         # no input or weight reaches an output: every gradient is zero
-        return None, [torch.zeros_like(t) for t in ins], [torch.zeros_like(t) for t in params]
+        return [torch.zeros_like(t) for t in ins], [torch.zeros_like(t) for t in params]
     g = [torch.zeros(shape, dtype=dt, device=dev) if gr is None else gr
          for gr, (shape, dt, dev) in zip(grads[:lp.n_outputs], ctx.out_meta)]
-    res = layer_backward(ctx.layer_id, g, ins, params, rest)
-    return None, res[:ctx.n_in], res[ctx.n_in:]
+    res = backward_fn(ctx.layer_id, g, ins, params, rest)
+    return res[:ctx.n_in], res[ctx.n_in:]
+
+
+def _backward(ctx, grads):
+    gi, gp = _input_grads(ctx, grads, layer_backward)
+    return None, gi, gp
 
 
 torch.library.register_autograd("pigeon::layer_forward", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------ the eager fast path
+
+FASTPATH_ENV = "PIGEON_EAGER_FASTPATH"
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(ins, params) -> bool:
+    """Whether a call may skip the torch.library dispatch of pigeon::layer_forward (its Python
+    wrappers flatten every argument list: ~40 us a call, ~150 us with autograd, on a CPU where the
+    autograd.Function below takes ~12 us) and run the same forward and backward through
+    ``_LayerForward``: in eager mode only, on plain tensors, with no dispatch mode or functorch
+    transform active. torch.compile (which must see the op), opcheck, fake tensors and transforms
+    take the op. ``PIGEON_EAGER_FASTPATH=0`` always takes the op."""
+    if torch.compiler.is_compiling():          # first: dynamo must not trace the checks below
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    if _replay_getenv(FASTPATH_ENV) == "0":
+        return False
+    for t in ins:
+        if type(t) not in _PLAIN_TYPES:
+            return False
+    for t in params:
+        if type(t) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
+class _LayerForward(torch.autograd.Function):
+    """pigeon::layer_forward and its autograd formula without the op's dispatch: the same
+    ``_forward_impl``, the same saved tensors and ``_input_grads``. Backward calls the
+    pigeon::layer_backward op only when it must be differentiable itself (create_graph), where the
+    op refuses as it does on the op path."""
+
+    @staticmethod
+    def forward(ctx, layer_id, n_in, *tensors):
+        ins, params = list(tensors[:n_in]), list(tensors[n_in:])
+        out = _forward_impl(layer_id, ins, params)
+        _save(ctx, layer_id, ins, params, out)
+        ctx.set_materialize_grads(False)
+        n = get_layer(layer_id).n_outputs
+        if len(out) > n:                       # saved values: not outputs the caller sees
+            ctx.mark_non_differentiable(*out[n:])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        fn = layer_backward if torch.is_grad_enabled() else _backward_impl
+        gi, gp = _input_grads(ctx, grads, fn)
+        return (None, None, *gi, *gp)
