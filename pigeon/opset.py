@@ -284,6 +284,9 @@ def _type_dot(kind, attrs, ins):
     a, b = ins
     if not a.shape or not b.shape or a.shape[-1] != b.shape[-1]:
         raise SignatureError(f"dot: last axes differ: {list(a.shape)} vs {list(b.shape)}")
+    if a.domain is Domain.WEIGHT and b.domain is Domain.WEIGHT and a.per is b.per:
+        # per-type weights contract type by type (the linear reordering folds a_r into W_r)
+        return ValueType(Domain.WEIGHT, _broadcast(a.shape[:-1], b.shape[:-1], "dot"), a.dtype, a.per)
     dom = _rows_domain([a, b], "dot")
     return ValueType(dom, _broadcast(a.shape[:-1], b.shape[:-1], "dot"), a.dtype)
 

@@ -115,7 +115,7 @@ def _render_template(name: str, config: TraversalConfig) -> str:
 # ------------------------------------------------------------------------------ validation
 
 def check_instance(inst: TraversalInstance) -> None:
-    if inst.loop not in ("edge_map", "node_map", "compact_map", "aggregate", "edge_softmax", "type_reduce"):
+    if inst.loop not in ("edge_map", "node_map", "compact_map", "type_map", "aggregate", "edge_softmax", "type_reduce"):
         raise TraversalCodegenError(f"unknown traversal loop {inst.loop!r}")
     out = inst.out
     c_ident(out.name, "output buffer name")
@@ -127,6 +127,8 @@ def check_instance(inst: TraversalInstance) -> None:
         allowed = {"edge": ("etype", "none"), "node": ("ntype", "none")}
         if inst.rows not in allowed or inst.per not in allowed[inst.rows]:
             raise TraversalCodegenError(f"type_reduce over {inst.rows} rows cannot reduce per {inst.per!r}")
+    if inst.loop == "type_map" and inst.per not in ("etype", "ntype"):
+        raise TraversalCodegenError(f"type_map loops over etype or ntype rows, not {inst.per!r}")
     want = inst.out_rows
     if inst.loop == "aggregate" and (inst.side not in AGGREGATE_LISTS or inst.reduce not in ("sum", "mean", "max")):
         raise TraversalCodegenError(f"aggregate with side {inst.side!r} / reduce {inst.reduce!r}")
@@ -165,6 +167,10 @@ def _edge_rows(row: str) -> dict[RowRef, RowBinding]:
     return {RowRef.SELF: RowBinding(row, v), RowRef.SRC: RowBinding(row, v, "src"),
             RowRef.DST: RowBinding(row, v, "dst"), RowRef.ETYPE: RowBinding(row, v, "etype"),
             RowRef.COMPACT: RowBinding(row, v, "edge_to_compact")}
+
+
+def _type_rows(row: str) -> dict[RowRef, RowBinding]:
+    return {RowRef.SELF: RowBinding(row, frozenset({row}))}
 
 
 def _compact_rows(row: str) -> dict[RowRef, RowBinding]:
@@ -210,12 +216,14 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
     root = Scope((), None, "kernel")
     graph = set()
     cfg: dict[str, Any] = {}
-    if loop in ("edge_map", "node_map", "compact_map"):
-        rows_of = {"edge_map": _edge_rows, "node_map": _node_rows, "compact_map": _compact_rows}[loop]
+    if loop in ("edge_map", "node_map", "compact_map", "type_map"):
+        rows_of = {"edge_map": _edge_rows, "node_map": _node_rows, "compact_map": _compact_rows,
+                   "type_map": _type_rows}[loop]
         em = ExprEmitter(rows_of("r"), loop)
         item = root.child({"r", "j"}, "item")
         val = em.eval(inst.expr, j, item)
-        size = {"edge_map": "num_edges", "node_map": "num_nodes", "compact_map": "num_compact"}[loop]
+        size = {"edge_map": "num_edges", "node_map": "num_nodes", "compact_map": "num_compact",
+                "type_map": f"num_{inst.per}s"}[loop]
         cfg = dict(item_code=item.code(8), value=val.code, num_rows=size)
         template = "traversal.edge.cu.jinja"
         grid = _Grid("items", W, block, size)

@@ -47,6 +47,8 @@ Loops (one output buffer per instance; ``out_shape == expr.shape``)
 * ``edge_map``:     ``out[e, I] = expr(e, I)`` for every edge.
 * ``node_map``:     ``out[v, I] = expr(v, I)`` for every node.
 * ``compact_map``:  ``out[c, I] = expr(c, I)`` for every compact row.
+* ``type_map``:     ``out[t, I] = expr(t, I)`` for every type ``t`` (``per``: etype or ntype): elementwise
+  work on per-type weights (SELF reads a per-type buffer of the same type axis).
 * ``aggregate``:    ``out[v, I] = reduce over edges e with side(e) == v of expr(e, I)``; ``side`` is
   ``dst`` or ``src``; ``reduce`` is ``sum``, ``mean`` (sum / count) or ``max``; 0 where no edge.
   Side ``compact``: ``out[c, I] = sum over edges e of pair c``; side ``compact_src``:
@@ -71,13 +73,13 @@ __all__ = ["Buffer", "Expr", "RowRef", "TraversalInstance", "load"]
 
 @dataclass(frozen=True)
 class TraversalInstance:
-    loop: Literal["edge_map", "node_map", "compact_map", "aggregate", "edge_softmax", "type_reduce"]
+    loop: Literal["edge_map", "node_map", "compact_map", "type_map", "aggregate", "edge_softmax", "type_reduce"]
     expr: Expr
     out: Buffer
     side: Literal["dst", "src", "compact", "compact_src"] = "dst"          # aggregate only
     reduce: Literal["sum", "mean", "max"] = "sum"  # aggregate only
     rows: Literal["edge", "node"] = "edge"       # type_reduce only
-    per: Literal["etype", "ntype", "none"] = "none"  # type_reduce only
+    per: Literal["etype", "ntype", "none"] = "none"  # type_reduce; type_map (its rows)
     dtype: str = "float32"                       # storage dtype of float buffers; math is fp32
     # aggregate only: "node" (a lane group walks each node's edge list) or "edge_chunks" (fixed
     # chunks of edges in destination order, a segmented sum per chunk and one atomicAdd per
@@ -96,6 +98,8 @@ class TraversalInstance:
         """What the expression's loop row is: "edge", "node" or "compact"."""
         if self.loop == "compact_map" or (self.loop == "aggregate" and self.side == "compact_src"):
             return "compact"
+        if self.loop == "type_map":
+            return self.per
         if self.loop in ("edge_map", "aggregate", "edge_softmax") or (
                 self.loop == "type_reduce" and self.rows == "edge"):
             return "edge"
@@ -104,7 +108,7 @@ class TraversalInstance:
     @property
     def out_rows(self) -> str:
         """What indexes the output buffer."""
-        if self.loop == "type_reduce":
+        if self.loop in ("type_reduce", "type_map"):
             return {"etype": "etype", "ntype": "ntype", "none": "global"}[self.per]
         if self.loop == "aggregate":
             return "compact" if self.side == "compact" else "node"

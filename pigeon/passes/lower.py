@@ -143,20 +143,25 @@ class _Lowering:
         return hit
 
     def materialize(self, key: str) -> str:
-        """Give an element value its own buffer through a map kernel."""
+        """Give an element value its own buffer through a map kernel (a loop over its rows: edges,
+        nodes, compact rows, or types for elementwise work on per-type weights)."""
         if key in self.buffers:
             return key
         op = self.ir.op(key)
-        if op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
-            raise LoweringError(f"elementwise {op.kind.value} on weights is not lowered to kernels")
-        loop = _ROWS[op.type.domain]
+        if op.type.domain is Domain.GLOBAL:
+            raise LoweringError(f"elementwise {op.kind.value} on global weights is not lowered to kernels")
+        loop = op.type.per.value if op.type.domain is Domain.WEIGHT else _ROWS[op.type.domain]
         if op.kind in (OpKind.DOT, OpKind.SUM_TO):
             args = tuple(self.expr(i, loop) for i in op.inputs)
             e = op_def(op.kind).element(op, args)
         else:
             e = self.expr(key, loop)
         out = self.new_buffer(op)
-        self.launches.append(TraversalLaunch(TraversalInstance(_MAP_LOOP[loop], e, out, dtype=out.dtype)))
+        if op.type.domain is Domain.WEIGHT:
+            inst = TraversalInstance("type_map", e, out, per=loop, dtype=out.dtype)
+        else:
+            inst = TraversalInstance(_MAP_LOOP[loop], e, out, dtype=out.dtype)
+        self.launches.append(TraversalLaunch(inst))
         return key
 
     def ensure_buffer(self, key: str) -> Buffer:
@@ -231,10 +236,10 @@ class _Lowering:
         return dts.pop()
 
     def weight_buffer(self, key: str) -> Buffer:
-        """A per-type or global weight: a param, or a weight gradient some kernel already wrote."""
+        """A per-type or global weight: a param, a weight gradient some kernel already wrote, or
+        elementwise work on per-type weights (materialized by a type_map kernel)."""
         if key not in self.buffers:
-            raise LoweringError(f"weight value {self.ir.op(key).kind.value} has no buffer: elementwise ops on "
-                                "weights are not lowered to kernels")
+            self.materialize(key)
         return self.buffers[key]
 
     # -- driver ---------------------------------------------------------------------------------
@@ -276,13 +281,17 @@ class _Lowering:
                     "type_reduce", e, out, rows="edge" if edge else "node",
                     per=per.value if per is not None else "none", dtype=out.dtype)))
             elif rule == "fused" and op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
-                if k is not OpKind.BINARY:
-                    raise LoweringError(f"elementwise {k.value} on weights is not lowered to kernels")
-                if op.attr("fn") != "add" or any(ir.op(i).type != op.type for i in op.inputs):
-                    raise LoweringError(f"elementwise {op.attr('fn')} on weights is not lowered to kernels")
-                a, b = (self.weight_buffer(i) for i in op.inputs)
-                out = self.new_buffer(op)
-                self.launches.append(HostAdd(a.name, b.name, out.name))
+                # sums of whole weights (backward adds a weight's gradients): a host add; other
+                # elementwise work on per-type weights is materialized where it is read
+                whole_add = (k is OpKind.BINARY and op.attr("fn") == "add"
+                             and all(ir.op(i).type == op.type for i in op.inputs))
+                if whole_add:
+                    a, b = (self.weight_buffer(i) for i in op.inputs)
+                    out = self.new_buffer(op)
+                    self.launches.append(HostAdd(a.name, b.name, out.name))
+                elif op.type.domain is Domain.GLOBAL:
+                    raise LoweringError(f"elementwise {op.attr('fn') or k.value} on global weights is not lowered "
+                                        "to kernels")
             elif rule == "fused":
                 if op.key in self.outputs:
                     self.materialize(op.key)

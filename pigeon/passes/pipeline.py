@@ -16,6 +16,7 @@ from ..ir.graph import IRGraph
 from ..ir.verify import verify
 from .autodiff import AutodiffError, AutodiffResult, autodiff
 from .compact import RULES as COMPACT_RULES, decide as decide_compaction
+from .reorder import linear_reorder
 from .rewrite import Change, Rule, rewrite
 from .simplify import RULES as SIMPLIFY_RULES
 
@@ -51,7 +52,7 @@ class PassRecord:
 
     @property
     def changed(self) -> bool:
-        return bool(self.changes) or any(a != b for a, b in self.graphs.values()) or bool(self.note)
+        return bool(self.changes) or any(a != b for a, b in self.graphs.values())
 
     def summary(self) -> str:
         sizes = ", ".join(f"{g} {a}->{b} ops" for g, (a, b) in self.graphs.items())
@@ -112,10 +113,11 @@ def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
 
 SIMPLIFY = rules_pass("simplify", SIMPLIFY_RULES)
 DEAD_OPS = GraphPass("remove_dead_ops", _dead_ops)
+LINEAR_REORDER = GraphPass("linear_reorder", linear_reorder)
 COMPACTION = StagePass("compaction", _compaction)
 AUTODIFF = StagePass("autodiff", _autodiff)
 
-PIPELINE: tuple = (SIMPLIFY, DEAD_OPS, COMPACTION, AUTODIFF, SIMPLIFY, DEAD_OPS)
+PIPELINE: tuple = (SIMPLIFY, DEAD_OPS, LINEAR_REORDER, COMPACTION, AUTODIFF, SIMPLIFY, DEAD_OPS)
 FORWARD_ONLY: tuple = (SIMPLIFY, DEAD_OPS)
 
 

@@ -32,6 +32,8 @@ def row_index(kg: KernelGraph, row: RowRef, loop_rows: str) -> torch.Tensor | No
                  RowRef.COMPACT: kg.edge_to_compact}
     elif loop_rows == "compact":
         table = {RowRef.SELF: None, RowRef.SRC: kg.compact_src, RowRef.ETYPE: kg.compact_etype}
+    elif loop_rows in ("etype", "ntype"):
+        table = {RowRef.SELF: None}
     else:
         table = {RowRef.SELF: None, RowRef.NTYPE: kg.ntype}
     if row not in table:
@@ -40,7 +42,8 @@ def row_index(kg: KernelGraph, row: RowRef, loop_rows: str) -> torch.Tensor | No
 
 
 def loop_row_count(kg: KernelGraph, loop_rows: str) -> int:
-    return {"edge": kg.num_edges, "node": kg.num_nodes, "compact": kg.num_compact}[loop_rows]
+    return {"edge": kg.num_edges, "node": kg.num_nodes, "compact": kg.num_compact, "etype": kg.num_etypes,
+            "ntype": kg.num_ntypes}[loop_rows]
 
 
 def eval_expr(e: Expr, kg: KernelGraph, loop_rows: str, bufs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -65,7 +68,7 @@ def run_traversal_reference(inst: TraversalInstance, kg: KernelGraph,
     """The output buffer of ``inst`` as a [rows, *out.shape] float32 tensor."""
     v = eval_expr(inst.expr, kg, inst.loop_rows, bufs)
     shape = inst.out.shape
-    if inst.loop in ("edge_map", "node_map", "compact_map"):
+    if inst.loop in ("edge_map", "node_map", "compact_map", "type_map"):
         return v.reshape((-1,) + shape)
     if inst.loop == "aggregate":
         idx, n = {"dst": (kg.dst, kg.num_nodes), "src": (kg.src, kg.num_nodes),
