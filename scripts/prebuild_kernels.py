@@ -16,20 +16,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
+def _variants():
+    """Graph-dependent choices, all of them: compaction off / on, node / edge-chunk aggregation
+    (which one a graph gets depends on its statistics; the tiny graph stands for every graph)."""
+    import os
+    for compact in ("0", "1"):
+        for schedule in ("node", "edge_chunks"):
+            os.environ["PIGEON_COMPACT"], os.environ["PIGEON_AGGREGATE_SCHEDULE"] = compact, schedule
+            yield f"compact={compact} {schedule}"
+    os.environ.pop("PIGEON_COMPACT")
+    os.environ.pop("PIGEON_AGGREGATE_SCHEDULE")
+
+
 def layer_configs(dims, dtypes):
     import pigeon as pg
     from pigeon.graph import tiny_graph
     from pigeon.models import MODELS
     from test_models_reference import MODELS as TEST_MODELS
     g = tiny_graph()
-    for dtype in dtypes:
-        for name, (spec, hp, _) in TEST_MODELS.items():           # the GPU tests' layers (in_dim 8)
-            yield f"test {name} {dtype}", pg.compile(spec, g, 8, backend="kernels", dtype=dtype, **hp)
-        for dim in dims:                                            # the benchmark's layers
-            hps = {"rgcn": {"out_dim": dim}, "rgat": {"out_dim": dim // 4, "heads": 4}, "hgt": {"heads": 4}}
-            for name, hp in hps.items():
-                yield f"bench {name} d{dim} {dtype}", pg.compile(MODELS[name], g, dim, backend="kernels",
-                                                                dtype=dtype, **hp)
+    for variant in _variants():
+        for dtype in dtypes:
+            for name, (spec, hp, _) in TEST_MODELS.items():           # the GPU tests' layers (in_dim 8)
+                yield f"test {name} {dtype} {variant}", pg.compile(spec, g, 8, backend="kernels", dtype=dtype, **hp)
+            for dim in dims:                                            # the benchmark's layers
+                hps = {"rgcn": {"out_dim": dim}, "rgat": {"out_dim": dim // 4, "heads": 4}, "hgt": {"heads": 4}}
+                for name, hp in hps.items():
+                    yield f"bench {name} d{dim} {dtype} {variant}", pg.compile(
+                        MODELS[name], g, dim, backend="kernels", dtype=dtype, **hp)
 
 
 def main(argv=None):
@@ -45,7 +58,7 @@ def main(argv=None):
     for what, layer in layer_configs([int(d) for d in args.dims.split(",")], args.dtypes.split(",")):
         ks = kernels_of(layer)
         kernels.update(ks)
-        print(f"{what}: {len(ks)} kernels", flush=True)
+    print(f"{len(kernels)} distinct kernels", flush=True)
     print(f"building {len(kernels)} distinct kernels for {args.arch} with {args.jobs} jobs", flush=True)
     t0 = time.time()
     with cf.ThreadPoolExecutor(args.jobs) as pool:
