@@ -1,6 +1,6 @@
 """pigeon: a compiler from a small Python DSL for relational GNNs to fused GPU kernels."""
-from .dsl import (EdgeTensor, Graph, Layer, NodeTensor, SpecError, Value, aggregate, concat, dot,
-                  edge_softmax, elu, exp, gelu, leaky_relu, layer, linear, relu, sigmoid, tanh,
+from .dsl import (EdgeTensor, EtypeTensor, Graph, Layer, NodeTensor, NtypeTensor, SpecError, Value, aggregate, concat,
+                  dot, edge_softmax, elu, exp, gelu, leaky_relu, layer, linear, relu, sigmoid, tanh,
                   typed_linear, weight)
 from . import opset  # noqa: F401  (the op registry's records)
 from .module import CompiledLayer, compile
@@ -13,6 +13,6 @@ def load(path, graph=None):
     from .runtime.artifact import load as _load
     return _load(path, graph)
 
-__all__ = ["EdgeTensor", "Graph", "Layer", "NodeTensor", "SpecError", "Value", "aggregate", "concat", "dot",
+__all__ = ["EdgeTensor", "EtypeTensor", "Graph", "Layer", "NodeTensor", "NtypeTensor", "SpecError", "Value", "aggregate", "concat", "dot",
            "edge_softmax", "elu", "exp", "gelu", "leaky_relu", "layer", "linear", "relu", "sigmoid", "tanh",
            "typed_linear", "weight", "CompiledLayer", "compile", "load"]

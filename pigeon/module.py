@@ -8,7 +8,8 @@ import torch
 
 from .dsl.layer import Layer
 from .ir.graph import IRGraph
-from .ir.ops import Op
+from .ir.ops import Op, OpKind
+from .ir.types import TypeAxis
 from .passes.pipeline import Compilation, graph_stats_for, run_pipeline
 from .reference import expected_shape, run
 from .torch_dtypes import TORCH_DTYPES
@@ -47,9 +48,22 @@ def _check_dtype(backend: str, dtype: str) -> None:
 def _glue(spec: Layer, ir: IRGraph, dtype: str):
     from .runtime.ops import LayerGlue
     return LayerGlue(spec.name, dtype,
-                     tuple((op.attr("name"), op.type.domain.value, tuple(op.type.shape)) for op in ir.inputs()),
+                     tuple((op.attr("name"), op.type.per.value if op.type.per is not None else op.type.domain.value,
+                            tuple(op.type.shape)) for op in ir.inputs()),
                      tuple(op.attr("name") for op in ir.params()),
                      tuple((n, ir.op(k).type.domain.value) for n, k in zip(ir.output_names, ir.outputs)))
+
+
+def _check_type_maps(spec: Layer, ir: IRGraph, graph) -> None:
+    """Shared weights' type -> group maps must have one entry per type of the graph."""
+    for op in ir.of_kind(OpKind.TYPE_GATHER):
+        per = op.attr("per")
+        n = graph.num_etypes if per is TypeAxis.ETYPE else graph.num_ntypes
+        if len(op.attr("index")) != n:
+            names = [p.attr("name") for p in ir.params() if p.key in op.inputs]
+            where = f" ({op.loc})" if op.loc else ""
+            raise ValueError(f"{spec.name}: weight {names[0] if names else '?'!r}: groups= has {len(op.attr('index'))} "
+                             f"entries but the graph has {n} {per.value}s{where}")
 
 
 class CompiledLayer(torch.nn.Module):
@@ -68,6 +82,7 @@ class CompiledLayer(torch.nn.Module):
             ir, _ = run_pipeline(ir, graph_stats=graph_stats_for(graph))
         self.compilation = ir
         ir = ir.ir
+        _check_type_maps(spec, ir, graph)
         self.spec, self.ir, self.graph, self.backend, self.dtype = spec, ir, graph, backend, dtype
         self.in_dims = {op.attr("name"): op.type.shape[0] for op in ir.inputs()}
         self.hparams = {}
@@ -137,7 +152,8 @@ class CompiledLayer(torch.nn.Module):
         if self.backend == "kernels":      # the kernel graph moves inside the op, per device
             return ops.call_layer(self.layer_id, self.glue, self.kgraph, args, kwargs, self.weights)
         g = self.graph
-        inputs = ops.bind_inputs(self.glue, args, kwargs, self.weights, g.num_nodes, g.num_edges)
+        inputs = ops.bind_inputs(self.glue, args, kwargs, self.weights, g.num_nodes, g.num_edges,
+                                 (g.num_etypes, g.num_ntypes))
         dt = TORCH_DTYPES[self.dtype]
         dev = next(iter(self.weights.values())).device if len(self.weights) else \
             next(iter(inputs.values())).device if inputs else g.src.device

@@ -151,8 +151,9 @@ def _type_typed_linear(kind, attrs, ins):
     what = kind.value
     _need(2, ins, what)
     x, w = ins
-    if not x.is_rows:
-        raise SignatureError(f"typed_linear input must be node/edge/compact rows, got {x}")
+    if not x.is_rows and not (x.domain is Domain.WEIGHT and w.domain is Domain.GLOBAL):
+        raise SignatureError(f"typed_linear input must be node/edge/compact rows (or per-type rows with an "
+                             f"untyped weight), got {x}")
     if w.domain is Domain.WEIGHT:
         ok = {TypeAxis.ETYPE: (Domain.EDGE, Domain.COMPACT), TypeAxis.NTYPE: (Domain.NODE,)}[w.per]
         if x.domain not in ok:
@@ -169,13 +170,13 @@ def _type_typed_linear(kind, attrs, ins):
         k, n = wshape
         if not x.shape or x.shape[-1] != k:
             raise SignatureError(f"typed_linear: x has feature shape {list(x.shape)} but W maps {k} -> {n}")
-        return ValueType(x.domain, x.shape[:-1] + (n,), x.dtype)
+        return ValueType(x.domain, x.shape[:-1] + (n,), x.dtype, x.per)
     if len(wshape) == 3:
         h, k, n = wshape
         if x.shape != (h, k):
             raise SignatureError(f"per-head typed_linear: W is [heads={h}, {k}, {n}] so x must be "
                                  f"[{h}, {k}], got {list(x.shape)}")
-        return ValueType(x.domain, (h, n), x.dtype)
+        return ValueType(x.domain, (h, n), x.dtype, x.per)
     raise SignatureError(f"typed_linear weight must be [K, N] or [heads, K, N] per type, got {list(w.shape)}")
 
 
@@ -456,7 +457,8 @@ def _type_weight_grad(kind, attrs, ins):
     _need(2, ins, what)
     x, dy = ins
     per, wshape = attrs["per"], tuple(attrs["wshape"])
-    if x.domain is not dy.domain or not x.is_rows:
+    per_type_rows = x.domain is Domain.WEIGHT and per is None    # a linear on per-type rows
+    if x.domain is not dy.domain or x.per is not dy.per or not (x.is_rows or per_type_rows):
         raise SignatureError(f"weight_grad needs x and dy on the same rows, got {x} and {dy}")
     if len(wshape) == 2 and (x.shape[-1:] != wshape[:1] or dy.shape[-1:] != wshape[1:] or x.shape[:-1] != dy.shape[:-1]):
         raise SignatureError(f"weight_grad: x {list(x.shape)} and dy {list(dy.shape)} do not give a {list(wshape)} weight")
@@ -540,3 +542,60 @@ def _ref_slice(op, args, arg_types, graph, dtype):
 
 register_op(OpDef(OpKind.SLICE, _type_slice, grad=None, reference=_ref_slice,
                   lower=None, doc='a range of the last feature axis'))
+
+
+# -- type_gather / type_scatter (weights shared across types through a type -> group map) -------
+
+def _type_type_gather(kind, attrs, ins):
+    _need(1, ins, kind.value)
+    w, index = ins[0], attrs["index"]
+    if w.domain is not Domain.GLOBAL or len(w.shape) < 2:
+        raise SignatureError(f"type_gather reads a [groups, ...] weight, got {w}")
+    if not index or not all(isinstance(i, int) and 0 <= i < w.shape[0] for i in index):
+        raise SignatureError(f"type_gather: the type -> group map must hold group ids in [0, {w.shape[0]}), "
+                             f"got {list(index)[:8]}")
+    return ValueType(Domain.WEIGHT, w.shape[1:], w.dtype, attrs["per"])
+
+
+def _grad_type_gather(b, y, dy, ins):
+    return [(0, b.make(OpKind.TYPE_SCATTER, [dy], index=y.attr("index"), groups=ins[0].type.shape[0]))]
+
+
+def _group_index(op, graph, device) -> torch.Tensor:
+    index = op.attr("index")
+    per = op.attr("per") if op.kind is OpKind.TYPE_GATHER else None
+    n = (graph.num_etypes if per is TypeAxis.ETYPE else graph.num_ntypes) if per is not None else None
+    if n is not None and len(index) != n:
+        raise SignatureError(f"the type -> group map has {len(index)} entries but the graph has {n} "
+                             f"{per.value}s")
+    return torch.tensor(index, dtype=torch.long, device=device)
+
+
+def _ref_type_gather(op, args, arg_types, graph, dtype):
+    return args[0][_group_index(op, graph, args[0].device)]
+
+
+register_op(OpDef(OpKind.TYPE_GATHER, _type_type_gather, grad=_grad_type_gather, reference=_ref_type_gather,
+                  lower='host_index', doc='shared weights: group rows -> per-type rows through a type -> group map'))
+
+
+def _type_type_scatter(kind, attrs, ins):
+    _need(1, ins, kind.value)
+    w = ins[0]
+    if w.domain is not Domain.WEIGHT or len(attrs["index"]) == 0:
+        raise SignatureError(f"type_scatter sums per-type rows into groups, got {w}")
+    return ValueType(Domain.GLOBAL, (attrs["groups"],) + w.shape, w.dtype)
+
+
+def _grad_type_scatter(b, y, dy, ins):
+    return [(0, b.make(OpKind.TYPE_GATHER, [dy], index=y.attr("index"), per=ins[0].type.per))]
+
+
+def _ref_type_scatter(op, args, arg_types, graph, dtype):
+    x = args[0]
+    idx = torch.tensor(op.attr("index"), dtype=torch.long, device=x.device)
+    return x.new_zeros((op.attr("groups"),) + tuple(x.shape[1:])).index_add(0, idx, x)
+
+
+register_op(OpDef(OpKind.TYPE_SCATTER, _type_type_scatter, grad=_grad_type_scatter, reference=_ref_type_scatter,
+                  lower='host_index', doc='per-type rows summed into their groups (the gradient of type_gather)'))

@@ -24,7 +24,7 @@ def test_every_kind_has_one_record():
     assert set(OP_DEFS) == set(OpKind)
     for kind, d in OP_DEFS.items():
         assert d.kind is kind and d.type_rule is not None and d.doc
-        assert d.lower in (None, "leaf", "fused", "gemm", "aggregate", "edge_softmax", "type_reduce")
+        assert d.lower in (None, "leaf", "fused", "gemm", "aggregate", "edge_softmax", "type_reduce", "host_index")
         if kind not in (OpKind.INPUT, OpKind.PARAM):
             assert d.reference is not None, kind
 

@@ -14,9 +14,13 @@ def _val(x, what: str) -> Value:
 
 
 def weight(name: str, shape, per: TypeSelector | None = None, init: str = "glorot",
-           dtype: str | None = None) -> Value:
+           dtype: str | None = None, groups=None) -> Value:
     """Declare a learned weight: one block of ``shape`` per type of ``per`` (g.etype / g.ntype),
-    or a single tensor when ``per`` is None; ``dtype`` defaults to the trace's dtype."""
+    or a single tensor when ``per`` is None; ``dtype`` defaults to the trace's dtype.
+
+    ``groups`` (with ``per``): a type -> group map (one int per type) for weights shared across
+    types: the parameter holds one block per group (``[G, *shape]``, G = max(groups) + 1) and
+    type t uses block ``groups[t]``; gradients sum over the types of a group."""
     dtype = dtype or current().dtype
     if isinstance(shape, int):
         shape = (shape,)
@@ -27,6 +31,21 @@ def weight(name: str, shape, per: TypeSelector | None = None, init: str = "gloro
         raise SpecError(f"weight {name!r}: init must be one of {INITS}, got {init!r}", caller_loc())
     if per is not None and not isinstance(per, TypeSelector):
         raise SpecError(f"weight {name!r}: per= must be g.etype, g.ntype or None, got {per!r}", caller_loc())
+    if groups is not None:
+        if per is None:
+            raise SpecError(f"weight {name!r}: groups= maps types to shared blocks; it needs per=g.etype or g.ntype",
+                            caller_loc())
+        try:
+            index = tuple(int(i) for i in groups)
+        except (TypeError, ValueError):
+            raise SpecError(f"weight {name!r}: groups= must be a sequence of ints (one group per type), "
+                            f"got {groups!r}", caller_loc()) from None
+        if not index or min(index) < 0 or any(int(i) != i for i in groups):
+            raise SpecError(f"weight {name!r}: groups= must hold non-negative group ids, got {list(groups)[:8]}",
+                            caller_loc())
+        G = max(index) + 1
+        shared = current().leaf(OpKind.PARAM, name, ValueType(Domain.GLOBAL, (G,) + shape, dtype), init=init)
+        return Value(current().emit(OpKind.TYPE_GATHER, [shared], index=index, per=per.axis))
     vt = (ValueType(Domain.WEIGHT, shape, dtype, per.axis) if per is not None
           else ValueType(Domain.GLOBAL, shape, dtype))
     return Value(current().leaf(OpKind.PARAM, name, vt, init=init))

@@ -65,6 +65,16 @@ class KernelGraph:
         return torch.tensor([0, self.num_nodes], dtype=torch.int32, device=self.device)
 
     @functools.cached_property
+    def all_etypes_ptr(self) -> torch.Tensor:
+        """[0, R]: one segment holding every edge type (linears on per-type rows)."""
+        return torch.tensor([0, self.num_etypes], dtype=torch.int32, device=self.device)
+
+    @functools.cached_property
+    def all_ntypes_ptr(self) -> torch.Tensor:
+        """[0, T]: one segment holding every node type."""
+        return torch.tensor([0, self.num_ntypes], dtype=torch.int32, device=self.device)
+
+    @functools.cached_property
     def in_degree(self) -> torch.Tensor:
         """[N] incoming edges per node (int32)."""
         return self.csc_ptr[1:] - self.csc_ptr[:-1]

@@ -35,6 +35,8 @@ class OpKind(enum.Enum):
     TYPE_REDUCE = "type_reduce"     # rows -> per-type sums (or one global sum)
     SUM_TO = "sum_to"               # sum broadcast feature axes back to a smaller shape
     SLICE = "slice"                 # a range of the last feature axis
+    TYPE_GATHER = "type_gather"     # shared weights: groups [G, *s] -> per-type [*s], type t reads group index[t]
+    TYPE_SCATTER = "type_scatter"   # its gradient: per-type [*s] -> groups [G, *s], summed by index
 
 
 REDUCES = ("sum", "mean", "max")

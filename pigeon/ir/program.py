@@ -24,7 +24,7 @@ class GemmLaunch:
     x: str                  # buffer names; the weight_grad form reads x and y and writes w (dW)
     w: str
     y: str
-    rows: Literal["edge", "node", "compact"]    # which rows the instance loops over (M)
+    rows: Literal["edge", "node", "compact", "etype", "ntype"]    # which rows the instance loops over (M)
     seg: Literal["etype", "ntype", "all"]
     gather: str | None = None        # graph index array: "src", "dst", "ntype_perm", "compact_src", "edge_to_compact"
     scatter: str | None = None       # rows form: output index; weight_grad form: dY index
@@ -82,7 +82,28 @@ class HostAdd:
         return f"host add {self.a} + {self.b} -> {self.out}"
 
 
-Launch = Union[GemmLaunch, TraversalLaunch, HostAdd]
+@dataclass(frozen=True)
+class HostIndex:
+    """Weights shared across types: ``gather`` out[t] = x[index[t]] (group blocks -> per-type
+    blocks), or ``scatter`` out[g] = sum of x[t] over the types t with index[t] == g (its
+    gradient). A torch op on weight-sized tensors, like HostAdd."""
+    family: ClassVar[str] = "host_index"
+    mode: Literal["gather", "scatter"]
+    x: str
+    out: str
+    index: tuple[int, ...]
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.x,)
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.out,)
+
+    def describe(self) -> str:
+        return f"host {self.mode} {self.x} by type -> group map {list(self.index)[:8]} -> {self.out}"
+
+
+Launch = Union[GemmLaunch, TraversalLaunch, HostAdd, HostIndex]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ class OpDef:
     type_rule: Callable[..., Any]               # (kind, attrs, input types) -> ValueType
     grad: Callable[..., Any] | None = None      # (builder, y, dy, inputs) -> [(position, op)]
     reference: Callable[..., Any] | None = None  # (op, args, arg types, graph, dtype) -> tensor
-    lower: str | None = None                    # leaf | fused | gemm | aggregate | edge_softmax | type_reduce
+    lower: str | None = None                    # leaf | fused | gemm | aggregate | edge_softmax | type_reduce | host_index
     element: Callable[..., Any] | None = None   # fused kinds: (op, arg exprs) -> Expr
     fmt: Callable[..., str] | None = None       # (op, arg names) -> text; None: kind(args, attrs)
     doc: str = ""

@@ -24,8 +24,8 @@ def verify(ir: IRGraph) -> IRGraph:
             if (op.kind, name) in names:
                 raise VerifyError(f"two different {op.kind.value}s are named {name!r}{where}")
             names[(op.kind, name)] = op.key
-            if op.kind is OpKind.INPUT and not op.type.is_rows:
-                raise VerifyError(f"input {name!r} must be node-, edge- or compact-wise, got {op.type}{where}")
+            if op.kind is OpKind.INPUT and not (op.type.is_rows or op.type.domain is Domain.WEIGHT):
+                raise VerifyError(f"input {name!r} must be node-, edge-, compact-wise or per type, got {op.type}{where}")
             if op.kind is OpKind.PARAM:
                 if op.type.domain not in (Domain.WEIGHT, Domain.GLOBAL):
                     raise VerifyError(f"param {name!r} must be per-type or global, got {op.type}{where}")

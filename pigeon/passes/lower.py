@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ..ir.graph import IRGraph
 from ..ir.kernel import GemmInstance
-from ..ir.program import GemmLaunch, HostAdd, KernelProgram, Launch, TraversalLaunch
+from ..ir.program import GemmLaunch, HostAdd, HostIndex, KernelProgram, Launch, TraversalLaunch
 from ..ir.ops import Op, OpKind
 from ..ir.registry import op_def
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance, load
@@ -34,6 +34,11 @@ _ROWS = {Domain.NODE: "node", Domain.EDGE: "edge", Domain.COMPACT: "compact"}
 _MAP_LOOP = {"node": "node_map", "edge": "edge_map", "compact": "compact_map"}
 # the loop rows of an aggregation's input, per side (ir/ops.py AGGREGATE_SIDES)
 _AGGREGATE_LOOP = {"dst": "edge", "src": "edge", "compact": "edge", "compact_src": "compact"}
+
+
+def _gemm_rows(t) -> str:
+    """The rows a GEMM loops over: nodes, edges, compact rows, or types (a linear on per-type rows)."""
+    return t.per.value if t.domain is Domain.WEIGHT else _ROWS[t.domain]
 
 
 def _buffer_rows(op: Op) -> str:
@@ -196,7 +201,7 @@ class _Lowering:
                 raise LoweringError("typed_linear of a multi-axis value with a 2-D weight is not lowered yet")
             k, n = wshape[-2], wshape[-1]
             x, gather = self.matrix_operand(x_key)
-            rows = _ROWS[xt.domain]
+            rows = _gemm_rows(xt)
             out = self.new_buffer(op)
             typed = wt.domain is Domain.WEIGHT
             seg, scatter = "all", None
@@ -219,7 +224,7 @@ class _Lowering:
             raise LoweringError("weight_grad over multi-axis rows with a 2-D weight is not lowered yet")
         a, ga = self.matrix_operand(a_key)
         b, gb = self.matrix_operand(b_key)
-        rows = _ROWS[at.domain]
+        rows = _gemm_rows(at)
         out = self.new_buffer(op)
         seg = {None: "all", TypeAxis.ETYPE: "etype", TypeAxis.NTYPE: "ntype"}[per]
         if per is TypeAxis.NTYPE:
@@ -280,6 +285,11 @@ class _Lowering:
                 self.launches.append(TraversalLaunch(TraversalInstance(
                     "type_reduce", e, out, rows="edge" if edge else "node",
                     per=per.value if per is not None else "none", dtype=out.dtype)))
+            elif rule == "host_index":      # shared weights (type -> group map)
+                x = self.weight_buffer(op.inputs[0])
+                out = self.new_buffer(op)
+                mode = "gather" if k is OpKind.TYPE_GATHER else "scatter"
+                self.launches.append(HostIndex(mode, x.name, out.name, tuple(op.attr("index"))))
             elif rule == "fused" and op.type.domain in (Domain.WEIGHT, Domain.GLOBAL):
                 # sums of whole weights (backward adds a weight's gradients): a host add; other
                 # elementwise work on per-type weights is materialized where it is read

@@ -373,13 +373,17 @@ def build_gemm(inst: GemmInstance, arch: str | None = None, device: Any = None, 
 def gemm_operands(launch: GemmLaunch, kg: Any) -> dict[str, Any]:
     """Graph arrays of a GEMM launch: segment pointers, gather/scatter index lists, row count."""
     rows = launch.rows
-    M = {"edge": kg.num_edges, "node": kg.num_nodes, "compact": kg.num_compact}[rows]
+    M = {"edge": kg.num_edges, "node": kg.num_nodes, "compact": kg.num_compact, "etype": kg.num_etypes,
+         "ntype": kg.num_ntypes}[rows]
+    if launch.seg == "etype" and rows in ("etype", "ntype"):
+        raise GemmLaunchError("a GEMM over per-type rows is untyped (seg 'all')")
     if launch.seg == "etype":
         seg = kg.compact_etype_ptr if rows == "compact" else kg.etype_ptr
     elif launch.seg == "ntype":
         seg = kg.ntype_ptr
     else:
-        seg = {"edge": kg.all_edges_ptr, "node": kg.all_nodes_ptr, "compact": kg.all_compact_ptr}[rows]
+        seg = {"edge": kg.all_edges_ptr, "node": kg.all_nodes_ptr, "compact": kg.all_compact_ptr,
+               "etype": kg.all_etypes_ptr, "ntype": kg.all_ntypes_ptr}[rows]
     index = {"src": kg.src, "dst": kg.dst, "ntype_perm": kg.ntype_perm, "compact_src": kg.compact_src,
              "edge_to_compact": kg.edge_to_compact, None: None}
     return {"M": M, "seg_ptr": seg, "gather": index[launch.gather], "scatter": index[launch.scatter]}

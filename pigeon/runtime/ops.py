@@ -196,7 +196,8 @@ def _accepts(layer_dtype: torch.dtype, x: torch.dtype) -> bool:
 _CAST = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "bfloat16", torch.float16: "half"}
 
 
-def bind_inputs(glue: LayerGlue, args: tuple, kwargs: dict, weights, num_nodes: int, num_edges: int) -> dict:
+def bind_inputs(glue: LayerGlue, args: tuple, kwargs: dict, weights, num_nodes: int, num_edges: int,
+                num_types: tuple[int, int] = (0, 0)) -> dict:
     """The inputs of one call by name, checked: every input present, a floating-point tensor of
     the layer's dtype, the shape the graph gives it, on the layer's device. Both backends and
     artifacts call this, so they take the same inputs and refuse the same ones with the same
@@ -218,7 +219,8 @@ def bind_inputs(glue: LayerGlue, args: tuple, kwargs: dict, weights, num_nodes: 
         device = w.device
         break
     for name, rows, shape in glue.inputs:
-        want = ({"node": (num_nodes,), "edge": (num_edges,)}[rows]) + tuple(shape)
+        want = ({"node": (num_nodes,), "edge": (num_edges,), "etype": (num_types[0],),
+                 "ntype": (num_types[1],)}[rows]) + tuple(shape)
         if name not in inputs:
             raise InputError(f"{glue.name}: input {name!r} is missing; expected a tensor of shape {list(want)}")
         x = inputs[name]
@@ -287,7 +289,8 @@ def run_layer_forward(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, input
 
 def call_layer(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, args: tuple, kwargs: dict, weights):
     """``forward(*args, **kwargs)`` of a kernels-backend layer (compiled or loaded)."""
-    inputs = bind_inputs(glue, args, kwargs, weights, kgraph.num_nodes, kgraph.num_edges)
+    inputs = bind_inputs(glue, args, kwargs, weights, kgraph.num_nodes, kgraph.num_edges,
+                         (kgraph.num_etypes, kgraph.num_ntypes))
     return layer_result(run_layer_forward(layer_id, glue, kgraph, inputs, weights))
 
 
