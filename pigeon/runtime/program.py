@@ -157,7 +157,10 @@ class Executor:
         self.replay = replay
 
     def run(self, kg: KernelGraph, inputs: Mapping[str, torch.Tensor],
-            params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            params: Mapping[str, torch.Tensor], *, needed: tuple[str, ...] | None = None
+            ) -> dict[str, torch.Tensor]:
+        """The program's outputs by name. ``needed``: the output names the caller reads (None: all);
+        a replay copies out only those, so the dict may lack the others."""
         p = self.program
         tensors = [*inputs.values(), *params.values()]
         if not _plain(tensors):      # fake or other subclass tensors: nothing cached, nothing captured
@@ -170,7 +173,7 @@ class Executor:
             if key is not None:
                 out = _replay.replay_set(self.backend, p).run(
                     key, functools.partial(self._execute, plan, kg), kg, kg.device, inputs, params,
-                    plan.input_names, plan.param_names)
+                    plan.input_names, plan.param_names, needed)
                 if out is not None:
                     return out
         return self._execute(plan, kg, inputs, params)[0]

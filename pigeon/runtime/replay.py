@@ -246,12 +246,30 @@ class ProgramReplay:
         order = sorted(uniq, key=uniq.get)
         by_id = {id(t): t for t in outputs.values()}
         self.out_static = [by_id[i] for i in order]
+        self._selections: dict = {}
         self.lock = threading.Lock()
         self.stream: int | None = None
         self.replays = 0
 
-    def __call__(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> dict:
+    def _selection(self, needed):
+        """(names, their static tensors once each, each name's position among those) for the
+        output names ``needed`` (None: all)."""
+        sel = self._selections.get(needed)
+        if sel is None:
+            names = tuple(n for n in self.out_names if needed is None or n in needed)
+            index = dict(zip(self.out_names, self.out_index))
+            uniq = sorted({index[n] for n in names})
+            pos = {u: k for k, u in enumerate(uniq)}
+            sel = (names, [self.out_static[u] for u in uniq], tuple(pos[index[n]] for n in names))
+            self._selections[needed] = sel
+        return sel
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
+                 needed: tuple[str, ...] | None = None) -> dict:
+        """Copy in, replay, and return fresh copies of the outputs (only those ``needed`` names,
+        when given): the next replay overwrites the static outputs."""
         src = [inputs[n] for n in self.input_names] + [params[n] for n in self.param_names]
+        names, statics, where = self._selection(needed)
         with self.lock:
             handle = CUDA.stream_handle(self.device)
             if self.stream is not None and handle != self.stream:
@@ -263,12 +281,13 @@ class ProgramReplay:
             try:
                 _copy_into(self.static, src)
                 self.graph.replay()
-                outs = [t.clone() for t in self.out_static]
+                outs = [torch.empty_like(t) for t in statics]
+                _copy_into(outs, statics)            # one fused copy out, not a clone per output
             finally:
                 if grad:
                     torch.set_grad_enabled(True)
             self.replays += 1
-        return {n: outs[i] for n, i in zip(self.out_names, self.out_index)}
+        return {n: outs[w] for n, w in zip(names, where)}
 
 
 # ------------------------------------------------------------------------------ per program
@@ -310,15 +329,17 @@ class ReplaySet:
 
     def run(self, key: tuple, execute: Callable, kg: Any, device: torch.device,
             inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
-            input_names: tuple[str, ...], param_names: tuple[str, ...]) -> dict | None:
-        """The outputs of one call: replayed, or run plainly (a key's first call); None when the
-        key's capture failed (the caller runs the plain executor)."""
+            input_names: tuple[str, ...], param_names: tuple[str, ...],
+            needed: tuple[str, ...] | None = None) -> dict | None:
+        """The outputs of one call (at least the ``needed`` names; None: all): replayed, or run
+        plainly (a key's first call); None when the key's capture failed (the caller then runs the
+        plain executor)."""
         rep = self.replays.get(key)
         if rep is not None:
             with self.lock:
                 if key in self.replays:
                     self.replays.move_to_end(key)
-            return rep(inputs, params)
+            return rep(inputs, params, needed)
         if key in self.failed:
             return None
         if key not in self.seen:          # the first call: plain; it builds and loads the kernels
@@ -341,7 +362,7 @@ class ReplaySet:
             limit = self.max_replays if self.max_replays is not None else MAX_REPLAYS
             while len(self.replays) > limit:
                 self.replays.popitem(last=False)     # its graph and buffers are freed with it
-        return rep(inputs, params)
+        return rep(inputs, params, needed)
 
     def __len__(self) -> int:
         return len(self.replays)
