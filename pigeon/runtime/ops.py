@@ -273,8 +273,13 @@ def run_layer_forward(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, input
         x = inputs[name]
         if rows == "edge":   # kernels see edges sorted by type
             x = x[kgraph.edge_perm.to(x.device)]
-        ins.append(x.to(dt).contiguous())
-    params = [weights[name].to(dt) for name in glue.params]
+        if x.dtype != dt:
+            x = x.to(dt)
+        ins.append(x if x.is_contiguous() else x.contiguous())
+    params = []
+    for name in glue.params:           # a no-op .to() still costs a dispatch per weight per call
+        w = weights[name]
+        params.append(w if w.dtype == dt else w.to(dt))
     if _eager(ins, params):
         outs = _LayerForward.apply(layer_id, len(ins), *ins, *params)
     else:
@@ -300,14 +305,19 @@ def _device(tensors) -> torch.device:
     return torch.device("cpu")
 
 
-def _forward_impl(layer_id: str, inputs: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+def _forward_impl(layer_id: str, inputs: list[torch.Tensor], params: list[torch.Tensor],
+                  user_only: bool = False) -> list[torch.Tensor]:
+    """What pigeon::layer_forward returns; ``user_only``: only the user outputs (the first
+    ``n_outputs``), not the values saved for backward (no backward will run: a CUDA-graph replay
+    then copies out fewer tensors)."""
     lp = get_layer(layer_id)
     dev = _device(inputs + params)
     kg = lp.kg(dev)
+    names = lp.returned[:lp.n_outputs] if user_only else lp.returned
     out = Executor(lp.forward, lp.backend(dev)).run(kg, dict(zip(lp.input_names, inputs)),
-                                                    dict(zip(lp.param_names, params)))
+                                                    dict(zip(lp.param_names, params)), needed=names)
     # outputs may not alias inputs or each other (custom-op contract): see LayerPrograms.returned
-    return [out[n].clone() if c else out[n] for n, c in zip(lp.returned, lp.returned_copy)]
+    return [out[n].clone() if c else out[n] for n, c in zip(names, lp.returned_copy)]
 
 
 @torch.library.custom_op("pigeon::layer_forward", mutates_args=())
@@ -441,6 +451,8 @@ class _LayerForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer_id, n_in, *tensors):
         ins, params = list(tensors[:n_in]), list(tensors[n_in:])
+        if not any(ctx.needs_input_grad):      # no backward: the user outputs alone
+            return tuple(_forward_impl(layer_id, ins, params, user_only=True))
         out = _forward_impl(layer_id, ins, params)
         _save(ctx, layer_id, ins, params, out)
         ctx.set_materialize_grads(False)
