@@ -385,6 +385,13 @@ def cmd_compile(args) -> int:
         print(layer.forward_program.describe())
         if layer.backward_program is not None:
             print(layer.backward_program.describe())
+        if args.explain:
+            from .passes.explain import explain
+            stats = {**graph_stats_for(graph), "num_nodes": graph.num_nodes, **layer.kgraph.degree_stats,
+                     **layer.kgraph.compact_stats}
+            for line in explain(ir, records, {"forward": layer.forward_program, "backward": layer.backward_program},
+                                stats, args.dtype):
+                print(f"# explain: {line}")
     if args.out:
         from .runtime.artifact import ArtifactError, save
         try:
@@ -395,9 +402,9 @@ def cmd_compile(args) -> int:
 
     gen = torch.Generator().manual_seed(0)
     inputs = []
+    from .reference import expected_shape
     for op in ir.inputs():
-        rows = graph.num_nodes if op.type.domain.value == "node" else graph.num_edges
-        inputs.append(torch.randn((rows,) + op.type.shape, generator=gen).to(device))
+        inputs.append(torch.randn(expected_shape(op, graph), generator=gen).to(device))
     layer = layer.to(device)
     with torch.no_grad():
         t2 = time.perf_counter()
@@ -446,6 +453,43 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """``pigeon bench rgnn``: progress on stderr, the per-case table on stdout, files in --out."""
+    from .bench import report, rgnn    # lazy: nothing else in pigeon imports pigeon.bench
+    out = check_out_dir(args.out)
+    device = pick_device(args.device)
+    try:
+        cfg = rgnn.make_config(graphs=args.graphs, models=args.models, dims=args.dims, dtypes=args.dtypes,
+                               modes=args.modes, peers=args.peers, device=device, reps=args.reps,
+                               peer_timeout=args.peer_timeout, quick=args.quick, out=args.out, resume=args.resume)
+        previous = report.read_results(out) if args.resume else None
+    except (rgnn.BenchError, ValueError) as e:
+        raise CliError(str(e)) from None
+
+    def progress(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    def write(result, plot=False):
+        try:
+            return report.write_results(out, result, plot=plot)
+        except OSError as e:
+            raise CliError(f"--out {args.out}: cannot write the results: {_one_line(e)}") from None
+
+    progress(f"# {cfg.command()}")
+    try:
+        result = rgnn.run(cfg, progress, on_case=write, previous=previous)
+    except rgnn.BenchError as e:
+        raise CliError(str(e)) from None
+    plot = write(result, plot=True)
+    if plot and plot.startswith("skipped"):
+        print(f"warning: speedup.png {plot}", file=sys.stderr)
+    print("\n".join(report.cases_table(result["cases"])))
+    print()
+    print(report.summary_markdown(result), end="")
+    progress(f"# wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
+    return 0
+
+
 def _version() -> str:
     from . import __version__
     return f"pigeon {__version__}"
@@ -464,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-dim", type=int, default=16, help="feature size of the spec's inputs (default 16)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec hyperparameter")
     c.add_argument("--dump", action="store_true", help="also print the traced IR and source locations")
+    c.add_argument("--explain", action="store_true",
+                   help="print every graph-dependent decision (reordering, compaction, schedules) with its estimated costs")
     c.add_argument("--backend", choices=["reference", "kernels"], default="kernels",
                    help="run pigeon's kernel programs (default; CUDA on a GPU, on a CPU the executor "
                         "pigeon.runtime.program picks) or the reference interpreter")
@@ -481,6 +527,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--graph", default="tiny")
     i.add_argument("--reverse", action="store_true", help="add reverse relations first")
     i.set_defaults(func=cmd_inspect)
+    b = sub.add_parser("bench", help="benchmark pigeon's layers against their peers")
+    bsub = b.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    r = bsub.add_parser("rgnn", help="RGCN, RGAT and HGT against PyG, the reference and torch.compile of it")
+    r.add_argument("--graphs", help="comma-separated graphs: dataset names ($PIGEON_DATA), synthetic:PRESET, "
+                   "tiny or graph files; NAME+rev adds reverse relations (default: the issue's list)")
+    r.add_argument("--models", help="comma-separated among rgcn, rgat, hgt (default: all)")
+    r.add_argument("--dims", help="comma-separated hidden sizes (default: 64, and 128 too on the AM- and "
+                   "ogbn-mag-sized graphs)")
+    r.add_argument("--dtypes", help="comma-separated among float32, bfloat16 (default: both)")
+    r.add_argument("--modes", help="comma-separated among inference, training (default: both)")
+    r.add_argument("--peers", help="comma-separated among pyg, reference, compile, or none (default: all on "
+                   "cuda; pyg,reference on cpu)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where everything runs (default: cuda when there is a GPU, else cpu)")
+    r.add_argument("--out", default="benchmarks/results/rgnn", metavar="DIR",
+                   help="where cases.json/.md, summary.json/.md and speedup.png go (default: %(default)s)")
+    r.add_argument("--reps", type=int, help="timed repetitions per implementation (default 20; --quick 3)")
+    r.add_argument("--peer-timeout", type=float, metavar="S",
+                   help="a peer whose build and first call take longer is 'timeout' (default 300)")
+    r.add_argument("--quick", action="store_true", help="smoke test: tiny graph, dim 16, 3 reps "
+                   "(unless given)")
+    r.add_argument("--resume", action="store_true", help="keep the cases already in DIR/cases.json and run "
+                   "only the others (without it, DIR's files are replaced)")
+    r.set_defaults(func=cmd_bench)
     return p
 
 

@@ -72,3 +72,6 @@ def test_layering():
     users = {m for m in g for d in g.successors(m) if d.startswith("pigeon.runtime")}
     allowed = {"pigeon", "pigeon.module", "pigeon.cli", "pigeon.sizes"}     # pigeon: pigeon.load
     assert {u for u in users if not u.startswith("pigeon.runtime")} <= allowed, users
+    # pigeon.bench sits on top: it uses pigeon; only the CLI's bench command imports it (lazily)
+    bench_users = {m for m in g for d in g.successors(m) if d.startswith("pigeon.bench")}
+    assert {u for u in bench_users if not u.startswith("pigeon.bench")} <= {"pigeon.cli"}, bench_users

@@ -1,0 +1,222 @@
+"""Writing a benchmark's results: JSON, markdown tables and the speedup plot, each file atomically
+(written to a temporary name in the same folder, then ``os.replace``d)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_write", "write_json", "read_results", "cases_table", "cases_markdown", "summary_markdown", "plot_speedup",
+           "write_results"]
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _clean(v):
+    """JSON-safe: non-finite floats become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(_clean(obj), indent=1, default=str) + "\n")
+
+
+def read_results(out: Path) -> dict | None:
+    """What ``out``/cases.json holds ({"meta", "graphs", "cases"}), None when there is none; a
+    ValueError naming the file when it cannot be read as one."""
+    path = Path(out) / "cases.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
+            raise ValueError("no list of cases")
+        return data
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a cases.json of pigeon bench rgnn: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------- markdown
+
+def _ms(v) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def _x(v) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def _peer_cell(c: dict) -> str:
+    parts = []
+    for r in c["impls"]:
+        if r["kind"] == "pigeon":
+            continue
+        name = r["impl"].replace("|", "/")
+        if r["status"] == "ok" and r.get("median_ms"):
+            extra = f"; compile {r['compile_s']:.1f} s" if r.get("compile_s") is not None else ""
+            parts.append(f"{name} {r['median_ms']:.3f} ({_x(c['speedup'].get(r['impl']))}{extra})")
+        else:
+            parts.append(f"{name} {r['status'].replace('|', '/')}")
+    return "; ".join(parts)
+
+
+def cases_table(cases: list[dict]) -> list[str]:
+    """The per-case table: one row per case. Times in ms; speedup = peer time / pigeon time."""
+    lines = ["| graph | model | dim | dtype | mode | pigeon ms | best peer | best peer ms | speedup | floor ms "
+             "| pigeon / floor | pigeon peak MiB | check | peers: ms (speedup) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        pig = _ms(c["pigeon_ms"]) if c["pigeon_status"] == "ok" else c["pigeon_status"]
+        peak = c.get("pigeon_peak_mib")
+        graph = c["graph"] + (" (synthetic)" if c.get("synthetic") else "")
+        ratio = "" if c["floor_ratio"] is None else f"{c['floor_ratio']:.3g}x"
+        lines.append(
+            f"| {graph} | {c['model']} | {c['dim']} | {c['dtype']} | {c['mode']} | {pig.replace('|', '/')} "
+            f"| {c['best_peer'] or ''} | {_ms(c['best_peer_ms'])} | {_x(c['speedup_best'])} "
+            f"| {c['floor']['floor_ms']:.3g} | {ratio} "
+            f"| {'' if peak is None else f'{peak:.1f}'} | {str(c['check']).replace('|', '/')} | {_peer_cell(c)} |")
+    return lines
+
+
+def _meta_lines(meta: dict) -> list[str]:
+    keys = ("gpu", "device", "torch", "torch_geometric", "commit", "date", "command")
+    return [f"- {k}: `{meta[k]}`" if k == "command" else f"- {k}: {meta[k]}" for k in keys if k in meta]
+
+
+def _graph_lines(graphs: list[dict]) -> list[str]:
+    return [f"- {g['graph']}: {g['nodes']} nodes, {g['edges']} edges, {g['relations']} relations, "
+            f"{g['node_types']} node types; {g['source']}" + (" (synthetic)" if g["synthetic"] else "")
+            for g in graphs]
+
+
+def cases_markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = ["# pigeon bench rgnn: cases", "", *_meta_lines(meta), "", "Graphs:", *_graph_lines(result["graphs"]), "",
+             *cases_table(result["cases"]), "",
+             "Times are medians in ms (CUDA events on a GPU, perf_counter on a CPU); speedup = peer time / pigeon "
+             "time; the best peer is the fastest peer that ran; floor = max(FLOPs / peak FLOP/s, min bytes / peak "
+             "B/s) with the H200's calibration numbers; peak MiB = max allocated in one step beyond what was "
+             "allocated before it (GPU only). Training = forward, backward, SGD step."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) or "{}"
+    return "null" if v is None else str(v)
+
+
+SUMMARY_KEYS = ("geomean_speedup_inference", "geomean_speedup_training", "geomean_speedup_by_mode_dtype",
+                "cases_total", "cases_compared", "cases_slower_than_a_peer", "cases_within_3x_floor",
+                "cases_check_failed", "floor_ratio_geomean", "host_overhead_us", "host_overhead_us_by_model",
+                "aggregate_tbps_min", "pigeon_oom", "pigeon_errors", "peer_oom", "peer_oom_by_impl",
+                "peer_timeouts", "peer_errors", "cost_model_within_10pct", "plot")
+
+
+def summary_markdown(result: dict) -> str:
+    s = result["summary"]
+    lines = ["# pigeon bench rgnn: summary", "", *_meta_lines(result["meta"]), "", "| key | value | note |", "|---|---|---|"]
+    for k in SUMMARY_KEYS:
+        if k in s:
+            lines.append(f"| {k} | {_fmt(s[k])} | {s.get(k + '_note', '')} |")
+    lines += ["", "Graphs (synthetic ones say so):", *_graph_lines(result["graphs"])]
+    for g, why in (s.get("graphs_not_run") or {}).items():
+        lines.append(f"- {g}: not run ({why})")
+    lines += ["", s.get("floor_note", ""), "", "The per-case table is in cases.md, every number in cases.json."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- plot
+
+def plot_speedup(cases: list[dict], path: Path) -> str:
+    """speedup.png: pigeon's speedup over the best peer per case (graph, model, dim, dtype), inference
+    and training side by side, log y, a line at 1x. Returns what went into summary.json's "plot"."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return "skipped: matplotlib not installed (pip install -e '.[bench]')"
+    keys, vals = [], {}
+    for c in cases:
+        k = (c["graph"], c["model"], c["dim"], c["dtype"])
+        if k not in vals:
+            keys.append(k)
+            vals[k] = {}
+        vals[k][c["mode"]] = c["speedup_best"]
+    if not any(v is not None for d in vals.values() for v in d.values()):
+        return "skipped: no case has a peer to compare with"
+    modes = [m for m in ("inference", "training") if any(m in d for d in vals.values())]
+    width = 0.8 / max(len(modes), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(keys) + 2), 4.8))
+    for i, mode in enumerate(modes):
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(keys))]
+        ys = [vals[k].get(mode) for k in keys]
+        ax.bar([x for x, y in zip(xs, ys) if y], [y for y in ys if y], width, label=mode)
+        for x, y in zip(xs, ys):
+            if not y:
+                ax.annotate("n/a", (x, 1.0), ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{g} {m} d{d} {'bf16' if t == 'bfloat16' else 'fp32'}" for g, m, d, t in keys],
+                       rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over the best peer (x)")
+    ax.set_title("pigeon vs the best peer per case (above 1: pigeon faster)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        plt.close(fig)
+    return path.name
+
+
+def write_results(out: Path, result: dict, plot: bool = True) -> str | None:
+    """Write cases.json, cases.md, summary.json, summary.md (and speedup.png when ``plot``) to ``out``.
+    Returns the plot's status when it was attempted."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    status = None
+    if plot:
+        status = plot_speedup(result["cases"], out / "speedup.png")
+        result["summary"]["plot"] = status
+        if status.startswith("skipped"):       # not a stale plot of an earlier run beside these results
+            (out / "speedup.png").unlink(missing_ok=True)
+    write_json(out / "cases.json", {"meta": result["meta"], "graphs": result["graphs"], "cases": result["cases"]})
+    atomic_write(out / "cases.md", cases_markdown(result))
+    write_json(out / "summary.json", result["summary"])
+    atomic_write(out / "summary.md", summary_markdown(result))
+    return status

@@ -1,0 +1,236 @@
+"""`pigeon bench rgnn` on the CPU: the quick run end to end (files, keys, checks), one-line errors,
+the floor arithmetic and the summary's aggregation on hand-made records."""
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+import pigeon as pg
+from pigeon.bench import rgnn
+from pigeon.graph import tiny_graph
+from pigeon.models import MODELS
+
+REQUIRED = ("gpu", "commit", "date", "command", "geomean_speedup_inference", "geomean_speedup_training",
+            "cases_total", "cases_slower_than_a_peer", "cases_within_3x_floor", "host_overhead_us",
+            "aggregate_tbps_min", "pigeon_oom", "peer_oom", "cost_model_within_10pct")
+FILES = ("cases.json", "cases.md", "summary.json", "summary.md")
+
+
+def bench(*args):
+    """``pigeon bench rgnn ARGS`` in this process: (exit code, stdout, stderr)."""
+    from pigeon.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["bench", "rgnn", *map(str, args)])
+        except SystemExit as e:      # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error(stderr: str, *needles: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rgnn")
+    code, stdout, stderr = bench("--quick", "--device", "cpu", "--out", out)
+    return code, stdout, stderr, out
+
+
+def test_quick_run_writes_every_file(quick):
+    code, stdout, stderr, out = quick
+    assert code == 0, stderr
+    for name in FILES:
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]      # no temporary files left
+    summary = json.loads((out / "summary.json").read_text())
+    for key in REQUIRED:
+        assert key in summary, key
+    for key in ("host_overhead_us", "aggregate_tbps_min", "cost_model_within_10pct"):
+        assert summary[key] is None and summary[f"{key}_note"], key          # CPU: not measured, and why
+    assert summary["command"].startswith("pigeon bench rgnn --graphs tiny ") and "--device cpu" in summary["command"]
+    assert summary["cases_total"] == 12 and summary["synthetic_graphs"] == ["tiny"]
+    assert summary["plot"] == "speedup.png" or summary["plot"].startswith("skipped: matplotlib")
+    if summary["plot"] == "speedup.png":
+        assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ("geomean_speedup_inference", "geomean_speedup_training"):
+        assert isinstance(summary[key], float) and summary[key] > 0
+
+
+def test_quick_run_cases_are_checked_and_timed(quick):
+    code, stdout, stderr, out = quick
+    cases = json.loads((out / "cases.json").read_text())["cases"]
+    assert {(c["model"], c["dtype"], c["mode"]) for c in cases} == {
+        (m, d, mode) for m in MODELS for d in ("float32", "bfloat16") for mode in ("inference", "training")}
+    for c in cases:
+        assert c["check"] == "ok", c
+        assert c["pigeon_status"] == "ok" and c["pigeon_ms"] > 0
+        assert isinstance(c["speedup_best"], float) and c["speedup_best"] > 0
+        assert c["speedup"] and all(isinstance(v, float) and v > 0 for v in c["speedup"].values())
+        assert c["floor"]["floor_ms"] > 0 and c["floor_ratio"] > 0
+        kinds = {r["kind"] for r in c["impls"]}
+        assert kinds == {"pigeon", "pyg", "reference"}         # torch.compile is off on a CPU by default
+    # progress: one line per case on stderr; the table on stdout
+    assert sum(line.startswith("[") for line in stderr.splitlines()) == 12
+    assert "| graph | model | dim | dtype | mode | pigeon ms |" in stdout
+    assert stdout.count("| tiny (synthetic) |") == 12
+    assert "cases_slower_than_a_peer" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("args,needles", [
+    (("--graphs", "no_such_graph"), ("unknown graph 'no_such_graph'",)),
+    (("--graphs", "synthetic:nope"), ("synthetic:nope", "no synthetic preset")),
+    (("--graphs", "synthetic:ogbl-biokg"), ("no preset",)),
+    (("--models", "gcn"), ("--models gcn", "'gcn'", "rgcn, rgat, hgt")),
+    (("--dtypes", "float16"), ("--dtypes", "'float16'")),
+    (("--modes", "eval"), ("--modes", "'eval'")),
+    (("--peers", "dgl"), ("--peers", "'dgl'")),
+    (("--dims", "10", "--models", "rgat"), ("--dims 10", "multiple of 4")),
+    (("--dims", "x"), ("--dims x",)),
+    (("--reps", "0"), ("--reps 0",)),
+])
+def test_bad_choices_are_one_line_errors(tmp_path, args, needles):
+    code, out, err = bench("--quick", "--device", "cpu", "--out", tmp_path / "o", *args)
+    assert code == 2
+    one_error(err, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("PIGEON_DATA", raising=False)
+    code, out, err = bench("--graphs", "aifb", "--device", "cpu", "--out", tmp_path / "o")
+    assert code == 2
+    one_error(err, "graph aifb", "PIGEON_DATA")
+    monkeypatch.setenv("PIGEON_DATA", str(tmp_path))
+    code, out, err = bench("--graphs", "tiny,fb15k-237+rev", "--device", "cpu", "--out", tmp_path / "o")
+    assert code == 2
+    one_error(err, "graph fb15k-237+rev", "fb15k-237", "does not exist")
+
+
+def test_unwritable_out_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, out, err = bench("--quick", "--device", "cpu", "--out", blocker)
+    assert code == 2
+    one_error(err, f"--out {blocker}", "a file is in the way")
+    code, out, err = bench("--quick", "--device", "cpu", "--out", blocker / "sub")
+    assert code == 2
+    one_error(err, "--out", "not a directory")
+
+
+def test_floor_of_a_tiny_case_by_hand():
+    N, E, R, T = 40, 151, 4, 2
+    # rgcn d16: 2*E*16*16 + 2*N*16*16 FLOPs; bytes: x 40*16*4 + W (4*256 + 256 + 16)*4 + 12*E + out 40*16*4
+    f = rgnn.case_floor("rgcn", 16, "float32", "inference", N, E, R, T)
+    assert f["flops"] == 77312 + 20480
+    assert f["bytes"] == 2560 + 5184 + 1812 + 2560
+    assert f["floor_ms"] == pytest.approx(12116 / 4.2e12 * 1e3) and f["bound"] == "memory"
+    # training: 3x FLOPs; also writes grad x and grad W, reads the output once
+    t = rgnn.case_floor("rgcn", 16, "float32", "training", N, E, R, T)
+    assert t["flops"] == 3 * 97792 and t["bytes"] == 12116 + 2560 + 5184 + 2560
+    b = rgnn.case_floor("rgcn", 16, "bfloat16", "inference", N, E, R, T)
+    assert b["bytes"] == 1280 + 2592 + 1812 + 1280
+    assert b["floor_ms"] == pytest.approx(max(97792 / 750e12, 6964 / 4.2e12) * 1e3)
+    assert rgnn.forward_flops("rgat", 16, N, E) == 2 * (2 * E) * 16 * 16
+    assert rgnn.forward_flops("hgt", 16, N, E) == 4 * 2 * N * 16 * 16 + 2 * 2 * E * 4 * 4 * 4
+    big = rgnn.case_floor("hgt", 128, "float32", "training", 10**6, 10**7, 4, 4)
+    assert big["bound"] == "compute" and big["floor_ms"] == pytest.approx(big["flops"] / 50e12 * 1e3)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_param_count_matches_the_layer(model):
+    g = tiny_graph()
+    layer = pg.compile(MODELS[model], g, 16, backend="reference", **rgnn.hparams(model, 16))
+    assert rgnn.param_count(model, 16, g.num_etypes, g.num_ntypes) == sum(p.numel() for p in layer.parameters())
+
+
+def _case(mode, pigeon, *peers, floor_ms=1.0):
+    """A hand-made case record: pigeon's status-or-ms and (name, status-or-ms) per peer."""
+    def row(name, kind, v):
+        ok = isinstance(v, (int, float))
+        return {"impl": name, "kind": kind, "status": "ok" if ok else v, "median_ms": float(v) if ok else None}
+    c = {"graph": "g", "synthetic": True, "model": "rgcn", "dim": 8, "dtype": "float32", "mode": mode,
+         "check": "ok", "floor": {"floor_ms": floor_ms},
+         "impls": [row("pigeon", "pigeon", pigeon)] + [row(n, "pyg", v) for n, v in peers]}
+    return rgnn.finish_case(c)
+
+
+def test_summary_of_hand_made_cases():
+    cases = [
+        _case("inference", 1.0, ("A", 4.0), ("B", "OOM"), ("C", "error: RuntimeError: boom"), floor_ms=0.5),
+        _case("inference", 2.0, ("A", 1.0), ("B", 8.0)),                   # slower than A
+        _case("training", 1.0, ("A", "OOM"), ("B", "timeout"), ("C", "n/a: no dict form")),   # no peer ran
+        _case("training", "OOM", ("A", 3.0)),                              # pigeon OOM where a peer ran
+        _case("training", 1.0, ("A", 9.0), ("B", 18.0), floor_ms=0.1),
+    ]
+    assert cases[0]["best_peer"] == "A" and cases[0]["speedup_best"] == 4.0 and cases[0]["speedup"] == {"A": 4.0}
+    assert cases[1]["speedup"] == {"A": 0.5, "B": 4.0} and cases[1]["speedup_best"] == 0.5
+    assert cases[2]["best_peer"] is None and cases[2]["speedup_best"] is None
+    assert cases[3]["pigeon_ms"] is None and cases[3]["speedup_best"] is None
+    s = rgnn.summarize(cases)
+    assert s["geomean_speedup_inference"] == pytest.approx(math.sqrt(4.0 * 0.5))
+    assert s["geomean_speedup_training"] == pytest.approx(9.0)
+    assert s["cases_total"] == 5 and s["cases_compared"] == 3
+    assert s["cases_slower_than_a_peer"] == 2
+    assert s["cases_within_3x_floor"] == 3          # 1.0 <= 3 * 0.5, 2.0 <= 3, 1.0 <= 3; not 1.0 vs 0.1
+    assert s["pigeon_oom"] == 1 and s["pigeon_errors"] == 0
+    assert s["peer_oom"] == 2 and s["peer_oom_by_impl"] == {"B": 1, "A": 1}
+    assert s["peer_timeouts"] == 1 and s["peer_errors"] == 1
+
+
+def test_failures_become_statuses():
+    assert rgnn.failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) == "OOM"
+    assert rgnn.failure(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory")) == "OOM"
+    assert rgnn.failure(rgnn.PeerTimeout()) == "timeout"
+    assert rgnn.failure(ValueError("bad\nthing")) == "error: ValueError: bad; thing"
+
+
+@pytest.mark.slow          # ~10 s: inductor compiles C++ on a CPU
+def test_compile_peer_on_the_tiny_graph(tmp_path):
+    """torch.compile of the reference, with its compile time (on a CPU it needs the C++ compiler)."""
+    code, out, err = bench("--quick", "--device", "cpu", "--out", tmp_path, "--models", "rgcn", "--dtypes",
+                           "float32", "--modes", "inference", "--peers", "compile")
+    assert code == 0, err
+    (case,) = json.loads((tmp_path / "cases.json").read_text())["cases"]
+    assert case["check"] == "ok"
+    (row,) = [r for r in case["impls"] if r["kind"] == "compile"]
+    assert row["status"] == "ok", row
+    assert row["compile_s"] > 0 and row["median_ms"] > 0
+
+
+def test_peer_timeout_is_recorded(tmp_path):
+    code, out, err = bench("--quick", "--device", "cpu", "--out", tmp_path, "--models", "rgcn", "--dtypes",
+                           "float32", "--modes", "inference", "--peers", "compile", "--peer-timeout", "0.01")
+    assert code == 0, err
+    (case,) = json.loads((tmp_path / "cases.json").read_text())["cases"]
+    (row,) = [r for r in case["impls"] if r["kind"] == "compile"]
+    assert row["status"] == "timeout" and row["median_ms"] is None
+    assert case["best_peer"] is None
+    assert json.loads((tmp_path / "summary.json").read_text())["peer_timeouts"] == 1
+
+
+def test_resume_keeps_finished_cases(tmp_path):
+    args = ("--quick", "--device", "cpu", "--out", tmp_path, "--models", "rgcn", "--dtypes", "float32",
+            "--peers", "reference", "--reps", "1")
+    code, out, err = bench(*args, "--modes", "inference")
+    assert code == 0, err
+    first = json.loads((tmp_path / "cases.json").read_text())["cases"]
+    code, out, err = bench(*args, "--resume")
+    assert code == 0, err
+    assert "1 cases from" in err and sum(line.startswith("[") for line in err.splitlines()) == 1
+    cases = json.loads((tmp_path / "cases.json").read_text())["cases"]
+    assert [c["mode"] for c in cases] == ["inference", "training"] and cases[0] == first[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cases_total"] == 2 and len(summary["commands"]) == 2
+    (tmp_path / "cases.json").write_text("{not json")
+    code, out, err = bench(*args, "--resume")
+    assert code == 2
+    one_error(err, "cases.json")
