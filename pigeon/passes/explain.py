@@ -1,0 +1,85 @@
+"""``pigeon compile --explain``: every graph-dependent decision of a compilation, with the
+estimated costs the choice compared (FLOPs of GEMMs, bytes their results write, the hub term of
+an aggregation schedule).  Reads the pass records, the IR after the passes, the kernel programs
+and the graph's statistics; decides nothing itself."""
+from __future__ import annotations
+
+from ..ir.graph import IRGraph
+from ..ir.ops import OpKind
+from ..ir.program import KernelProgram, TraversalLaunch
+from ..ir.types import Domain
+from .compact import MIN_EDGES_PER_ROW
+from .schedule import RESIDENT_THREADS, SKEW
+
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def _fmt(n: float) -> str:
+    """Exact counts, grouped by thousands (the numbers are compared by eye and by tests)."""
+    return f"{int(n):,}"
+
+
+def _rows(domain: Domain, stats: dict) -> int:
+    return {Domain.EDGE: stats["num_edges"], Domain.COMPACT: stats["compact_rows"],
+            Domain.NODE: stats["num_nodes"]}.get(domain, stats.get("num_types", 1))
+
+
+def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], stats: dict,
+            dtype: str = "float32") -> list[str]:
+    """Lines describing each decision (``stats``: num_nodes, num_edges, compact_rows and the
+    kernel graph's degree statistics)."""
+    el = ELEMENT_BYTES.get(dtype, 4)
+    E, U = stats["num_edges"], stats["compact_rows"]
+    out = []
+    rec = {r.name: r for r in records}
+    # linear reordering: each folded score
+    for op in ir.of_kind(OpKind.TYPED_LINEAR):
+        w = ir.op(op.inputs[1])
+        if w.kind is not OpKind.DOT or w.type.domain is not Domain.WEIGHT:
+            continue
+        rows = _rows(op.type.domain, stats)
+        k, heads = w.type.shape[0], w.type.shape[-1] if len(w.type.shape) > 1 else 1
+        n_before = 1
+        for s in ir.op(w.inputs[0]).type.shape[1:]:
+            n_before *= s
+        before = 2 * rows * k * n_before + 2 * rows * n_before
+        after = 2 * rows * k * heads
+        out.append(f"linear_reorder: {op.loc or op.kind.value}: x (W_r a_r) on {_fmt(rows)} rows: GEMM n={heads} "
+                   f"instead of n={n_before} plus a dot: {_fmt(before)} -> {_fmt(after)} FLOP, result "
+                   f"{_fmt(rows * n_before * el)} -> {_fmt(rows * heads * el)} B")
+    # compaction
+    r = rec.get("compaction")
+    if r is not None:
+        out.append(f"compaction: {r.note} (E = {_fmt(E)} edges, U = {_fmt(U)} (src, etype) pairs, "
+                   f"E/U = {E / max(U, 1):.2f}, threshold {MIN_EDGES_PER_ROW})")
+        for op in ir.of_kind(OpKind.TYPED_LINEAR):
+            if op.type.domain is not Domain.COMPACT:
+                continue
+            w = ir.op(op.inputs[1]).type.shape
+            k, n = w[-2], w[-1]
+            heads = w[0] if len(w) == 3 else 1
+            fe, fu = 2 * E * k * n * heads, 2 * U * k * n * heads
+            out.append(f"  {op.loc or 'typed_linear'}: GEMM on U rows: {_fmt(fe)} -> {_fmt(fu)} FLOP, writes "
+                       f"{_fmt(E * n * heads * el)} -> {_fmt(U * n * heads * el)} B (+{_fmt(4 * E)} B of "
+                       f"edge -> pair index)")
+    # aggregation schedules
+    for name, prog in programs.items():
+        if prog is None:
+            continue
+        for launch in prog.launches:
+            if not isinstance(launch, TraversalLaunch) or launch.inst.loop != "aggregate":
+                continue
+            inst = launch.inst
+            d_key, n_key = {"dst": ("max_in_degree", "num_edges"), "src": ("max_out_degree", "num_edges"),
+                            "compact": ("max_compact_edges", "num_edges"),
+                            "compact_src": ("max_node_compacts", "num_compact")}[inst.side]
+            width = inst.out.width
+            group = 1 << max(0, (min(max(width, 1), 32) - 1).bit_length())
+            if d_key in stats:
+                balanced = stats[n_key] * group / RESIDENT_THREADS
+                why = (f"largest list {stats[d_key]} vs {SKEW:g} x balanced share {balanced:.1f}")
+            else:
+                why = "no statistics for this side: node"
+            out.append(f"schedule: {name} aggregate {inst.reduce}/{inst.side} -> {inst.out.name}[{width}]: "
+                       f"{inst.schedule} ({why})")
+    return out
