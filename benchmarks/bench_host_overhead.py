@@ -13,9 +13,14 @@ Per case: ``wall_us`` = perf_counter over ``--calls`` calls (default 200) with o
 the end, divided by the calls; ``enqueue_us`` = the same loop before that synchronize (the host's
 own time when the GPU keeps up); both the median of three such loops; ``kernel_us`` = the sum
 of GPU activity (kernels, copies, memsets) per call, from torch.profiler over
-``--profile-calls`` further calls; ``overhead_us`` = ``wall_us - kernel_us`` (what a call costs
-beyond its GPU work; the target is <= 30 us). Each ``graphs`` result is checked against the plain
-executor's before timing.
+``--profile-calls`` further calls; ``overhead_us`` = ``wall_us`` minus the case's smallest
+``kernel_us`` over the paths (what a call costs beyond its kernels; the target is <= 30 us; the
+profiler's times of kernels inside a replayed graph read high, and a replay's copies in and out are
+host-path cost, so the plain paths' kernel time is the baseline). The profiler's kernel times can
+also read higher than the wall time of a GPU-bound case (seen on the H200: RGAT on synthetic:aifb,
+187 us of profiled kernels, 132 us wall with graphs): a negative or small overhead there means the
+GPU, not the host, bounds the call. Each ``graphs`` result is checked against the plain executor's
+before timing.
 
     python benchmarks/bench_host_overhead.py --out benchmarks/results/host_overhead_h200.json
 """
@@ -140,7 +145,7 @@ def main(argv=None):
                         w, enq = wall(fn, args.calls)
                         k = kernel_time(fn, args.profile_calls)
                         row = {"graph": gname, "model": model, "phase": phase, "path": path,
-                               "wall_us": w, "enqueue_us": enq, "kernel_us": k, "overhead_us": w - k,
+                               "wall_us": w, "enqueue_us": enq, "kernel_us": k,
                                "hparams": hps[model], "dim": args.dim, "nodes": g.num_nodes,
                                "edges": g.num_edges}
                         lp = ops.get_layer(layer.layer_id)
@@ -148,14 +153,20 @@ def main(argv=None):
                         row["captured"] = bool(fwd is not None and len(fwd))
                         rows.append(row)
                         print(f"  {gname:16s} {model:5s} {phase:9s} {path:6s} wall {w:8.1f} us  enqueue "
-                              f"{enq:8.1f} us  kernels {k:8.1f} us  overhead {w - k:8.1f} us",
-                              file=sys.stderr, flush=True)
+                              f"{enq:8.1f} us  kernels {k:8.1f} us", file=sys.stderr, flush=True)
     finally:
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    base: dict = {}
+    for r in rows:
+        case = (r["graph"], r["model"], r["phase"])
+        base[case] = min(base.get(case, r["kernel_us"]), r["kernel_us"])
+    for r in rows:
+        r["kernel_baseline_us"] = base[(r["graph"], r["model"], r["phase"])]
+        r["overhead_us"] = r["wall_us"] - r["kernel_baseline_us"]
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "commit": os.environ.get("PIGEON_COMMIT") or _git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -166,7 +177,7 @@ def main(argv=None):
         out = out / "host_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    lines = ["| graph | model | phase | path | wall us | enqueue us | kernels us | overhead us |",
+    lines = ["| graph | model | phase | path | wall us | enqueue us | kernels us (profiler) | overhead us |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['graph']} | {r['model']} | {r['phase']} | {r['path']} | {r['wall_us']:.1f} | "
