@@ -147,7 +147,9 @@ def fake_cuda(monkeypatch):
     monkeypatch.setenv(replay.ENV, "1")
     for name in replay.DEBUG_ENVS:
         monkeypatch.delenv(name, raising=False)
-    return fake
+    replay._SETS.clear()       # layers of equal content share one registry entry (and its replays)
+    yield fake
+    replay._SETS.clear()
 
 
 def _counter_execute(calls):

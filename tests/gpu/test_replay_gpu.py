@@ -30,9 +30,11 @@ TOL = dict(rtol=1e-5, atol=1e-6)      # float atomics (sums over edges) may reor
 def _no_fallback(monkeypatch):
     for name in replay.DEBUG_ENVS:
         monkeypatch.delenv(name, raising=False)
+    replay._SETS.clear()       # layers of equal content share one registry entry (and its replays)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*CUDA-graph capture.*")
         yield
+    replay._SETS.clear()
 
 
 def _layer(model, graph, dtype="float32"):
