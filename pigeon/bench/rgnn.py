@@ -364,8 +364,9 @@ def environment(cfg: Config) -> dict:
 NOT_MEASURED = {
     "aggregate_tbps_min": "not measured yet: needs each aggregation kernel's time (profiler) against its "
                           "minimum bytes, which the kernel programs do not report",
-    "cost_model_within_10pct": "not measured yet: pigeon has no cost model choosing among measured "
-                               "candidates (no `pigeon compile --tune`)",
+    "cost_model_within_10pct": "not measured here: this benchmark times only the configuration the cost "
+                               "rules pick; benchmarks/bench_compaction.py times the compaction rule's two "
+                               "candidates per case (no `pigeon compile --tune` yet)",
 }
 
 
