@@ -132,7 +132,7 @@ def _pad(x: torch.Tensor, nfeat: int, keep_last: int = 0) -> torch.Tensor:
     return x.reshape((x.shape[0],) + lead + (1,) * (nfeat - len(lead)) + tail)
 
 
-def eval_expr(e, rows: int, leaf, device) -> torch.Tensor:
+def eval_expr(e, rows: int, leaf, device, float_dtype: torch.dtype | None = None) -> torch.Tensor:
     """An expression (pigeon/ir/expr.py) at every one of ``rows`` rows: a [rows, *e.shape] tensor.
     ``leaf(node)`` gives the value of the nodes a kernel binds (loads, ``var``s, index variables
     other than row / feat<i>) as [rows, *node.shape]; everything else has its meaning here, fns
@@ -144,6 +144,8 @@ def eval_expr(e, rows: int, leaf, device) -> torch.Tensor:
             continue
         a = [memo[x] for x in n.args]
         tdt = TORCH_DTYPES[n.dtype]
+        if float_dtype is not None and tdt.is_floating_point:     # an oracle in float64
+            tdt = float_dtype
         full = (rows,) + n.shape
         if n.op in ("load", "var") or (n.op == "index" and n.fn != "row" and not n.fn.startswith("feat")):
             v = leaf(n)

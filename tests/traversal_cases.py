@@ -168,6 +168,10 @@ def traversal_cases() -> list[tuple[str, TraversalInstance, dict]]:
     bits = ex.binary("bit_xor", ex.binary("shl", ints, ex.const(2)), ex.binary("bit_and", ints, ex.const(5)))
     add("int_bitwise_popcount", _inst("node_map", ex.cast(ex.binary(
         "add", ex.unary("popcount", bits), ex.binary("shr", ex.unary("bit_not", ints), ex.const(1))), "float32")))
+    # floor division and modulo of signed ints (Python's // and %, unlike C's): divisors -3 and 5
+    add("int_floordiv_mod", _inst("node_map", ex.cast(ex.binary(
+        "add", ex.binary("mul", ex.binary("floordiv", ints, ex.const(-3)), ex.const(100)),
+        ex.binary("mod", ints, ex.const(5))), "float32")))
 
     # binary fns with left-aligned broadcasting
     an = load(nbuf("a_n", H), RowRef.SELF)            # [H]

@@ -198,6 +198,11 @@ _binary("max", "fmaxf(x, y)", lambda T, x, y: T.maximum(x, y), lambda T, x, y: T
 _binary("bit_and", "(x & y)", lambda T, x, y: x & y, lambda T, x, y: x & y, operands=(INT, BOOL))
 _binary("bit_or", "(x | y)", lambda T, x, y: x | y, lambda T, x, y: x | y, operands=(INT, BOOL))
 _binary("bit_xor", "(x ^ y)", lambda T, x, y: x ^ y, lambda T, x, y: x ^ y, operands=(INT, BOOL))
+# floor division and modulo (Python's // and %): the sign follows the divisor, unlike C's / and %
+_binary("floordiv", "((x) / (y) - ((((x) % (y)) != 0) & (((x) < 0) != ((y) < 0))))",
+        lambda T, x, y: T.div(x, y, rounding_mode="floor"), lambda T, x, y: T.floordiv(x, y), operands=(INT,))
+_binary("mod", "((((x) % (y)) + (y)) % (y))", lambda T, x, y: T.remainder(x, y),
+        lambda T, x, y: T.floormod(x, y), operands=(INT,))
 _binary("shl", "(x << y)", lambda T, x, y: x << y, lambda T, x, y: T.shift_left(x, y), operands=(INT,))
 _binary("shr", "(x >> y)", lambda T, x, y: x >> y, lambda T, x, y: T.shift_right(x, y), operands=(INT,))
 for _name, _op, _py, _tir in (("lt", "<", operator.lt, "LT"), ("le", "<=", operator.le, "LE"),

@@ -1,0 +1,217 @@
+"""Closed-form sparse attention patterns and the block iteration lists they stand for.
+
+A pattern says which (query, key) pairs are attended.  Kernels tile queries in blocks of
+``block_m`` and keys in blocks of ``block_n``; for every (batch, head, query block) they visit only
+the key blocks the pattern touches, and they apply the elementwise mask only in the blocks it cuts
+(``partial``): in a ``full`` block every pair is attended.  The lists come from a formula per
+pattern (no dense mask is built), except for the patterns whose blocks are given at run time
+(``BlockList``, ``TopK``).
+
+* ``Causal()``: ``kv <= q`` (with ``q_len != kv_len``, aligned at the end, as FlashAttention:
+  ``kv <= q + kv_len - q_len``).
+* ``SlidingWindow(window, causal=True)``: ``q - window < kv <= q`` (causal), or
+  ``|q - kv| < window``.
+* ``S2(stride, local_blocks, step=1, offset=0)``: S2-Attention's per-head strided shards on
+  blocks of ``block`` keys: key block j is kept for query block i and head h if
+  ``(j + h * step + offset) % stride == 0`` or ``i - local_blocks < j``, causal on blocks
+  (``j <= i``) and elementwise causal inside the diagonal block.  Defined on square blocks
+  (``block_m == block_n == block``).
+* ``BlockList(crow, col)``: BCSR over blocks, per head (``crow [H, nq + 1]``, ``col [nnz]``) or
+  shared (``crow [nq + 1]``); every listed block is full.
+* ``TopK(indices)``: ``indices [B, H_sel, nq, k]`` key blocks per query block (-1: none), given at
+  run time (Native Sparse Attention's selection).  With GQA, ``H_sel`` may be the KV head count:
+  the selection is shared across each KV group (Flash Sparse Attention), so a group reads the
+  same key blocks.
+
+``dense_mask(pattern, ...)`` is the [B or 1, H or 1, q_len, kv_len] bool mask a pattern stands
+for (the reference and the property tests use it); ``block_lists(...)`` the iteration lists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class PatternError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Causal:
+    pass
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    window: int
+    causal: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.window, int) or self.window < 1:
+            raise PatternError(f"SlidingWindow: window must be a positive int, got {self.window!r}")
+
+
+@dataclass(frozen=True)
+class S2:
+    stride: int
+    local_blocks: int
+    block: int = 64
+    step: int = 1
+    offset: int = 0
+
+    def __post_init__(self):
+        for name in ("stride", "local_blocks", "block"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise PatternError(f"S2: {name} must be a positive int, got {v!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class BlockList:
+    crow: torch.Tensor
+    col: torch.Tensor
+    block_m: int = 64
+    block_n: int = 64
+
+
+@dataclass(frozen=True, eq=False)
+class TopK:
+    indices: torch.Tensor
+    block_m: int = 64
+    block_n: int = 64
+
+
+PATTERNS = (Causal, SlidingWindow, S2, BlockList, TopK)
+
+
+def _grid(q_len: int, kv_len: int, device):
+    q = torch.arange(q_len, device=device)[:, None]
+    kv = torch.arange(kv_len, device=device)[None, :]
+    return q, kv
+
+
+def dense_mask(p, batch: int, heads: int, q_len: int, kv_len: int, device="cpu") -> torch.Tensor:
+    """The bool mask [B', H', q_len, kv_len] (B', H' are 1 where the pattern does not depend on
+    them) of the pairs ``p`` attends."""
+    q, kv = _grid(q_len, kv_len, device)
+    shift = kv_len - q_len                        # bottom-right alignment of causal masks
+    if isinstance(p, Causal):
+        return (kv <= q + shift)[None, None]
+    if isinstance(p, SlidingWindow):
+        d = q + shift - kv
+        m = (d >= 0) & (d < p.window) if p.causal else d.abs() < p.window
+        return m[None, None]
+    if isinstance(p, S2):
+        qb, kb = (q + shift) // p.block, kv // p.block          # block coordinates
+        h = torch.arange(heads, device=device)[:, None, None]
+        kept = ((kb + h * p.step + p.offset) % p.stride == 0) | (kb > qb - p.local_blocks)
+        return (kept & (kv <= q + shift))[None]
+    if isinstance(p, BlockList):
+        crow, col = p.crow.to(device).long(), p.col.to(device).long()
+        crow2 = crow if crow.dim() == 2 else crow[None]
+        nq = -(-q_len // p.block_m)
+        nk = -(-kv_len // p.block_n)
+        if crow2.shape[-1] != nq + 1:
+            raise PatternError(f"BlockList: crow has {crow2.shape[-1]} entries per head, expected {nq + 1} "
+                               f"(query blocks of {p.block_m} for {q_len} queries)")
+        blocks = torch.zeros(crow2.shape[0], nq, nk, dtype=torch.bool, device=device)
+        for hh in range(crow2.shape[0]):
+            counts = crow2[hh, 1:] - crow2[hh, :-1]
+            rows = torch.repeat_interleave(torch.arange(nq, device=device), counts)
+            cols = col[crow2[hh, 0]:crow2[hh, -1]]
+            if cols.numel() and (cols.min() < 0 or cols.max() >= nk):
+                raise PatternError(f"BlockList: column index out of range [0, {nk}) for head {hh}")
+            blocks[hh, rows, cols] = True
+        return _expand_blocks(blocks, p.block_m, p.block_n, q_len, kv_len)[None]
+    if isinstance(p, TopK):
+        idx = p.indices.to(device).long()                   # [B, Hs, nq, k]
+        nq = -(-q_len // p.block_m)
+        nk = -(-kv_len // p.block_n)
+        if idx.dim() != 4 or idx.shape[2] != nq:
+            raise PatternError(f"TopK: indices must be [B, H, {nq}, k] (query blocks of {p.block_m}), "
+                               f"got {list(idx.shape)}")
+        if (idx >= nk).any() or (idx < -1).any():
+            raise PatternError(f"TopK: block indices must be in [-1, {nk}) (-1: none)")
+        blocks = torch.zeros(idx.shape[0], idx.shape[1], nq, nk + 1, dtype=torch.bool, device=device)
+        blocks.scatter_(3, torch.where(idx < 0, nk, idx), True)
+        m = _expand_blocks(blocks[..., :nk], p.block_m, p.block_n, q_len, kv_len)
+        if idx.shape[1] != heads:                   # shared across each KV group of query heads
+            if heads % idx.shape[1]:
+                raise PatternError(f"TopK: {idx.shape[1]} selection heads do not divide {heads} query heads")
+            m = m.repeat_interleave(heads // idx.shape[1], dim=1)
+        return m
+    raise PatternError(f"unknown pattern {p!r}; known: {[c.__name__ for c in PATTERNS]}")
+
+
+def _expand_blocks(blocks: torch.Tensor, bm: int, bn: int, q_len: int, kv_len: int) -> torch.Tensor:
+    return blocks.repeat_interleave(bm, dim=-2).repeat_interleave(bn, dim=-1)[..., :q_len, :kv_len]
+
+
+@dataclass(frozen=True)
+class BlockLists:
+    """Per (batch, head, query block): the key blocks to visit, in CSR form over the flattened
+    [B', H', nq] rows (B', H' = 1 where the pattern does not depend on them); ``full[i]`` says
+    block ``col[i]`` needs no elementwise mask."""
+    shape: tuple[int, int, int]
+    ptr: torch.Tensor          # [B' * H' * nq + 1]
+    col: torch.Tensor          # [nnz] key block index
+    full: torch.Tensor         # [nnz] bool
+
+    def blocks(self, b: int, h: int, i: int) -> list[tuple[int, bool]]:
+        B, H, nq = self.shape
+        r = ((min(b, B - 1) * H) + min(h, H - 1)) * nq + i
+        s, e = int(self.ptr[r]), int(self.ptr[r + 1])
+        return list(zip(self.col[s:e].tolist(), self.full[s:e].tolist()))
+
+
+def block_lists(p, batch: int, heads: int, q_len: int, kv_len: int, block_m: int, block_n: int,
+                device="cpu") -> BlockLists:
+    """The iteration lists of ``p`` from its formula (``Causal``, ``SlidingWindow``, ``S2``) or
+    its given blocks (``BlockList``, ``TopK``); every kept pair lies in a listed block, and a block
+    marked full has every pair (inside the sequence bounds) kept."""
+    nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    shift = kv_len - q_len
+    q0, q1 = i * block_m + shift, torch.clamp((i + 1) * block_m, max=q_len) - 1 + shift   # aligned rows
+    k0, k1 = j * block_n, torch.clamp((j + 1) * block_n, max=kv_len) - 1
+    if isinstance(p, Causal):
+        anyk, allk = k0 <= q1, k1 <= q0
+        anyk, allk = anyk[None, None], allk[None, None]
+    elif isinstance(p, SlidingWindow):
+        # d = q - kv over the block ranges: [q0 - k1, q1 - k0]
+        dmin, dmax = q0 - k1, q1 - k0
+        if p.causal:
+            anyk = (dmax >= 0) & (dmin < p.window)
+            allk = (dmin >= 0) & (dmax < p.window)
+        else:
+            anyk = (dmin < p.window) & (dmax > -p.window)
+            allk = (dmax < p.window) & (dmin > -p.window)
+        anyk, allk = anyk[None, None], allk[None, None]
+    elif isinstance(p, S2):
+        if block_m != p.block or block_n != p.block or shift != 0:
+            raise PatternError(f"S2 is defined on square blocks of {p.block} and q_len == kv_len; got blocks "
+                               f"{block_m}x{block_n}, q_len {q_len}, kv_len {kv_len}")
+        h = torch.arange(heads, device=device)[:, None, None]
+        kept = (((j + h * p.step + p.offset) % p.stride == 0) | (j > i - p.local_blocks)) & (j <= i)
+        anyk = kept[None]
+        allk = kept[None] & (k1 <= q0)[None, None]           # the diagonal block is causal inside
+    else:
+        m = dense_mask(p, batch, heads, q_len, kv_len, device)     # blocks given at run time
+        pad = torch.zeros(m.shape[:2] + (nq * block_m, nk * block_n), dtype=torch.bool, device=device)
+        valid = torch.zeros_like(pad)
+        pad[..., :q_len, :kv_len] = m
+        valid[..., :q_len, :kv_len] = True
+        tiles = pad.reshape(m.shape[:2] + (nq, block_m, nk, block_n))
+        vt = valid.reshape(tiles.shape)
+        anyk = tiles.any(dim=(3, 5))
+        allk = (tiles | ~vt).all(dim=(3, 5)) & anyk
+    anyk, allk = torch.broadcast_tensors(anyk, allk)
+    B, H = anyk.shape[0], anyk.shape[1]
+    flat, fullf = anyk.reshape(-1, nk), allk.reshape(-1, nk)
+    counts = flat.sum(1)
+    ptr = torch.zeros(flat.shape[0] + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    rows, cols = flat.nonzero(as_tuple=True)
+    return BlockLists((B, H, nq), ptr, cols, fullf[rows, cols])
