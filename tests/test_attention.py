@@ -43,7 +43,7 @@ def test_untraceable_modifiers_are_refused_with_their_line():
         if q > kv:
             return s
         return s * 0.5
-    with pytest.raises(pa.ModError, match=r"test_attention.py:\d+: a modifier cannot branch on a traced value"):
+    with pytest.raises(pa.ModError, match=r"test_attention.py:\d+: a traced function cannot branch on a traced value"):
         pa.trace_score_mod(branches)
     with pytest.raises(pa.ModError, match="returns a mask"):
         pa.trace_score_mod(lambda s, b, h, q, kv: q >= kv)

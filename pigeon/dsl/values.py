@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from numbers import Number
 
+from ..ir.expr_trace import Sym
 from ..ir.ops import Op, OpKind
 from ..ir.types import Domain, TypeAxis
 from .trace import SpecError, caller_loc, current
@@ -137,6 +138,8 @@ def _reciprocal(c: float, other: Number) -> float:
 
 
 def unary(x: Value, fn: str, c: float | None = None) -> Value:
+    if isinstance(x, Sym):       # a traced scalar (a GEMM epilogue, an attention modifier)
+        return x.apply(fn, None if c is None else float(c))
     if not isinstance(x, Value):
         raise SpecError(f"{fn} expects a pigeon value, got {type(x).__name__}", caller_loc())
     if c is not None:
