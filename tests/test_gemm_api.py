@@ -79,3 +79,41 @@ def test_bad_calls():
         return acc if acc > 0 else -acc
     with pytest.raises(TraceError, match=r"test_gemm_api.py:\d+: a traced function cannot branch"):
         pg.gemm(a, b, epilogue=branchy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_equals_a_loop_of_matmuls(dtype):
+    g = torch.Generator().manual_seed(7)
+    sizes = [13, 0, 40, 1, 22]                      # an empty problem and a one-row problem
+    offs = torch.tensor([0] + list(torch.tensor(sizes).cumsum(0)))
+    a = torch.randn(sum(sizes), 24, generator=g).to(dtype).requires_grad_(True)
+    b = torch.randn(len(sizes), 24, 10, generator=g).to(dtype).requires_grad_(True)
+    y = pg.grouped_gemm(a, b, offs, epilogue=lambda acc: pg.gelu(acc))
+    a2, b2 = (t.detach().float().requires_grad_(True) for t in (a, b))
+    want = torch.cat([F.gelu(a2[s:e] @ b2[i]) for i, (s, e) in enumerate(zip(offs[:-1].tolist(), offs[1:].tolist()))])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.float(), want, **tol)
+    up = torch.randn(y.shape, generator=g)
+    for got, w in zip(torch.autograd.grad((y.float() * up).sum(), [a, b]),
+                      torch.autograd.grad((want * up).sum(), [a2, b2])):
+        rel = ((got.float() - w).norm() / w.norm()).item()
+        assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+    # the list form packs the same problems
+    outs = pg.grouped_gemm([(a[s:e], b[i]) for i, (s, e) in enumerate(zip(offs[:-1].tolist(), offs[1:].tolist()))],
+                           epilogue=lambda acc: pg.gelu(acc))
+    torch.testing.assert_close(torch.cat(outs), y)
+
+
+def test_grouped_op_passes_opcheck_and_bad_offsets_are_named():
+    a, b = torch.randn(9, 4, requires_grad=True), torch.randn(2, 4, 3, requires_grad=True)
+    inst = GemmInstance("rows", 4, 3, dtype="float32", typed=True)
+    seg = torch.tensor([0, 5, 9], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.pigeon.gemm.default, (instance_json(inst), a, b, seg, None, None, None, 9))
+    for offs, match in [(torch.tensor([0, 5]), r"offsets has 2 entries for 2 problems \(expected 3\)"),
+                        (torch.tensor([0, 5, 8]), "offsets must run from 0 to M = 9"),
+                        (torch.tensor([0, 10, 9]), "offsets must be non-decreasing"),
+                        (torch.tensor([0.0, 5.0, 9.0]), "1-D integer tensor")]:
+        with pytest.raises(GemmInputError, match=match):
+            pg.grouped_gemm(a, b, offs)
+    with pytest.raises(GemmInputError, match="must share K and N with problem 0"):
+        pg.grouped_gemm([(a[:4], b[0]), (a[4:, :3], b[1][:3])])
