@@ -2,6 +2,7 @@
 (written to a temporary name in the same folder, then ``os.replace``d)."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -188,17 +189,10 @@ def plot_speedup(cases: list[dict], path: Path) -> str:
     ax.set_title("pigeon vs the best peer per case (above 1: pigeon faster)")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        atomic_write(path, buf.getvalue())
     finally:
         plt.close(fig)
     return path.name
