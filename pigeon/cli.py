@@ -392,6 +392,17 @@ def cmd_compile(args) -> int:
             for line in explain(ir, records, {"forward": layer.forward_program, "backward": layer.backward_program},
                                 stats, args.dtype):
                 print(f"# explain: {line}")
+            from .runtime.program import program_buffer_bytes
+            from .runtime.replay import ENV as GRAPHS_ENV, MAX_BUFFER_BYTES, cost_rule, graphs_mode
+            mode = graphs_mode()
+            for name, prog in (("forward", layer.forward_program), ("backward", layer.backward_program)):
+                if prog is None:
+                    continue
+                nbytes = program_buffer_bytes(prog, layer.kgraph)
+                on = cost_rule(mode, len(prog.launches), nbytes)
+                print(f"# explain: cuda graphs: {name} program, {len(prog.launches)} launches, {nbytes:,} B of buffers: "
+                      f"{'replayed' if on else 'launched one by one'} on a GPU ({GRAPHS_ENV}={mode}; auto replays "
+                      f"more than one launch and at most {MAX_BUFFER_BYTES:,} B)")
     if args.out:
         from .runtime.artifact import ArtifactError, save
         try:

@@ -14,6 +14,7 @@ def _run(capsys, *args):
 
 def test_explain_names_reordering_compaction_and_schedules(capsys, monkeypatch):
     monkeypatch.delenv("PIGEON_COMPACT", raising=False)
+    monkeypatch.delenv("PIGEON_CUDA_GRAPHS", raising=False)
     code, lines, err = _run(capsys, "compile", "rgat", "--in-dim", 8, "--set", "heads=2", "--set", "out_dim=4",
                             "--explain")
     assert code == 0, err
@@ -30,6 +31,8 @@ def test_explain_names_reordering_compaction_and_schedules(capsys, monkeypatch):
     sched = [l for l in lines if l.startswith("schedule:")]
     assert any("forward aggregate sum/dst" in l for l in sched)
     assert any("backward aggregate sum/compact " in l or "sum/compact ->" in l for l in sched)
+    graphs = [l for l in lines if l.startswith("cuda graphs:")]
+    assert len(graphs) == 2 and all("replayed on a GPU (PIGEON_CUDA_GRAPHS=auto" in l for l in graphs), graphs
 
 
 def test_explain_says_when_compaction_is_not_applied(capsys, monkeypatch):

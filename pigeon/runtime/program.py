@@ -131,6 +131,11 @@ def _plan(p: KernelProgram, kg: KernelGraph) -> _Plan:
     return plan
 
 
+def program_buffer_bytes(p: KernelProgram, kg: KernelGraph) -> int:
+    """The bytes of every buffer of ``p`` on ``kg`` (what the CUDA-graph rule reads)."""
+    return _plan(p, kg).buffer_bytes
+
+
 def _drop_plan(key, refs) -> None:
     ent = _PLANS.get(key)
     if ent is not None and ent[:2] == refs:
