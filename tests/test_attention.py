@@ -117,6 +117,22 @@ def test_block_list_and_topk_lists_equal_the_mask(H, S, block, seed):
     _check_lists(pa.TopK(idx[:, :1], block, block), 2, 2 * H, S, S, block, block)   # shared by a KV group
 
 
+def test_closed_form_masks_are_the_textbook_ones():
+    """Independent of the expressions: causal is a lower triangle aligned at the bottom right, a
+    window a band, S2 with stride 1 is blockwise-causal with a causal diagonal."""
+    for Sq, Skv in ((7, 7), (5, 9)):
+        want = torch.ones(Sq, Skv, dtype=torch.bool).tril(diagonal=Skv - Sq)
+        assert torch.equal(pa.dense_mask(pa.Causal(), 1, 1, Sq, Skv)[0, 0], want)
+    d = torch.arange(10)[:, None] - torch.arange(10)[None, :]
+    assert torch.equal(pa.dense_mask(pa.SlidingWindow(3), 1, 1, 10, 10)[0, 0], (d >= 0) & (d < 3))
+    assert torch.equal(pa.dense_mask(pa.SlidingWindow(3, causal=False), 1, 1, 10, 10)[0, 0], d.abs() < 3)
+    assert torch.equal(pa.dense_mask(pa.S2(stride=1, local_blocks=1, block=4), 1, 2, 12, 12)[0, 1],
+                       torch.ones(12, 12, dtype=torch.bool).tril())
+    # stride 2, no local blocks beyond the diagonal: head 0 keeps even key blocks, head 1 odd ones
+    m = pa.dense_mask(pa.S2(stride=2, local_blocks=1, block=4), 1, 2, 16, 16)[0]
+    assert m[0, 12, 0].item() and not m[0, 12, 4].item() and m[1, 12, 4].item() and not m[1, 12, 0].item()
+
+
 def test_pattern_inputs_are_checked():
     with pytest.raises(pa.PatternError, match="window must be a positive int"):
         pa.SlidingWindow(0)

@@ -32,6 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ir import expr as ex
+from ..ir.expr import Expr
+from ..semantics import eval_expr
+
 
 class PatternError(ValueError):
     pass
@@ -83,30 +87,56 @@ class TopK:
 
 
 PATTERNS = (Causal, SlidingWindow, S2, BlockList, TopK)
+KV_SHIFT = "kv_shift"        # kv_len - q_len: the bottom-right alignment of causal masks (an int var)
 
 
-def _grid(q_len: int, kv_len: int, device):
-    q = torch.arange(q_len, device=device)[:, None]
-    kv = torch.arange(kv_len, device=device)[None, :]
-    return q, kv
+def mask_expr(p) -> Expr | None:
+    """The elementwise mask of a closed-form pattern, an expression of the attention index
+    variables and ``var("kv_shift")``: the one definition that the kernels inline (in the blocks
+    the pattern cuts) and that ``dense_mask`` evaluates.  None for the patterns defined on blocks
+    (``BlockList``, ``TopK``: a listed block is full)."""
+    q, kv, h = ex.index("query"), ex.index("key"), ex.index("head")
+    qs = ex.binary("add", q, ex.var(KV_SHIFT, "int32"))           # the query's aligned position
+    c = ex.const
+    if isinstance(p, Causal):
+        return ex.binary("le", kv, qs)
+    if isinstance(p, SlidingWindow):
+        d = ex.binary("sub", qs, kv)
+        if p.causal:
+            return ex.binary("bit_and", ex.binary("ge", d, c(0)), ex.binary("lt", d, c(p.window)))
+        return ex.binary("bit_and", ex.binary("lt", d, c(p.window)), ex.binary("gt", d, c(-p.window)))
+    if isinstance(p, S2):
+        qb, kb = ex.binary("floordiv", qs, c(p.block)), ex.binary("floordiv", kv, c(p.block))
+        shard = ex.binary("eq", ex.binary("mod", ex.binary("add", ex.binary("add", kb, ex.binary("mul", h, c(p.step))),
+                                                            c(p.offset)), c(p.stride)), c(0))
+        local = ex.binary("gt", kb, ex.binary("sub", qb, c(p.local_blocks)))
+        return ex.binary("bit_and", ex.binary("bit_or", shard, local), ex.binary("le", kv, qs))
+    return None
+
+
+def eval_mask(e: Expr, heads: int, q_len: int, kv_len: int, device="cpu") -> torch.Tensor:
+    """A mask expression at every (head, query, key): [1, H, q_len, kv_len] bool."""
+    n = heads * q_len * kv_len
+    hh, qq, kk = torch.meshgrid(torch.arange(heads, device=device), torch.arange(q_len, device=device),
+                                torch.arange(kv_len, device=device), indexing="ij")
+    vals = {"head": hh, "query": qq, "key": kk, "batch": torch.zeros_like(hh)}
+
+    def leaf(node):
+        if node.op == "index" and node.fn in vals:
+            return vals[node.fn].reshape(n).to(torch.int32)
+        if node.op == "var" and node.fn == KV_SHIFT:
+            return torch.full((n,), kv_len - q_len, dtype=torch.int32, device=device)
+        raise PatternError(f"{node.op} {node.fn!r} is not bound in a pattern mask")
+    return eval_expr(e, n, leaf, device).reshape(1, heads, q_len, kv_len)
 
 
 def dense_mask(p, batch: int, heads: int, q_len: int, kv_len: int, device="cpu") -> torch.Tensor:
     """The bool mask [B', H', q_len, kv_len] (B', H' are 1 where the pattern does not depend on
     them) of the pairs ``p`` attends."""
-    q, kv = _grid(q_len, kv_len, device)
-    shift = kv_len - q_len                        # bottom-right alignment of causal masks
-    if isinstance(p, Causal):
-        return (kv <= q + shift)[None, None]
-    if isinstance(p, SlidingWindow):
-        d = q + shift - kv
-        m = (d >= 0) & (d < p.window) if p.causal else d.abs() < p.window
-        return m[None, None]
-    if isinstance(p, S2):
-        qb, kb = (q + shift) // p.block, kv // p.block          # block coordinates
-        h = torch.arange(heads, device=device)[:, None, None]
-        kept = ((kb + h * p.step + p.offset) % p.stride == 0) | (kb > qb - p.local_blocks)
-        return (kept & (kv <= q + shift))[None]
+    e = mask_expr(p)
+    if e is not None:
+        m = eval_mask(e, heads if isinstance(p, S2) else 1, q_len, kv_len, device)
+        return m
     if isinstance(p, BlockList):
         crow, col = p.crow.to(device).long(), p.col.to(device).long()
         crow2 = crow if crow.dim() == 2 else crow[None]
