@@ -267,5 +267,3 @@ def test_bad_calls_are_refused_before_anything_runs():
     _bad(r"cu_seqlens decreases at index 2", packed, packed, packed, cu_seqlens=torch.tensor([0, 6, 4, 10]))
     _bad(r"cu_seqlens must start at 0", packed, packed, packed, cu_seqlens=torch.tensor([1, 10]))
     _bad(r"unknown pattern", q, k, k, enable_gqa=True, pattern="causal")
-    with pytest.raises(NotImplementedError, match="backend='reference' runs the same variant"):
-        pa.attention(q, k, k, enable_gqa=True, backend="kernels")

@@ -1,11 +1,13 @@
 """``pigeon.attention.attention(q, k, v, ...)``: checks every input, traces the modifiers, and runs
 the variant.
 
-What runs today: ``backend="reference"`` (pigeon/attention/reference.py, plain torch, any device,
-differentiable through torch autograd).  The flash-style kernels of the attention issue are not
-built yet: ``backend="kernels"`` raises ``NotImplementedError`` after the checks, rather than
-running the reference in their place.  Every check below fails with one line naming the tensor
-and the problem, before anything is computed.
+Backends: ``"kernels"`` (the default) runs pigeon's attention kernel forward: the SIMT template
+``attention.simt.cu.jinja`` with the traced modifiers and the pattern's mask inlined, over the
+pattern's block lists (pigeon/codegen/attention.py); the tensor-core (mma / wgmma) forms and the
+backward kernels are not built yet, so the backward differentiates the reference semantics.  On a
+CPU the kernel's CUDA text runs emulated with ``PIGEON_CPU_BACKEND=emulate``, else the reference.
+``"reference"`` runs pigeon/attention/reference.py (plain torch, any device, torch autograd).
+Every check below fails with one line naming the tensor and the problem, before anything runs.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Callable
 import torch
 
 from .mods import trace_mask_mod, trace_score_mod
-from .patterns import PATTERNS, BlockList, TopK, block_lists
+from .patterns import PATTERNS, S2, BlockList, TopK, all_blocks, block_lists, mask_expr
 from .reference import attention_reference
 
 KERNEL_HEAD_DIMS = (64, 128)
@@ -88,12 +90,78 @@ def attention(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callable 
     check_inputs(q, k, v, enable_gqa=enable_gqa, cu_seqlens=cu_seqlens, pattern=pattern, backend=backend)
     smod = trace_score_mod(score_mod) if score_mod is not None else None
     mmod = trace_mask_mod(mask_mod) if mask_mod is not None else None
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "kernels":
-        raise NotImplementedError("pigeon.attention: the flash-style attention kernels are not built yet; "
-                                  "backend='reference' runs the same variant with torch ops")
-    out, lse = attention_reference(q, k, v, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
-                                   cu_seqlens=cu_seqlens)
+        out, lse = _AttentionKernel.apply(q, k, v, smod, mmod, pattern, scale, cu_seqlens)
+    else:
+        out, lse = attention_reference(q, k, v, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
+                                       cu_seqlens=cu_seqlens)
     return (out, lse) if return_lse else out
+
+
+def _blocks(pattern) -> tuple[int, int]:
+    if isinstance(pattern, S2):
+        return pattern.block, pattern.block
+    if isinstance(pattern, (BlockList, TopK)):
+        return pattern.block_m, pattern.block_n
+    return 64, 64
+
+
+def kernel_forward(q, k, v, smod, mmod, pattern, scale, cu_seqlens):
+    """(out, lse) through pigeon's attention kernel: CUDA on a GPU; on a CPU the same CUDA text
+    emulated (PIGEON_CPU_BACKEND=emulate) or else the instance's semantics (the reference)."""
+    import os
+    from ..codegen.attention import AttentionInstance
+    from ..runtime.attention_kernel import run_attention_kernel
+    packed = cu_seqlens is not None
+    hq = q.shape[-2] if packed else q.shape[1]
+    hk = k.shape[-2] if packed else k.shape[1]
+    bm, bn = _blocks(pattern)
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[q.dtype]
+    inst = AttentionInstance(q.shape[-1], v.shape[-1], dtype, hq // hk, packed, bm, bn, smod, mmod,
+                             mask_expr(pattern) if pattern is not None else None)
+    if packed:
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        sq = skv = int(lens.max()) if lens.numel() else 0
+        batch = 1
+    else:
+        batch, sq, skv = q.shape[0], q.shape[2], k.shape[2]
+    if pattern is None:
+        lists = all_blocks(sq, skv, bm, bn, q.device)
+    else:
+        lists = block_lists(pattern, batch, hq, sq, skv, bm, bn, q.device)
+    if q.device.type == "cuda":
+        return run_attention_kernel(inst, q, k, v, lists, scale, cu_seqlens)
+    if os.environ.get("PIGEON_CPU_BACKEND", "torch") == "emulate":
+        return run_attention_kernel(inst, q, k, v, lists, scale, cu_seqlens, emulate=True)
+    return attention_reference(q, k, v, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
+                               cu_seqlens=cu_seqlens)
+
+
+class _AttentionKernel(torch.autograd.Function):
+    """Forward through the kernel; backward by differentiating the reference semantics (recomputed:
+    the backward kernels are not built yet)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, smod, mmod, pattern, scale, cu_seqlens):
+        ctx.save_for_backward(q, k, v)
+        ctx.args = (smod, mmod, pattern, scale, cu_seqlens)
+        out, lse = kernel_forward(q, k, v, smod, mmod, pattern, scale, cu_seqlens)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, k, v = ctx.saved_tensors
+        smod, mmod, pattern, scale, cu = ctx.args
+
+        def f(q2, k2, v2):
+            return attention_reference(q2, k2, v2, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
+                                       cu_seqlens=cu)[0]
+        with torch.enable_grad():
+            _, vjp = torch.func.vjp(f, q, k, v)
+            gq, gk, gv = vjp(g_out)
+        return gq, gk, gv, None, None, None, None, None
 
 
 __all__ = ["AttentionInputError", "attention", "block_lists", "check_inputs"]

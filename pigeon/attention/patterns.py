@@ -195,6 +195,14 @@ class BlockLists:
         return list(zip(self.col[s:e].tolist(), self.full[s:e].tolist()))
 
 
+def all_blocks(q_len: int, kv_len: int, block_m: int, block_n: int, device="cpu") -> BlockLists:
+    """No pattern: every key block of every query block, each full."""
+    nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
+    ptr = torch.arange(nq + 1, device=device) * nk
+    return BlockLists((1, 1, nq), ptr, torch.arange(nk, device=device).repeat(nq),
+                      torch.ones(nq * nk, dtype=torch.bool, device=device))
+
+
 def block_lists(p, batch: int, heads: int, q_len: int, kv_len: int, block_m: int, block_n: int,
                 device="cpu") -> BlockLists:
     """The iteration lists of ``p`` from its formula (``Causal``, ``SlidingWindow``, ``S2``) or

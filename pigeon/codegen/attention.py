@@ -1,0 +1,162 @@
+"""CUDA attention kernels: AttentionInstance -> Jinja2 template -> RenderedKernel.
+
+One template today, ``attention.simt.cu.jinja`` (the forward, one thread per query row, online
+softmax over the key blocks the pattern lists).  The traced modifiers and the pattern's
+elementwise mask are rendered by the one expression emitter (pigeon/codegen/expr_c.py), with the
+attention index variables and the score bound to the kernel's loop variables; parts that depend
+on the query row alone are hoisted out of the key loop.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass, fields
+
+from ..ir.expr import Expr
+from .expr_c import ExprCodegenError, ExprEmitter, RowBinding, Scope, const_idx, storage_type
+from .jinja import render as render_template
+from .kernel_source import KernelParam, RenderedKernel
+
+BLOCK = 128
+MAX_GRID = 1 << 16
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class AttentionCodegenError(ExprCodegenError):
+    pass
+
+
+@dataclass(frozen=True)
+class AttentionInstance:
+    """One attention forward kernel: everything that changes its code (shapes that only change
+    the launch, such as sequence lengths and head counts, are arguments)."""
+    head_dim: int
+    value_dim: int
+    dtype: str = "bfloat16"
+    group: int = 1                       # query heads per key/value head
+    packed: bool = False                 # cu_seqlens layout
+    block_m: int = 64
+    block_n: int = 64
+    score_mod: Expr | None = None        # of var("score") and batch/head/query/key
+    mask_mod: Expr | None = None         # bool, of batch/head/query/key
+    pattern_mask: Expr | None = None     # bool, of head/query/key and var("kv_shift")
+
+    def key(self) -> str:
+        text = repr(tuple((f.name, getattr(self, f.name).digest if isinstance(getattr(self, f.name), Expr)
+                           else getattr(self, f.name)) for f in fields(self)))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    name: str
+    signature: str
+    dtype: str
+    block: int
+    head_dim: int
+    value_dim: int
+    group: int
+    block_m: int
+    block_n: int
+    packed: bool
+    root_code: str
+    row_code: str
+    pattern_code: str
+    pattern_value: str
+    mask_code: str
+    mask_value: str
+    score_code: str
+    score_value: str
+
+
+def check_instance(inst: AttentionInstance) -> None:
+    if inst.dtype not in DTYPES:
+        raise AttentionCodegenError(f"attention kernel dtype must be one of {DTYPES}, got {inst.dtype!r}")
+    for name in ("head_dim", "value_dim", "group", "block_m", "block_n"):
+        v = getattr(inst, name)
+        if not isinstance(v, int) or v < 1:
+            raise AttentionCodegenError(f"attention kernel {name} must be a positive int, got {v!r}")
+    for name, want in (("score_mod", "float"), ("mask_mod", "bool"), ("pattern_mask", "bool")):
+        e = getattr(inst, name)
+        if e is None:
+            continue
+        if (e.dtype == "bool") != (want == "bool") or e.shape != ():
+            raise AttentionCodegenError(f"attention {name} must be a scalar {want} expression, got {e.dtype}{list(e.shape)}")
+        for n in e.toposort():
+            if n.op == "load":
+                raise AttentionCodegenError(f"attention {name} reads buffer {n.buffer.name}: modifiers cannot "
+                                            "capture tensors yet")
+
+
+def kernel_name(inst: AttentionInstance) -> str:
+    return f"pigeon_attn_{inst.key()}"
+
+
+PARAMS = (
+    ("O", "ptr", "{T}* __restrict__", "out:O"), ("LSE", "ptr", "float* __restrict__", "out:LSE"),
+    ("Q", "ptr", "const {T}* __restrict__", "in:Q"), ("K", "ptr", "const {T}* __restrict__", "in:K"),
+    ("V", "ptr", "const {T}* __restrict__", "in:V"),
+    ("blk_ptr", "ptr", "const int* __restrict__", "lists:ptr"), ("blk_col", "ptr", "const int* __restrict__", "lists:col"),
+    ("blk_full", "ptr", "const int* __restrict__", "lists:full"),
+    ("cu_seqlens", "ptr", "const int* __restrict__", "lists:cu_seqlens"),
+    ("num_batch", "int32", "int", "size:batch"), ("num_heads", "int32", "int", "size:heads"),
+    ("max_q", "int32", "int", "size:max_q"), ("seq_kv", "int32", "int", "size:seq_kv"),
+    ("list_batch", "int32", "int", "size:list_batch"), ("list_heads", "int32", "int", "size:list_heads"),
+    ("list_qblocks", "int32", "int", "size:list_qblocks"),
+    ("q_sb", "int64", "long long", "stride:q_b"), ("q_sr", "int64", "long long", "stride:q_r"),
+    ("q_sh", "int64", "long long", "stride:q_h"), ("k_sb", "int64", "long long", "stride:k_b"),
+    ("k_sr", "int64", "long long", "stride:k_r"), ("k_sh", "int64", "long long", "stride:k_h"),
+    ("v_sb", "int64", "long long", "stride:v_b"), ("v_sr", "int64", "long long", "stride:v_r"),
+    ("v_sh", "int64", "long long", "stride:v_h"), ("o_sb", "int64", "long long", "stride:o_b"),
+    ("o_sr", "int64", "long long", "stride:o_r"), ("o_sh", "int64", "long long", "stride:o_h"),
+    ("lse_sb", "int64", "long long", "stride:lse_b"), ("lse_sh", "int64", "long long", "stride:lse_h"),
+    ("scale", "float32", "float", "scale:scale"),
+)
+
+
+def _grid(threads_of):
+    def grid(sizes) -> tuple[int, int, int]:
+        n = threads_of(sizes)
+        return (max(1, min(MAX_GRID, -(-n // BLOCK))), 1, 1)
+    return grid
+
+
+@functools.lru_cache(maxsize=512)
+def render_attention(inst: AttentionInstance) -> RenderedKernel:
+    """The CUDA kernel of ``inst`` (cached per instance)."""
+    check_instance(inst)
+    T = storage_type(inst.dtype)
+    row_vars = frozenset({"b", "h", "i"})
+    indices = {"batch": RowBinding("b", frozenset({"b"})), "head": RowBinding("h", frozenset({"h"})),
+               "query": RowBinding("i", frozenset({"i"})), "key": RowBinding("kv", frozenset({"kv"})),
+               "score": RowBinding("s", frozenset({"s"})), "kv_shift": RowBinding("kv_shift", frozenset({"b"}))}
+    em = ExprEmitter({}, "attention", indices)
+    root = Scope((), None, "kernel")
+    row = root.child(row_vars, "query row")
+    kv_pattern = row.child({"kv"}, "key (pattern)")
+    kv_mask = row.child({"kv"}, "key (mask)")
+    kv_score = kv_mask.child({"s"}, "key (score)")
+
+    def value(e, scope, default):
+        if e is None:
+            return default
+        try:
+            return em.eval(e, const_idx(0), scope).code
+        except ExprCodegenError as err:
+            raise AttentionCodegenError(f"attention modifier: {err}") from err
+    pattern_value = value(inst.pattern_mask, kv_pattern, "")
+    mask_value = value(inst.mask_mod, kv_mask, "true")
+    score_value = value(inst.score_mod, kv_score, "s")
+    if em.buffers or em.graph_arrays:         # pragma: no cover - check_instance refuses loads
+        raise AttentionCodegenError("attention modifiers cannot read buffers")
+    params = tuple(KernelParam(n, ct, decl.format(T=T), role) for n, ct, decl, role in PARAMS)
+    name = kernel_name(inst)
+    cfg = AttentionConfig(
+        name=name, signature=", ".join(p.c for p in params), dtype=T, block=BLOCK, head_dim=inst.head_dim,
+        value_dim=inst.value_dim, group=inst.group, block_m=inst.block_m, block_n=inst.block_n, packed=inst.packed,
+        root_code=root.code(4), row_code=row.code(8), pattern_code=kv_pattern.code(20), pattern_value=pattern_value,
+        mask_code=kv_mask.code(16), mask_value=mask_value, score_code=kv_score.code(16), score_value=score_value)
+    source = render_template("attention.simt.cu.jinja", cfg)
+    grid = _grid(lambda sizes: int(sizes["batch"]) * int(sizes["heads"]) * int(sizes["max_q"]))
+    return RenderedKernel(name=name, source=source, params=params, block=(BLOCK, 1, 1), grid=grid,
+                          template="attention.simt.cu.jinja", meta={"instance_key": inst.key()})

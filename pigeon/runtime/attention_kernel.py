@@ -1,0 +1,84 @@
+"""Running the attention kernels (pigeon/codegen/attention.py): build (disk cache) and launch on
+torch's current stream, or run the same CUDA text emulated on a CPU."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..codegen.attention import AttentionInstance, render_attention
+
+_MODULES: dict = {}      # (kernel name, device) -> loaded module
+
+
+def _module(inst: AttentionInstance, device: torch.device, emulate: bool):
+    rk = render_attention(inst)
+    key = (rk.name, str(device), emulate)
+    mod = _MODULES.get(key)
+    if mod is None:
+        if emulate:
+            from .emulate import EmulatedModule
+            mod = EmulatedModule(rk)
+        else:
+            from .build import build_kernel, device_arch
+            from .launch import load_module
+            mod = load_module(build_kernel(rk.source, device_arch(device), name=rk.name), device)
+        _MODULES[key] = mod
+    return rk, mod
+
+
+def run_attention_kernel(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         lists: Any, scale: float, cu_seqlens: torch.Tensor | None = None,
+                         emulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of ``inst`` on checked inputs: dense ``[B, H, S, D]`` or packed ``[T, H, D]``;
+    ``lists`` the pattern's BlockLists for (q_len, kv_len) (packed: the longest document)."""
+    dev = q.device
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=dev)
+    if inst.packed:
+        T, H = q.shape[0], q.shape[1]
+        docs = cu_seqlens.numel() - 1
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        max_q = int(lens.max()) if docs else 0
+        sizes = {"batch": docs, "heads": H, "max_q": max_q, "seq_kv": max_q}
+        lse = torch.empty(H, T, dtype=torch.float32, device=dev)
+        strides = {n: (0, t.stride(0), t.stride(1)) for n, t in (("q", q), ("k", k), ("v", v), ("o", out))}
+        strides["lse"] = (0, lse.stride(0))
+        cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
+    else:
+        B, H, Sq = q.shape[0], q.shape[1], q.shape[2]
+        sizes = {"batch": B, "heads": H, "max_q": Sq, "seq_kv": k.shape[2]}
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
+        strides = {n: (t.stride(0), t.stride(2), t.stride(1)) for n, t in (("q", q), ("k", k), ("v", v), ("o", out))}
+        strides["lse"] = (lse.stride(0), lse.stride(1))
+        cu = torch.zeros(1, dtype=torch.int32, device=dev)      # unused by the dense kernel
+    LB, LH, nq = lists.shape
+    sizes.update(list_batch=LB, list_heads=LH, list_qblocks=nq)
+    arrays = {"ptr": lists.ptr.to(device=dev, dtype=torch.int32), "col": lists.col.to(device=dev, dtype=torch.int32),
+              "full": lists.full.to(device=dev, dtype=torch.int32), "cu_seqlens": cu}
+    if arrays["col"].numel() == 0:                              # no block at all: a valid, empty pointer
+        arrays["col"] = arrays["full"] = torch.zeros(1, dtype=torch.int32, device=dev)
+    if os.environ.get("PIGEON_POISON", "") == "1":      # every output element must be written
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    tensors = {"O": out, "LSE": lse, "Q": q, "K": k, "V": v}
+    rk, mod = _module(inst, dev, emulate)
+    args = []
+    for p in rk.params:
+        kind, what = p.role.split(":", 1)
+        if kind in ("out", "in"):
+            args.append(tensors[what])
+        elif kind == "lists":
+            args.append(arrays[what])
+        elif kind == "size":
+            args.append(int(sizes[what]))
+        elif kind == "stride":
+            t, axis = what.split("_")
+            args.append(int(strides[t]["brh".index(axis)] if t != "lse" else strides[t]["bh".index(axis)]))
+        elif kind == "scale":
+            args.append(float(scale))
+        else:  # pragma: no cover
+            raise ValueError(f"{rk.name}: unknown parameter role {p.role!r}")
+    if sizes["batch"] * sizes["heads"] * sizes["max_q"] > 0:
+        mod.function(rk.name).launch(rk.grid(sizes), rk.block, args, rk.ctypes)
+    return out, lse
