@@ -267,3 +267,19 @@ def test_bad_calls_are_refused_before_anything_runs():
     _bad(r"cu_seqlens decreases at index 2", packed, packed, packed, cu_seqlens=torch.tensor([0, 6, 4, 10]))
     _bad(r"cu_seqlens must start at 0", packed, packed, packed, cu_seqlens=torch.tensor([1, 10]))
     _bad(r"unknown pattern", q, k, k, enable_gqa=True, pattern="causal")
+
+
+def test_score_mod_derivatives_equal_torch_autograd():
+    from pigeon.attention.reference import _eval_mod
+    from pigeon.ir.expr_grad import derivative
+    mods = [lambda s, b, h, q, kv: 3.0 * pa.tanh(s / 3.0),
+            lambda s, b, h, q, kv: s * pa.sigmoid(s) + pa.exp((h + 1) * -0.5) * (kv - q),
+            lambda s, b, h, q, kv: pa.where(q >= kv, s * s, -s) / 2.0]
+    for fn in mods:
+        e = pa.trace_score_mod(fn)
+        d = derivative(e, "score")
+        s = torch.randn(1, 2, 5, 6, dtype=F64, requires_grad=True)
+        val = _eval_mod(e, s, 1, 2, 5, 6, "cpu")
+        (want,) = torch.autograd.grad(val.sum(), [s])
+        got = _eval_mod(d, s.detach(), 1, 2, 5, 6, "cpu")
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

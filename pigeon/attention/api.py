@@ -107,12 +107,12 @@ def _blocks(pattern) -> tuple[int, int]:
     return 64, 64
 
 
-def kernel_forward(q, k, v, smod, mmod, pattern, scale, cu_seqlens):
-    """(out, lse) through pigeon's attention kernel: CUDA on a GPU; on a CPU the same CUDA text
-    emulated (PIGEON_CPU_BACKEND=emulate) or else the instance's semantics (the reference)."""
+def _plan(q, k, v, smod, mmod, pattern, cu_seqlens):
+    """The kernel instance and block lists of a call, and where its kernels run: "cuda",
+    "emulate" (the CUDA text on a CPU, PIGEON_CPU_BACKEND=emulate) or "semantics" (a CPU: the
+    reference)."""
     import os
     from ..codegen.attention import AttentionInstance
-    from ..runtime.attention_kernel import run_attention_kernel
     packed = cu_seqlens is not None
     hq = q.shape[-2] if packed else q.shape[1]
     hk = k.shape[-2] if packed else k.shape[1]
@@ -130,38 +130,45 @@ def kernel_forward(q, k, v, smod, mmod, pattern, scale, cu_seqlens):
         lists = all_blocks(sq, skv, bm, bn, q.device)
     else:
         lists = block_lists(pattern, batch, hq, sq, skv, bm, bn, q.device)
-    if q.device.type == "cuda":
-        return run_attention_kernel(inst, q, k, v, lists, scale, cu_seqlens)
-    if os.environ.get("PIGEON_CPU_BACKEND", "torch") == "emulate":
-        return run_attention_kernel(inst, q, k, v, lists, scale, cu_seqlens, emulate=True)
-    return attention_reference(q, k, v, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
-                               cu_seqlens=cu_seqlens)
+    where = "cuda" if q.device.type == "cuda" else (
+        "emulate" if os.environ.get("PIGEON_CPU_BACKEND", "torch") == "emulate" else "semantics")
+    return inst, lists, where
 
 
 class _AttentionKernel(torch.autograd.Function):
-    """Forward through the kernel; backward by differentiating the reference semantics (recomputed:
-    the backward kernels are not built yet)."""
+    """Forward and backward through pigeon's attention kernels (the SIMT templates); on a CPU
+    without emulation, the reference semantics and their torch autograd."""
 
     @staticmethod
     def forward(ctx, q, k, v, smod, mmod, pattern, scale, cu_seqlens):
-        ctx.save_for_backward(q, k, v)
-        ctx.args = (smod, mmod, pattern, scale, cu_seqlens)
-        out, lse = kernel_forward(q, k, v, smod, mmod, pattern, scale, cu_seqlens)
+        from ..runtime.attention_kernel import run_attention_kernel
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        inst, lists, where = _plan(q, k, v, smod, mmod, pattern, cu_seqlens)
+        if where == "semantics":
+            out, lse = attention_reference(q, k, v, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
+                                           cu_seqlens=cu_seqlens)
+        else:
+            out, lse = run_attention_kernel(inst, q, k, v, lists, scale, cu_seqlens, emulate=where == "emulate")
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (smod, mmod, pattern, scale, cu_seqlens, inst, lists, where)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, g_out, g_lse):
-        q, k, v = ctx.saved_tensors
-        smod, mmod, pattern, scale, cu = ctx.args
-
-        def f(q2, k2, v2):
-            return attention_reference(q2, k2, v2, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
-                                       cu_seqlens=cu)[0]
-        with torch.enable_grad():
-            _, vjp = torch.func.vjp(f, q, k, v)
-            gq, gk, gv = vjp(g_out)
+        from ..runtime.attention_kernel import run_attention_backward
+        q, k, v, out, lse = ctx.saved_tensors
+        smod, mmod, pattern, scale, cu, inst, lists, where = ctx.args
+        if g_out is None:
+            return None, None, None, None, None, None, None, None
+        if where != "semantics":
+            gq, gk, gv = run_attention_backward(inst, q, k, v, out, lse, g_out, lists, scale, cu,
+                                                emulate=where == "emulate")
+        else:
+            def f(q2, k2, v2):
+                return attention_reference(q2, k2, v2, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
+                                           cu_seqlens=cu)[0]
+            with torch.enable_grad():
+                _, vjp = torch.func.vjp(f, q, k, v)
+                gq, gk, gv = vjp(g_out)
         return gq, gk, gv, None, None, None, None, None
-
-
-__all__ = ["AttentionInputError", "attention", "block_lists", "check_inputs"]

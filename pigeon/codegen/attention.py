@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, fields
 
 from ..ir.expr import Expr
+from ..ir.expr_grad import derivative
 from .expr_c import ExprCodegenError, ExprEmitter, RowBinding, Scope, const_idx, storage_type
 from .jinja import render as render_template
 from .kernel_source import KernelParam, RenderedKernel
@@ -67,6 +68,7 @@ class AttentionConfig:
     mask_value: str
     score_code: str
     score_value: str
+    dscore_value: str = ""
 
 
 def check_instance(inst: AttentionInstance) -> None:
@@ -121,9 +123,28 @@ def _grid(threads_of):
     return grid
 
 
+BACKWARD_PARAMS = (
+    ("dQ", "ptr", "{T}* __restrict__", "out:dQ"), ("dK", "ptr", "float* __restrict__", "out:dK"),
+    ("dV", "ptr", "float* __restrict__", "out:dV"), ("Q", "ptr", "const {T}* __restrict__", "in:Q"),
+    ("K", "ptr", "const {T}* __restrict__", "in:K"), ("V", "ptr", "const {T}* __restrict__", "in:V"),
+    ("O", "ptr", "const {T}* __restrict__", "in:O"), ("dO", "ptr", "const {T}* __restrict__", "in:dO"),
+    ("LSE", "ptr", "const float* __restrict__", "in:LSE"),
+) + tuple(p for p in PARAMS if p[3].split(":")[0] not in ("out", "in"))
+
+
 @functools.lru_cache(maxsize=512)
 def render_attention(inst: AttentionInstance) -> RenderedKernel:
-    """The CUDA kernel of ``inst`` (cached per instance)."""
+    """The CUDA forward kernel of ``inst`` (cached per instance)."""
+    return _render(inst, backward=False)
+
+
+@functools.lru_cache(maxsize=512)
+def render_attention_backward(inst: AttentionInstance) -> RenderedKernel:
+    """The CUDA backward kernel of ``inst`` (dQ, dK, dV; cached per instance)."""
+    return _render(inst, backward=True)
+
+
+def _render(inst: AttentionInstance, backward: bool) -> RenderedKernel:
     check_instance(inst)
     T = storage_type(inst.dtype)
     row_vars = frozenset({"b", "h", "i"})
@@ -147,16 +168,23 @@ def render_attention(inst: AttentionInstance) -> RenderedKernel:
     pattern_value = value(inst.pattern_mask, kv_pattern, "")
     mask_value = value(inst.mask_mod, kv_mask, "true")
     score_value = value(inst.score_mod, kv_score, "s")
+    dscore_value = ""
+    if backward:
+        dscore_value = value(derivative(inst.score_mod, "score"), kv_score, "1.f") if inst.score_mod is not None \
+            else "1.f"
     if em.buffers or em.graph_arrays:         # pragma: no cover - check_instance refuses loads
         raise AttentionCodegenError("attention modifiers cannot read buffers")
-    params = tuple(KernelParam(n, ct, decl.format(T=T), role) for n, ct, decl, role in PARAMS)
-    name = kernel_name(inst)
+    table = BACKWARD_PARAMS if backward else PARAMS
+    params = tuple(KernelParam(n, ct, decl.format(T=T), role) for n, ct, decl, role in table)
+    name = kernel_name(inst) + ("_bwd" if backward else "")
     cfg = AttentionConfig(
         name=name, signature=", ".join(p.c for p in params), dtype=T, block=BLOCK, head_dim=inst.head_dim,
         value_dim=inst.value_dim, group=inst.group, block_m=inst.block_m, block_n=inst.block_n, packed=inst.packed,
         root_code=root.code(4), row_code=row.code(8), pattern_code=kv_pattern.code(20), pattern_value=pattern_value,
-        mask_code=kv_mask.code(16), mask_value=mask_value, score_code=kv_score.code(16), score_value=score_value)
-    source = render_template("attention.simt.cu.jinja", cfg)
+        mask_code=kv_mask.code(16), mask_value=mask_value, score_code=kv_score.code(16), score_value=score_value,
+        dscore_value=dscore_value)
+    template = "attention_bwd.simt.cu.jinja" if backward else "attention.simt.cu.jinja"
+    source = render_template(template, cfg)
     grid = _grid(lambda sizes: int(sizes["batch"]) * int(sizes["heads"]) * int(sizes["max_q"]))
     return RenderedKernel(name=name, source=source, params=params, block=(BLOCK, 1, 1), grid=grid,
-                          template="attention.simt.cu.jinja", meta={"instance_key": inst.key()})
+                          template=template, meta={"instance_key": inst.key(), "backward": backward})

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from ..codegen.attention import AttentionInstance, render_attention
+from ..codegen.attention import AttentionInstance, render_attention, render_attention_backward
 
 _MODULES: dict = {}      # (kernel name, device) -> loaded module
 
 
-def _module(inst: AttentionInstance, device: torch.device, emulate: bool):
-    rk = render_attention(inst)
+def _module(inst: AttentionInstance, device: torch.device, emulate: bool, backward: bool = False):
+    rk = (render_attention_backward if backward else render_attention)(inst)
     key = (rk.name, str(device), emulate)
     mod = _MODULES.get(key)
     if mod is None:
@@ -33,22 +33,53 @@ def run_attention_kernel(inst: AttentionInstance, q: torch.Tensor, k: torch.Tens
                          emulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of ``inst`` on checked inputs: dense ``[B, H, S, D]`` or packed ``[T, H, D]``;
     ``lists`` the pattern's BlockLists for (q_len, kv_len) (packed: the longest document)."""
-    dev = q.device
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=dev)
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    lse = _lse_like(inst, q)
+    if os.environ.get("PIGEON_POISON", "") == "1":      # every output element must be written
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    sizes, strides, arrays = _layout(inst, q, k, v, out, lse, lists, cu_seqlens)
+    tensors = {"O": out, "LSE": lse, "Q": q, "K": k, "V": v}
+    _launch(inst, q.device, emulate, False, tensors, sizes, strides, arrays, scale)
+    return out, lse
+
+
+def run_attention_backward(inst: AttentionInstance, q, k, v, out, lse, grad_out, lists: Any, scale: float,
+                           cu_seqlens: torch.Tensor | None = None, emulate: bool = False):
+    """(dq, dk, dv) of ``inst``: q, k, v, out contiguous as the forward had them; dk and dv are
+    summed in float32 and returned in the inputs' dtype."""
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if os.environ.get("PIGEON_POISON", "") == "1":
+        dq.fill_(float("nan"))
+    sizes, strides, arrays = _layout(inst, q, k, v, out, lse, lists, cu_seqlens)
+    tensors = {"dQ": dq, "dK": dk, "dV": dv, "Q": q, "K": k, "V": v, "O": out,
+               "dO": grad_out.contiguous(), "LSE": lse}
+    _launch(inst, q.device, emulate, True, tensors, sizes, strides, arrays, scale)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _lse_like(inst: AttentionInstance, q: torch.Tensor) -> torch.Tensor:
     if inst.packed:
-        T, H = q.shape[0], q.shape[1]
+        return torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    return torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32, device=q.device)
+
+
+def _layout(inst, q, k, v, out, lse, lists, cu_seqlens):
+    dev = q.device
+    if inst.packed:
+        H = q.shape[1]
         docs = cu_seqlens.numel() - 1
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
         max_q = int(lens.max()) if docs else 0
         sizes = {"batch": docs, "heads": H, "max_q": max_q, "seq_kv": max_q}
-        lse = torch.empty(H, T, dtype=torch.float32, device=dev)
         strides = {n: (0, t.stride(0), t.stride(1)) for n, t in (("q", q), ("k", k), ("v", v), ("o", out))}
         strides["lse"] = (0, lse.stride(0))
         cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
     else:
         B, H, Sq = q.shape[0], q.shape[1], q.shape[2]
         sizes = {"batch": B, "heads": H, "max_q": Sq, "seq_kv": k.shape[2]}
-        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
         strides = {n: (t.stride(0), t.stride(2), t.stride(1)) for n, t in (("q", q), ("k", k), ("v", v), ("o", out))}
         strides["lse"] = (lse.stride(0), lse.stride(1))
         cu = torch.zeros(1, dtype=torch.int32, device=dev)      # unused by the dense kernel
@@ -58,11 +89,11 @@ def run_attention_kernel(inst: AttentionInstance, q: torch.Tensor, k: torch.Tens
               "full": lists.full.to(device=dev, dtype=torch.int32), "cu_seqlens": cu}
     if arrays["col"].numel() == 0:                              # no block at all: a valid, empty pointer
         arrays["col"] = arrays["full"] = torch.zeros(1, dtype=torch.int32, device=dev)
-    if os.environ.get("PIGEON_POISON", "") == "1":      # every output element must be written
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-    tensors = {"O": out, "LSE": lse, "Q": q, "K": k, "V": v}
-    rk, mod = _module(inst, dev, emulate)
+    return sizes, strides, arrays
+
+
+def _launch(inst, dev, emulate, backward, tensors, sizes, strides, arrays, scale) -> None:
+    rk, mod = _module(inst, dev, emulate, backward)
     args = []
     for p in rk.params:
         kind, what = p.role.split(":", 1)
@@ -81,4 +112,3 @@ def run_attention_kernel(inst: AttentionInstance, q: torch.Tensor, k: torch.Tens
             raise ValueError(f"{rk.name}: unknown parameter role {p.role!r}")
     if sizes["batch"] * sizes["heads"] * sizes["max_q"] > 0:
         mod.function(rk.name).launch(rk.grid(sizes), rk.block, args, rk.ctypes)
-    return out, lse

@@ -50,3 +50,20 @@ def test_packed_documents_on_the_gpu():
     ref = pa.attention(q.double(), k.double(), v.double(), pattern=pa.Causal(), cu_seqlens=cu, enable_gqa=True,
                        backend="reference")
     assert _rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_backward_kernel_equals_the_reference_gradients(name):
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    S = 200
+    q, k, v = (torch.randn(2, h, S, 64, generator=g).to(DEV).requires_grad_(True) for h in (8, 2, 2))
+    kw = VARIANTS[name]
+    out = pa.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), enable_gqa=True, **kw)
+    up = torch.randn(out.shape, generator=g).to(DEV)
+    grads = torch.autograd.grad((out.float() * up).sum(), [q, k, v])
+    q2, k2, v2 = (t.detach().bfloat16().double().requires_grad_(True) for t in (q, k, v))
+    ref = pa.attention(q2, k2, v2, enable_gqa=True, backend="reference", **kw)
+    for what, a, b in zip("qkv", grads, torch.autograd.grad((ref * up.double()).sum(), [q2, k2, v2])):
+        rel = ((a.double() - b).norm() / b.norm()).item()
+        assert rel < 2e-2, f"{name} d{what}: {rel:.2e} (seed {seed})"
