@@ -124,7 +124,11 @@ def check_case(name, inst, module, kg, seed, dtype="float32", gname=""):
     where = f"{name} on graph {gname} ({dtype}), seed {seed}"
     assert not torch.isnan(out).any(), f"{where}: output left unwritten (NaN poison survived)"
     if dtype == "float32":
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+        # a global sum over every edge or node: float32 rounding of the summation order grows like
+        # sqrt(terms) ulps of the partial sums, which a result near 0 does not cover (a rare flake)
+        atol = 1e-5 * max(1.0, (kg.num_edges if inst.rows == "edge" else kg.num_nodes) ** 0.5 / 4) \
+            if inst.loop == "type_reduce" and inst.per == "none" else 1e-5
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=atol, msg=lambda m: f"{where}: {m}")
     else:  # the same float32 value rounded to the storage type: at most one unit in the last place apart
         ulp = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
         torch.testing.assert_close(out.float(), ref.to(tdt).float(), rtol=ulp, atol=1e-5,
