@@ -45,6 +45,32 @@ def layer_configs(dims, dtypes):
                         MODELS[name], g, dim, backend="kernels", dtype=dtype, **hp)
 
 
+def attention_kernels():
+    """The attention kernels (forward and backward) of tests/gpu/test_attention_gpu.py: every
+    variant, head dims 64 and 128, bf16 and fp16, GQA group 4, and the packed causal case."""
+    import torch
+    import pigeon.attention as pa
+    from pigeon.attention.api import _plan
+    from pigeon.codegen.attention import render_attention, render_attention_backward
+    from test_attention_kernel import VARIANTS
+    out = {}
+    for kw in VARIANTS.values():
+        smod = pa.trace_score_mod(kw["score_mod"]) if "score_mod" in kw else None
+        mmod = pa.trace_mask_mod(kw["mask_mod"]) if "mask_mod" in kw else None
+        for d in (64, 128):
+            for dt in (torch.bfloat16, torch.float16):
+                q = torch.empty(1, 8, 64, d, dtype=dt)
+                k = torch.empty(1, 2, 64, d, dtype=dt)
+                inst, _, _ = _plan(q, k, k, smod, mmod, kw.get("pattern"), None)
+                for rk in (render_attention(inst), render_attention_backward(inst)):
+                    out[rk.name] = rk
+    q, k = torch.empty(10, 8, 128, dtype=torch.bfloat16), torch.empty(10, 2, 128, dtype=torch.bfloat16)
+    inst, _, _ = _plan(q, k, k, None, None, pa.Causal(), torch.tensor([0, 10]))
+    for rk in (render_attention(inst), render_attention_backward(inst)):
+        out[rk.name] = rk
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64")
@@ -58,6 +84,7 @@ def main(argv=None):
     for what, layer in layer_configs([int(d) for d in args.dims.split(",")], args.dtypes.split(",")):
         ks = kernels_of(layer)
         kernels.update(ks)
+    kernels.update(attention_kernels())
     print(f"{len(kernels)} distinct kernels", flush=True)
     print(f"building {len(kernels)} distinct kernels for {args.arch} with {args.jobs} jobs", flush=True)
     t0 = time.time()
