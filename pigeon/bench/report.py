@@ -10,7 +10,9 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["atomic_write", "write_json", "read_results", "cases_table", "cases_markdown", "summary_markdown", "plot_speedup",
-           "write_results"]
+           "write_results", "fmt", "meta_lines", "pyplot", "save_figure", "NO_MATPLOTLIB"]
+
+NO_MATPLOTLIB = "skipped: matplotlib not installed (pip install -e '.[bench]')"
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -43,9 +45,10 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(_clean(obj), indent=1, default=str) + "\n")
 
 
-def read_results(out: Path) -> dict | None:
-    """What ``out``/cases.json holds ({"meta", "graphs", "cases"}), None when there is none; a
-    ValueError naming the file when it cannot be read as one."""
+def read_results(out: Path, bench: str = "rgnn") -> dict | None:
+    """What ``out``/cases.json holds ({"meta", "graphs", "cases"}; ``pigeon bench attention`` and
+    ``gemm`` write no "graphs"), None when there is none; a ValueError naming the file when it
+    cannot be read as one."""
     path = Path(out) / "cases.json"
     if not path.exists():
         return None
@@ -55,7 +58,7 @@ def read_results(out: Path) -> dict | None:
             raise ValueError("no list of cases")
         return data
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a cases.json of pigeon bench rgnn: {e}") from None
+        raise ValueError(f"{path} is not a cases.json of pigeon bench {bench}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------- markdown
@@ -100,8 +103,7 @@ def cases_table(cases: list[dict]) -> list[str]:
     return lines
 
 
-def _meta_lines(meta: dict) -> list[str]:
-    keys = ("gpu", "device", "torch", "torch_geometric", "commit", "date", "command")
+def _meta_lines(meta: dict, keys=("gpu", "device", "torch", "torch_geometric", "commit", "date", "command")) -> list[str]:
     return [f"- {k}: `{meta[k]}`" if k == "command" else f"- {k}: {meta[k]}" for k in keys if k in meta]
 
 
@@ -130,6 +132,9 @@ def _fmt(v) -> str:
     return "null" if v is None else str(v)
 
 
+fmt = _fmt
+meta_lines = _meta_lines
+
 SUMMARY_KEYS = ("geomean_speedup_inference", "geomean_speedup_training", "geomean_speedup_by_mode_dtype",
                 "cases_total", "cases_compared", "cases_slower_than_a_peer", "cases_within_3x_floor",
                 "cases_check_failed", "floor_ratio_geomean", "host_overhead_us", "host_overhead_us_by_model",
@@ -152,15 +157,35 @@ def summary_markdown(result: dict) -> str:
 
 # ---------------------------------------------------------------------------------------- plot
 
-def plot_speedup(cases: list[dict], path: Path) -> str:
-    """speedup.png: pigeon's speedup over the best peer per case (graph, model, dim, dtype), inference
-    and training side by side, log y, a line at 1x. Returns what went into summary.json's "plot"."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
-        return "skipped: matplotlib not installed (pip install -e '.[bench]')"
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path: Path) -> str:
+    """Write ``fig`` to ``path`` (PNG, atomically) and close it; returns the file's name."""
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        atomic_write(path, buf.getvalue())
+    finally:
+        plt.close(fig)
+    return Path(path).name
+
+
+def plot_speedup(cases: list[dict], path: Path) -> str:
+    """speedup.png: pigeon's speedup over the best peer per case (graph, model, dim, dtype), inference
+    and training side by side, log y, a line at 1x. Returns what went into summary.json's "plot"."""
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     keys, vals = [], {}
     for c in cases:
         k = (c["graph"], c["model"], c["dim"], c["dtype"])
@@ -188,14 +213,7 @@ def plot_speedup(cases: list[dict], path: Path) -> str:
     ax.set_ylabel("speedup over the best peer (x)")
     ax.set_title("pigeon vs the best peer per case (above 1: pigeon faster)")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    try:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        atomic_write(path, buf.getvalue())
-    finally:
-        plt.close(fig)
-    return path.name
+    return save_figure(plt, fig, path)
 
 
 def write_results(out: Path, result: dict, plot: bool = True) -> str | None:

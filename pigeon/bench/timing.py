@@ -162,10 +162,15 @@ def _dynamo_graphs() -> int | None:
 
 
 def measure(name: str, kind: str, build: Callable[[], torch.nn.Module], x, mode: str, device, *, warmup: int,
-            reps: int, timeout: float | None, after_first: Callable | None = None) -> dict:
+            reps: int, timeout: float | None, after_first: Callable | None = None,
+            step_of: Callable | None = None, budget_s: float | None = None) -> dict:
     """Build an implementation, run its first step (timed: ``first_call_s``, under ``timeout``), call
     ``after_first(module)`` (pigeon's check), then time it. Never raises for the implementation's
-    own failures: they become its status."""
+    own failures: they become its status.
+
+    The step is ``Step(module, x, mode)``, or ``step_of(module)`` when given (any callable with a
+    ``clear()``: a benchmark whose implementations are not modules of one input). Timing stops
+    early after ``budget_s`` seconds (default: ``timeout``; at least one timed call)."""
     row = {"impl": name, "kind": kind, "status": "ok", "median_ms": None, "reps": 0, "peak_mib": None,
            "first_call_s": None}
     module = step = None
@@ -177,7 +182,7 @@ def measure(name: str, kind: str, build: Callable[[], torch.nn.Module], x, mode:
         with limits:
             with time_limit(timeout):
                 module = build()
-                step = Step(module, x, mode)
+                step = step_of(module) if step_of is not None else Step(module, x, mode)
                 step()
                 sync(device)
             row["first_call_s"] = time.perf_counter() - t0
@@ -191,7 +196,7 @@ def measure(name: str, kind: str, build: Callable[[], torch.nn.Module], x, mode:
             if after_first is not None:
                 after_first(module)
             step.clear()
-            budget = timeout or math.inf
+            budget = (budget_s if budget_s is not None else timeout) or math.inf
             row["median_ms"], row["reps"] = median_ms(step, device, warmup, reps, budget)
             step.clear()
             row["peak_mib"] = peak_mib(step, device)
