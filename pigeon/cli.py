@@ -501,6 +501,83 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _run_bench(args, name: str, bench, cfg, out: Path, plot_name: str) -> int:
+    """The rest of ``pigeon bench attention | gemm`` once ``cfg`` is made: --resume, progress on
+    stderr, the files after every case, the table and the summary on stdout."""
+    from .bench import report
+    try:
+        previous = report.read_results(out, name) if args.resume else None
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+    def progress(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    def write(result, plot=False):
+        try:
+            return bench.write_results(out, result, plot=plot)
+        except OSError as e:
+            raise CliError(f"--out {args.out}: cannot write the results: {_one_line(e)}") from None
+
+    progress(f"# {cfg.command()}")
+    try:
+        result = bench.run(cfg, progress, on_case=write, previous=previous)
+    except bench.BenchError as e:
+        raise CliError(str(e)) from None
+    plot = write(result, plot=True)
+    if plot and plot.startswith("skipped"):
+        print(f"warning: {plot_name} {plot}", file=sys.stderr)
+    print("\n".join(bench.cases_table(result["cases"])))
+    print()
+    print(bench.summary_markdown(result), end="")
+    progress(f"# wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
+    return 0
+
+
+def cmd_bench_attention(args) -> int:
+    """``pigeon bench attention``: pigeon's attention kernels against SDPA and FlexAttention."""
+    from .bench import attention    # lazy: nothing else in pigeon imports pigeon.bench
+    out = check_out_dir(args.out)
+    device = pick_device(args.device)
+    try:
+        cfg = attention.make_config(variants=args.variants, seq_lens=args.seq_lens, batch=args.batch, heads=args.heads,
+                                    head_dims=args.head_dims, dtypes=args.dtypes, modes=args.modes, peers=args.peers,
+                                    device=device, reps=args.reps, timeout=args.timeout, budget=args.budget,
+                                    window=args.window, quick=args.quick, out=args.out, resume=args.resume,
+                                    gemm_summary=args.gemm_summary)
+    except attention.BenchError as e:
+        raise CliError(str(e)) from None
+    return _run_bench(args, "attention", attention, cfg, out, "tflops.png")
+
+
+def cmd_bench_gemm(args) -> int:
+    """``pigeon bench gemm``: pigeon.gemm / grouped_gemm against cuBLAS and torch's grouped GEMM."""
+    from .bench import gemm
+    out = check_out_dir(args.out)
+    device = pick_device(args.device)
+    try:
+        cfg = gemm.make_config(cases=args.cases, dtypes=args.dtypes, peers=args.peers, device=device, reps=args.reps,
+                               timeout=args.timeout, budget=args.budget, quick=args.quick, out=args.out,
+                               resume=args.resume)
+    except gemm.BenchError as e:
+        raise CliError(str(e)) from None
+    return _run_bench(args, "gemm", gemm, cfg, out, "tflops.png")
+
+
+def _common_bench_flags(r, default_out: str) -> None:
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where everything runs (default: cuda when there is a GPU, else cpu)")
+    r.add_argument("--out", default=default_out, metavar="DIR",
+                   help="where cases.json/.md, summary.json/.md and tflops.png go (default: %(default)s)")
+    r.add_argument("--reps", type=int, help="timed repetitions per implementation (default 20; --quick 3)")
+    r.add_argument("--timeout", type=float, metavar="S", help="an implementation whose build and first call take "
+                   "longer is 'timeout' (default 300)")
+    r.add_argument("--budget", type=float, metavar="S", help="seconds of timing per implementation: it stops "
+                   "after at least one timed call (default 60 attention, 30 gemm; --quick 10)")
+    r.add_argument("--resume", action="store_true", help="keep the cases already in DIR/cases.json and run "
+                   "only the others (without it, DIR's files are replaced)")
+
+
 def _version() -> str:
     from . import __version__
     return f"pigeon {__version__}"
@@ -562,6 +639,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="keep the cases already in DIR/cases.json and run "
                    "only the others (without it, DIR's files are replaced)")
     r.set_defaults(func=cmd_bench)
+    a = bsub.add_parser("attention", help="attention variants against SDPA and FlexAttention")
+    a.add_argument("--variants", help="comma-separated among dense, causal, window, s2, alibi, softcap, document, "
+                   "topk-g2, topk-g4 (default: all)")
+    a.add_argument("--seq-lens", help="comma-separated sequence lengths, multiples of 128 (default: 1024 to 16384 "
+                   "by powers of 2, and 32768 for causal and s2; --quick 256)")
+    a.add_argument("--batch", help="batch size B (default 4; --quick 1)")
+    a.add_argument("--heads", help="query heads H (default 32; --quick 4)")
+    a.add_argument("--head-dims", help="comma-separated among 64, 128 (default: 128,64; --quick 64)")
+    a.add_argument("--dtypes", help="comma-separated among bfloat16, float16 (default bfloat16)")
+    a.add_argument("--modes", help="comma-separated among forward, forward+backward (default: both)")
+    a.add_argument("--peers", help="comma-separated among sdpa, flex, flex-eager, or none (default sdpa,flex; "
+                   "on a CPU compiled flex is listed n/a unless named)")
+    a.add_argument("--window", help="the sliding window (default 1024; --quick 128)")
+    a.add_argument("--gemm-summary", metavar="FILE", help="pigeon bench gemm's summary.json whose GEMM keys the "
+                   "summary copies (default: DIR/../gemm/summary.json)")
+    a.add_argument("--quick", action="store_true", help="smoke test: B 1, H 4, S 256, D 64, 3 reps (unless given)")
+    _common_bench_flags(a, "benchmarks/results/attention")
+    a.set_defaults(func=cmd_bench_attention)
+    g = bsub.add_parser("gemm", help="pigeon.gemm and grouped_gemm against cuBLAS and torch's grouped GEMM")
+    g.add_argument("--cases", help="comma-separated among gemm-4096, gemm-8192, gemm-gelu, grouped (default: all)")
+    g.add_argument("--dtypes", help="comma-separated among bfloat16, float16 (default bfloat16)")
+    g.add_argument("--peers", help="comma-separated among matmul, grouped_mm, bmm, loop, or none (default: all)")
+    g.add_argument("--quick", action="store_true", help="smoke test: the same cases at small sizes, 3 reps")
+    _common_bench_flags(g, "benchmarks/results/gemm")
+    g.set_defaults(func=cmd_bench_gemm)
     return p
 
 

@@ -1,0 +1,108 @@
+"""`pigeon bench gemm` on the CPU: the quick run end to end (files, every summary key, checks), the
+FLOP count by hand, --resume and one-line errors."""
+import contextlib
+import io
+import json
+
+import pytest
+
+from pigeon.bench import gemm as G
+
+FILES = ("cases.json", "cases.md", "summary.json", "summary.md")
+
+
+def bench(*args):
+    from pigeon.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["bench", "gemm", *map(str, args)])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error(stderr: str, *needles: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gemm")
+    code, stdout, stderr = bench("--quick", "--device", "cpu", "--out", out)
+    return code, stdout, stderr, out
+
+
+def test_quick_run_writes_every_file_and_key(quick):
+    code, stdout, stderr, out = quick
+    assert code == 0, stderr
+    for name in FILES:
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    s = json.loads((out / "summary.json").read_text())
+    for key in G.KEYS:
+        assert key in s, key
+    for key in ("gemm_vs_cublas_min", "gemm_epilogue_vs_cublas_min", "grouped_vs_best_peer"):
+        assert isinstance(s[key], float) and s[key] > 0 and s[f"{key}_case"], key
+    for key in ("fp8_vs_scaled_mm", "fp8_blockscaled_vs_bf16"):
+        assert s[key] is None and "no fp8" in s[f"{key}_note"]
+    assert s["command"].startswith("pigeon bench gemm --cases gemm-4096,gemm-8192,gemm-gelu,grouped ")
+    assert s["cases_total"] == 4 and s["cases_check_failed"] == [] and s["failures"] == []
+    assert s["plot"] == "tflops.png" or s["plot"].startswith("skipped: matplotlib")
+    assert "| gemm_vs_cublas_min |" in (out / "summary.md").read_text()
+
+
+def test_quick_run_cases_are_checked_and_timed(quick):
+    code, stdout, stderr, out = quick
+    cases = {c["case"]: c for c in json.loads((out / "cases.json").read_text())["cases"]}
+    assert set(cases) == set(G.CASES)
+    for c in cases.values():
+        assert c["check"] == "ok" and c["pigeon_status"] == "ok" and c["pigeon_ms"] > 0
+        for r in c["impls"]:
+            assert r["status"] == "ok" and r["check"] == "ok", r
+    assert [r["impl"] for r in cases["gemm-gelu"]["impls"]] == ["pigeon", "matmul+gelu"]
+    assert [r["impl"] for r in cases["grouped"]["impls"]] == ["pigeon", "grouped_mm", "bmm", "loop"]
+    g = cases["grouped"]
+    best = min((r for r in g["impls"] if r["kind"] != "pigeon"), key=lambda r: r["median_ms"])
+    assert g["best_peer"] == best["impl"] and g["speedup_best"] == pytest.approx(best["median_ms"] / g["pigeon_ms"])
+    assert sum(line.startswith("[") for line in stderr.splitlines()) == 4
+    assert "| case | G | M x K x N | dtype | pigeon ms |" in stdout
+
+
+def test_flops_by_hand(quick):
+    cases = {c["case"]: c for c in json.loads((quick[3] / "cases.json").read_text())["cases"]}
+    assert cases["gemm-4096"]["flops"] == 2 * 128**3
+    assert cases["grouped"]["flops"] == 2 * 8 * 32 * 64 * 64
+    c = cases["gemm-gelu"]
+    assert (c["M"], c["K"], c["N"]) == (256, 64, 128) and c["flops"] == 2 * 256 * 64 * 128
+    assert c["pigeon_tflops"] == pytest.approx(c["flops"] / (c["pigeon_ms"] * 1e-3) / 1e12)
+    assert G.CASES["gemm-gelu"] == ("gelu", 1, 16384, 1024, 4096) and G.CASES["grouped"] == ("grouped", 64, 256, 1024, 1024)
+
+
+def test_resume_keeps_finished_cases(tmp_path):
+    args = ("--quick", "--device", "cpu", "--out", tmp_path, "--peers", "matmul", "--reps", "1")
+    code, out, err = bench(*args, "--cases", "gemm-4096")
+    assert code == 0, err
+    code, out, err = bench(*args, "--cases", "gemm-4096,gemm-gelu", "--resume")
+    assert code == 0, err
+    assert "1 cases from" in err and sum(line.startswith("[") for line in err.splitlines()) == 1
+    cases = json.loads((tmp_path / "cases.json").read_text())["cases"]
+    assert [c["case"] for c in cases] == ["gemm-4096", "gemm-gelu"]
+    assert len(json.loads((tmp_path / "summary.json").read_text())["commands"]) == 2
+
+
+@pytest.mark.parametrize("args,needles", [
+    (("--cases", "gemm-1024"), ("--cases gemm-1024", "'gemm-1024'", "gemm-4096")),
+    (("--dtypes", "float8_e4m3fn"), ("--dtypes", "'float8_e4m3fn'")),
+    (("--peers", "cutlass"), ("--peers", "'cutlass'")),
+    (("--reps", "0"), ("--reps 0",)),
+    (("--timeout", "0"), ("--timeout",)),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, args, needles):
+    code, out, err = bench("--quick", "--device", "cpu", "--out", tmp_path / "o", *args)
+    assert code == 2
+    one_error(err, *needles)
+    assert not (tmp_path / "o").exists()
