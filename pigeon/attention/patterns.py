@@ -235,6 +235,8 @@ def block_lists(p, batch: int, heads: int, q_len: int, kv_len: int, block_m: int
         kept = (((j + h * p.step + p.offset) % p.stride == 0) | (j > i - p.local_blocks)) & (j <= i)
         anyk = kept[None]
         allk = kept[None] & (k1 <= q0)[None, None]           # the diagonal block is causal inside
+    elif isinstance(p, TopK) and (p.block_m, p.block_n) == (block_m, block_n):
+        return _topk_lists(p, heads, q_len, kv_len, device)
     else:
         m = dense_mask(p, batch, heads, q_len, kv_len, device)     # blocks given at run time
         pad = torch.zeros(m.shape[:2] + (nq * block_m, nk * block_n), dtype=torch.bool, device=device)
@@ -253,3 +255,26 @@ def block_lists(p, batch: int, heads: int, q_len: int, kv_len: int, block_m: int
     torch.cumsum(counts, 0, out=ptr[1:])
     rows, cols = flat.nonzero(as_tuple=True)
     return BlockLists((B, H, nq), ptr, cols, fullf[rows, cols])
+
+
+def _topk_lists(p: TopK, heads: int, q_len: int, kv_len: int, device) -> BlockLists:
+    """The lists straight from the selected indices (no dense mask: [B, H, S, S] would not fit at
+    long contexts): each query block's distinct selected key blocks, ascending, every one full."""
+    idx = p.indices.to(device).long()
+    nq, nk = -(-q_len // p.block_m), -(-kv_len // p.block_n)
+    if idx.dim() != 4 or idx.shape[2] != nq:
+        raise PatternError(f"TopK: indices must be [B, H, {nq}, k] (query blocks of {p.block_m}), got {list(idx.shape)}")
+    if (idx >= nk).any() or (idx < -1).any():
+        raise PatternError(f"TopK: block indices must be in [-1, {nk}) (-1: none)")
+    if idx.shape[1] != heads:
+        if heads % idx.shape[1]:
+            raise PatternError(f"TopK: {idx.shape[1]} selection heads do not divide {heads} query heads")
+        idx = idx.repeat_interleave(heads // idx.shape[1], dim=1)
+    srt = idx.sort(-1).values
+    keep = srt >= 0
+    keep[..., 1:] &= srt[..., 1:] != srt[..., :-1]                  # drop repeats
+    flat_keep, flat = keep.reshape(-1, keep.shape[-1]), srt.reshape(-1, srt.shape[-1])
+    ptr = torch.zeros(flat.shape[0] + 1, dtype=torch.int64, device=device)
+    torch.cumsum(flat_keep.sum(1), 0, out=ptr[1:])
+    col = flat[flat_keep]
+    return BlockLists((idx.shape[0], heads, nq), ptr, col, torch.ones_like(col, dtype=torch.bool))
