@@ -466,6 +466,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_bench(args) -> int:
     """``pigeon bench rgnn``: progress on stderr, the per-case table on stdout, files in --out."""
+    import types
     from .bench import report, rgnn    # lazy: nothing else in pigeon imports pigeon.bench
     out = check_out_dir(args.out)
     device = pick_device(args.device)
@@ -473,32 +474,12 @@ def cmd_bench(args) -> int:
         cfg = rgnn.make_config(graphs=args.graphs, models=args.models, dims=args.dims, dtypes=args.dtypes,
                                modes=args.modes, peers=args.peers, device=device, reps=args.reps,
                                peer_timeout=args.peer_timeout, quick=args.quick, out=args.out, resume=args.resume)
-        previous = report.read_results(out) if args.resume else None
     except (rgnn.BenchError, ValueError) as e:
         raise CliError(str(e)) from None
-
-    def progress(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    def write(result, plot=False):
-        try:
-            return report.write_results(out, result, plot=plot)
-        except OSError as e:
-            raise CliError(f"--out {args.out}: cannot write the results: {_one_line(e)}") from None
-
-    progress(f"# {cfg.command()}")
-    try:
-        result = rgnn.run(cfg, progress, on_case=write, previous=previous)
-    except rgnn.BenchError as e:
-        raise CliError(str(e)) from None
-    plot = write(result, plot=True)
-    if plot and plot.startswith("skipped"):
-        print(f"warning: speedup.png {plot}", file=sys.stderr)
-    print("\n".join(report.cases_table(result["cases"])))
-    print()
-    print(report.summary_markdown(result), end="")
-    progress(f"# wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} to {out}")
-    return 0
+    # the rgnn benchmark's pieces under the names the shared driver calls
+    bench = types.SimpleNamespace(run=rgnn.run, BenchError=rgnn.BenchError, write_results=report.write_results,
+                                  cases_table=report.cases_table, summary_markdown=report.summary_markdown)
+    return _run_bench(args, "rgnn", bench, cfg, out, "speedup.png")
 
 
 def _run_bench(args, name: str, bench, cfg, out: Path, plot_name: str) -> int:
