@@ -1,8 +1,6 @@
 """`pigeon bench attention` on the CPU: the quick run end to end (files, every summary key, checks,
 statuses), the FLOP count by hand, the variants' masks for SDPA and Flex against pigeon's patterns,
 the check catching a wrong answer, the Flex semantics (uncompiled), --resume, one-line errors."""
-import contextlib
-import io
 import json
 
 import pytest
@@ -13,19 +11,13 @@ from pigeon.bench import attention as A
 from pigeon.bench import attn_variants as V
 from pigeon.bench.attn_check import Reference
 
+from bench_cli import one_error, run_bench
+
 FILES = ("cases.json", "cases.md", "summary.json", "summary.md")
 
 
 def bench(*args):
-    """``pigeon bench attention ARGS`` in this process: (exit code, stdout, stderr)."""
-    from pigeon.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(["bench", "attention", *map(str, args)])
-        except SystemExit as e:      # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+    return run_bench("attention", *args)
 
 
 @pytest.fixture(scope="module")
@@ -210,13 +202,6 @@ def test_timeout_is_recorded_and_longer_sequences_skipped(tmp_path):
     assert [r["status"] for r in long["impls"] if r["kind"] == "sdpa"] in (["skipped: timeout at S 256"], ["ok"])
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["dense_fwd_vs_sdpa"] is None and "pigeon: timeout (x1); skipped" in s["dense_fwd_vs_sdpa_note"]
-
-
-def one_error(stderr: str, *needles: str) -> None:
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.mark.parametrize("args,needles", [

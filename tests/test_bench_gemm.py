@@ -1,32 +1,18 @@
 """`pigeon bench gemm` on the CPU: the quick run end to end (files, every summary key, checks), the
 FLOP count by hand, --resume and one-line errors."""
-import contextlib
-import io
 import json
 
 import pytest
 
 from pigeon.bench import gemm as G
 
+from bench_cli import one_error, run_bench
+
 FILES = ("cases.json", "cases.md", "summary.json", "summary.md")
 
 
 def bench(*args):
-    from pigeon.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(["bench", "gemm", *map(str, args)])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error(stderr: str, *needles: str) -> None:
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+    return run_bench("gemm", *args)
 
 
 @pytest.fixture(scope="module")

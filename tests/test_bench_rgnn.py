@@ -1,7 +1,5 @@
 """`pigeon bench rgnn` on the CPU: the quick run end to end (files, keys, checks), one-line errors,
 the floor arithmetic and the summary's aggregation on hand-made records."""
-import contextlib
-import io
 import json
 import math
 
@@ -13,6 +11,8 @@ from pigeon.bench import rgnn
 from pigeon.graph import tiny_graph
 from pigeon.models import MODELS
 
+from bench_cli import one_error, run_bench
+
 REQUIRED = ("gpu", "commit", "date", "command", "geomean_speedup_inference", "geomean_speedup_training",
             "cases_total", "cases_slower_than_a_peer", "cases_within_3x_floor", "host_overhead_us",
             "aggregate_tbps_min", "pigeon_oom", "peer_oom", "cost_model_within_10pct")
@@ -20,22 +20,7 @@ FILES = ("cases.json", "cases.md", "summary.json", "summary.md")
 
 
 def bench(*args):
-    """``pigeon bench rgnn ARGS`` in this process: (exit code, stdout, stderr)."""
-    from pigeon.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(["bench", "rgnn", *map(str, args)])
-        except SystemExit as e:      # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error(stderr: str, *needles: str) -> None:
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+    return run_bench("rgnn", *args)
 
 
 @pytest.fixture(scope="module")
