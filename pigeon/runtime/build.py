@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cutlass_headers import build_flags as cutlass_build_flags
 from .cache import CUBIN_NAME, SOURCE_NAME, CacheEntry, KernelCache, default_cache_root
 from .toolchain import (CompilerNotFoundError, KernelBuildError, _nvrtc_module, compiler_identity, nvcc_available, nvcc_path, nvcc_version, nvrtc_available,
                         nvrtc_version, select_builder)
@@ -263,7 +264,9 @@ def compile_cuda(
         src.write_text(source, encoding="utf-8")
         if out.exists():
             out.unlink()
-        cmd = [nvcc, *NVCC_BASE_FLAGS[:1], f"-arch={arch}", *NVCC_BASE_FLAGS[1:], *flags, "-o", str(out), str(src)]
+        # CUTLASS/CuTe include path and flags: derived from the source, so not part of the cache key
+        cmd = [nvcc, *NVCC_BASE_FLAGS[:1], f"-arch={arch}", *NVCC_BASE_FLAGS[1:], *cutlass_build_flags(source), *flags,
+               "-o", str(out), str(src)]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, timeout=timeout_s)
@@ -330,7 +333,9 @@ def _compile_nvrtc(
             raise KernelBuildError(f"{what} failed: {_text(msg)}")
         return result[1] if len(result) > 1 else None
 
-    opts = [f"--gpu-architecture={arch}", *NVRTC_BASE_FLAGS, *(f"-I{d}" for d in _cuda_include_dirs()), *flags]
+    cutlass = cutlass_build_flags(source)          # ("-I", dir, flags...): NVRTC takes -I<dir> as one option
+    cutlass = (f"-I{cutlass[1]}", *cutlass[2:]) if cutlass else ()
+    opts = [f"--gpu-architecture={arch}", *NVRTC_BASE_FLAGS, *(f"-I{d}" for d in _cuda_include_dirs()), *cutlass, *flags]
     command = ("nvrtc", *opts, f"{name}.cu")
     prog = check(nvrtc.nvrtcCreateProgram(source.encode("utf-8"), f"{name}.cu".encode(), 0, [], []), "nvrtcCreateProgram")
     try:
