@@ -14,6 +14,8 @@
 #   rm -rf .gpu/artifact_rgat && pigeon compile rgat --in-dim 8 --set heads=2 --set out_dim=3 \
 #       --out .gpu/artifact_rgat --arch sm_90          # AOT artifact for test_aot_artifact_built_on_cpu_machine_runs
 #   git rev-parse --short HEAD > .gpu/COMMIT            # recorded in env.txt and the benchmark JSON
+#   PIGEON_CACHE_DIR=.gpu/cache python scripts/pack_cutlass_headers.py --out .gpu/cutlass_include
+#                                                       # the CuTe/CUTLASS headers the cached kernels include
 #
 # Rebuild the artifact whenever pigeon changes: artifacts are format 2 now and load() refuses any
 # other format ("rebuild it with `pigeon compile --out`").  Cache entries are keyed by source, arch,
@@ -39,6 +41,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/pigeon_out}; mkdir -p "$OUT"
 export PIGEON_CACHE_DIR=$PWD/.gpu/cache PIGEON_DATA=$PWD/.gpu/datasets PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# the H200 image has no nvidia-cutlass wheel: kernels that include CuTe/CUTLASS build against the
+# pruned copy scripts/pack_cutlass_headers.py made (or come prebuilt from the cache)
+[ -d .gpu/cutlass_include ] && export PIGEON_CUTLASS_INCLUDE=$PWD/.gpu/cutlass_include
 export PIGEON_COMMIT=$(cat .gpu/COMMIT 2>/dev/null || echo unknown) PIGEON_TEST_ARTIFACT=$PWD/.gpu/artifact_rgat
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nvcc --version | tail -1;
   python -c "import torch; print('torch', torch.__version__)"; echo "commit $PIGEON_COMMIT"; date -u; } | tee "$OUT/env.txt"

@@ -52,8 +52,16 @@ def attention_kernels():
     import pigeon.attention as pa
     from pigeon.attention.api import _plan
     from pigeon.codegen.attention import render_attention, render_attention_backward
+    from pigeon.codegen.attention_mma import render_attention_mma, unsupported
     from test_attention_kernel import VARIANTS
     out = {}
+
+    def add(inst):
+        kernels = [render_attention(inst), render_attention_backward(inst)]
+        if unsupported(inst) is None:
+            kernels.append(render_attention_mma(inst))
+        for rk in kernels:
+            out[rk.name] = rk
     for kw in VARIANTS.values():
         smod = pa.trace_score_mod(kw["score_mod"]) if "score_mod" in kw else None
         mmod = pa.trace_mask_mod(kw["mask_mod"]) if "mask_mod" in kw else None
@@ -62,12 +70,10 @@ def attention_kernels():
                 q = torch.empty(1, 8, 64, d, dtype=dt)
                 k = torch.empty(1, 2, 64, d, dtype=dt)
                 inst, _, _ = _plan(q, k, k, smod, mmod, kw.get("pattern"), None)
-                for rk in (render_attention(inst), render_attention_backward(inst)):
-                    out[rk.name] = rk
+                add(inst)
     q, k = torch.empty(10, 8, 128, dtype=torch.bfloat16), torch.empty(10, 2, 128, dtype=torch.bfloat16)
     inst, _, _ = _plan(q, k, k, None, None, pa.Causal(), torch.tensor([0, 10]))
-    for rk in (render_attention(inst), render_attention_backward(inst)):
-        out[rk.name] = rk
+    add(inst)
     return out
 
 

@@ -144,9 +144,28 @@ def render_attention_backward(inst: AttentionInstance) -> RenderedKernel:
     return _render(inst, backward=True)
 
 
-def _render(inst: AttentionInstance, backward: bool) -> RenderedKernel:
+@dataclass(frozen=True)
+class ModifierCode:
+    """The traced modifiers and the pattern's mask of one instance as C code, for any attention
+    template: variables ``b, h, i`` (batch, query head, query row), ``kv`` (key), ``s`` (the
+    scaled score) and ``kv_shift`` must be in scope; ``*_code`` are statements, ``*_value`` the
+    expressions to test or assign after them."""
+    root_code: str        # at kernel level
+    row_code: str         # per query row (b, h, i)
+    pattern_code: str
+    pattern_value: str    # "" without a pattern mask
+    mask_code: str
+    mask_value: str       # "true" without a mask_mod
+    score_code: str
+    score_value: str      # "s" without a score_mod
+    dscore_value: str     # d score_mod / d s ("1.f" without one); "" for a forward
+
+
+def modifier_code(inst: AttentionInstance, backward: bool, indent: tuple[int, int, int, int, int] = (4, 8, 20, 16, 16)
+                  ) -> ModifierCode:
+    """``inst``'s modifier code, rendered by the one expression emitter; ``indent``: the columns of
+    the root, row, pattern, mask and score code."""
     check_instance(inst)
-    T = storage_type(inst.dtype)
     row_vars = frozenset({"b", "h", "i"})
     indices = {"batch": RowBinding("b", frozenset({"b"})), "head": RowBinding("h", frozenset({"h"})),
                "query": RowBinding("i", frozenset({"i"})), "key": RowBinding("kv", frozenset({"kv"})),
@@ -174,15 +193,23 @@ def _render(inst: AttentionInstance, backward: bool) -> RenderedKernel:
             else "1.f"
     if em.buffers or em.graph_arrays:         # pragma: no cover - check_instance refuses loads
         raise AttentionCodegenError("attention modifiers cannot read buffers")
+    r, w, p, m, c = indent
+    return ModifierCode(root.code(r), row.code(w), kv_pattern.code(p), pattern_value, kv_mask.code(m), mask_value,
+                        kv_score.code(c), score_value, dscore_value)
+
+
+def _render(inst: AttentionInstance, backward: bool) -> RenderedKernel:
+    mc = modifier_code(inst, backward)
+    T = storage_type(inst.dtype)
     table = BACKWARD_PARAMS if backward else PARAMS
     params = tuple(KernelParam(n, ct, decl.format(T=T), role) for n, ct, decl, role in table)
     name = kernel_name(inst) + ("_bwd" if backward else "")
     cfg = AttentionConfig(
         name=name, signature=", ".join(p.c for p in params), dtype=T, block=BLOCK, head_dim=inst.head_dim,
         value_dim=inst.value_dim, group=inst.group, block_m=inst.block_m, block_n=inst.block_n, packed=inst.packed,
-        root_code=root.code(4), row_code=row.code(8), pattern_code=kv_pattern.code(20), pattern_value=pattern_value,
-        mask_code=kv_mask.code(16), mask_value=mask_value, score_code=kv_score.code(16), score_value=score_value,
-        dscore_value=dscore_value)
+        root_code=mc.root_code, row_code=mc.row_code, pattern_code=mc.pattern_code, pattern_value=mc.pattern_value,
+        mask_code=mc.mask_code, mask_value=mc.mask_value, score_code=mc.score_code, score_value=mc.score_value,
+        dscore_value=mc.dscore_value)
     template = "attention_bwd.simt.cu.jinja" if backward else "attention.simt.cu.jinja"
     source = render_template(template, cfg)
     grid = _grid(lambda sizes: int(sizes["batch"]) * int(sizes["heads"]) * int(sizes["max_q"]))

@@ -1,5 +1,11 @@
-"""Running the attention kernels (pigeon/codegen/attention.py): build (disk cache) and launch on
-torch's current stream, or run the same CUDA text emulated on a CPU."""
+"""Running the attention kernels (pigeon/codegen/attention.py, attention_mma.py): build (disk cache)
+and launch on torch's current stream, or run the same CUDA text emulated on a CPU.
+
+Which template runs (:func:`kernel_variant`): the tensor-core forward ("mma") where it applies
+(bfloat16/float16, head dim 64 or 128, 64x64 pattern blocks, on a GPU), else the SIMT one, which
+serves every instance and is the one a CPU emulates.  ``PIGEON_ATTENTION_KERNEL=simt`` forces the
+SIMT kernels (A/B runs); ``=mma`` makes an instance the tensor-core template cannot take an error
+instead of a quiet SIMT run."""
 from __future__ import annotations
 
 import os
@@ -7,13 +13,39 @@ from typing import Any
 
 import torch
 
-from ..codegen.attention import AttentionInstance, render_attention, render_attention_backward
+from ..codegen.attention import AttentionCodegenError, AttentionInstance, render_attention, render_attention_backward
+from ..codegen import attention_mma
 
 _MODULES: dict = {}      # (kernel name, device) -> loaded module
+VARIANTS = ("auto", "simt", "mma")
+
+
+def kernel_variant(inst: AttentionInstance, emulate: bool, backward: bool = False) -> str:
+    """"mma" (tensor cores) or "simt" for ``inst``'s forward (``backward=False``) or backward kernel."""
+    want = os.environ.get("PIGEON_ATTENTION_KERNEL", "auto")
+    if want not in VARIANTS:
+        raise AttentionCodegenError(f"PIGEON_ATTENTION_KERNEL={want!r}: expected one of {VARIANTS}")
+    if want == "simt":
+        return "simt"
+    why = "the tensor-core backward is not written yet" if backward else attention_mma.unsupported(inst)
+    if emulate:
+        why = "a CPU emulates only the SIMT kernels"
+    if why is None:
+        return "mma"
+    if want == "mma":
+        raise AttentionCodegenError(f"PIGEON_ATTENTION_KERNEL=mma, but this attention {'backward' if backward else 'forward'} "
+                                    f"cannot use tensor cores: {why}")
+    return "simt"
+
+
+def _render(inst: AttentionInstance, variant: str, backward: bool):
+    if variant == "mma":
+        return attention_mma.render_attention_mma(inst)
+    return (render_attention_backward if backward else render_attention)(inst)
 
 
 def _module(inst: AttentionInstance, device: torch.device, emulate: bool, backward: bool = False):
-    rk = (render_attention_backward if backward else render_attention)(inst)
+    rk = _render(inst, kernel_variant(inst, emulate, backward), backward)
     key = (rk.name, str(device), emulate)
     mod = _MODULES.get(key)
     if mod is None:
@@ -38,6 +70,8 @@ def run_attention_kernel(inst: AttentionInstance, q: torch.Tensor, k: torch.Tens
     if os.environ.get("PIGEON_POISON", "") == "1":      # every output element must be written
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
+    if kernel_variant(inst, emulate) == "mma":      # 16-byte vector loads and stores
+        q, k, v = (_aligned16(t) for t in (q, k, v))
     sizes, strides, arrays = _layout(inst, q, k, v, out, lse, lists, cu_seqlens)
     tensors = {"O": out, "LSE": lse, "Q": q, "K": k, "V": v}
     _launch(inst, q.device, emulate, False, tensors, sizes, strides, arrays, scale)
@@ -58,6 +92,11 @@ def run_attention_backward(inst: AttentionInstance, q, k, v, out, lse, grad_out,
                "dO": grad_out.contiguous(), "LSE": lse}
     _launch(inst, q.device, emulate, True, tensors, sizes, strides, arrays, scale)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (contiguous) with a 16-byte aligned start: a copy only for an oddly offset view."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _lse_like(inst: AttentionInstance, q: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def include_dir() -> str:
     if env:
         if not os.path.isdir(os.path.join(env, "cute")):
             raise CutlassNotFoundError(f"PIGEON_CUTLASS_INCLUDE={env} has no cute/ directory")
-        return env
+        return os.path.abspath(env)                 # nvcc runs in a temporary directory
     d = _package_dir()
     if d is None:
         raise CutlassNotFoundError("this kernel includes CUTLASS/CuTe headers: pip install nvidia-cutlass "
