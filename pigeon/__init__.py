@@ -4,7 +4,7 @@ from .dsl import (EdgeTensor, EtypeTensor, Graph, Layer, NodeTensor, NtypeTensor
                   typed_linear, weight)
 from . import opset  # noqa: F401  (the op registry's records)
 from .module import CompiledLayer, compile
-from .gemm_api import gemm, grouped_gemm
+from .gemm_api import fp8_gemm, gemm, grouped_gemm
 
 from ._version import __version__  # noqa: E402
 
@@ -16,4 +16,4 @@ def load(path, graph=None):
 
 __all__ = ["EdgeTensor", "EtypeTensor", "Graph", "Layer", "NodeTensor", "NtypeTensor", "SpecError", "Value", "aggregate", "concat", "dot",
            "edge_softmax", "elu", "exp", "gelu", "leaky_relu", "layer", "linear", "relu", "sigmoid", "tanh",
-           "typed_linear", "weight", "CompiledLayer", "compile", "gemm", "grouped_gemm", "load"]
+           "typed_linear", "weight", "CompiledLayer", "compile", "gemm", "grouped_gemm", "fp8_gemm", "load"]

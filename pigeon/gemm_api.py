@@ -9,11 +9,29 @@ into the GEMM kernel (the GEMM family's templates render it by the one expressio
 (pigeon's activations, given the traced accumulator, return traced values; ``where``,
 ``minimum``, ``maximum``, ``cast`` are in pigeon.ir.expr_trace.)
 
-It runs as the ``pigeon::gemm`` torch op (autograd, fake tensors, torch.compile, opcheck): CUDA
-templates on a GPU (fp32 SIMT, bf16/fp16 mma.sync), the instance's torch semantics on a CPU.  The
-backward differentiates the same semantics (the epilogue included) with torch.func; on a GPU it
-is not a generated kernel yet.  What the epilogue may read: the accumulator and constants (bias
-and residual operands, which need loads in the epilogue, are not supported yet).
+Epilogue operands: ``bias`` ([N], added along rows) and ``residual`` ([M, N]), both of a's dtype and
+device.  When given, the epilogue receives them by keyword, only those passed::
+
+    y = pigeon.gemm(x, w, bias=b, residual=r, epilogue=lambda acc, bias, residual: residual + pigeon.gelu(acc + bias))
+    y = pigeon.gemm(x, w, bias=b)                   # no epilogue: acc + bias (+ residual)
+
+It runs as the ``pigeon::gemm_fused`` torch op (pigeon/runtime/gemm_fused.py; autograd, fake
+tensors, torch.compile, opcheck).  On an sm_90 GPU, bf16 / fp16 with K and N multiples of 8: a
+CUTLASS sm90 kernel (TMA + wgmma, the epilogue and its operands fused through CUTLASS's epilogue
+visitor tree); other CUDA cases without operands: the older templates (fp32 SIMT, bf16/fp16
+mma.sync); other CUDA cases with operands: the plain-torch semantics on the GPU; on a CPU the
+semantics (float32 accumulation, the epilogue in float32, one rounding).  The backward (for a, b,
+bias and residual) differentiates the same semantics with torch.func; it is not a generated kernel.
+
+``fp8_gemm(a, b, scale_a, scale_b, out_dtype=torch.bfloat16, epilogue=None)``: float8_e4m3fn
+``a [M, K]`` and ``b [K, N]`` with float32 scales, ``(a * scale_a) @ (b * scale_b)`` accumulated in
+float32: per-tensor (one-element scales), per-row (``scale_a [M, 1]``, ``scale_b [1, N]``) or block
+scales as DeepSeek-V3 / DeepGEMM (``scale_a [M, ceil(K/128)]``: one per row and 128 columns;
+``scale_b [ceil(K/128), ceil(N/128)]``: one per 128x128 block).  ``b`` is read K-contiguous (as
+``torch._scaled_mm`` wants it: ``w.t()`` of a row-major ``w [N, K]``); a row-major ``b`` is copied
+once.  The epilogue is a function of ``acc`` (already scaled).  No backward: an input that requires
+grad is an error.  On an sm_90 GPU (K and N multiples of 16; block scales: of 128) a CUTLASS sm90
+kernel (block scales: the blockwise-scaling mainloop); elsewhere the float32 semantics.
 
 ``grouped_gemm``: G problems ``a[offsets[g]:offsets[g+1]] @ b[g]`` in one launch (rows of a
 grouped by problem, as MoE dispatch and the RGNN typed linears lay them out): the same GEMM
@@ -23,6 +41,7 @@ problems ``[(a_0, b_0), ...]`` with one K and N is packed into that form.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -39,11 +58,20 @@ class GemmInputError(ValueError):
     """A bad pigeon.gemm call: names the tensor and the problem."""
 
 
-def trace_epilogue(fn: Callable) -> ex.Expr:
-    """The float expression of ``fn(acc)``."""
+def trace_epilogue(fn: Callable, operands: tuple[str, ...] = ()) -> ex.Expr:
+    """The float expression of ``fn(acc)``, or of ``fn(acc, **{name: value})`` for the operand
+    names given (``"bias"``, ``"residual"``: they become ``var(name)``)."""
     if not callable(fn):
         raise GemmInputError(f"gemm: epilogue must be a function acc -> value, got {fn!r}")
-    e = _lift(fn(Sym(ex.var("acc"))))
+    kw = {o: Sym(ex.var(o)) for o in operands}
+    try:
+        out = fn(Sym(ex.var("acc")), **kw)
+    except TypeError as err:
+        if operands and "argument" in str(err):
+            raise GemmInputError(f"gemm: the epilogue must take (acc, {', '.join(operands)}) since "
+                                 f"{' and '.join(operands)} {'is' if len(operands) == 1 else 'are'} passed: {err}") from None
+        raise
+    e = _lift(out)
     if dtype_class(e.dtype) != "float":
         raise TraceError(f"gemm: the epilogue must return a float value, got {e.dtype}")
     for n in e.toposort():
@@ -57,9 +85,30 @@ def _check(cond: bool, msg: str) -> None:
         raise GemmInputError(msg)
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: Callable | None = None) -> torch.Tensor:
-    """``epilogue(a @ b)`` with ``a [M, K]``, ``b [K, N]`` (float32, bfloat16 or float16; fp32
-    accumulation), as one fused kernel."""
+def _check_operands(fn: str, a: torch.Tensor, M: int, N: int, bias, residual) -> tuple[str, ...]:
+    """Names of the operands passed, after one-line checks of their shape, dtype and device."""
+    names = []
+    for name, t, shape in (("bias", bias, (N,)), ("residual", residual, (M, N))):
+        if t is None:
+            continue
+        _check(isinstance(t, torch.Tensor), f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(tuple(t.shape) == shape, f"{fn}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        _check(t.dtype == a.dtype, f"{fn}: {name} is {t.dtype} but a is {a.dtype}")
+        _check(t.device == a.device, f"{fn}: {name} is on {t.device} but a on {a.device}")
+        names.append(name)
+    return tuple(names)
+
+
+def _default_epilogue(operands: tuple[str, ...]) -> Callable | None:
+    if not operands:
+        return None
+    return lambda acc, **kw: functools.reduce(lambda x, y: x + y, (kw[o] for o in operands), acc)
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: Callable | None = None, *, bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``epilogue(a @ b[, bias=..., residual=...])`` with ``a [M, K]``, ``b [K, N]`` (float32,
+    bfloat16 or float16; fp32 accumulation), ``bias [N]``, ``residual [M, N]``, as one fused kernel."""
     for name, t in (("a", a), ("b", b)):
         _check(isinstance(t, torch.Tensor), f"gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
         _check(t.dim() == 2, f"gemm: {name} must be 2-D, got shape {list(t.shape)}")
@@ -69,17 +118,22 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: Callable | None = None) -> 
     _check(a.shape[1] == b.shape[0], f"gemm: a is {list(a.shape)} and b {list(b.shape)}: inner sizes differ")
     M, K = a.shape
     N = b.shape[1]
-    text = _instance_text(epilogue, K, N, DTYPES[a.dtype])
+    ops = _check_operands("gemm", a, M, N, bias, residual)
+    text = _instance_text(epilogue, K, N, DTYPES[a.dtype], ops)
     seg = torch.tensor([0, M], dtype=torch.int32, device=a.device)
-    return torch.ops.pigeon.gemm(text, a.contiguous(), b.contiguous(), seg, None, None, None, M)
+    from .runtime.gemm_fused import OPS     # registers pigeon::gemm_fused
+    return OPS.gemm_fused(text, a.contiguous(), b.contiguous(), seg,
+                                       None if bias is None else bias.contiguous(),
+                                       None if residual is None else residual.contiguous())
 
 
 @torch.compiler.assume_constant_result
-def _instance_text(epilogue, K: int, N: int, dtype: str) -> str:
+def _instance_text(epilogue, K: int, N: int, dtype: str, operands: tuple = ()) -> str:
     """The op's instance argument.  A constant under torch.compile: dynamo runs it once, eagerly,
     instead of tracing the epilogue's tracer (interned expression nodes, weak tables)."""
     from .runtime.kernel_ops import instance_json
-    ep = trace_epilogue(epilogue) if epilogue is not None else None
+    fn = epilogue if epilogue is not None else _default_epilogue(operands)
+    ep = trace_epilogue(fn, operands) if fn is not None else None
     inst = GemmInstance("rows", K, N, heads=1, typed=False, gather=False, scatter=False, dtype=dtype, epilogue=ep)
     return instance_json(inst)
 
@@ -122,7 +176,8 @@ def grouped_gemm(a, b=None, offsets: torch.Tensor | None = None, epilogue: Calla
     _check(bool((o[1:] >= o[:-1]).all()), "grouped_gemm: offsets must be non-decreasing")
     text = _grouped_text(epilogue, a.shape[1], b.shape[2], DTYPES[a.dtype])
     seg = offsets.to(device=a.device, dtype=torch.int32)
-    return torch.ops.pigeon.gemm(text, a.contiguous(), b.contiguous(), seg, None, None, None, M)
+    from .runtime.gemm_fused import OPS     # registers pigeon::gemm_fused
+    return OPS.gemm_fused(text, a.contiguous(), b.contiguous(), seg, None, None)
 
 
 @torch.compiler.assume_constant_result
@@ -130,3 +185,47 @@ def _grouped_text(epilogue, K: int, N: int, dtype: str) -> str:
     from .runtime.kernel_ops import instance_json
     ep = trace_epilogue(epilogue) if epilogue is not None else None
     return instance_json(GemmInstance("rows", K, N, heads=1, typed=True, dtype=dtype, epilogue=ep))
+
+
+FP8 = torch.float8_e4m3fn
+OUT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, epilogue: Callable | None = None) -> torch.Tensor:
+    """``epilogue((a * scale_a) @ (b * scale_b))`` for float8_e4m3fn ``a [M, K]``, ``b [K, N]``, float32
+    accumulation, rounded once to ``out_dtype`` (bfloat16 or float16); scales as the module
+    docstring says (per-tensor, per-row, or 1x128 / 128x128 blocks).  Forward only."""
+    from .runtime.gemm_fused import BLOCK, scaling_of
+    for name, t in (("a", a), ("b", b), ("scale_a", scale_a), ("scale_b", scale_b)):
+        _check(isinstance(t, torch.Tensor), f"fp8_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("a", a), ("b", b)):
+        _check(t.dim() == 2, f"fp8_gemm: {name} must be 2-D, got shape {list(t.shape)}")
+        _check(t.dtype == FP8, f"fp8_gemm: {name} must be float8_e4m3fn, got {t.dtype}")
+    for name, t in (("scale_a", scale_a), ("scale_b", scale_b)):
+        _check(t.dtype == torch.float32, f"fp8_gemm: {name} must be float32, got {t.dtype}")
+    for name, t in (("b", b), ("scale_a", scale_a), ("scale_b", scale_b)):
+        _check(t.device == a.device, f"fp8_gemm: {name} is on {t.device} but a on {a.device}")
+    _check(a.shape[1] == b.shape[0], f"fp8_gemm: a is {list(a.shape)} and b {list(b.shape)}: inner sizes differ")
+    _check(out_dtype in OUT_DTYPES, f"fp8_gemm: out_dtype must be bfloat16 or float16, got {out_dtype}")
+    M, K = a.shape
+    N = b.shape[1]
+    kb, nb = -(-K // BLOCK), -(-N // BLOCK)
+    _check(scaling_of(scale_a, scale_b, M, K, N) is not None,
+           f"fp8_gemm: scale_a {list(scale_a.shape)} and scale_b {list(scale_b.shape)} are neither per-tensor "
+           f"(one element each), per-row ([{M}, 1] and [1, {N}]) nor blocks ([{M}, {kb}] and [{kb}, {nb}])")
+    if torch.is_grad_enabled():
+        for name, t in (("a", a), ("b", b), ("scale_a", scale_a), ("scale_b", scale_b)):
+            _check(not t.requires_grad, f"fp8_gemm: {name} requires grad, but fp8_gemm has no backward "
+                                        "(call it under torch.no_grad() or detach the inputs)")
+    text = _fp8_text(epilogue, OUT_DTYPES[out_dtype])
+    from .runtime.gemm_fused import OPS     # registers pigeon::fp8_gemm
+    return OPS.fp8_gemm(text, a.contiguous(), b, scale_a.contiguous(), scale_b.contiguous())
+
+
+@torch.compiler.assume_constant_result
+def _fp8_text(epilogue, out_dtype: str) -> str:
+    from .codegen.gemm_sm90 import Sm90Gemm
+    from .runtime.gemm_fused import to_text
+    ep = trace_epilogue(epilogue) if epilogue is not None else None
+    return to_text(Sm90Gemm("fp8", "float8_e4m3fn", out_dtype, ep))

@@ -6,6 +6,13 @@ Cases (``--quick``: the same cases at small sizes):
 - ``gemm-gelu``: the transformer-MLP shape M 16384, K 1024, N 4096 with a GELU epilogue (erf form; no
   bias: pigeon's epilogues cannot load operands yet): ``pigeon.gemm(a, b, epilogue=pigeon.gelu)``,
   fused, against ``torch.matmul`` followed by a separate ``F.gelu`` (``matmul+gelu``);
+- ``gemm-bias-gelu``: the same shape with a bias: ``pigeon.gemm(a, b, bias=c, epilogue=gelu(acc + bias))``
+  against ``F.gelu(torch.matmul(a, b) + c)`` (``matmul+bias+gelu``);
+- ``fp8-8192``: ``pigeon.fp8_gemm`` of float8_e4m3fn operands with per-tensor scales, 8192^3,
+  against ``torch._scaled_mm`` (``scaled_mm``; ``b`` column-major as both take it);
+- ``fp8-block-4096``: ``pigeon.fp8_gemm`` with 1x128 / 128x128 block scales (DeepSeek-V3 style),
+  4096^3, against cuBLAS bf16 (``matmul`` of the operands in bfloat16).
+  (the fp8 cases' dtype is the output dtype);
 - ``grouped``: 64 problems of 256 x 1024 x 1024, rows of ``a [64*256, 1024]`` by segment offsets and
   ``b [64, 1024, 1024]``: ``pigeon.grouped_gemm(a, b, offsets)`` against ``torch._grouped_mm``
   (``grouped_mm``, where this torch has it), ``torch.bmm`` (the problems are equal-sized, so one
@@ -18,7 +25,7 @@ too), then timed as the attention benchmark is (:func:`pigeon.bench.timing.measu
 errors as statuses, peak memory on a GPU).  FLOPs = 2 M N K per problem (the epilogue's are not
 counted); ``vs <peer>`` = the peer's time / pigeon's.  Summary keys of issue 8:
 ``gemm_vs_cublas_min``, ``gemm_epilogue_vs_cublas_min``, ``grouped_vs_best_peer``, and
-``fp8_vs_scaled_mm``, ``fp8_blockscaled_vs_bf16`` (null: pigeon has no fp8 GEMM yet).  Files in
+``fp8_vs_scaled_mm`` (fp8-8192), ``fp8_blockscaled_vs_bf16`` (fp8-block-4096).  Files in
 ``--out``: cases.json/.md, summary.json/.md, tflops.png.
 
     pigeon bench gemm --quick --device cpu --out /tmp/gemm
@@ -47,14 +54,17 @@ __all__ = ["BenchError", "GemmConfig", "make_config", "run", "run_case", "finish
 
 # name -> (kind, G, M, K, N): G problems of M x K @ K x N
 CASES = {"gemm-4096": ("gemm", 1, 4096, 4096, 4096), "gemm-8192": ("gemm", 1, 8192, 8192, 8192),
-         "gemm-gelu": ("gelu", 1, 16384, 1024, 4096), "grouped": ("grouped", 64, 256, 1024, 1024)}
+         "gemm-gelu": ("gelu", 1, 16384, 1024, 4096), "gemm-bias-gelu": ("bias_gelu", 1, 16384, 1024, 4096),
+         "grouped": ("grouped", 64, 256, 1024, 1024), "fp8-8192": ("fp8", 1, 8192, 8192, 8192),
+         "fp8-block-4096": ("fp8_block", 1, 4096, 4096, 4096)}
 QUICK = {"gemm-4096": ("gemm", 1, 128, 128, 128), "gemm-8192": ("gemm", 1, 256, 256, 256),
-         "gemm-gelu": ("gelu", 1, 256, 64, 128), "grouped": ("grouped", 8, 32, 64, 64)}
-PEERS = ("matmul", "grouped_mm", "bmm", "loop")
+         "gemm-gelu": ("gelu", 1, 256, 64, 128), "gemm-bias-gelu": ("bias_gelu", 1, 256, 64, 128),
+         "grouped": ("grouped", 8, 32, 64, 64), "fp8-8192": ("fp8", 1, 128, 256, 128),
+         "fp8-block-4096": ("fp8_block", 1, 128, 256, 256)}
+PEERS = ("matmul", "grouped_mm", "bmm", "loop", "scaled_mm")
 DTYPES = ("bfloat16", "float16")
 KEYS = ("gpu", "commit", "date", "command", "gemm_vs_cublas_min", "gemm_epilogue_vs_cublas_min",
         "grouped_vs_best_peer", "fp8_vs_scaled_mm", "fp8_blockscaled_vs_bf16")
-FP8_NOTE = "not measurable: pigeon has no fp8 (e4m3) GEMM yet"
 META = ("gpu", "device", "torch", "pigeon", "commit", "date", "command")
 
 
@@ -116,10 +126,29 @@ def _gelu(acc):
     return pg.gelu(acc)
 
 
-def _impls(kind: str, G: int, a, b, offsets, peers) -> list[tuple[str, str, Callable | None]]:
+def _impls(kind: str, G: int, a, b, offsets, peers, extra=None) -> list[tuple[str, str, Callable | None]]:
     """(name, kind, fn(a, b) or None with the reason in the kind's place) of pigeon and the peers."""
     rows = []
-    if kind == "gemm":
+    extra = extra or {}
+    if kind in ("fp8", "fp8_block"):
+        sa, sb, odt = extra["scale_a"], extra["scale_b"], extra["out_dtype"]
+        rows.append(("pigeon", "pigeon", lambda a, b: pg.fp8_gemm(a, b, sa, sb, out_dtype=odt)))
+        if kind == "fp8" and "scaled_mm" in peers:
+            if hasattr(torch, "_scaled_mm") and a.is_cuda:
+                rows.append(("scaled_mm", "cublas", lambda a, b: torch._scaled_mm(a, b, sa, sb, out_dtype=odt)))
+            else:
+                rows.append(("scaled_mm", "n/a: torch._scaled_mm needs a CUDA device", None))
+        if kind == "fp8_block" and "matmul" in peers:
+            from ..runtime.gemm_fused import BLOCK, dequantize      # the dequantized operands, in bf16
+            a16 = dequantize(a, sa, 1, BLOCK).to(torch.bfloat16)
+            b16 = dequantize(b, sb, BLOCK, BLOCK).to(torch.bfloat16)
+            rows.append(("matmul bf16", "cublas", lambda a, b: torch.matmul(a16, b16)))
+    elif kind == "bias_gelu":
+        c = extra["bias"]
+        rows.append(("pigeon", "pigeon", lambda a, b: pg.gemm(a, b, bias=c, epilogue=lambda acc, bias: pg.gelu(acc + bias))))
+        if "matmul" in peers:
+            rows.append(("matmul+bias+gelu", "cublas", lambda a, b: F.gelu(torch.matmul(a, b) + c)))
+    elif kind == "gemm":
         rows.append(("pigeon", "pigeon", lambda a, b: pg.gemm(a, b)))
         if "matmul" in peers:
             rows.append(("matmul", "cublas", torch.matmul))
@@ -156,17 +185,39 @@ def run_case(spec: tuple, cfg: GemmConfig) -> dict:
             "operands" + (", GELU in float32" if kind == "gelu" else "")}
     gen = torch.Generator(device=device).manual_seed(0)
     tdt = getattr(torch, dtype)
-    a = torch.randn(G * M, K, generator=gen, device=device).to(tdt)
-    b = (torch.randn(G, K, N, generator=gen, device=device) if kind == "grouped"
-         else torch.randn(K, N, generator=gen, device=device)).to(tdt) / K ** 0.5
+    extra = {}
+    if kind in ("fp8", "fp8_block"):
+        fp8 = torch.float8_e4m3fn
+        a = torch.randn(M, K, generator=gen, device=device).to(fp8)
+        b = torch.randn(N, K, generator=gen, device=device).to(fp8).t()      # column-major [K, N]
+        if kind == "fp8":
+            sa, sb = torch.tensor(1.0, device=device), torch.tensor(K ** -0.5, device=device)
+        else:
+            sa = torch.ones(M, -(-K // 128), device=device)
+            sb = torch.full((-(-K // 128), -(-N // 128)), K ** -0.5, device=device)
+        extra = {"scale_a": sa, "scale_b": sb, "out_dtype": tdt}
+        case["check_what"] = "the whole output against the float32 product of the dequantized operands"
+    else:
+        a = torch.randn(G * M, K, generator=gen, device=device).to(tdt)
+        b = (torch.randn(G, K, N, generator=gen, device=device) if kind == "grouped"
+             else torch.randn(K, N, generator=gen, device=device)).to(tdt) / K ** 0.5
+        if kind == "bias_gelu":
+            extra["bias"] = torch.randn(N, generator=gen, device=device).to(tdt)
     offsets = torch.arange(G + 1, dtype=torch.int32, device=device) * M
     want = {}
 
     def reference():
         if "out" not in want:
+            if kind in ("fp8", "fp8_block"):
+                from ..runtime.gemm_fused import BLOCK, dequantize
+                blk = BLOCK if kind == "fp8_block" else 1
+                want["out"] = dequantize(a, extra["scale_a"], 1, blk) @ dequantize(b, extra["scale_b"], blk, blk)
+                return want["out"]
             af, bf = a.float(), b.float()
             w = torch.bmm(af.view(G, M, K), bf).view(G * M, N) if kind == "grouped" else af @ bf
-            want["out"] = F.gelu(w) if kind == "gelu" else w
+            if kind == "bias_gelu":
+                w = w + extra["bias"].float()
+            want["out"] = F.gelu(w) if kind in ("gelu", "bias_gelu") else w
         return want["out"]
     checks = {}
 
@@ -181,7 +232,7 @@ def run_case(spec: tuple, cfg: GemmConfig) -> dict:
             step.first = None
         return after_first
     rows = []
-    for impl, ikind, fn in _impls(kind, G, a, b, offsets, cfg.peers):
+    for impl, ikind, fn in _impls(kind, G, a, b, offsets, cfg.peers, extra):
         if fn is None:
             rows.append({"impl": impl, "kind": "peer", "status": ikind, "median_ms": None})
             continue
@@ -241,13 +292,14 @@ def build_summary(result: dict) -> dict:
     if meta.get("commands"):
         s["commands"] = meta["commands"]
     _key(s, "gemm_vs_cublas_min", [c for c in cases if c["kind"] == "gemm"], "plain GEMM (vs torch.matmul)", ">= 0.85")
-    _key(s, "gemm_epilogue_vs_cublas_min", [c for c in cases if c["kind"] == "gelu"],
-         "GELU-epilogue (vs torch.matmul + F.gelu)", ">= 1.2")
+    _key(s, "gemm_epilogue_vs_cublas_min", [c for c in cases if c["kind"] in ("gelu", "bias_gelu")],
+         "GELU-epilogue (vs torch.matmul (+ bias) + F.gelu)", ">= 1.2")
     _key(s, "grouped_vs_best_peer", [c for c in cases if c["kind"] == "grouped"],
          "grouped GEMM (vs the best of torch._grouped_mm, bmm, a loop)", ">= 1.5")
-    s["fp8_vs_scaled_mm"], s["fp8_vs_scaled_mm_note"] = None, FP8_NOTE + " (target: per-tensor >= 0.9 of torch._scaled_mm)"
-    s["fp8_blockscaled_vs_bf16"] = None
-    s["fp8_blockscaled_vs_bf16_note"] = FP8_NOTE + " (target: 1x128/128x128 block scales >= 1.2x cuBLAS bf16 at 4096^3)"
+    _key(s, "fp8_vs_scaled_mm", [c for c in cases if c["kind"] == "fp8"],
+         "fp8 per-tensor (vs torch._scaled_mm)", ">= 0.9")
+    _key(s, "fp8_blockscaled_vs_bf16", [c for c in cases if c["kind"] == "fp8_block"],
+         "fp8 1x128/128x128 block-scaled (vs cuBLAS bf16)", ">= 1.2")
     s["cases_total"] = len(cases)
     s["cases_check_failed"] = [f"{label(c)}: {r['impl']}" for c in cases for r in c["impls"]
                                if str(r.get("check", "")).startswith("FAILED")]

@@ -3,7 +3,8 @@
 Layout of the cache root (``$PIGEON_CACHE_DIR``, default ``~/.cache/pigeon``)::
 
     <root>/<key[:2]>/<key>/kernel.cu       the kernel source
-    <root>/<key[:2]>/<key>/kernel.cubin    the compiled code
+    <root>/<key[:2]>/<key>/kernel.cubin    the compiled code (or kernel.so: a host shared library,
+                                           pigeon/runtime/hostlib.py)
     <root>/<key[:2]>/<key>/meta.json       arch, flags, compiler, ptxas report, resources, checksums
     <root>/<key[:2]>/.tmp-<key>-*/         an entry being written (renamed onto <key>/ when complete)
     <root>/failed/<key>.cu, <key>.log      sources of failed builds, kept for the user
@@ -47,11 +48,13 @@ __all__ = [
     "default_cache_root",
     "pigeon_version",
     "CUBIN_NAME",
+    "LIBRARY_NAME",
     "SOURCE_NAME",
     "META_NAME",
 ]
 
 CUBIN_NAME = "kernel.cubin"
+LIBRARY_NAME = "kernel.so"          # the main file of a host-library entry, in place of the cubin
 SOURCE_NAME = "kernel.cu"
 META_NAME = "meta.json"
 # Bumped when the entry format changes; part of every key, so old entries are simply never hit.
@@ -143,6 +146,14 @@ def pigeon_version() -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _main_name(names) -> str | None:
+    """The entry's compiled file: kernel.cubin, else kernel.so; None without either."""
+    for n in (CUBIN_NAME, LIBRARY_NAME):
+        if n in names:
+            return n
+    return None
 
 
 @dataclass(frozen=True)
@@ -295,9 +306,10 @@ class KernelCache:
         if meta.get("key") != key:
             return None, "meta.json names another key"
         checksums = meta.get("files")
-        if not isinstance(checksums, dict) or CUBIN_NAME not in checksums:
+        main = _main_name(checksums) if isinstance(checksums, dict) else None
+        if main is None:
             return None, "meta.json lacks file checksums"
-        if meta.get("cubin_sha256") != checksums.get(CUBIN_NAME):
+        if meta.get("cubin_sha256") != checksums.get(main):
             return None, "cubin checksum fields disagree"
         for name, digest in checksums.items():
             if not isinstance(name, str) or not _FILE_NAME_RE.match(name):
@@ -308,7 +320,7 @@ class KernelCache:
                 return None, f"{name} unreadable: {e}"
             if _sha256(data) != digest:
                 return None, f"{name} checksum mismatch"
-        return CacheEntry(path=path, cubin_path=path / CUBIN_NAME, meta=meta), ""
+        return CacheEntry(path=path, cubin_path=path / main, meta=meta), ""
 
     def _discard(self, path: Path, reason: str = "") -> None:
         """Remove a (corrupted) entry: rename it out of the way first, so the final name frees at once."""
@@ -330,8 +342,9 @@ class KernelCache:
         ``meta`` is merged into meta.json together with the key, checksums and a timestamp.
         """
         self._check_key(key)
-        if CUBIN_NAME not in files:
-            raise ValueError(f"a cache entry needs {CUBIN_NAME!r}")
+        main = _main_name(files)
+        if main is None:
+            raise ValueError(f"a cache entry needs {CUBIN_NAME!r} (or {LIBRARY_NAME!r})")
         for name, data in files.items():
             if not _FILE_NAME_RE.match(name) or name == META_NAME:
                 raise ValueError(f"bad file name for a cache entry: {name!r}")
@@ -344,7 +357,7 @@ class KernelCache:
         full_meta.update(
             key=key,
             files=checksums,
-            cubin_sha256=checksums[CUBIN_NAME],
+            cubin_sha256=checksums[main],
             timestamp=now,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
         )
@@ -399,7 +412,7 @@ class KernelCache:
                     continue
                 else:
                     _fsync_dir(final.parent)
-                    return CacheEntry(path=final, cubin_path=final / CUBIN_NAME, meta=full_meta)
+                    return CacheEntry(path=final, cubin_path=final / _main_name(files), meta=full_meta)
             raise OSError(f"could not install cache entry {final} (kept being replaced)")
         finally:
             if tmp.exists():

@@ -179,3 +179,120 @@ def test_resources_default_tiles():
         print(f"{inst.form:12s} {inst.dtype:9s} {arch}: {res['registers']} registers, {res['smem']} B smem, "
               f"spills {res['spill_stores']}/{res['spill_loads']}")
         assert res["spill_stores"] == 0 and res["spill_loads"] == 0
+
+
+# ------------------------------------------------------------------------------ the sm90 CUTLASS path
+# pigeon.gemm / grouped_gemm / fp8_gemm on an sm_90 device go to the CUTLASS libraries
+# (pigeon/codegen/gemm_sm90.py); the tests check that they did (sm90_reason is None) and compare
+# against float32 torch on fresh inputs, with PIGEON_POISON=1 (outputs start as NaN).
+
+import pigeon as pg  # noqa: E402
+from pigeon.runtime import gemm_fused as gf  # noqa: E402
+
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="needs an sm_90 GPU")
+
+
+def _close(got, want, tol=2e-2):
+    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) output elements"
+    err = ((got.float() - want).norm() / want.norm().clamp_min(1e-6)).item()
+    assert err < tol, f"relative error {err:.3e}"
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(256, 512, 1024), (1000, 136, 264), (8, 8, 8), (4096, 4096, 4096)])
+def test_sm90_dense_matches_float32(monkeypatch, dtype, shape):
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    M, K, N = shape
+    a = torch.randn(M, K, device=DEV, dtype=dtype)
+    b = torch.randn(K, N, device=DEV, dtype=dtype) / K ** 0.5
+    inst = G("rows", K, N, typed=False, dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
+    assert gf.sm90_reason(inst, a, b, None, None) is None
+    _close(pg.gemm(a, b), a.float() @ b.float())
+
+
+@needs_sm90
+@pytest.mark.parametrize("which", ["gelu", "bias", "residual", "bias_gelu_residual", "default_sum"])
+def test_sm90_epilogues_and_operands(monkeypatch, which):
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    M, K, N = 777, 512, 1032
+    a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(K, N, device=DEV, dtype=torch.bfloat16) / K ** 0.5
+    bias = torch.randn(N, device=DEV, dtype=torch.bfloat16)
+    res = torch.randn(M, N, device=DEV, dtype=torch.bfloat16)
+    acc = a.float() @ b.float()
+    F = torch.nn.functional
+    if which == "gelu":
+        y, want = pg.gemm(a, b, epilogue=lambda acc: pg.gelu(acc)), F.gelu(acc)
+    elif which == "bias":
+        y, want = pg.gemm(a, b, bias=bias, epilogue=lambda acc, bias: pg.relu(acc + bias)), torch.relu(acc + bias.float())
+    elif which == "residual":
+        y, want = pg.gemm(a, b, residual=res, epilogue=lambda acc, residual: acc * 2.0 - residual), acc * 2 - res.float()
+    elif which == "bias_gelu_residual":
+        y = pg.gemm(a, b, bias=bias, residual=res, epilogue=lambda acc, bias, residual: residual + pg.gelu(acc + bias))
+        want = res.float() + F.gelu(acc + bias.float())
+    else:
+        y, want = pg.gemm(a, b, bias=bias, residual=res), acc + bias.float() + res.float()
+    _close(y, want)
+
+
+@needs_sm90
+def test_sm90_operand_gradients_match_float32():
+    M, K, N = 128, 64, 96
+    a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(K, N, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(N, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    res = torch.randn(M, N, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    y = pg.gemm(a, b, bias=bias, residual=res, epilogue=lambda acc, bias, residual: pg.tanh(acc + bias) * residual)
+    up = torch.randn(M, N, device=DEV)
+    got = torch.autograd.grad((y.float() * up).sum(), [a, b, bias, res])
+    f = [t.detach().float().requires_grad_(True) for t in (a, b, bias, res)]
+    want = torch.autograd.grad(((torch.tanh(f[0] @ f[1] + f[2]) * f[3]) * up).sum(), f)
+    for g, w in zip(got, want):
+        _close(g, w)
+
+
+@needs_sm90
+@pytest.mark.parametrize("segments", [[256] * 8, [0, 100, 0, 1, 300, 77, 0], [0, 0, 0], [5]])
+def test_sm90_grouped_with_empty_and_uneven_segments(monkeypatch, segments):
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    K, N = 256, 264
+    M = sum(segments)
+    offs = torch.tensor([0] + segments, device=DEV).cumsum(0).to(torch.int32)
+    a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(len(segments), K, N, device=DEV, dtype=torch.bfloat16) / K ** 0.5
+    y = pg.grouped_gemm(a, b, offs, epilogue=lambda acc: acc * pg.sigmoid(acc))
+    o = offs.tolist()
+    want = torch.cat([a[o[g]:o[g + 1]].float() @ b[g].float() for g in range(len(segments))]) if M else y.float()
+    want = want * torch.sigmoid(want)
+    if M:
+        _close(y, want)
+    assert y.shape == (M, N)
+
+
+def _fp8(*shape):
+    return (torch.randn(*shape, device=DEV) * 2).to(torch.float8_e4m3fn)
+
+
+@needs_sm90
+@pytest.mark.parametrize("scaling", ["tensor", "row", "block"])
+@pytest.mark.parametrize("shape", [(512, 1024, 768), (200, 384, 256)])
+def test_sm90_fp8_matches_dequantized_float32(monkeypatch, scaling, shape):
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    M, K, N = shape
+    a = _fp8(M, K)
+    b = _fp8(N, K).t()                      # column-major [K, N], as torch._scaled_mm takes it
+    if scaling == "tensor":
+        sa, sb = torch.tensor(0.05, device=DEV), torch.tensor(0.1, device=DEV)
+    elif scaling == "row":
+        sa, sb = torch.rand(M, 1, device=DEV) * 0.1, torch.rand(1, N, device=DEV) * 0.1
+    else:
+        sa, sb = torch.rand(M, K // 128, device=DEV) * 0.1, torch.rand(K // 128, N // 128, device=DEV) * 0.1
+    assert gf.fp8_sm90_reason(a, b, sa, sb, scaling) is None
+    want = gf.fp8_reference(gf.Sm90Gemm("fp8", "float8_e4m3fn", "bfloat16"), a, b, sa, sb).float()
+    exact = gf.dequantize(a, sa, 1, 128 if scaling == "block" else 1) @ gf.dequantize(
+        b, sb, 128 if scaling == "block" else 1, 128 if scaling == "block" else 1)
+    _close(want, exact, 1e-2)               # the reference itself
+    _close(pg.fp8_gemm(a, b, sa, sb), exact)
+    _close(pg.fp8_gemm(a, b, sa, sb, epilogue=lambda acc: pg.relu(acc)), torch.relu(exact))
