@@ -40,6 +40,8 @@ class AttentionMmaConfig:
     packed: bool
     mods: ModifierCode
     cutlass_tag: str
+    q_in_registers: bool = True     # Q's fragments held across key blocks, or re-read from shared memory
+    min_blocks: int = 2             # __launch_bounds__ minimum CTAs per SM (caps registers)
 
 
 def unsupported(inst: AttentionInstance) -> str | None:
@@ -51,6 +53,26 @@ def unsupported(inst: AttentionInstance) -> str | None:
     if (inst.block_m, inst.block_n) != (BLOCK_M, BLOCK_N):
         return f"pattern blocks {inst.block_m}x{inst.block_n} (the template iterates {BLOCK_M}x{BLOCK_N})"
     return None
+
+
+def _tuning(head_dim: int) -> dict:
+    """Schedule knobs: by head dim from the H200 runs of benchmarks/tune_attention_mma.py
+    (benchmarks/results/attention_mma_knobs_h200_b0611d6.md: at D=64 re-reading Q from shared
+    memory and 3 CTAs per SM gave +13-17%; at D=128 the knobs moved it by under 3%, and 3 CTAs
+    spill), overridden by PIGEON_ATTN_MMA_TUNE="q_smem,minb3" (or "" for the plain form)."""
+    import os
+    out = {"q_in_registers": False, "min_blocks": 3} if head_dim == 64 else {}
+    env = os.environ.get("PIGEON_ATTN_MMA_TUNE")
+    if env is None:
+        return out
+    knobs = set(filter(None, env.split(",")))
+    out = {}
+    if "q_smem" in knobs:
+        out["q_in_registers"] = False
+    for k in knobs:
+        if k.startswith("minb"):
+            out["min_blocks"] = int(k[4:])
+    return out
 
 
 def _grid(sizes) -> tuple[int, int, int]:
@@ -70,7 +92,7 @@ def render_attention_mma(inst: AttentionInstance) -> RenderedKernel:
     name = kernel_name(inst) + "_mma"
     cfg = AttentionMmaConfig(name=name, signature=", ".join(p.c for p in params), dtype=T, mma=mma, pack=pack,
                              vec2=vec2, head_dim=inst.head_dim, block_m=BLOCK_M, block_n=BLOCK_N, group=inst.group,
-                             packed=inst.packed, mods=mc, cutlass_tag=source_tag())
+                             packed=inst.packed, mods=mc, cutlass_tag=source_tag(), **_tuning(inst.head_dim))
     template = "attention.mma.cu.jinja"
     return RenderedKernel(name=name, source=render_template(template, cfg), params=params, block=(THREADS, 1, 1),
                           grid=_grid, template=template, meta={"instance_key": inst.key(), "backward": False,
