@@ -77,25 +77,41 @@ def attention_kernels():
     return out
 
 
+def sm90_libraries():
+    """The CUTLASS sm90 GEMM libraries (host shared objects for sm_90a, pigeon/runtime/hostlib.py) of
+    tests/gpu/test_gemm_gpu.py and `pigeon bench gemm`: pigeon.runtime.gemm_fused.prebuild_instances
+    (about 70-90 s of nvcc each on one core; the GPU machine has no CUTLASS wheel)."""
+    from pigeon.codegen.gemm_sm90 import render_sm90
+    from pigeon.runtime.gemm_fused import prebuild_instances
+    return {g.name: render_sm90(g) for g in prebuild_instances()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--gemm-sm90", choices=("yes", "no", "only"), default="yes",
+                    help="also (or only) the CUTLASS sm90 GEMM libraries, built for sm_90a")
     args = ap.parse_args(argv)
     from pigeon.runtime.artifact import kernels_of
     from pigeon.runtime.build import build_kernel
+    from pigeon.runtime.hostlib import build_library
     kernels = {}
-    for what, layer in layer_configs([int(d) for d in args.dims.split(",")], args.dtypes.split(",")):
-        ks = kernels_of(layer)
-        kernels.update(ks)
-    kernels.update(attention_kernels())
+    if args.gemm_sm90 != "only":
+        for what, layer in layer_configs([int(d) for d in args.dims.split(",")], args.dtypes.split(",")):
+            ks = kernels_of(layer)
+            kernels.update(ks)
+        kernels.update(attention_kernels())
+    libs = sm90_libraries() if args.gemm_sm90 != "no" else {}
     print(f"{len(kernels)} distinct kernels", flush=True)
-    print(f"building {len(kernels)} distinct kernels for {args.arch} with {args.jobs} jobs", flush=True)
+    print(f"building {len(kernels)} distinct kernels for {args.arch} and {len(libs)} sm90 GEMM libraries for sm_90a "
+          f"with {args.jobs} jobs", flush=True)
     t0 = time.time()
     with cf.ThreadPoolExecutor(args.jobs) as pool:
-        futs = {pool.submit(build_kernel, rk.source, args.arch, name=name): name for name, rk in kernels.items()}
+        futs = {pool.submit(build_library, src, "sm_90a", name=name): name for name, src in libs.items()}
+        futs.update({pool.submit(build_kernel, rk.source, args.arch, name=name): name for name, rk in kernels.items()})
         for i, f in enumerate(cf.as_completed(futs)):
             f.result()
             if (i + 1) % 10 == 0 or i + 1 == len(futs):

@@ -343,3 +343,40 @@ def fp8_gemm(spec: str, a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
 def _(spec, a, b, scale_a, scale_b):
     sp = parse(spec)
     return a.new_empty((a.shape[0], b.shape[1]), dtype=TORCH_DTYPES[sp.out_dtype])
+
+
+# ------------------------------------------------------------------------------ prebuilt instances
+
+def test_epilogues() -> dict:
+    """The epilogues tests/gpu/test_gemm_gpu.py and ``pigeon bench gemm`` run on the sm90 path:
+    name -> (fn, operands).  Shared so that scripts/prebuild_kernels.py builds exactly their
+    libraries (a CUTLASS library takes a minute or more of nvcc; the GPU machine has no CUTLASS)."""
+    import pigeon as pg
+    return {
+        "none": (None, ()),
+        "gelu": (lambda acc: pg.gelu(acc), ()),
+        "bias_gelu": (lambda acc, bias: pg.gelu(acc + bias), ("bias",)),
+        "residual": (lambda acc, residual: acc * 2.0 - residual, ("residual",)),
+        "bias_gelu_residual": (lambda acc, bias, residual: residual + pg.gelu(acc + bias), ("bias", "residual")),
+        "sum": (None, ("bias", "residual")),              # the default epilogue: acc + bias + residual
+        "silu": (lambda acc: acc * pg.sigmoid(acc), ()),
+        "relu": (lambda acc: pg.relu(acc), ()),
+    }
+
+
+def prebuild_instances() -> list[Sm90Gemm]:
+    """Every sm90 library the GPU tests and ``pigeon bench gemm`` use (12)."""
+    from ..gemm_api import _default_epilogue, trace_epilogue
+    eps = test_epilogues()
+
+    def ep(name):
+        fn, ops = eps[name]
+        fn = fn if fn is not None else _default_epilogue(ops)
+        return trace_epilogue(fn, ops) if fn is not None else None
+    out = [Sm90Gemm("dense", "bfloat16", "bfloat16", ep(n))
+           for n in ("none", "gelu", "bias_gelu", "residual", "bias_gelu_residual", "sum")]
+    out.append(Sm90Gemm("dense", "float16", "float16"))
+    out += [Sm90Gemm("grouped", "bfloat16", "bfloat16", ep(n)) for n in ("none", "silu")]
+    out += [Sm90Gemm("fp8", "float8_e4m3fn", "bfloat16", ep(n)) for n in ("none", "relu")]
+    out.append(Sm90Gemm("fp8_block", "float8_e4m3fn", "bfloat16"))
+    return out

@@ -212,8 +212,15 @@ def test_sm90_dense_matches_float32(monkeypatch, dtype, shape):
     _close(pg.gemm(a, b), a.float() @ b.float())
 
 
+EPI = gf.test_epilogues()        # the epilogues scripts/prebuild_kernels.py prebuilds
+F = torch.nn.functional
+EPI_REF = {"gelu": lambda y, c, r: F.gelu(y), "bias_gelu": lambda y, c, r: F.gelu(y + c),
+           "residual": lambda y, c, r: y * 2 - r, "bias_gelu_residual": lambda y, c, r: r + F.gelu(y + c),
+           "sum": lambda y, c, r: y + c + r}
+
+
 @needs_sm90
-@pytest.mark.parametrize("which", ["gelu", "bias", "residual", "bias_gelu_residual", "default_sum"])
+@pytest.mark.parametrize("which", sorted(EPI_REF))
 def test_sm90_epilogues_and_operands(monkeypatch, which):
     monkeypatch.setenv("PIGEON_POISON", "1")
     M, K, N = 777, 512, 1032
@@ -221,20 +228,10 @@ def test_sm90_epilogues_and_operands(monkeypatch, which):
     b = torch.randn(K, N, device=DEV, dtype=torch.bfloat16) / K ** 0.5
     bias = torch.randn(N, device=DEV, dtype=torch.bfloat16)
     res = torch.randn(M, N, device=DEV, dtype=torch.bfloat16)
-    acc = a.float() @ b.float()
-    F = torch.nn.functional
-    if which == "gelu":
-        y, want = pg.gemm(a, b, epilogue=lambda acc: pg.gelu(acc)), F.gelu(acc)
-    elif which == "bias":
-        y, want = pg.gemm(a, b, bias=bias, epilogue=lambda acc, bias: pg.relu(acc + bias)), torch.relu(acc + bias.float())
-    elif which == "residual":
-        y, want = pg.gemm(a, b, residual=res, epilogue=lambda acc, residual: acc * 2.0 - residual), acc * 2 - res.float()
-    elif which == "bias_gelu_residual":
-        y = pg.gemm(a, b, bias=bias, residual=res, epilogue=lambda acc, bias, residual: residual + pg.gelu(acc + bias))
-        want = res.float() + F.gelu(acc + bias.float())
-    else:
-        y, want = pg.gemm(a, b, bias=bias, residual=res), acc + bias.float() + res.float()
-    _close(y, want)
+    fn, ops = EPI[which]
+    kw = {k: v for k, v in (("bias", bias), ("residual", res)) if k in ops}
+    y = pg.gemm(a, b, epilogue=fn, **kw)
+    _close(y, EPI_REF[which](a.float() @ b.float(), bias.float(), res.float()))
 
 
 @needs_sm90
@@ -244,11 +241,11 @@ def test_sm90_operand_gradients_match_float32():
     b = torch.randn(K, N, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     bias = torch.randn(N, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     res = torch.randn(M, N, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    y = pg.gemm(a, b, bias=bias, residual=res, epilogue=lambda acc, bias, residual: pg.tanh(acc + bias) * residual)
+    y = pg.gemm(a, b, bias=bias, residual=res, epilogue=EPI["bias_gelu_residual"][0])
     up = torch.randn(M, N, device=DEV)
     got = torch.autograd.grad((y.float() * up).sum(), [a, b, bias, res])
     f = [t.detach().float().requires_grad_(True) for t in (a, b, bias, res)]
-    want = torch.autograd.grad(((torch.tanh(f[0] @ f[1] + f[2]) * f[3]) * up).sum(), f)
+    want = torch.autograd.grad(((f[3] + F.gelu(f[0] @ f[1] + f[2])) * up).sum(), f)
     for g, w in zip(got, want):
         _close(g, w)
 
@@ -262,7 +259,7 @@ def test_sm90_grouped_with_empty_and_uneven_segments(monkeypatch, segments):
     offs = torch.tensor([0] + segments, device=DEV).cumsum(0).to(torch.int32)
     a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(len(segments), K, N, device=DEV, dtype=torch.bfloat16) / K ** 0.5
-    y = pg.grouped_gemm(a, b, offs, epilogue=lambda acc: acc * pg.sigmoid(acc))
+    y = pg.grouped_gemm(a, b, offs, epilogue=EPI["silu"][0])
     o = offs.tolist()
     want = torch.cat([a[o[g]:o[g + 1]].float() @ b[g].float() for g in range(len(segments))]) if M else y.float()
     want = want * torch.sigmoid(want)
@@ -295,4 +292,5 @@ def test_sm90_fp8_matches_dequantized_float32(monkeypatch, scaling, shape):
         b, sb, 128 if scaling == "block" else 1, 128 if scaling == "block" else 1)
     _close(want, exact, 1e-2)               # the reference itself
     _close(pg.fp8_gemm(a, b, sa, sb), exact)
-    _close(pg.fp8_gemm(a, b, sa, sb, epilogue=lambda acc: pg.relu(acc)), torch.relu(exact))
+    if scaling != "block":                  # (prebuilt: the relu epilogue of the per-tensor / per-row kernel)
+        _close(pg.fp8_gemm(a, b, sa, sb, epilogue=EPI["relu"][0]), torch.relu(exact))
