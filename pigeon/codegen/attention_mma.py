@@ -42,6 +42,7 @@ class AttentionMmaConfig:
     cutlass_tag: str
     q_in_registers: bool = True     # Q's fragments held across key blocks, or re-read from shared memory
     min_blocks: int = 2             # __launch_bounds__ minimum CTAs per SM (caps registers)
+    warp_m_tiles: int = 1           # 16-row m-tiles per warp: 1 (4 warps per CTA) or 2 (2 warps)
 
 
 def unsupported(inst: AttentionInstance) -> str | None:
@@ -72,6 +73,8 @@ def _tuning(head_dim: int) -> dict:
     for k in knobs:
         if k.startswith("minb"):
             out["min_blocks"] = int(k[4:])
+        if k == "mt2":
+            out["warp_m_tiles"] = 2
     return out
 
 
@@ -94,6 +97,7 @@ def render_attention_mma(inst: AttentionInstance) -> RenderedKernel:
                              vec2=vec2, head_dim=inst.head_dim, block_m=BLOCK_M, block_n=BLOCK_N, group=inst.group,
                              packed=inst.packed, mods=mc, cutlass_tag=source_tag(), **_tuning(inst.head_dim))
     template = "attention.mma.cu.jinja"
-    return RenderedKernel(name=name, source=render_template(template, cfg), params=params, block=(THREADS, 1, 1),
+    threads = 32 * BLOCK_M // (16 * cfg.warp_m_tiles)
+    return RenderedKernel(name=name, source=render_template(template, cfg), params=params, block=(threads, 1, 1),
                           grid=_grid, template=template, meta={"instance_key": inst.key(), "backward": False,
                                                                "variant": "mma"})
