@@ -73,7 +73,7 @@ def test_quick_run_cases_are_checked_and_timed(quick):
 @pytest.mark.parametrize("args,needles", [
     (("--graphs", "no_such_graph"), ("unknown graph 'no_such_graph'",)),
     (("--graphs", "synthetic:nope"), ("synthetic:nope", "no synthetic preset")),
-    (("--graphs", "synthetic:ogbl-biokg"), ("no preset",)),
+    (("--graphs", "synthetic:ogbl-wikikg2"), ("no synthetic preset",)),
     (("--models", "gcn"), ("--models gcn", "'gcn'", "rgcn, rgat, hgt")),
     (("--dtypes", "float16"), ("--dtypes", "'float16'")),
     (("--modes", "eval"), ("--modes", "'eval'")),
