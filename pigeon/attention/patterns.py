@@ -194,6 +194,21 @@ class BlockLists:
         s, e = int(self.ptr[r]), int(self.ptr[r + 1])
         return list(zip(self.col[s:e].tolist(), self.full[s:e].tolist()))
 
+    def transposed(self, nk: int) -> "BlockLists":
+        """The same blocks listed per (batch, head, key block): CSC over the flattened [B', H', nk]
+        rows, ``col`` holding query block indices (ascending) and ``full`` their flags; ``nk``: the
+        key block count.  Torch ops on the lists' device (a stable sort by key row, no host sync),
+        for the key-major backward kernel."""
+        B, H, nq = self.shape
+        dev = self.ptr.device
+        ptr = self.ptr.long()
+        rows = torch.repeat_interleave(torch.arange(B * H * nq, device=dev), ptr[1:] - ptr[:-1],
+                                       output_size=self.col.numel())
+        key = (rows // nq) * nk + self.col.long()
+        key_sorted, order = torch.sort(key, stable=True)
+        tptr = torch.searchsorted(key_sorted, torch.arange(B * H * nk + 1, device=dev))
+        return BlockLists((B, H, nk), tptr, (rows % nq)[order], self.full[order])
+
 
 def all_blocks(q_len: int, kv_len: int, block_m: int, block_n: int, device="cpu") -> BlockLists:
     """No pattern: every key block of every query block, each full."""
