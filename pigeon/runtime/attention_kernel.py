@@ -1,9 +1,10 @@
-"""Running the attention kernels (pigeon/codegen/attention.py, attention_mma.py): build (disk cache)
-and launch on torch's current stream, or run the same CUDA text emulated on a CPU.
+"""Running the attention kernels (pigeon/codegen/attention.py, attention_mma.py,
+attention_mma_bwd.py): build (disk cache) and launch on torch's current stream, or run the same
+CUDA text emulated on a CPU.
 
-Which template runs (:func:`kernel_variant`): the tensor-core forward ("mma") where it applies
-(bfloat16/float16, head dim 64 or 128, 64x64 pattern blocks, on a GPU), else the SIMT one, which
-serves every instance and is the one a CPU emulates.  ``PIGEON_ATTENTION_KERNEL=simt`` forces the
+Which template runs (:func:`kernel_variant`): the tensor-core forward and backward ("mma") where
+they apply (bfloat16/float16, head dim 64 or 128, 64x64 pattern blocks, on a GPU), else the SIMT
+ones, which serve every instance and are the ones a CPU emulates.  ``PIGEON_ATTENTION_KERNEL=simt`` forces the
 SIMT kernels (A/B runs); ``=mma`` makes an instance the tensor-core template cannot take an error
 instead of a quiet SIMT run."""
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from ..codegen.attention import AttentionCodegenError, AttentionInstance, render_attention, render_attention_backward
-from ..codegen import attention_mma
+from ..codegen import attention_mma, attention_mma_bwd
 
 _MODULES: dict = {}      # (kernel name, device) -> loaded module
 VARIANTS = ("auto", "simt", "mma")
@@ -27,7 +28,7 @@ def kernel_variant(inst: AttentionInstance, emulate: bool, backward: bool = Fals
         raise AttentionCodegenError(f"PIGEON_ATTENTION_KERNEL={want!r}: expected one of {VARIANTS}")
     if want == "simt":
         return "simt"
-    why = "the tensor-core backward is not written yet" if backward else attention_mma.unsupported(inst)
+    why = (attention_mma_bwd if backward else attention_mma).unsupported(inst)
     if emulate:
         why = "a CPU emulates only the SIMT kernels"
     if why is None:
@@ -40,7 +41,7 @@ def kernel_variant(inst: AttentionInstance, emulate: bool, backward: bool = Fals
 
 def _render(inst: AttentionInstance, variant: str, backward: bool):
     if variant == "mma":
-        return attention_mma.render_attention_mma(inst)
+        return (attention_mma_bwd.render_attention_mma_backward if backward else attention_mma.render_attention_mma)(inst)
     return (render_attention_backward if backward else render_attention)(inst)
 
 
@@ -80,8 +81,12 @@ def run_attention_kernel(inst: AttentionInstance, q: torch.Tensor, k: torch.Tens
 
 def run_attention_backward(inst: AttentionInstance, q, k, v, out, lse, grad_out, lists: Any, scale: float,
                            cu_seqlens: torch.Tensor | None = None, emulate: bool = False):
-    """(dq, dk, dv) of ``inst``: q, k, v, out contiguous as the forward had them; dk and dv are
-    summed in float32 and returned in the inputs' dtype."""
+    """(dq, dk, dv) of ``inst``: q, k, v, out contiguous as the forward had them; returned in the
+    inputs' dtype.  SIMT: dk and dv summed in float32 buffers.  Tensor cores: Di = rowsum(dO * O)
+    in float32 here, the lists transposed (per key block), dk and dv written by the kernel, dq
+    summed in a float32 buffer."""
+    if kernel_variant(inst, emulate, backward=True) == "mma":
+        return _run_mma_backward(inst, q, k, v, out, lse, grad_out, lists, scale, cu_seqlens)
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -92,6 +97,33 @@ def run_attention_backward(inst: AttentionInstance, q, k, v, out, lse, grad_out,
                "dO": grad_out.contiguous(), "LSE": lse}
     _launch(inst, q.device, emulate, True, tensors, sizes, strides, arrays, scale)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _run_mma_backward(inst, q, k, v, out, lse, grad_out, lists, scale, cu_seqlens):
+    q, k, v, out = (_aligned16(t) for t in (q, k, v, out))
+    g = _aligned16(grad_out.contiguous())
+    di = (g.float() * out.float()).sum(-1)                      # [B, H, S] or packed [T, H]
+    di = (di.t() if inst.packed else di).contiguous()           # laid out as lse
+    assert di.shape == lse.shape and di.stride() == lse.stride(), (di.shape, lse.shape)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if os.environ.get("PIGEON_POISON", "") == "1":              # the kernel writes every dk, dv element
+        dk.fill_(float("nan"))
+        dv.fill_(float("nan"))
+    sizes, strides, arrays = _layout(inst, q, k, v, out, lse, lists, cu_seqlens)
+    nk = -(-int(sizes["seq_kv"]) // attention_mma_bwd.BLOCK_N)
+    t = lists.transposed(nk)
+    sizes["list_kblocks"] = nk
+    arrays.update({n: x.to(device=q.device, dtype=torch.int32) for n, x in (("tptr", t.ptr), ("trow", t.col),
+                                                                            ("tfull", t.full))})
+    if arrays["trow"].numel() == 0:
+        arrays["trow"] = arrays["tfull"] = torch.zeros(1, dtype=torch.int32, device=q.device)
+    tensors = {"dQ": dq, "dK": dk, "dV": dv, "Q": q, "K": k, "V": v, "dO": g, "LSE": lse, "Di": di}
+    _launch(inst, q.device, False, True, tensors, sizes, strides, arrays, scale)
+    if sizes["max_q"] == 0:                                     # no query: nothing launched, no gradient
+        dk.zero_()
+        dv.zero_()
+    return dq.to(q.dtype), dk, dv
 
 
 def _aligned16(t: torch.Tensor) -> torch.Tensor:
@@ -150,4 +182,4 @@ def _launch(inst, dev, emulate, backward, tensors, sizes, strides, arrays, scale
         else:  # pragma: no cover
             raise ValueError(f"{rk.name}: unknown parameter role {p.role!r}")
     if sizes["batch"] * sizes["heads"] * sizes["max_q"] > 0:
-        mod.function(rk.name).launch(rk.grid(sizes), rk.block, args, rk.ctypes)
+        mod.function(rk.name).launch(rk.grid(sizes), rk.block, args, rk.ctypes, shared_mem=rk.shared_mem)

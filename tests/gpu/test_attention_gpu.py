@@ -109,3 +109,59 @@ def test_backward_kernel_equals_the_reference_gradients(name):
     for what, a, b in zip("qkv", grads, torch.autograd.grad((ref * up.double()).sum(), [q2, k2, v2])):
         rel = ((a.double() - b).norm() / b.norm()).item()
         assert rel < 2e-2, f"{name} d{what}: {rel:.2e} (seed {seed})"
+
+
+def _grads_vs_reference(q, k, v, g, **kw):
+    """(kernel grads, float64 reference grads) of sum(out * up) for fp32 leaves q, k, v cast to
+    the dtype of the run."""
+    dtype = kw.pop("dtype")
+    out = pa.attention(q.to(dtype), k.to(dtype), v.to(dtype), enable_gqa=True, **kw)
+    assert out.dtype == dtype
+    up = torch.randn(out.shape, generator=g).to(DEV)
+    grads = torch.autograd.grad((out.float() * up).sum(), [q, k, v])
+    q2, k2, v2 = (t.detach().to(dtype).double().requires_grad_(True) for t in (q, k, v))
+    ref = pa.attention(q2, k2, v2, enable_gqa=True, backend="reference", **kw)
+    return grads, torch.autograd.grad((ref * up.double()).sum(), [q2, k2, v2])
+
+
+def _check_grads(grads, ref_grads, what):
+    for x, a, b in zip("qkv", grads, ref_grads):
+        assert not torch.isnan(a).any(), f"{what} d{x}: an element was not written"
+        rel = ((a.double() - b).norm() / b.norm().clamp(min=1e-30)).item()
+        assert rel < 2e-2, f"{what} d{x}: rel err {rel:.2e}"
+
+
+@pytest.mark.parametrize("lengths", [(300, 333), (300, 300)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("name", MMA_VARIANTS)
+def test_tensor_core_backward_equals_the_reference_gradients(name, head_dim, dtype, lengths, monkeypatch):
+    """PIGEON_ATTENTION_KERNEL=mma: the tensor-core backward (key-major, dK and dV written once,
+    NaN-poisoned first) against the float64 reference's autograd; GQA 8/2, lengths off the 64-tiles."""
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    monkeypatch.setenv("PIGEON_ATTENTION_KERNEL", "mma")
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    Sq, Skv = lengths
+    q = torch.randn(2, 8, Sq, head_dim, generator=g).to(DEV).requires_grad_(True)
+    k, v = (torch.randn(2, 2, Skv, head_dim, generator=g).to(DEV).requires_grad_(True) for _ in range(2))
+    grads, ref = _grads_vs_reference(q, k, v, g, dtype=dtype, **VARIANTS[name])
+    _check_grads(grads, ref, f"{name} d{head_dim} {dtype} {Sq}/{Skv} seed {seed}")
+
+
+def test_tensor_core_backward_packed_documents_and_topk(monkeypatch):
+    monkeypatch.setenv("PIGEON_ATTENTION_KERNEL", "mma")
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    g = torch.Generator().manual_seed(5)
+    lens = [100, 1, 257, 64, 0, 130]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+    q, k, v = (torch.randn(sum(lens), h, 128, generator=g).to(DEV).requires_grad_(True) for h in (8, 2, 2))
+    grads, ref = _grads_vs_reference(q, k, v, g, dtype=torch.bfloat16, pattern=pa.Causal(), cu_seqlens=cu)
+    _check_grads(grads, ref, "packed causal")
+    # top-k blocks shared by each KV group (GQA 4), query block 1 of KV group 0 selecting nothing
+    S, nq = 320, 5
+    q, k, v = (torch.randn(2, h, S, 64, generator=g).to(DEV).requires_grad_(True) for h in (8, 2, 2))
+    idx = torch.randint(-1, nq, (2, 2, nq, 3), generator=g)
+    idx[0, 0, 1] = -1
+    grads, ref = _grads_vs_reference(q, k, v, g, dtype=torch.bfloat16, pattern=pa.TopK(idx.to(DEV)))
+    _check_grads(grads, ref, "top-k GQA")
