@@ -46,20 +46,22 @@ def layer_configs(dims, dtypes):
 
 
 def attention_kernels():
-    """The attention kernels (forward and backward) of tests/gpu/test_attention_gpu.py: every
-    variant, head dims 64 and 128, bf16 and fp16, GQA group 4, and the packed causal case."""
+    """The attention kernels (forward and backward, SIMT and, where they apply, tensor-core) of
+    tests/gpu/test_attention_gpu.py: every variant, head dims 64 and 128, bf16 and fp16, GQA
+    group 4, and the packed causal case."""
     import torch
     import pigeon.attention as pa
     from pigeon.attention.api import _plan
     from pigeon.codegen.attention import render_attention, render_attention_backward
     from pigeon.codegen.attention_mma import render_attention_mma, unsupported
+    from pigeon.codegen.attention_mma_bwd import render_attention_mma_backward
     from test_attention_kernel import VARIANTS
     out = {}
 
     def add(inst):
         kernels = [render_attention(inst), render_attention_backward(inst)]
         if unsupported(inst) is None:
-            kernels.append(render_attention_mma(inst))
+            kernels += [render_attention_mma(inst), render_attention_mma_backward(inst)]
         for rk in kernels:
             out[rk.name] = rk
     for kw in VARIANTS.values():
