@@ -40,12 +40,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--match", default="",
+                    help="only sources containing this text (e.g. 'pigeon attention': the CUTLASS GEMM libraries "
+                         "come prebuilt, and their headers are most of the size)")
     args = ap.parse_args(argv)
     inc = cutlass_headers.include_dir()
     sources = {}
     for p in default_cache_root().rglob(SOURCE_NAME):
         text = p.read_text(encoding="utf-8", errors="replace")
-        if cutlass_headers.needs_cutlass(text):
+        if cutlass_headers.needs_cutlass(text) and args.match in text:
             sources[text] = p
     needed = {os.path.join("cutlass", "version.h")}
     for text in sources:

@@ -94,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--prune", action="store_true",
+                    help="then delete every cache entry this run neither built nor hit (keeps a carried cache small)")
     ap.add_argument("--gemm-sm90", choices=("yes", "no", "only"), default="yes",
                     help="also (or only) the CUTLASS sm90 GEMM libraries, built for sm_90a")
     args = ap.parse_args(argv)
@@ -114,10 +116,18 @@ def main(argv=None):
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         futs = {pool.submit(build_library, src, "sm_90a", name=name): name for name, src in libs.items()}
         futs.update({pool.submit(build_kernel, rk.source, args.arch, name=name): name for name, rk in kernels.items()})
+        keep = set()
         for i, f in enumerate(cf.as_completed(futs)):
-            f.result()
+            keep.add(f.result().key)
             if (i + 1) % 10 == 0 or i + 1 == len(futs):
                 print(f"  {i + 1}/{len(futs)} built ({time.time() - t0:.0f} s)", flush=True)
+    if args.prune:
+        import shutil
+        from pigeon.runtime.cache import KernelCache
+        stale = [p for p in KernelCache().entries() if p.name not in keep]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        print(f"pruned {len(stale)} cache entries no kernel of this run uses", flush=True)
 
 
 if __name__ == "__main__":
