@@ -332,3 +332,19 @@ def test_concurrent_builds_from_two_processes(tmp_path):
     shard = Path(results[0]["path"]).parent
     assert [p.name for p in shard.iterdir()] == [Path(results[0]["path"]).name], "no temp dirs may be left"
     assert not leftovers(root)
+
+
+def test_cache_version_comes_from_the_source_tree_not_the_installed_metadata(monkeypatch):
+    """A bare checkout on PYTHONPATH (the GPU machine) and a pip-installed one must compute the same
+    keys: the version is pigeon/_version.py's, whatever importlib.metadata says."""
+    import importlib.metadata
+
+    import pigeon
+    from pigeon.runtime.cache import KernelCache, pigeon_version
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    before = KernelCache.key("src", "sm_90", (), compiler="nvcc x")
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert pigeon_version() == pigeon.__version__
+    assert KernelCache.key("src", "sm_90", (), compiler="nvcc x") == before

@@ -340,7 +340,7 @@ def cases_table(cases: list[dict]) -> list[str]:
              "| vs best | pigeon peak MiB | check | peers: ms (TFLOP/s, vs) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         best = next((r for r in c["impls"] if r["impl"] == c["best_peer"]), {})
-        peers = "; ".join(f"{r['impl']} {r['median_ms']:.3f} ({_n(r['tflops'], '.3g')}, {c['vs'][r['impl']]:.2f}x)"
+        peers = "; ".join(f"{r['impl']} {r['median_ms']:.3f} ({_n(r['tflops'], '.3g')}, {_n(c['vs'].get(r['impl']), '.2f')}x)"
                           if r["status"] == "ok" and r.get("median_ms") else f"{r['impl']} {r['status']}"
                           for r in c["impls"] if r["kind"] != "pigeon")
         pig = _n(c["pigeon_ms"]) if c["pigeon_ms"] else c["pigeon_status"]

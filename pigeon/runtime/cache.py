@@ -125,23 +125,13 @@ def default_cache_root() -> Path:
     return Path("~/.cache/pigeon").expanduser()
 
 
-_VERSION: str | None = None
-
-
 def pigeon_version() -> str:
-    """The installed distribution's version, or ``0.0.0+dev`` when pigeon runs from a checkout."""
-    global _VERSION
-    if _VERSION is None:
-        try:
-            from importlib.metadata import PackageNotFoundError, version
-
-            try:
-                _VERSION = version("pigeon")
-            except PackageNotFoundError:
-                _VERSION = "0.0.0+dev"
-        except Exception:  # pragma: no cover - importlib.metadata always exists on 3.10+
-            _VERSION = "0.0.0+dev"
-    return _VERSION
+    """pigeon's version from its source tree (``pigeon/_version.py``), the same whether pigeon is
+    pip-installed or run from a checkout on ``PYTHONPATH``: a cache built on one machine must be
+    hit on another (installed-package metadata is absent in a bare checkout, and keying on it made
+    every carried entry miss there)."""
+    from .._version import __version__
+    return __version__
 
 
 def _sha256(data: bytes) -> str:
