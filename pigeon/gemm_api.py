@@ -120,7 +120,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: Callable | None = None, *, 
     N = b.shape[1]
     ops = _check_operands("gemm", a, M, N, bias, residual)
     text = _instance_text(epilogue, K, N, DTYPES[a.dtype], ops)
-    seg = torch.tensor([0, M], dtype=torch.int32, device=a.device)
+    # made on the device: a host tensor copied over would wait for the stream (pageable copy)
+    seg = torch.arange(2, dtype=torch.int32, device=a.device) * M
     from .runtime.gemm_fused import OPS     # registers pigeon::gemm_fused
     return OPS.gemm_fused(text, a.contiguous(), b.contiguous(), seg,
                                        None if bias is None else bias.contiguous(),
