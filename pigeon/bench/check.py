@@ -37,33 +37,78 @@ def _close(name: str, got, want, dtype: str) -> str | None:
     return None
 
 
+ARBITER_FACTOR = 2.0       # pigeon may be at most this many times farther from float64 than the fp32 reference
+
+
+def arbitrate(got, want32, want64) -> tuple[bool, str]:
+    """Whether ``got`` (float32) is as close to the float64 truth ``want64`` as the float32 reference
+    ``want32`` is, within ARBITER_FACTOR, and the numbers.  Long float32 reductions (a gradient summed
+    over 21M edges in a different order) legitimately miss a fixed 1e-4 tolerance; this asks the
+    question that matters instead: is pigeon's rounding worse than the reference's own?"""
+    got, want32, want64 = (t.detach().double() for t in (got, want32, want64))
+    err_pigeon = float((got - want64).abs().max()) if got.numel() else 0.0
+    err_ref = float((want32 - want64).abs().max()) if got.numel() else 0.0
+    floor = 1e-7 * float(want64.abs().max()) if got.numel() else 0.0     # float32 ulp scale
+    ok = bool(torch.isfinite(got).all()) and err_pigeon <= ARBITER_FACTOR * err_ref + floor
+    return ok, f"max err vs float64: pigeon {err_pigeon:.3g}, float32 reference {err_ref:.3g}"
+
+
+def _reference(model, graph, dim, layer, dtype: str, ref_dtype: str, device):
+    tdt = getattr(torch, dtype)
+    ref = pg.compile(MODELS[model], graph, dim, backend="reference", dtype=ref_dtype, **hparams(model, dim))
+    ref.weights.load_state_dict({k: v.detach().to(tdt).to(getattr(torch, ref_dtype))
+                                 for k, v in layer.weights.state_dict().items()})
+    return ref.to(device)
+
+
+def _values(module, x, mode: str, dtype) -> dict:
+    """The outputs of ``module`` on ``x`` (cast to ``dtype``) and, in training, the gradients of the
+    loss with respect to the input and every weight."""
+    if mode == "inference":
+        with torch.no_grad():
+            return _outputs(module(x.to(dtype)))
+    module.zero_grad(set_to_none=True)
+    xi = x.detach().to(dtype).clone().requires_grad_(True)
+    out = _outputs(module(xi))
+    loss_of(out).backward()
+    vals = {k: v.detach() for k, v in out.items()}
+    vals["grad x"] = xi.grad
+    vals.update({f"grad {k}": module.weights[k].grad for k in module.weights})
+    module.zero_grad(set_to_none=True)
+    return vals
+
+
 def check(layer, model: str, graph, dim: int, x, mode: str, dtype: str) -> str:
     """"ok", or "FAILED: why": pigeon's ``layer`` against the float32 reference interpreter with the
     same weights (rounded to the layer's dtype) and inputs; in training also the gradients of the
     loss with respect to the input and every weight."""
     device = x.device
-    tdt = getattr(torch, dtype)
-    ref = pg.compile(MODELS[model], graph, dim, backend="reference", dtype="float32", **hparams(model, dim))
-    ref.weights.load_state_dict({k: v.detach().to(tdt).float() for k, v in layer.weights.state_dict().items()})
-    ref = ref.to(device)
-    problems = []
-    if mode == "inference":
-        with torch.no_grad():
-            got, want = _outputs(layer(x)), _outputs(ref(x.float()))
-        pairs = [(k, got.get(k), want[k]) for k in want]
-    else:
-        layer.zero_grad(set_to_none=True)
-        xa = x.detach().clone().requires_grad_(True)
-        xb = x.detach().float().clone().requires_grad_(True)
-        got, want = _outputs(layer(xa)), _outputs(ref(xb))
-        loss_of(got).backward()
-        loss_of(want).backward()
-        pairs = [(k, got.get(k), want[k]) for k in want] + [("grad x", xa.grad, xb.grad)]
-        pairs += [(f"grad {k}", layer.weights[k].grad, ref.weights[k].grad) for k in ref.weights]
-        layer.zero_grad(set_to_none=True)
+    ref = _reference(model, graph, dim, layer, dtype, "float32", device)
+    want = _values(ref, x, mode, torch.float32)
+    got = _values(layer, x, mode, x.dtype)
+    pairs = [(k, got.get(k), w) for k, w in want.items()]
+    failed = {}
     for name, a, b in pairs:
         why = _close(name, a, b, dtype)
         if why:
-            problems.append(why)
+            failed[name] = (why, a, b)
     del ref
-    return "ok" if not problems else "FAILED: " + one_line(" | ".join(problems), 400)
+    notes = []
+    if failed and dtype == "float32":
+        # the float64 arbiter (see arbitrate): the same reference in float64, same weights and input
+        ref64 = _reference(model, graph, dim, layer, dtype, "float64", device)
+        truth = _values(ref64, x, mode, torch.float64)
+        del ref64
+        for name in list(failed):
+            why, a, b = failed[name]
+            if name in truth and a is not None:
+                ok, numbers = arbitrate(a, b, truth[name])
+                if ok:
+                    del failed[name]
+                    notes.append(f"{name}: {numbers}")
+                else:
+                    failed[name] = (f"{why}; {numbers}", a, b)
+    problems = [why for why, _, _ in failed.values()]
+    if not problems:
+        return "ok" if not notes else "ok (float64 arbiter: " + one_line("; ".join(notes), 300) + ")"
+    return "FAILED: " + one_line(" | ".join(problems), 400)
