@@ -94,17 +94,14 @@ def kernel_name(inst: AttentionInstance) -> str:
     return f"pigeon_attn_{inst.key()}"
 
 
-PARAMS = (
-    ("O", "ptr", "{T}* __restrict__", "out:O"), ("LSE", "ptr", "float* __restrict__", "out:LSE"),
-    ("Q", "ptr", "const {T}* __restrict__", "in:Q"), ("K", "ptr", "const {T}* __restrict__", "in:K"),
-    ("V", "ptr", "const {T}* __restrict__", "in:V"),
-    ("blk_ptr", "ptr", "const int* __restrict__", "lists:ptr"), ("blk_col", "ptr", "const int* __restrict__", "lists:col"),
-    ("blk_full", "ptr", "const int* __restrict__", "lists:full"),
-    ("cu_seqlens", "ptr", "const int* __restrict__", "lists:cu_seqlens"),
+# the sizes and strides every attention kernel takes, forward and backward, in this order (the
+# launcher binds them by role; a kernel's list-row count follows SIZE_PARAMS)
+SIZE_PARAMS = (
     ("num_batch", "int32", "int", "size:batch"), ("num_heads", "int32", "int", "size:heads"),
     ("max_q", "int32", "int", "size:max_q"), ("seq_kv", "int32", "int", "size:seq_kv"),
     ("list_batch", "int32", "int", "size:list_batch"), ("list_heads", "int32", "int", "size:list_heads"),
-    ("list_qblocks", "int32", "int", "size:list_qblocks"),
+)
+STRIDE_PARAMS = (
     ("q_sb", "int64", "long long", "stride:q_b"), ("q_sr", "int64", "long long", "stride:q_r"),
     ("q_sh", "int64", "long long", "stride:q_h"), ("k_sb", "int64", "long long", "stride:k_b"),
     ("k_sr", "int64", "long long", "stride:k_r"), ("k_sh", "int64", "long long", "stride:k_h"),
@@ -113,6 +110,18 @@ PARAMS = (
     ("o_sr", "int64", "long long", "stride:o_r"), ("o_sh", "int64", "long long", "stride:o_h"),
     ("lse_sb", "int64", "long long", "stride:lse_b"), ("lse_sh", "int64", "long long", "stride:lse_h"),
     ("scale", "float32", "float", "scale:scale"),
+)
+
+PARAMS = (
+    ("O", "ptr", "{T}* __restrict__", "out:O"), ("LSE", "ptr", "float* __restrict__", "out:LSE"),
+    ("Q", "ptr", "const {T}* __restrict__", "in:Q"), ("K", "ptr", "const {T}* __restrict__", "in:K"),
+    ("V", "ptr", "const {T}* __restrict__", "in:V"),
+    ("blk_ptr", "ptr", "const int* __restrict__", "lists:ptr"), ("blk_col", "ptr", "const int* __restrict__", "lists:col"),
+    ("blk_full", "ptr", "const int* __restrict__", "lists:full"),
+    ("cu_seqlens", "ptr", "const int* __restrict__", "lists:cu_seqlens"),
+    *SIZE_PARAMS,
+    ("list_qblocks", "int32", "int", "size:list_qblocks"),
+    *STRIDE_PARAMS,
 )
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..runtime.cutlass_headers import source_tag
 from . import attention_mma
-from .attention import AttentionInstance, ModifierCode, kernel_name, modifier_code
+from .attention import SIZE_PARAMS, STRIDE_PARAMS, AttentionInstance, ModifierCode, kernel_name, modifier_code
 from .expr_c import storage_type
 from .jinja import render as render_template
 from .kernel_source import KernelParam, RenderedKernel
@@ -42,18 +42,9 @@ PARAMS = (
     ("tblk_row", "ptr", "const int* __restrict__", "lists:trow"),
     ("tblk_full", "ptr", "const int* __restrict__", "lists:tfull"),
     ("cu_seqlens", "ptr", "const int* __restrict__", "lists:cu_seqlens"),
-    ("num_batch", "int32", "int", "size:batch"), ("num_heads", "int32", "int", "size:heads"),
-    ("max_q", "int32", "int", "size:max_q"), ("seq_kv", "int32", "int", "size:seq_kv"),
-    ("list_batch", "int32", "int", "size:list_batch"), ("list_heads", "int32", "int", "size:list_heads"),
+    *SIZE_PARAMS,
     ("list_kblocks", "int32", "int", "size:list_kblocks"),
-    ("q_sb", "int64", "long long", "stride:q_b"), ("q_sr", "int64", "long long", "stride:q_r"),
-    ("q_sh", "int64", "long long", "stride:q_h"), ("k_sb", "int64", "long long", "stride:k_b"),
-    ("k_sr", "int64", "long long", "stride:k_r"), ("k_sh", "int64", "long long", "stride:k_h"),
-    ("v_sb", "int64", "long long", "stride:v_b"), ("v_sr", "int64", "long long", "stride:v_r"),
-    ("v_sh", "int64", "long long", "stride:v_h"), ("o_sb", "int64", "long long", "stride:o_b"),
-    ("o_sr", "int64", "long long", "stride:o_r"), ("o_sh", "int64", "long long", "stride:o_h"),
-    ("lse_sb", "int64", "long long", "stride:lse_b"), ("lse_sh", "int64", "long long", "stride:lse_h"),
-    ("scale", "float32", "float", "scale:scale"),
+    *STRIDE_PARAMS,
 )
 
 
