@@ -11,3 +11,9 @@ def build_elementwise_llvm(e: Expr):
     """``out[r, j] = e(r, j)`` built for the CPU: a TVM module whose ``main`` takes torch tensors."""
     import tvm
     return tvm.compile(tvm.IRModule({"main": elementwise_primfunc(e)}), target="llvm")
+
+
+def build_llvm(mod):
+    """A scheduled TIR module (or PrimFunc) built for the CPU; its functions take torch tensors."""
+    import tvm
+    return tvm.compile(mod, target="llvm")
