@@ -49,6 +49,8 @@ import torch
 from .ir import expr as ex
 from .ir.expr_trace import Sym, TraceError, _lift
 from .ir.kernel import GemmInstance
+from .codegen.gemm_sm90 import Sm90Gemm
+from .dsl import api as _act        # pigeon's activations (they accept traced values)
 from .ir.types import dtype_class
 
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -226,7 +228,43 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: t
 
 @torch.compiler.assume_constant_result
 def _fp8_text(epilogue, out_dtype: str) -> str:
-    from .codegen.gemm_sm90 import Sm90Gemm
     from .runtime.gemm_fused import to_text
     ep = trace_epilogue(epilogue) if epilogue is not None else None
     return to_text(Sm90Gemm("fp8", "float8_e4m3fn", out_dtype, ep))
+
+
+# ---------------------------------------------------------------------------------------- prebuilt sm90 set
+# The epilogues the GPU tests use and the sm90 libraries scripts/prebuild_kernels.py builds for them
+# and for `pigeon bench gemm` (one table for both; here, above the runtime, since it traces epilogues).
+
+def test_epilogues() -> dict:
+    """The epilogues tests/gpu/test_gemm_gpu.py and ``pigeon bench gemm`` run on the sm90 path:
+    name -> (fn, operands).  Shared so that scripts/prebuild_kernels.py builds exactly their
+    libraries (a CUTLASS library takes a minute or more of nvcc; the GPU machine has no CUTLASS)."""
+    return {
+        "none": (None, ()),
+        "gelu": (lambda acc: _act.gelu(acc), ()),
+        "bias_gelu": (lambda acc, bias: _act.gelu(acc + bias), ("bias",)),
+        "residual": (lambda acc, residual: acc * 2.0 - residual, ("residual",)),
+        "bias_gelu_residual": (lambda acc, bias, residual: residual + _act.gelu(acc + bias), ("bias", "residual")),
+        "sum": (None, ("bias", "residual")),              # the default epilogue: acc + bias + residual
+        "silu": (lambda acc: acc * _act.sigmoid(acc), ()),
+        "relu": (lambda acc: _act.relu(acc), ()),
+    }
+
+
+def prebuild_instances() -> list[Sm90Gemm]:
+    """Every sm90 library the GPU tests and ``pigeon bench gemm`` use (12)."""
+    eps = test_epilogues()
+
+    def ep(name):
+        fn, ops = eps[name]
+        fn = fn if fn is not None else _default_epilogue(ops)
+        return trace_epilogue(fn, ops) if fn is not None else None
+    out = [Sm90Gemm("dense", "bfloat16", "bfloat16", ep(n))
+           for n in ("none", "gelu", "bias_gelu", "residual", "bias_gelu_residual", "sum")]
+    out.append(Sm90Gemm("dense", "float16", "float16"))
+    out += [Sm90Gemm("grouped", "bfloat16", "bfloat16", ep(n)) for n in ("none", "silu")]
+    out += [Sm90Gemm("fp8", "float8_e4m3fn", "bfloat16", ep(n)) for n in ("none", "relu")]
+    out.append(Sm90Gemm("fp8_block", "float8_e4m3fn", "bfloat16"))
+    return out

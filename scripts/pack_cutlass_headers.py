@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pigeon.runtime import cutlass_headers  # noqa: E402
+from pigeon.codegen import cutlass_headers  # noqa: E402
 from pigeon.runtime.cache import SOURCE_NAME, default_cache_root  # noqa: E402
 from pigeon.runtime.toolchain import nvcc_path  # noqa: E402
 

@@ -81,10 +81,10 @@ def attention_kernels():
 
 def sm90_libraries():
     """The CUTLASS sm90 GEMM libraries (host shared objects for sm_90a, pigeon/runtime/hostlib.py) of
-    tests/gpu/test_gemm_gpu.py and `pigeon bench gemm`: pigeon.runtime.gemm_fused.prebuild_instances
+    tests/gpu/test_gemm_gpu.py and `pigeon bench gemm`: pigeon.gemm_api.prebuild_instances
     (about 70-90 s of nvcc each on one core; the GPU machine has no CUTLASS wheel)."""
     from pigeon.codegen.gemm_sm90 import render_sm90
-    from pigeon.runtime.gemm_fused import prebuild_instances
+    from pigeon.gemm_api import prebuild_instances
     return {g.name: render_sm90(g) for g in prebuild_instances()}
 
 

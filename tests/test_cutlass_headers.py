@@ -2,7 +2,7 @@
 the source includes them, and a CuTe MMA atom compiles for sm_90 (nvcc on the CPU machine)."""
 import pytest
 
-from pigeon.runtime import cutlass_headers as ch
+from pigeon.codegen import cutlass_headers as ch
 from pigeon.runtime.toolchain import nvcc_available
 
 CUTE_SOURCE = """#include <cute/arch/mma_sm80.hpp>

@@ -10,7 +10,7 @@ import pigeon as pg
 from pigeon.codegen.gemm_sm90 import KINDS, Sm90Gemm, render_sm90
 from pigeon.gemm_api import GemmInputError, trace_epilogue
 from pigeon.ir.kernel import GemmInstance
-from pigeon.runtime import cutlass_headers
+from pigeon.codegen import cutlass_headers
 from pigeon.runtime.build import nvcc_available
 from pigeon.runtime.gemm_fused import to_text
 from pigeon.runtime.kernel_ops import instance_json

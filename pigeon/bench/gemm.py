@@ -139,7 +139,7 @@ def _impls(kind: str, G: int, a, b, offsets, peers, extra=None) -> list[tuple[st
             else:
                 rows.append(("scaled_mm", "n/a: torch._scaled_mm needs a CUDA device", None))
         if kind == "fp8_block" and "matmul" in peers:
-            from ..runtime.gemm_fused import BLOCK, dequantize      # the dequantized operands, in bf16
+            from ..fp8_scales import BLOCK, dequantize      # the dequantized operands, in bf16
             a16 = dequantize(a, sa, 1, BLOCK).to(torch.bfloat16)
             b16 = dequantize(b, sb, BLOCK, BLOCK).to(torch.bfloat16)
             rows.append(("matmul bf16", "cublas", lambda a, b: torch.matmul(a16, b16)))
@@ -209,7 +209,7 @@ def run_case(spec: tuple, cfg: GemmConfig) -> dict:
     def reference():
         if "out" not in want:
             if kind in ("fp8", "fp8_block"):
-                from ..runtime.gemm_fused import BLOCK, dequantize
+                from ..fp8_scales import BLOCK, dequantize
                 blk = BLOCK if kind == "fp8_block" else 1
                 want["out"] = dequantize(a, extra["scale_a"], 1, blk) @ dequantize(b, extra["scale_b"], blk, blk)
                 return want["out"]

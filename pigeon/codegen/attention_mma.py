@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ..runtime.cutlass_headers import source_tag
+from .cutlass_headers import source_tag
 from .attention import PARAMS, AttentionInstance, ModifierCode, kernel_name, modifier_code
 from .expr_c import storage_type
 from .jinja import render as render_template

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ..runtime.cutlass_headers import source_tag
+from .cutlass_headers import source_tag
 from . import attention_mma
 from .attention import SIZE_PARAMS, STRIDE_PARAMS, AttentionInstance, ModifierCode, kernel_name, modifier_code
 from .expr_c import storage_type

@@ -137,7 +137,7 @@ def epilogue_lines(ep: Expr | None) -> tuple[str, ...]:
 
 
 def sm90_config(g: Sm90Gemm) -> Sm90Config:
-    from ..runtime import cutlass_headers
+    from . import cutlass_headers
     tm, tn, tk, cm, cn = TILES[g.kind]
     ops = g.operands
     args = (("scale_a", "scale_b") if g.kind == "fp8" else ()) + ops

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cutlass_headers import build_flags as cutlass_build_flags
+from ..codegen.cutlass_headers import build_flags as cutlass_build_flags
 from .cache import CUBIN_NAME, SOURCE_NAME, CacheEntry, KernelCache, default_cache_root
 from .toolchain import (CompilerNotFoundError, KernelBuildError, _nvrtc_module, compiler_identity, nvcc_available, nvcc_path, nvcc_version, nvrtc_available,
                         nvrtc_version, select_builder)

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..codegen.gemm_sm90 import Sm90Gemm, operands_of, render_sm90
+from ..fp8_scales import BLOCK, dequantize
 from ..ir.kernel import GemmInstance
 from ..ir.serialize import from_json, register_serializable, to_json
 from ..semantics import eval_expr
@@ -36,7 +37,6 @@ from ..torch_dtypes import TORCH_DTYPES
 register_serializable(Sm90Gemm)
 
 OPS = torch.ops.pigeon  # pigeon::gemm_fused, pigeon::fp8_gemm (registered below)
-BLOCK = 128            # fp8 block-scale granularity (1x128 for a, 128x128 for b)
 
 
 # ------------------------------------------------------------------------------ instances
@@ -90,19 +90,6 @@ def fused_reference(ins: GemmInstance, a, b, seg_ptr, bias=None, residual=None) 
         acc = torch.cat(parts) if parts else a.new_zeros((0, N), dtype=torch.float32)
     ops = {k: v for k, v in (("bias", bias), ("residual", residual)) if v is not None}
     return epilogue_values(ins.epilogue, acc, ops).to(TORCH_DTYPES[ins.dtype])
-
-
-def dequantize(x: torch.Tensor, scale: torch.Tensor, rows_per_block: int, cols_per_block: int) -> torch.Tensor:
-    """``x`` (float8) times its scales, in float32: ``scale`` per tensor (numel 1), per row / column
-    (broadcastable to x), or per ``rows_per_block x cols_per_block`` block."""
-    xf = x.float()
-    s = scale.float()
-    if s.numel() == 1:
-        return xf * s.reshape(())
-    if s.dim() == 2 and tuple(s.shape) != tuple(x.shape) and (s.shape[0] in (1, x.shape[0]) and s.shape[1] in (1, x.shape[1])):
-        return xf * s
-    s = s.repeat_interleave(rows_per_block, 0)[:x.shape[0]].repeat_interleave(cols_per_block, 1)[:, :x.shape[1]]
-    return xf * s
 
 
 def scaling_of(scale_a: torch.Tensor, scale_b: torch.Tensor, M: int, K: int, N: int) -> str | None:
@@ -349,37 +336,3 @@ def _(spec, a, b, scale_a, scale_b):
 
 
 # ------------------------------------------------------------------------------ prebuilt instances
-
-def test_epilogues() -> dict:
-    """The epilogues tests/gpu/test_gemm_gpu.py and ``pigeon bench gemm`` run on the sm90 path:
-    name -> (fn, operands).  Shared so that scripts/prebuild_kernels.py builds exactly their
-    libraries (a CUTLASS library takes a minute or more of nvcc; the GPU machine has no CUTLASS)."""
-    import pigeon as pg
-    return {
-        "none": (None, ()),
-        "gelu": (lambda acc: pg.gelu(acc), ()),
-        "bias_gelu": (lambda acc, bias: pg.gelu(acc + bias), ("bias",)),
-        "residual": (lambda acc, residual: acc * 2.0 - residual, ("residual",)),
-        "bias_gelu_residual": (lambda acc, bias, residual: residual + pg.gelu(acc + bias), ("bias", "residual")),
-        "sum": (None, ("bias", "residual")),              # the default epilogue: acc + bias + residual
-        "silu": (lambda acc: acc * pg.sigmoid(acc), ()),
-        "relu": (lambda acc: pg.relu(acc), ()),
-    }
-
-
-def prebuild_instances() -> list[Sm90Gemm]:
-    """Every sm90 library the GPU tests and ``pigeon bench gemm`` use (12)."""
-    from ..gemm_api import _default_epilogue, trace_epilogue
-    eps = test_epilogues()
-
-    def ep(name):
-        fn, ops = eps[name]
-        fn = fn if fn is not None else _default_epilogue(ops)
-        return trace_epilogue(fn, ops) if fn is not None else None
-    out = [Sm90Gemm("dense", "bfloat16", "bfloat16", ep(n))
-           for n in ("none", "gelu", "bias_gelu", "residual", "bias_gelu_residual", "sum")]
-    out.append(Sm90Gemm("dense", "float16", "float16"))
-    out += [Sm90Gemm("grouped", "bfloat16", "bfloat16", ep(n)) for n in ("none", "silu")]
-    out += [Sm90Gemm("fp8", "float8_e4m3fn", "bfloat16", ep(n)) for n in ("none", "relu")]
-    out.append(Sm90Gemm("fp8_block", "float8_e4m3fn", "bfloat16"))
-    return out

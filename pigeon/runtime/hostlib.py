@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cache import LIBRARY_NAME, SOURCE_NAME, CacheEntry, KernelCache
-from .cutlass_headers import build_flags as cutlass_build_flags
+from ..codegen.cutlass_headers import build_flags as cutlass_build_flags
 from .toolchain import CompilerNotFoundError, KernelBuildError, compiler_identity, nvcc_path
 
 __all__ = ["HostLibrary", "HostLibraryError", "build_library", "load_library", "KEY_FLAGS", "nvcc_command"]

@@ -212,7 +212,7 @@ def test_sm90_dense_matches_float32(monkeypatch, dtype, shape):
     _close(pg.gemm(a, b), a.float() @ b.float())
 
 
-EPI = gf.test_epilogues()        # the epilogues scripts/prebuild_kernels.py prebuilds
+EPI = pg.gemm_api.test_epilogues()        # the epilogues scripts/prebuild_kernels.py prebuilds
 F = torch.nn.functional
 EPI_REF = {"gelu": lambda y, c, r: F.gelu(y), "bias_gelu": lambda y, c, r: F.gelu(y + c),
            "residual": lambda y, c, r: y * 2 - r, "bias_gelu_residual": lambda y, c, r: r + F.gelu(y + c),
