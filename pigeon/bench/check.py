@@ -69,8 +69,9 @@ def _values(module, x, mode: str, dtype) -> dict:
             return _outputs(module(x.to(dtype)))
     module.zero_grad(set_to_none=True)
     xi = x.detach().to(dtype).clone().requires_grad_(True)
-    out = _outputs(module(xi))
-    loss_of(out).backward()
+    with torch.enable_grad():                # whatever grad mode the caller is in
+        out = _outputs(module(xi))
+        loss_of(out).backward()
     vals = {k: v.detach() for k, v in out.items()}
     vals["grad x"] = xi.grad
     vals.update({f"grad {k}": module.weights[k].grad for k in module.weights})
