@@ -1,13 +1,22 @@
 """``pigeon.attention.attention(q, k, v, ...)``: checks every input, traces the modifiers, and runs
 the variant.
 
-Backends: ``"kernels"`` (the default) runs pigeon's attention kernel forward: the SIMT template
-``attention.simt.cu.jinja`` with the traced modifiers and the pattern's mask inlined, over the
-pattern's block lists (pigeon/codegen/attention.py); the tensor-core (mma / wgmma) forms and the
-backward kernels are not built yet, so the backward differentiates the reference semantics.  On a
-CPU the kernel's CUDA text runs emulated with ``PIGEON_CPU_BACKEND=emulate``, else the reference.
-``"reference"`` runs pigeon/attention/reference.py (plain torch, any device, torch autograd).
-Every check below fails with one line naming the tensor and the problem, before anything runs.
+Backends: ``"kernels"`` (the default) runs the torch ops of pigeon/attention/ops.py:
+``pigeon::attention_fwd`` (out, lse), ``pigeon::attention_bwd`` (its autograd: dq, dk, dv) and
+``pigeon::attention_block_lists`` (a closed-form pattern's block lists), with fake
+implementations; they pass ``torch.library.opcheck`` and work under ``torch.compile``
+(``fullgraph=True`` with a closed-form pattern or none, dynamic sequence lengths included; packed
+``cu_seqlens`` and ``BlockList``/``TopK`` patterns read tensor values and break the graph).  The
+instance (an AttentionInstance with the traced modifiers and the pattern's mask expression) goes
+to the ops as JSON, a constant under torch.compile (``assume_constant_result``).  On a GPU the
+ops run pigeon's attention kernels, the traced modifiers and the pattern's mask inlined, over the
+pattern's block lists: the tensor-core forward and backward (``attention.mma.cu.jinja``,
+``attention_bwd.mma.cu.jinja``) where they apply, else the SIMT ones
+(pigeon/runtime/attention_kernel.py ``kernel_variant``).  On a CPU the SIMT kernels' CUDA text
+runs emulated with ``PIGEON_CPU_BACKEND=emulate``, else the reference semantics (the backward by
+the flash-attention formulas).  ``"reference"`` runs pigeon/attention/reference.py (plain torch,
+any device, torch autograd).  Every check below fails with one line naming the tensor and the
+problem, before anything runs.
 """
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ from typing import Callable
 import torch
 
 from .mods import trace_mask_mod, trace_score_mod
-from .patterns import PATTERNS, S2, BlockList, TopK, all_blocks, block_lists, mask_expr
+from .patterns import PATTERNS, S2, BlockList, Causal, SlidingWindow, TopK, all_blocks, block_lists, mask_expr
 from .reference import attention_reference
 
 KERNEL_HEAD_DIMS = (64, 128)
@@ -68,8 +77,9 @@ def check_inputs(q, k, v, *, enable_gqa: bool, cu_seqlens, pattern, backend: str
         _check(bad.numel() == 0, f"attention: cu_seqlens decreases at index {int(bad[0]) + 1 if bad.numel() else 0}")
         _check(int(c[-1]) == q.shape[0], f"attention: cu_seqlens ends at {int(c[-1])} but q has {q.shape[0]} tokens")
     if pattern is not None:
-        _check(isinstance(pattern, PATTERNS), f"attention: unknown pattern {pattern!r}; known: "
-                                              f"{[p.__name__ for p in PATTERNS]}")
+        if not isinstance(pattern, PATTERNS):       # the message only then: repr() is not traceable by dynamo
+            raise AttentionInputError(f"attention: unknown pattern {pattern!r}; known: "
+                                      f"{[p.__name__ for p in PATTERNS]}")
         if isinstance(pattern, (BlockList, TopK)):
             _check(not packed, "attention: block-list and top-k patterns take the dense layout, not cu_seqlens")
     if backend == "kernels":
@@ -84,16 +94,17 @@ def attention(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callable 
               scale: float | None = None, enable_gqa: bool = False, cu_seqlens: torch.Tensor | None = None,
               return_lse: bool = False, backend: str = "kernels"):
     """Attention with traced modifiers and a closed-form pattern; returns ``out`` (the shape of
-    ``q`` with v's head_dim), or ``(out, lse)`` with ``return_lse``."""
+    ``q`` with v's head_dim), or ``(out, lse)`` with ``return_lse``.  ``backend="kernels"`` runs
+    the ``pigeon::attention_fwd`` / ``pigeon::attention_bwd`` torch ops (pigeon/attention/ops.py)."""
     if backend not in BACKENDS:
         raise AttentionInputError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")
     check_inputs(q, k, v, enable_gqa=enable_gqa, cu_seqlens=cu_seqlens, pattern=pattern, backend=backend)
-    smod = trace_score_mod(score_mod) if score_mod is not None else None
-    mmod = trace_mask_mod(mask_mod) if mask_mod is not None else None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "kernels":
-        out, lse = _AttentionKernel.apply(q, k, v, smod, mmod, pattern, scale, cu_seqlens)
+        out, lse = _run_ops(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens)
     else:
+        smod = trace_score_mod(score_mod) if score_mod is not None else None
+        mmod = trace_mask_mod(mask_mod) if mask_mod is not None else None
         out, lse = attention_reference(q, k, v, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
                                        cu_seqlens=cu_seqlens)
     return (out, lse) if return_lse else out
@@ -107,12 +118,75 @@ def _blocks(pattern) -> tuple[int, int]:
     return 64, 64
 
 
-def _plan(q, k, v, smod, mmod, pattern, cu_seqlens):
-    """The kernel instance and block lists of a call, and where its kernels run: "cuda",
-    "emulate" (the CUDA text on a CPU, PIGEON_CPU_BACKEND=emulate) or "semantics" (a CPU: the
-    reference)."""
-    import os
+CLOSED_FORM = (Causal, SlidingWindow, S2)      # patterns of a formula (no tensors)
+
+
+@torch.compiler.assume_constant_result
+def _instance_text(score_mod, mask_mod, pattern, head_dim: int, value_dim: int, dtype: str, group: int,
+                   packed: bool, block_m: int, block_n: int) -> str:
+    """The ops' instance argument (the AttentionInstance's JSON, traced modifiers included).  A
+    constant under torch.compile: dynamo runs it once, eagerly, instead of tracing the tracer;
+    ``pattern``: a closed-form pattern or None (a block-list / top-k pattern has no mask
+    expression)."""
     from ..codegen.attention import AttentionInstance
+    from .ops import instance_text
+    smod = trace_score_mod(score_mod) if score_mod is not None else None
+    mmod = trace_mask_mod(mask_mod) if mask_mod is not None else None
+    pm = mask_expr(pattern) if pattern is not None else None
+    return instance_text(AttentionInstance(head_dim, value_dim, dtype, group, packed, block_m, block_n, smod, mmod, pm))
+
+
+@torch.compiler.assume_constant_result
+def _pattern_text(pattern) -> str:
+    """A closed-form pattern's JSON, pigeon::attention_block_lists's argument (a constant under
+    torch.compile)."""
+    from .ops import pattern_text
+    return pattern_text(pattern)
+
+
+def _run_ops(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens):
+    """pigeon::attention_fwd of a checked call (autograd: pigeon::attention_bwd)."""
+    from .ops import OPS    # registers the pigeon::attention_* ops
+    return OPS.attention_fwd(*_op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens))
+
+
+def _op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens) -> tuple:
+    """pigeon::attention_fwd's arguments for a checked call: the instance text, q, k, v, the
+    block lists (computed for this call), list_shape, cu_seqlens, scale."""
+    from . import ops       # registers the pigeon::attention_* ops
+    packed = cu_seqlens is not None
+    hq = q.shape[-2] if packed else q.shape[1]
+    hk = k.shape[-2] if packed else k.shape[1]
+    bm, bn = _blocks(pattern)
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[q.dtype]
+    closed = pattern if isinstance(pattern, CLOSED_FORM) else None
+    text = _instance_text(score_mod, mask_mod, closed, q.shape[-1], v.shape[-1], dtype, hq // hk, packed, bm, bn)
+    if packed:
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        sq = skv = int(lens.max()) if lens.numel() else 0
+        batch = 1
+    else:
+        batch, sq, skv = q.shape[0], q.shape[2], k.shape[2]
+    if pattern is None:
+        lists = all_blocks(sq, skv, bm, bn, q.device)
+        ptr, col, full, shape = lists.ptr, lists.col, lists.full, tuple(lists.shape)
+    elif closed is not None:        # an op: under torch.compile the lists' data-dependent length stays in the graph
+        ptr, col, full = torch.ops.pigeon.attention_block_lists(_pattern_text(closed), q.new_empty(0), batch, hq, sq,
+                                                                skv, bm, bn)
+        shape = ops._list_rows(closed, hq, sq, bm)
+    else:                           # block-list / top-k patterns: their given tensors
+        lists = block_lists(pattern, batch, hq, sq, skv, bm, bn, q.device)
+        ptr, col, full, shape = lists.ptr, lists.col, lists.full, tuple(lists.shape)
+    return text, q.contiguous(), k.contiguous(), v.contiguous(), ptr, col, full, list(shape), cu_seqlens, scale
+
+
+def _plan(q, k, v, smod, mmod, pattern, cu_seqlens):
+    """The kernel instance (of traced modifiers ``smod``, ``mmod``) and block lists of a call, and
+    where its kernels run: "cuda", "emulate" (the CUDA text on a CPU, PIGEON_CPU_BACKEND=emulate)
+    or "semantics" (a CPU: the reference).  For tools and tests (scripts/prebuild_kernels.py);
+    ``attention()`` goes through :func:`_run_ops`."""
+    from ..codegen.attention import AttentionInstance
+    from .ops import where
     packed = cu_seqlens is not None
     hq = q.shape[-2] if packed else q.shape[1]
     hk = k.shape[-2] if packed else k.shape[1]
@@ -130,45 +204,4 @@ def _plan(q, k, v, smod, mmod, pattern, cu_seqlens):
         lists = all_blocks(sq, skv, bm, bn, q.device)
     else:
         lists = block_lists(pattern, batch, hq, sq, skv, bm, bn, q.device)
-    where = "cuda" if q.device.type == "cuda" else (
-        "emulate" if os.environ.get("PIGEON_CPU_BACKEND", "torch") == "emulate" else "semantics")
-    return inst, lists, where
-
-
-class _AttentionKernel(torch.autograd.Function):
-    """Forward and backward through pigeon's attention kernels (the SIMT templates); on a CPU
-    without emulation, the reference semantics and their torch autograd."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, smod, mmod, pattern, scale, cu_seqlens):
-        from ..runtime.attention_kernel import run_attention_kernel
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        inst, lists, where = _plan(q, k, v, smod, mmod, pattern, cu_seqlens)
-        if where == "semantics":
-            out, lse = attention_reference(q, k, v, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
-                                           cu_seqlens=cu_seqlens)
-        else:
-            out, lse = run_attention_kernel(inst, q, k, v, lists, scale, cu_seqlens, emulate=where == "emulate")
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (smod, mmod, pattern, scale, cu_seqlens, inst, lists, where)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, g_out, g_lse):
-        from ..runtime.attention_kernel import run_attention_backward
-        q, k, v, out, lse = ctx.saved_tensors
-        smod, mmod, pattern, scale, cu, inst, lists, where = ctx.args
-        if g_out is None:
-            return None, None, None, None, None, None, None, None
-        if where != "semantics":
-            gq, gk, gv = run_attention_backward(inst, q, k, v, out, lse, g_out, lists, scale, cu,
-                                                emulate=where == "emulate")
-        else:
-            def f(q2, k2, v2):
-                return attention_reference(q2, k2, v2, score_mod=smod, mask_mod=mmod, pattern=pattern, scale=scale,
-                                           cu_seqlens=cu)[0]
-            with torch.enable_grad():
-                _, vjp = torch.func.vjp(f, q, k, v)
-                gq, gk, gv = vjp(g_out)
-        return gq, gk, gv, None, None, None, None, None
+    return inst, lists, where(q.device)
