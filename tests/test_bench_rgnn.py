@@ -178,7 +178,6 @@ def test_failures_become_statuses():
     assert rgnn.failure(ValueError("bad\nthing")) == "error: ValueError: bad; thing"
 
 
-@pytest.mark.slow          # ~10 s: inductor compiles C++ on a CPU
 def test_compile_peer_on_the_tiny_graph(tmp_path):
     """torch.compile of the reference, with its compile time (on a CPU it needs the C++ compiler)."""
     code, out, err = bench("--quick", "--device", "cpu", "--out", tmp_path, "--models", "rgcn", "--dtypes",
