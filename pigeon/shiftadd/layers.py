@@ -1,0 +1,347 @@
+"""ShiftAdd layers as torch.nn.Modules built from pigeon's ShiftAdd primitives (issue 9).
+
+These are plain torch modules, not DSL specs: nothing here goes through ``pigeon.compile``, the IR
+or the runtime.  They call the primitives of pigeon/shiftadd (quant.py, fixed.py, add.py,
+router.py) and, for the shift linear's integer inference path, the TVM kernel of tvm_shift.py
+built for llvm.  Training runs the torch (float) forms of the primitives on any device; no
+generated GPU kernel is used (none has run on a GPU yet), and no backward kernel is generated:
+the backward passes are the torch formulas below.
+
+- ``ShiftLinear``: float master weights; in training/float forward the weights are quantized to
+  sign * 2^p by the clipped straight-through estimator (quant.py) and the product is
+  ``shift_linear_float``; ``quantize=False`` gives a plain float linear (for gradchecks).  The
+  integer inference path (``forward_fixed`` / ``int_forward``) takes Q16.16 activations and the
+  packed 5/6-bit codes through the TVM llvm kernel, bit-exact with ``shift_linear_ref``.
+- ``AddAttention``: ShiftAddViT's linear-angular attention with binarized queries and keys (the
+  ``LinAngularAttention_binary`` module of GATECH-EIC/ShiftAddViT, pvt/pvt_v2.py; You et al.,
+  NeurIPS 2023, after Castling-ViT's linear-angular attention, You et al., CVPR 2023), per head
+  with q, k, v of shape [T, d]:
+
+      q = q / |q|,  k = k / |k|                       (L2 over the head dim, per token)
+      Bq = [q > mean(q)],  Bk = [k > mean(k)]          ({0,1}; the mean over the whole q (or k)
+                                                        tensor of the batch, as in that code)
+      A  = Bk^T V                                      (d x d: code_accumulate, no multiply)
+      Y  = 0.5 * V + (1/pi) * Bq A                     (Bq A: code_accumulate on Bq's columns)
+      Y  = Y / |Y| + DWConv_tokens(V)                  (depthwise conv over the token axis,
+                                                        kernel (res_kernel, 1), per head)
+
+  then heads are concatenated and projected.  The binarization's backward is the reference
+  code's STE ``B.detach() - clamp(q,0,1).detach() + clamp(q,0,1)``: the gradient passes where
+  0 <= q <= 1 (torch's clamp gradient, bounds included).  ``binary=False`` keeps q, k in float
+  (Castling-ViT's unbinarized form; gradcheckable).  1/pi and 0.5 come from the first-order
+  expansion 1 - arccos(x)/pi ~ 1/2 + x/pi of the angular kernel.
+- ``MoEMLP``: a router (a linear gate, softmax over all logits kept at each token's top k) over the experts
+  {dense MLP, shift MLP} (fc - GELU - fc each; ShiftAddViT's PVT MLPs also hold a depthwise conv,
+  left out here).  Tokens are dispatched by index gather (``index_select``) and combined by
+  ``index_add_`` weighted by the gates.  The forward returns ``(y, balance_loss)`` with
+  router.py's latency-aware loss; the latencies are given, or measured by
+  ``measure_expert_latencies`` (wall-clock median of a few forward calls of each expert on a probe
+  batch on the current device; on a CPU those are the torch float forms, not generated kernels).
+  No noisy gating (the counted load has no gradient; the importance term has).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .add import code_accumulate, pack_bits
+from .fixed import _I32, from_fixed, shift_linear_float, to_fixed
+from .quant import (ShiftFormatError, _check_bits, _check_range, codes_per_word, min_code_bits, pack_shift,
+                    quantize_shift, unpack_shift)
+from .router import moe_balance_loss
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+# ---------------------------------------------------------------- shift linear
+
+_KERNELS: dict = {}
+
+
+def shift_kernel_llvm(p_min: int, p_max: int, bits: int):
+    """The TVM shift-linear kernel (tvm_shift.py) built for llvm, cached per (p_min, p_max, bits)."""
+    key = (p_min, p_max, bits)
+    if key not in _KERNELS:
+        import tvm
+        from .tvm_shift import NAME, scheduled_module, shift_linear_primfunc
+        lib = tvm.compile(scheduled_module(shift_linear_primfunc(p_min, p_max, bits), "llvm"), target="llvm")
+        _KERNELS[key] = (lib, lib[NAME])
+    return _KERNELS[key][1]
+
+
+class _ShiftLinearFn(torch.autograd.Function):
+    """y = shift_linear_float(x, quantize_shift(w)); backward: dx = g @ Wq, dW = g^T x where
+    |w| <= 2^p_max (the clipped STE of quant.py), else 0."""
+
+    @staticmethod
+    def forward(ctx, x, w, p_min, p_max):
+        sign, p = quantize_shift(w, p_min, p_max)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = shift_linear_float(x2, sign, p)
+        ctx.save_for_backward(x2, w, sign, p)
+        ctx.p_max = p_max
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, w, sign, p = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        wq = sign.to(w.dtype) * torch.pow(2.0, p.to(torch.float64)).to(w.dtype)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ wq).reshape(*g.shape[:-1], w.shape[1])
+        if ctx.needs_input_grad[1]:
+            gw = torch.where(w.abs() <= 2.0 ** ctx.p_max, g2.T @ x2, torch.zeros_like(w))
+        return gx, gw, None, None
+
+
+class ShiftLinear(torch.nn.Module):
+    """y = x @ (sign * 2^p)^T + b with float master weights (module doc)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, p_min: int = -15, p_max: int = 0,
+                 bits: int | None = None, quantize: bool = True):
+        super().__init__()
+        _check_range(p_min, p_max)
+        bits = min_code_bits(p_min, p_max) if bits is None else bits
+        _check_bits(p_min, p_max, bits)
+        self.in_features, self.out_features = in_features, out_features
+        self.p_min, self.p_max, self.bits, self.quantize = p_min, p_max, bits, quantize
+        bound = 1 / math.sqrt(in_features)
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._packed = None
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
+                f"p={self.p_min}..{self.p_max}, bits={self.bits}, quantize={self.quantize}")
+
+    def _check_x(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ShiftFormatError(f"ShiftLinear: x has shape {_shape(x)}, expected [..., {self.in_features}]")
+
+    def forward(self, x):
+        self._check_x(x)
+        if not x.is_floating_point():
+            raise ShiftFormatError(f"ShiftLinear.forward takes a floating-point x, got {x.dtype} "
+                                   "(int32 Q16.16 goes through int_forward)")
+        if self.quantize:
+            y = _ShiftLinearFn.apply(x, self.weight, self.p_min, self.p_max)
+        else:
+            y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    # -- integer inference path
+    def pack(self) -> torch.Tensor:
+        """The packed codes of the current weights (int32 [N, ceil(K / (32 // bits))]), kept for inference."""
+        sign, p = quantize_shift(self.weight.detach(), self.p_min, self.p_max)
+        self._packed = pack_shift(sign, p, self.p_min, self.p_max, self.bits)
+        return self._packed
+
+    def load_packed(self, packed: torch.Tensor) -> None:
+        """Use ``packed`` (pack_shift's format for this layer's range and width) for inference."""
+        per = codes_per_word(self.bits)
+        words = math.ceil(self.in_features / per)
+        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32 or \
+                tuple(packed.shape) != (self.out_features, words):
+            raise ShiftFormatError(
+                f"ShiftLinear: packed weights have shape {_shape(packed)}"
+                f"{'' if not isinstance(packed, torch.Tensor) else ' ' + str(packed.dtype)}, expected int32 "
+                f"[{self.out_features}, {words}] ({self.in_features} {self.bits}-bit codes, {per} per word)")
+        unpack_shift(packed, self.in_features, self.p_min, self.p_max, self.bits)   # checks the exponent fields
+        self._packed = packed
+
+    def int_forward(self, xq: torch.Tensor) -> torch.Tensor:
+        """int32 [M, N] = sum_k sign * (xq >> -p) for Q16.16 int32 ``xq [M, K]`` (no bias), by the TVM
+        llvm kernel on the packed codes (``pack()`` or ``load_packed()``; packed now if neither ran)."""
+        if not isinstance(xq, torch.Tensor) or xq.dtype != torch.int32:
+            raise ShiftFormatError(f"ShiftLinear.int_forward: x must be an int32 Q16.16 tensor (to_fixed), got "
+                                   f"{xq.dtype if isinstance(xq, torch.Tensor) else type(xq).__name__}")
+        if xq.dim() != 2 or xq.shape[1] != self.in_features:
+            raise ShiftFormatError(f"ShiftLinear.int_forward: x has shape {_shape(xq)}, expected [M, {self.in_features}]")
+        if self.p_min < -30:
+            raise ShiftFormatError(f"the fixed-point shift kernel takes p_min >= -30, this layer has {self.p_min}")
+        if xq.device.type != "cpu":
+            raise ShiftFormatError(f"ShiftLinear.int_forward runs the llvm kernel on the CPU; x is on {xq.device}")
+        packed = self._packed if self._packed is not None else self.pack()
+        # |x >> s| <= |x| for s >= 0: if sum_k |x| fits int32 no partial sum can overflow (fixed.py)
+        if (xq.to(torch.int64).abs().sum(1) > _I32[1]).any():
+            sign, p = unpack_shift(packed, self.in_features, self.p_min, self.p_max, self.bits)
+            terms = (xq.to(torch.int64).unsqueeze(1) >> (-p.to(torch.int64)).unsqueeze(0)) * sign.to(torch.int64)
+            if (terms.abs().sum(-1) > _I32[1]).any():
+                raise OverflowError("ShiftLinear.int_forward: sum_k |term| reaches 2^31 for some output; "
+                                    "int32 accumulation could overflow (scale x down)")
+        out = torch.empty(xq.shape[0], self.out_features, dtype=torch.int32)
+        shift_kernel_llvm(self.p_min, self.p_max, self.bits)(xq.contiguous(), packed.contiguous(), out)
+        return out
+
+    def forward_fixed(self, x: torch.Tensor) -> torch.Tensor:
+        """Float in, float out through Q16.16 and the integer kernel: from_fixed(int_forward(to_fixed(x))) + b."""
+        self._check_x(x)
+        lead = x.shape[:-1]
+        y = from_fixed(self.int_forward(to_fixed(x.reshape(-1, self.in_features))), x.dtype)
+        y = y.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias.detach()
+
+
+# ---------------------------------------------------------------- add attention
+
+class _BinarizeSTE(torch.autograd.Function):
+    """Forward: [x > mean(x)] as {0, 1}; backward: g where 0 <= x <= 1 (ShiftAddViT's clamp STE)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x > x.mean()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return torch.where((x >= 0) & (x <= 1), g, torch.zeros_like(g))
+
+
+def _bits_of(b: torch.Tensor) -> torch.Tensor:
+    return pack_bits(b > 0.5)
+
+
+class _MaskedAccumulate(torch.autograd.Function):
+    """out = B^T V with B in {0, 1} [T, m] (as float) by code_accumulate on B's packed bits;
+    backward as for the matmul: dB = V g^T, dV = B g."""
+
+    @staticmethod
+    def forward(ctx, b, v):
+        ctx.save_for_backward(b, v)
+        return code_accumulate(_bits_of(b), v, b.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        b, v = ctx.saved_tensors
+        return (v @ g.T if ctx.needs_input_grad[0] else None), (b @ g if ctx.needs_input_grad[1] else None)
+
+
+def masked_accumulate(b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``b^T @ v`` for a {0, 1} float ``b [T, m]`` by the add primitive (masked sums, no multiply)."""
+    return _MaskedAccumulate.apply(b, v)
+
+
+class AddAttention(torch.nn.Module):
+    """ShiftAddViT's linear-angular attention with binarized q, k (module doc). x: [B, N, dim]."""
+
+    def __init__(self, dim: int, heads: int = 2, qkv_bias: bool = False, res_kernel: int = 9,
+                 binary: bool = True, linear: str = "dense"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"AddAttention: dim={dim} is not divisible by heads={heads}")
+        if linear not in ("dense", "shift"):
+            raise ValueError(f"AddAttention: linear is 'dense' or 'shift', got {linear!r}")
+        self.dim, self.heads, self.binary = dim, heads, binary
+        mk = (lambda i, o, b: torch.nn.Linear(i, o, bias=b)) if linear == "dense" else \
+             (lambda i, o, b: ShiftLinear(i, o, bias=b))
+        self.qkv = mk(dim, 3 * dim, qkv_bias)
+        self.proj = mk(dim, dim, True)
+        self.dconv = torch.nn.Conv2d(heads, heads, kernel_size=(res_kernel, 1), padding=(res_kernel // 2, 0),
+                                     bias=False, groups=heads)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"AddAttention: x has shape {_shape(x)}, expected [B, N, {self.dim}]")
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                       # [B, h, N, d]
+        q = q / q.norm(dim=-1, keepdim=True)
+        k = k / k.norm(dim=-1, keepdim=True)
+        if self.binary:
+            q, k = _BinarizeSTE.apply(q), _BinarizeSTE.apply(k)
+            rows = []
+            for bi in range(b):
+                for hi in range(self.heads):
+                    a = masked_accumulate(k[bi, hi], v[bi, hi])                     # Bk^T V  [d, d]
+                    rows.append(masked_accumulate(q[bi, hi].T.contiguous(), a))     # Bq A    [N, d]
+            qkv_ = torch.stack(rows).reshape(b, self.heads, n, -1)
+        else:
+            qkv_ = q @ (k.transpose(-2, -1) @ v)
+        y = 0.5 * v + (1.0 / math.pi) * qkv_
+        y = y / y.norm(dim=-1, keepdim=True) + self.dconv(v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+# ---------------------------------------------------------------- mixture of multiplication primitives
+
+class _MLP(torch.nn.Module):
+    def __init__(self, dim, hidden, shift: bool):
+        super().__init__()
+        lin = ShiftLinear if shift else torch.nn.Linear
+        self.fc1, self.fc2 = lin(dim, hidden), lin(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def measure_expert_latencies(experts, dim: int, tokens: int = 256, reps: int = 5, device=None,
+                             dtype=torch.float32) -> torch.Tensor:
+    """Median wall-clock seconds of one forward (no grad) of each expert on a random ``[tokens, dim]``
+    batch, on ``device`` (the experts' device by default), after one warm-up call; CUDA is
+    synchronized around each call.  A simple timing, not a benchmark."""
+    out = []
+    for e in experts:
+        dev = torch.device(device) if device is not None else next(e.parameters()).device
+        x = torch.randn(tokens, dim, device=dev, dtype=dtype)
+        ts = []
+        with torch.no_grad():
+            for i in range(reps + 1):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                e(x)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if i:
+                    ts.append(time.perf_counter() - t0)
+        out.append(sorted(ts)[len(ts) // 2])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+class MoEMLP(torch.nn.Module):
+    """Top-k router over experts {dense MLP, shift MLP}; forward(x [T, dim]) -> (y, balance_loss)."""
+
+    EXPERTS = ("dense", "shift")
+
+    def __init__(self, dim: int, hidden: int, k: int = 1, latencies=None, experts=EXPERTS):
+        super().__init__()
+        if not experts or any(e not in self.EXPERTS for e in experts):
+            raise ValueError(f"MoEMLP: experts come from {self.EXPERTS}, got {experts!r}")
+        if not 0 < k <= len(experts):
+            raise ValueError(f"MoEMLP: top-k needs 0 < k <= {len(experts)} experts, got k={k}")
+        self.dim, self.k = dim, k
+        self.experts = torch.nn.ModuleList(_MLP(dim, hidden, e == "shift") for e in experts)
+        self.gate = torch.nn.Linear(dim, len(experts), bias=False)
+        if latencies is None:
+            latencies = measure_expert_latencies(self.experts, dim)
+        latencies = torch.as_tensor(latencies, dtype=torch.float64)
+        if latencies.shape != (len(experts),) or (latencies <= 0).any():
+            raise ValueError(f"MoEMLP: latencies must be {len(experts)} positive numbers, got {latencies.tolist()}")
+        self.register_buffer("latencies", latencies)
+
+    def gates(self, x):
+        """softmax over all experts' logits, zero outside each token's top k (Switch-style: with k = 1
+        the softmax over the top k alone, as in Shazeer et al.'s gate, would be 1 and give the
+        router no gradient)."""
+        prob = torch.softmax(self.gate(x), dim=1)
+        top, idx = prob.topk(self.k, dim=1)
+        return torch.zeros_like(prob).scatter(1, idx, top)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"MoEMLP: x has shape {_shape(x)}, expected [T, {self.dim}]")
+        gates = self.gates(x)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            idx = (gates[:, e] > 0).nonzero().squeeze(1)
+            if idx.numel():
+                ye = expert(x.index_select(0, idx)) * gates.index_select(0, idx)[:, e:e + 1]
+                y = y.index_add(0, idx, ye)
+        return y, moe_balance_loss(gates, self.latencies.to(x.dtype))
