@@ -218,3 +218,20 @@ def test_resume_keeps_finished_cases(tmp_path):
     code, out, err = bench(*args, "--resume")
     assert code == 2
     one_error(err, "cases.json")
+
+
+def test_floor_counts_rows_per_unique_node_relation_pair():
+    """The floor's FLOPs are those of the cheapest form (compaction, aggregate-first, the reordered
+    destination score): a lower bound, never above the as-written count."""
+    g = tiny_graph()
+    us, ud = g.relation_pairs()
+    pairs = lambda a: len({(int(n), int(r)) for n, r in zip(a, g.etype)})      # noqa: E731
+    assert (us, ud) == (pairs(g.src), pairs(g.dst))
+    N, E, d = g.num_nodes, g.num_edges, 16
+    assert rgnn.forward_flops("rgcn", d, N, E, us, ud) == 2 * min(us, ud) * d * d + 2 * N * d * d
+    assert rgnn.forward_flops("rgat", d, N, E, us, ud) == 2 * us * d * 16 + 2 * ud * d * 4
+    assert rgnn.forward_flops("hgt", d, N, E, us, ud) == 4 * 2 * N * d * d + 2 * 2 * us * 4 * 4 * 4
+    for m in MODELS:
+        assert rgnn.forward_flops(m, d, N, E, us, ud) <= rgnn.forward_flops(m, d, N, E)
+        lo = rgnn.case_floor(m, d, "float32", "training", N, E, g.num_etypes, g.num_ntypes, us, ud)
+        assert lo["floor_ms"] <= rgnn.case_floor(m, d, "float32", "training", N, E, g.num_etypes, g.num_ntypes)["floor_ms"]

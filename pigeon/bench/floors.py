@@ -47,20 +47,31 @@ def param_count(model: str, dim: int, num_etypes: int, num_ntypes: int) -> int:
     raise ValueError(f"unknown model {model!r}")
 
 
-def forward_flops(model: str, dim: int, num_nodes: int, num_edges: int) -> int:
+def forward_flops(model: str, dim: int, num_nodes: int, num_edges: int, src_rel_pairs: int | None = None,
+                  dst_rel_pairs: int | None = None) -> int:
     """FLOPs of the forward's typed linears (2 * rows * K * N per GEMM; elementwise work, dots and
-    softmax not counted), as pigeon/models/*.py write them."""
+    softmax not counted) in the cheapest form the algebra allows.  A typed linear of gathered source
+    rows, x[src] W_r, needs one row per unique (source, relation) pair, not per edge (compaction);
+    RGCN's sum of x[src] W_r over a relation's edges equals (sum of x[src]) W_r, one row per unique
+    (destination, relation) pair; RGAT's destination score <x[dst] W_r, a_r> is x[dst] (W_r a_r).
+    Without the pair counts every per-edge linear counts E rows (the models as written), which is
+    no lower bound once pigeon's rewrites apply."""
     N, E, d = num_nodes, num_edges, dim
+    us = E if src_rel_pairs is None else min(E, src_rel_pairs)
+    ud = E if dst_rel_pairs is None else min(E, dst_rel_pairs)
     hp = hparams(model, dim)
-    if model == "rgcn":                       # x_src W_r on E rows, x W_self on N rows
+    if model == "rgcn":                       # x_src W_r on min(U_src, U_dst) rows, x W_self on N rows
         o = hp["out_dim"]
-        return 2 * E * d * o + 2 * N * d * o
-    if model == "rgat":                       # z_src and z_dst: x W_r on E rows each
-        return 2 * (2 * E) * d * (hp["heads"] * hp["out_dim"])
-    if model == "hgt":                        # K, Q, V, out on N rows; W_att, W_msg per head on E rows
+        return 2 * min(us, ud) * d * o + 2 * N * d * o
+    if model == "rgat":                       # z_src = x W_r per (src, r); the dst score per (dst, r) with n = heads
+        H, o = hp["heads"], hp["out_dim"]
+        if src_rel_pairs is None and dst_rel_pairs is None:
+            return 2 * (2 * E) * d * (H * o)
+        return 2 * us * d * (H * o) + 2 * ud * d * H
+    if model == "hgt":                        # K, Q, V, out on N rows; W_att, W_msg per head per (src, r)
         H = hp["heads"]
         dh = d // H
-        return 4 * (2 * N * d * d) + 2 * (2 * E * H * dh * dh)
+        return 4 * (2 * N * d * d) + 2 * (2 * us * H * dh * dh)
     raise ValueError(f"unknown model {model!r}")
 
 
@@ -80,10 +91,10 @@ def min_bytes(model: str, dim: int, dtype: str, mode: str, num_nodes: int, num_e
 
 
 def case_floor(model: str, dim: int, dtype: str, mode: str, num_nodes: int, num_edges: int, num_etypes: int,
-               num_ntypes: int) -> dict:
+               num_ntypes: int, src_rel_pairs: int | None = None, dst_rel_pairs: int | None = None) -> dict:
     """The physical floor of a case: max(FLOPs / peak FLOP/s of the dtype, min bytes / peak bytes/s),
-    training = 3x the forward's FLOPs."""
-    flops = forward_flops(model, dim, num_nodes, num_edges) * (3 if mode == "training" else 1)
+    training = 3x the forward's FLOPs (the FLOPs of the cheapest form: :func:`forward_flops`)."""
+    flops = forward_flops(model, dim, num_nodes, num_edges, src_rel_pairs, dst_rel_pairs) * (3 if mode == "training" else 1)
     nbytes = min_bytes(model, dim, dtype, mode, num_nodes, num_edges, num_etypes, num_ntypes)
     t_flops, t_bytes = flops / PEAK_FLOPS[dtype], nbytes / PEAK_BYTES_PER_S
     return {"flops": flops, "bytes": nbytes, "floor_ms": max(t_flops, t_bytes) * 1e3,

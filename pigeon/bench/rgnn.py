@@ -238,7 +238,8 @@ def run_case(g, gd, info: dict, model: str, dim: int, dtype: str, mode: str, cfg
     case = {"graph": info["graph"], "synthetic": info["synthetic"], "model": model, "hparams": hp, "dim": dim,
             "dtype": dtype, "mode": mode, "device": str(device),
             "nodes": g.num_nodes, "edges": g.num_edges, "relations": g.num_etypes, "node_types": g.num_ntypes,
-            "floor": case_floor(model, dim, dtype, mode, g.num_nodes, g.num_edges, g.num_etypes, g.num_ntypes),
+            "floor": case_floor(model, dim, dtype, mode, g.num_nodes, g.num_edges, g.num_etypes, g.num_ntypes,
+                                *g.relation_pairs()),
             "check": "n/a: pigeon did not run"}
 
     def after_first(layer):
@@ -390,7 +391,8 @@ def build_summary(cases: list[dict], meta: dict, graphs: list[dict], cfg: Config
     if cfg.skipped_graphs:
         s["graphs_not_run"] = cfg.skipped_graphs
     s["plot"] = plot or "pending: written at the end of the run"
-    s["floor_note"] = (f"floor = max(FLOPs of the typed linears / {PEAK_FLOPS['float32']:.3g} FLOP/s fp32 or "
+    s["floor_note"] = (f"floor = max(FLOPs of the typed linears in their cheapest form (rows per unique (node, relation) "
+                       f"pair, floors.forward_flops) / {PEAK_FLOPS['float32']:.3g} FLOP/s fp32 or "
                        f"{PEAK_FLOPS['bfloat16']:.3g} bf16, min bytes / {PEAK_BYTES_PER_S:.3g} B/s): the H200's "
                        f"calibration numbers, whatever the device")
     return s

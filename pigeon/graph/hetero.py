@@ -167,6 +167,15 @@ class HeteroGraph:
             self.name + "+rev")
 
     # ---- layouts (cached) ----
+    def relation_pairs(self) -> tuple[int, int]:
+        """Unique (source, relation) and (destination, relation) pairs: the rows a typed linear
+        needs after compaction on each side (cached)."""
+        def build():
+            key = self.etype.to(torch.int64) * self.num_nodes
+            return (int(torch.unique(key + self.src.to(torch.int64)).numel()),
+                    int(torch.unique(key + self.dst.to(torch.int64)).numel()))
+        return self._cached("relation_pairs", build)
+
     def _cached(self, key, build):
         out = self._cache.get(key)
         if out is None:
