@@ -39,6 +39,7 @@ from ..codegen.attention import AttentionInstance
 from ..ir.expr_grad import derivative
 from ..ir.serialize import from_json, register_serializable, to_json
 from .patterns import S2, BlockLists, Causal, SlidingWindow, _expand_blocks, block_lists, eval_mask
+from .reference import _dense as reference_dense
 from .reference import _eval_mod
 
 CLOSED_FORM = (Causal, SlidingWindow, S2)       # patterns of a formula (no tensors)
@@ -103,24 +104,9 @@ def _heads(t, group: int):
 
 
 def _dense(q, k, v, inst, keep_pattern, scale, doc=None):
-    """pigeon/attention/reference.py's ``_dense`` with the pattern given as its mask."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    kk, vv = _heads(k, group), _heads(v, group)
-    s = torch.einsum("bhqd,bhkd->bhqk", q, kk) * scale
-    if inst.score_mod is not None:
-        s = _eval_mod(inst.score_mod, s, B, Hq, Sq, Skv, q.device, doc).to(s.dtype)
-    keep = torch.ones(1, 1, Sq, Skv, dtype=torch.bool, device=q.device)
-    if inst.mask_mod is not None:
-        keep = keep & _eval_mod(inst.mask_mod, None, B, Hq, Sq, Skv, q.device, doc)
-    keep = (keep & keep_pattern).expand(B, Hq, Sq, Skv)
-    has = keep.any(-1)
-    s = torch.where(has[..., None], s.masked_fill(~keep, float("-inf")), torch.zeros_like(s))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]) * keep
-    out = torch.einsum("bhqk,bhkd->bhqd", p, vv)
-    return out, torch.where(has, lse, torch.full_like(lse, float("-inf")))
+    """The reference's dense attention (pigeon/attention/reference.py, the oracle) with the pattern
+    given as its mask."""
+    return reference_dense(q, k, v, inst.score_mod, inst.mask_mod, None, scale, doc, keep_pattern=keep_pattern)
 
 
 def _dense_backward(q, k, v, g, inst, keep_pattern, scale, doc=None):

@@ -47,7 +47,10 @@ def _eval_mod(e: Expr, scores: torch.Tensor | None, B: int, H: int, Sq: int, Skv
     return eval_expr(e, n, leaf, device, dt if dt == torch.float64 else None).reshape(B, H, Sq, Skv)
 
 
-def _dense(q, k, v, score_mod, mask_mod, pattern, scale, doc=None):
+def _dense(q, k, v, score_mod, mask_mod, pattern, scale, doc=None, keep_pattern=None):
+    """(out, lse) of one [B, H, S, D] batch; ``keep_pattern`` a bool mask (broadcastable to
+    [B, H, Sq, Skv]) standing for the pattern where the caller has it as a mask already (the ops'
+    semantics take the pattern from its block lists)."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -61,6 +64,8 @@ def _dense(q, k, v, score_mod, mask_mod, pattern, scale, doc=None):
         keep = keep & _eval_mod(mask_mod, None, B, Hq, Sq, Skv, q.device, doc)
     if pattern is not None:
         keep = keep & dense_mask(pattern, B, Hq, Sq, Skv, q.device)
+    if keep_pattern is not None:
+        keep = keep & keep_pattern
     keep = keep.expand(B, Hq, Sq, Skv)
     has = keep.any(-1)
     # rows that attend to nothing get zeros before the softmax (finite: no NaN in the gradients)
