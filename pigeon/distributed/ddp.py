@@ -94,22 +94,29 @@ def reference_train(graph, x, labels, targets, *, steps: int, batch_size: int, l
 
 
 def train(graph, x, labels, targets, *, steps: int, batch_size: int, lr: float, seed: int, num_layers: int = 2,
-          method: str = "contiguous", **model_kw) -> list[dict]:
+          method: str = "contiguous", on_step=None, timeout_s: float | None = None, **model_kw) -> list[dict]:
     """One rank's DDP training loop (process group initialised); returns the parameters after each step.
-    ``graph``, ``x``, ``labels``, ``targets`` are the global ones (each rank builds only its own partition)."""
+    ``graph``, ``x``, ``labels``, ``targets`` are the global ones (each rank builds only its own partition).
+    ``on_step(step)`` runs before each step (the failure tests use it); a collective that fails because another
+    rank exited or stalled past the process group's timeout raises :class:`~pigeon.distributed.faults.RankFailure`."""
+    from .faults import guard
     from .partition import partition
     rank, world = dist.get_rank(), dist.get_world_size()
     part = partition(graph, world, num_layers, targets, method, rank=rank)
     model = build_model(part.graph, x.shape[1], seed=seed, num_layers=num_layers, **model_kw)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    with guard("DDP setup (parameter broadcast)", timeout_s):
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=lr)
     xl = part.gather_features(x)
     lab = labels[part.targets_global]
     history = []
-    for batch in global_batches(targets, steps, batch_size, seed):
+    for step, batch in enumerate(global_batches(targets, steps, batch_size, seed)):
+        if on_step is not None:
+            on_step(step)
         opt.zero_grad()
-        out = ddp(xl)[part.targets_local]
-        local_loss(out, lab, part.targets_global, batch, world).backward()   # DDP all-reduces here
+        with guard(f"training step {step} (gradient all-reduce)", timeout_s):
+            out = ddp(xl)[part.targets_local]
+            local_loss(out, lab, part.targets_global, batch, world).backward()   # DDP all-reduces here
         opt.step()
         history.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return history
