@@ -14,8 +14,12 @@
 #   rm -rf .gpu/artifact_rgat && pigeon compile rgat --in-dim 8 --set heads=2 --set out_dim=3 \
 #       --out .gpu/artifact_rgat --arch sm_90          # AOT artifact for test_aot_artifact_built_on_cpu_machine_runs
 #   git rev-parse --short HEAD > .gpu/COMMIT            # recorded in env.txt and the benchmark JSON
-#   PIGEON_CACHE_DIR=.gpu/cache python scripts/pack_cutlass_headers.py --out .gpu/cutlass_include
-#                                                       # the CuTe/CUTLASS headers the cached kernels include
+#   PIGEON_CACHE_DIR=.gpu/cache python scripts/pack_cutlass_headers.py --out .gpu/cutlass_include \
+#       --match "pigeon attention"                      # the CuTe headers the attention kernels include
+#                                                       # (the CUTLASS GEMM libraries come prebuilt)
+# Add --prune to the prebuild to drop cache entries no kernel uses any more: everything under .gpu/
+# must stay under the device tool's 64 MiB carry limit (the cache is ~59 MB with the 12 CUTLASS
+# libraries; leave .gpu/datasets out of carry when the dataset tests are not needed).
 #
 # Rebuild the artifact whenever pigeon changes: artifacts are format 2 now and load() refuses any
 # other format ("rebuild it with `pigeon compile --out`").  Cache entries are keyed by source, arch,
