@@ -267,3 +267,13 @@ def test_summary_ratios_of_hand_made_cases(tmp_path):
     assert s["gemm_vs_cublas_min"] == 0.5 and s["gemm_vs_cublas_min_case"] == "x" and "commit abc" in s["gemm_vs_cublas_min_note"]
     assert s["fp8_vs_scaled_mm"] is None and s["fp8_vs_scaled_mm_note"].endswith(": no fp8")
     assert s["grouped_vs_best_peer"] is None and "has no such key" in s["grouped_vs_best_peer_note"]
+
+
+def test_cold_warm_compile_time_reports_a_failed_child_in_one_line():
+    """On a machine without CUDA the child process fails: the result says so instead of raising."""
+    import torch
+    from pigeon.bench.attn_compile import cold_warm
+    if torch.cuda.is_available():
+        pytest.skip("this checks the failure path")
+    r = cold_warm("causal", 64, "bfloat16", timeout=120)
+    assert r["error"].startswith("cold run failed: ") and "\n" not in r["error"]

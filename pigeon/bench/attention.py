@@ -466,8 +466,19 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None, on_case: 
     meta = environment(device, cfg.command(), reps=cfg.reps, warmup=cfg.warmup, timeout_s=cfg.timeout,
                        budget_s=cfg.budget, window=cfg.window, pigeon_runs=pigeon_runs(device))
     result = {"meta": meta, "cases": resume(previous, meta, device, cfg.out)}
-    return run_cases(cfg.specs(), case_key, lambda spec: run_case(spec, cfg, result["cases"]), case_line, result,
-                     lambda r: build_summary(r, cfg), progress, on_case, cfg.out, device)
+    result = run_cases(cfg.specs(), case_key, lambda spec: run_case(spec, cfg, result["cases"]), case_line, result,
+                       lambda r: build_summary(r, cfg), progress, on_case, cfg.out, device)
+    if device.type == "cuda" and cfg.variants:
+        from .attn_compile import cold_warm
+        v = "causal" if "causal" in cfg.variants else cfg.variants[0]
+        progress(f"# compile time of {v} from a cold and a warm kernel cache (fresh processes)")
+        result["summary"]["compile_cold_warm"] = cold_warm(v, max(cfg.head_dims), cfg.dtypes[0], cfg.timeout)
+    else:
+        result["summary"]["compile_cold_warm"] = None
+    result["summary"]["compile_cold_warm_note"] = (
+        "first forward and backward call of one variant (B1 H4 S256) in a fresh process with an empty kernel "
+        "cache (cold: nvcc) and again with it filled (warm: a load); on a CPU no kernel is built")
+    return result
 
 
 # ---------------------------------------------------------------------------------------- files
