@@ -11,9 +11,8 @@ from pigeon.bench import attention as A
 from pigeon.bench import attn_variants as V
 from pigeon.bench.attn_check import Reference
 
-from bench_cli import one_error, run_bench
+from bench_cli import assert_files_written, one_error, quick_run, run_bench
 
-FILES = ("cases.json", "cases.md", "summary.json", "summary.md")
 
 
 def bench(*args):
@@ -22,17 +21,12 @@ def bench(*args):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attention")
-    code, stdout, stderr = bench("--quick", "--device", "cpu", "--out", out)
-    return code, stdout, stderr, out
+    return quick_run("attention", tmp_path_factory.mktemp("attention"))
 
 
 def test_quick_run_writes_every_file_and_key(quick):
     code, stdout, stderr, out = quick
-    assert code == 0, stderr
-    for name in FILES:
-        assert (out / name).is_file(), name
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]      # no temporary files left
+    assert_files_written(code, stderr, out)
     s = json.loads((out / "summary.json").read_text())
     for key in A.ISSUE_KEYS:
         assert key in s, key

@@ -6,9 +6,8 @@ import pytest
 
 from pigeon.bench import gemm as G
 
-from bench_cli import one_error, run_bench
+from bench_cli import assert_files_written, one_error, quick_run, run_bench
 
-FILES = ("cases.json", "cases.md", "summary.json", "summary.md")
 
 
 def bench(*args):
@@ -17,17 +16,12 @@ def bench(*args):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gemm")
-    code, stdout, stderr = bench("--quick", "--device", "cpu", "--out", out)
-    return code, stdout, stderr, out
+    return quick_run("gemm", tmp_path_factory.mktemp("gemm"))
 
 
 def test_quick_run_writes_every_file_and_key(quick):
     code, stdout, stderr, out = quick
-    assert code == 0, stderr
-    for name in FILES:
-        assert (out / name).is_file(), name
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert_files_written(code, stderr, out)
     s = json.loads((out / "summary.json").read_text())
     for key in G.KEYS:
         assert key in s, key

@@ -11,12 +11,11 @@ from pigeon.bench import rgnn
 from pigeon.graph import tiny_graph
 from pigeon.models import MODELS
 
-from bench_cli import one_error, run_bench
+from bench_cli import assert_files_written, one_error, quick_run, run_bench
 
 REQUIRED = ("gpu", "commit", "date", "command", "geomean_speedup_inference", "geomean_speedup_training",
             "cases_total", "cases_slower_than_a_peer", "cases_within_3x_floor", "host_overhead_us",
             "aggregate_tbps_min", "pigeon_oom", "peer_oom", "cost_model_within_10pct")
-FILES = ("cases.json", "cases.md", "summary.json", "summary.md")
 
 
 def bench(*args):
@@ -25,17 +24,12 @@ def bench(*args):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rgnn")
-    code, stdout, stderr = bench("--quick", "--device", "cpu", "--out", out)
-    return code, stdout, stderr, out
+    return quick_run("rgnn", tmp_path_factory.mktemp("rgnn"))
 
 
 def test_quick_run_writes_every_file(quick):
     code, stdout, stderr, out = quick
-    assert code == 0, stderr
-    for name in FILES:
-        assert (out / name).is_file(), name
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]      # no temporary files left
+    assert_files_written(code, stderr, out)
     summary = json.loads((out / "summary.json").read_text())
     for key in REQUIRED:
         assert key in summary, key

@@ -150,23 +150,30 @@ def _run_ops(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens):
     return OPS.attention_fwd(*_op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens))
 
 
-def _op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens) -> tuple:
-    """pigeon::attention_fwd's arguments for a checked call: the instance text, q, k, v, the
-    block lists (computed for this call), list_shape, cu_seqlens, scale."""
-    from . import ops       # registers the pigeon::attention_* ops
+def _call_shape(q, k, pattern, cu_seqlens) -> tuple:
+    """(packed, query heads, KV heads, block_m, block_n, dtype name, batch, q_len, kv_len) of a
+    checked call (packed: one list batch over the longest document)."""
     packed = cu_seqlens is not None
     hq = q.shape[-2] if packed else q.shape[1]
     hk = k.shape[-2] if packed else k.shape[1]
     bm, bn = _blocks(pattern)
     dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[q.dtype]
-    closed = pattern if isinstance(pattern, CLOSED_FORM) else None
-    text = _instance_text(score_mod, mask_mod, closed, q.shape[-1], v.shape[-1], dtype, hq // hk, packed, bm, bn)
     if packed:
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
         sq = skv = int(lens.max()) if lens.numel() else 0
         batch = 1
     else:
         batch, sq, skv = q.shape[0], q.shape[2], k.shape[2]
+    return packed, hq, hk, bm, bn, dtype, batch, sq, skv
+
+
+def _op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens) -> tuple:
+    """pigeon::attention_fwd's arguments for a checked call: the instance text, q, k, v, the
+    block lists (computed for this call), list_shape, cu_seqlens, scale."""
+    from . import ops       # registers the pigeon::attention_* ops
+    packed, hq, hk, bm, bn, dtype, batch, sq, skv = _call_shape(q, k, pattern, cu_seqlens)
+    closed = pattern if isinstance(pattern, CLOSED_FORM) else None
+    text = _instance_text(score_mod, mask_mod, closed, q.shape[-1], v.shape[-1], dtype, hq // hk, packed, bm, bn)
     if pattern is None:
         lists = all_blocks(sq, skv, bm, bn, q.device)
         ptr, col, full, shape = lists.ptr, lists.col, lists.full, tuple(lists.shape)
@@ -187,19 +194,9 @@ def _plan(q, k, v, smod, mmod, pattern, cu_seqlens):
     ``attention()`` goes through :func:`_run_ops`."""
     from ..codegen.attention import AttentionInstance
     from .ops import where
-    packed = cu_seqlens is not None
-    hq = q.shape[-2] if packed else q.shape[1]
-    hk = k.shape[-2] if packed else k.shape[1]
-    bm, bn = _blocks(pattern)
-    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[q.dtype]
+    packed, hq, hk, bm, bn, dtype, batch, sq, skv = _call_shape(q, k, pattern, cu_seqlens)
     inst = AttentionInstance(q.shape[-1], v.shape[-1], dtype, hq // hk, packed, bm, bn, smod, mmod,
                              mask_expr(pattern) if pattern is not None else None)
-    if packed:
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        sq = skv = int(lens.max()) if lens.numel() else 0
-        batch = 1
-    else:
-        batch, sq, skv = q.shape[0], q.shape[2], k.shape[2]
     if pattern is None:
         lists = all_blocks(sq, skv, bm, bn, q.device)
     else:

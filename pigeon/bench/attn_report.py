@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import NO_MATPLOTLIB, atomic_write, fmt, meta_lines, pyplot, save_figure, write_json
+from .report import NO_MATPLOTLIB, fmt, meta_lines, pyplot, save_figure, write_files
 
 __all__ = ["cases_table", "cases_markdown", "summary_markdown", "plot_tflops", "write_results", "PLOT"]
 
@@ -143,16 +143,5 @@ def plot_tflops(cases: list[dict], path: Path) -> str:
 
 def write_results(out: Path, result: dict, keys: tuple[str, ...], plot: bool = True) -> str | None:
     """cases.json, cases.md, summary.json, summary.md (and tflops.png when ``plot``) in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    status = None
-    if plot:
-        status = plot_tflops(result["cases"], out / PLOT)
-        result["summary"]["plot"] = status
-        if status.startswith("skipped"):
-            (out / PLOT).unlink(missing_ok=True)
-    write_json(out / "cases.json", {"meta": result["meta"], "cases": result["cases"]})
-    atomic_write(out / "cases.md", cases_markdown(result))
-    write_json(out / "summary.json", result["summary"])
-    atomic_write(out / "summary.md", summary_markdown(result, keys))
-    return status
+    return write_files(out, result, plot=plot, plot_fn=plot_tflops, plot_name=PLOT, cases_md=cases_markdown,
+                       summary_md=lambda r: summary_markdown(r, keys))

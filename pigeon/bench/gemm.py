@@ -46,7 +46,7 @@ import pigeon as pg
 from .check import _close
 from .common import (BenchError, FnStep, choose, environment, identity, ratio, resume, run_cases, split, tflops,
                      worst)
-from .report import NO_MATPLOTLIB, atomic_write, fmt, meta_lines, pyplot, save_figure, write_json
+from .report import NO_MATPLOTLIB, fmt, meta_lines, pyplot, save_figure, write_files
 from .timing import failure, measure
 
 __all__ = ["BenchError", "GemmConfig", "make_config", "run", "run_case", "finish_case", "build_summary",
@@ -399,16 +399,5 @@ def plot_tflops(cases: list[dict], path: Path) -> str:
 
 
 def write_results(out, result: dict, plot: bool = True) -> str | None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    status = None
-    if plot:
-        status = plot_tflops(result["cases"], out / "tflops.png")
-        result["summary"]["plot"] = status
-        if status.startswith("skipped"):
-            (out / "tflops.png").unlink(missing_ok=True)
-    write_json(out / "cases.json", {"meta": result["meta"], "cases": result["cases"]})
-    atomic_write(out / "cases.md", cases_markdown(result))
-    write_json(out / "summary.json", result["summary"])
-    atomic_write(out / "summary.md", summary_markdown(result))
-    return status
+    return write_files(out, result, plot=plot, plot_fn=plot_tflops, plot_name="tflops.png", cases_md=cases_markdown,
+                       summary_md=summary_markdown)

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["atomic_write", "write_json", "read_results", "cases_table", "cases_markdown", "summary_markdown", "plot_speedup",
-           "write_results", "fmt", "meta_lines", "pyplot", "save_figure", "NO_MATPLOTLIB"]
+           "write_results", "write_files", "fmt", "meta_lines", "pyplot", "save_figure", "NO_MATPLOTLIB"]
 
 NO_MATPLOTLIB = "skipped: matplotlib not installed (pip install -e '.[bench]')"
 
@@ -216,19 +216,28 @@ def plot_speedup(cases: list[dict], path: Path) -> str:
     return save_figure(plt, fig, path)
 
 
-def write_results(out: Path, result: dict, plot: bool = True) -> str | None:
-    """Write cases.json, cases.md, summary.json, summary.md (and speedup.png when ``plot``) to ``out``.
-    Returns the plot's status when it was attempted."""
+def write_files(out, result: dict, *, plot: bool, plot_fn, plot_name: str, cases_md, summary_md,
+                json_keys: tuple[str, ...] = ("meta", "cases")) -> str | None:
+    """Every benchmark's files in ``out``: cases.json (``json_keys`` of ``result``), cases.md,
+    summary.json, summary.md and, when ``plot``, the plot ``plot_fn(cases, path)`` draws (its status
+    goes into the summary before the markdown is written). Returns the plot's status when attempted."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     status = None
     if plot:
-        status = plot_speedup(result["cases"], out / "speedup.png")
+        status = plot_fn(result["cases"], out / plot_name)
         result["summary"]["plot"] = status
         if status.startswith("skipped"):       # not a stale plot of an earlier run beside these results
-            (out / "speedup.png").unlink(missing_ok=True)
-    write_json(out / "cases.json", {"meta": result["meta"], "graphs": result["graphs"], "cases": result["cases"]})
-    atomic_write(out / "cases.md", cases_markdown(result))
+            (out / plot_name).unlink(missing_ok=True)
+    write_json(out / "cases.json", {k: result[k] for k in json_keys})
+    atomic_write(out / "cases.md", cases_md(result))
     write_json(out / "summary.json", result["summary"])
-    atomic_write(out / "summary.md", summary_markdown(result))
+    atomic_write(out / "summary.md", summary_md(result))
     return status
+
+
+def write_results(out: Path, result: dict, plot: bool = True) -> str | None:
+    """Write cases.json, cases.md, summary.json, summary.md (and speedup.png when ``plot``) to ``out``.
+    Returns the plot's status when it was attempted."""
+    return write_files(out, result, plot=plot, plot_fn=plot_speedup, plot_name="speedup.png",
+                       cases_md=cases_markdown, summary_md=summary_markdown, json_keys=("meta", "graphs", "cases"))

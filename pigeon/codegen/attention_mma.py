@@ -26,7 +26,8 @@ MMA_ATOMS = {"bfloat16": ("SM80_16x8x16_F32BF16BF16F32_TN", "__floats2bfloat162_
 
 
 @dataclass(frozen=True)
-class AttentionMmaConfig:
+class MmaTemplateConfig:
+    """What both tensor-core attention templates (forward and backward) take."""
     name: str
     signature: str
     dtype: str
@@ -40,6 +41,10 @@ class AttentionMmaConfig:
     packed: bool
     mods: ModifierCode
     cutlass_tag: str
+
+
+@dataclass(frozen=True)
+class AttentionMmaConfig(MmaTemplateConfig):
     q_in_registers: bool = True     # Q's fragments held across key blocks, or re-read from shared memory
     min_blocks: int = 2             # __launch_bounds__ minimum CTAs per SM (caps registers)
     warp_m_tiles: int = 1           # 16-row m-tiles per warp: 1 (4 warps per CTA) or 2 (2 warps)

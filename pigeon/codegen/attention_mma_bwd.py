@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .cutlass_headers import source_tag
 from . import attention_mma
-from .attention import SIZE_PARAMS, STRIDE_PARAMS, AttentionInstance, ModifierCode, kernel_name, modifier_code
+from .attention import SIZE_PARAMS, STRIDE_PARAMS, AttentionInstance, kernel_name, modifier_code
 from .expr_c import storage_type
 from .jinja import render as render_template
 from .kernel_source import KernelParam, RenderedKernel
@@ -49,21 +49,8 @@ PARAMS = (
 
 
 @dataclass(frozen=True)
-class AttentionMmaBwdConfig:
-    name: str
-    signature: str
-    dtype: str
-    mma: str
-    pack: str
-    vec2: str
-    head_dim: int
-    block_m: int
-    block_n: int
-    group: int
-    packed: bool
-    query_sub: int
-    mods: ModifierCode
-    cutlass_tag: str
+class AttentionMmaBwdConfig(attention_mma.MmaTemplateConfig):
+    query_sub: int           # query rows per sub-step: query_sub(head_dim)
 
 
 def unsupported(inst: AttentionInstance) -> str | None:

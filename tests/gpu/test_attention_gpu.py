@@ -17,43 +17,13 @@ pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_kernel_equals_the_reference(name, head_dim, dtype, monkeypatch):
-    monkeypatch.setenv("PIGEON_POISON", "1")
+def _forward_matches_the_reference(name, head_dim, dtype):
+    """pa.attention of VARIANTS[name] (GQA 4, lengths off the 64-tiles) against the float64
+    reference: out within bf16 tolerance, lse finite exactly where the reference's is."""
     seed = random.randrange(1 << 30)
     g = torch.Generator().manual_seed(seed)
     B, Hq, Hkv, Sq = 2, 8, 2, 300
-    Skv = Sq if name == "s2" else 333
-    q = torch.randn(B, Hq, Sq, head_dim, generator=g).to(DEV, dtype)
-    k = torch.randn(B, Hkv, Skv, head_dim, generator=g).to(DEV, dtype)
-    v = torch.randn(B, Hkv, Skv, head_dim, generator=g).to(DEV, dtype)
-    kw = VARIANTS[name]
-    out, lse = pa.attention(q, k, v, enable_gqa=True, return_lse=True, **kw)
-    ref, ref_lse = pa.attention(q.double(), k.double(), v.double(), enable_gqa=True, return_lse=True,
-                                backend="reference", **kw)
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-    assert _rel_err(out, ref) < 2e-2, f"{name} seed {seed}"
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-3, atol=1e-3)
-
-
-MMA_VARIANTS = sorted(n for n in VARIANTS if n != "s2")      # S2 of the tests uses 16-blocks: SIMT
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("name", MMA_VARIANTS)
-def test_tensor_core_forward_equals_the_reference(name, head_dim, dtype, monkeypatch):
-    """PIGEON_ATTENTION_KERNEL=mma: an instance the tensor-core forward cannot take is an error,
-    never a quiet SIMT run; lengths off the 64-tiles, GQA 4."""
-    monkeypatch.setenv("PIGEON_POISON", "1")
-    monkeypatch.setenv("PIGEON_ATTENTION_KERNEL", "mma")
-    seed = random.randrange(1 << 30)
-    g = torch.Generator().manual_seed(seed)
-    B, Hq, Hkv, Sq, Skv = 2, 8, 2, 300, 333
+    Skv = Sq if name == "s2" else 333                  # S2 is defined for equal lengths
     q = torch.randn(B, Hq, Sq, head_dim, generator=g).to(DEV, dtype)
     k = torch.randn(B, Hkv, Skv, head_dim, generator=g).to(DEV, dtype)
     v = torch.randn(B, Hkv, Skv, head_dim, generator=g).to(DEV, dtype)
@@ -68,7 +38,29 @@ def test_tensor_core_forward_equals_the_reference(name, head_dim, dtype, monkeyp
     torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-3, atol=1e-3)
 
 
-def test_tensor_core_forward_packed_documents_and_topk(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_kernel_equals_the_reference(name, head_dim, dtype, monkeypatch):
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    _forward_matches_the_reference(name, head_dim, dtype)
+
+
+MMA_VARIANTS = sorted(n for n in VARIANTS if n != "s2")      # S2 of the tests uses 16-blocks: SIMT
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("name", MMA_VARIANTS)
+def test_tensor_core_forward_equals_the_reference(name, head_dim, dtype, monkeypatch):
+    """PIGEON_ATTENTION_KERNEL=mma: an instance the tensor-core forward cannot take is an error,
+    never a quiet SIMT run."""
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    monkeypatch.setenv("PIGEON_ATTENTION_KERNEL", "mma")
+    _forward_matches_the_reference(name, head_dim, dtype)
+
+
+def test_tensor_core_forward_packed_documents(monkeypatch):
     monkeypatch.setenv("PIGEON_ATTENTION_KERNEL", "mma")
     monkeypatch.setenv("PIGEON_POISON", "1")
     g = torch.Generator().manual_seed(2)
