@@ -31,7 +31,7 @@ import torch
 
 from ..graph import HeteroGraph
 
-__all__ = ["Partition", "assign_targets", "halo_sets", "partition", "METHODS"]
+__all__ = ["Partition", "assign_targets", "gather_rows", "halo_sets", "partition", "METHODS"]
 
 METHODS = ("contiguous", "hash")
 
@@ -53,10 +53,15 @@ class Partition:
 
     def gather_features(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of the global feature matrix ``x`` for this rank's local nodes (the pad node gets zeros)."""
-        if not self.pad:
-            return x[self.local_to_global]
-        real = x[self.local_to_global[:-1]]
-        return torch.cat([real, real.new_zeros((1,) + tuple(x.shape[1:]))], 0)
+        return gather_rows(x, self.local_to_global, self.pad)
+
+
+def gather_rows(x: torch.Tensor, local_to_global: torch.Tensor, pad: bool) -> torch.Tensor:
+    """``x[local_to_global]``, with a zero row for the pad node (the last local id) when ``pad``."""
+    if not pad:
+        return x[local_to_global.to(x.device)]
+    real = x[local_to_global[:-1].to(x.device)]
+    return torch.cat([real, real.new_zeros((1,) + tuple(x.shape[1:]))], 0)
 
 
 def assign_targets(targets: torch.Tensor, world: int, method: str = "contiguous") -> list[torch.Tensor]:
