@@ -71,9 +71,10 @@ def test_layering():
             assert all(d.startswith(("pigeon.ir", m.rsplit(".", 1)[0])) for d in deps), (m, deps)
     users = {m for m in g for d in g.successors(m) if d.startswith("pigeon.runtime")}
     # pigeon: pigeon.load; pigeon.gemm_api: pigeon.gemm, the pigeon::gemm op; pigeon.attention.api:
-    # the attention kernel's launcher (lazily); pigeon.attention.ops: the pigeon::attention_* ops
+    # the attention kernel's launcher (lazily); pigeon.attention.ops: the pigeon::attention_* ops;
+    # pigeon.shiftadd.layers: the ShiftAdd kernels' launcher (lazily, on CUDA tensors)
     allowed = {"pigeon", "pigeon.module", "pigeon.cli", "pigeon.sizes", "pigeon.gemm_api", "pigeon.attention.api",
-               "pigeon.attention.ops"}
+               "pigeon.attention.ops", "pigeon.shiftadd.layers"}
     assert {u for u in users if not u.startswith("pigeon.runtime")} <= allowed, users
     # pigeon.bench sits on top: it uses pigeon; only the CLI's bench command imports it (lazily)
     bench_users = {m for m in g for d in g.successors(m) if d.startswith("pigeon.bench")}

@@ -8,6 +8,9 @@ Layout of the cache root (``$PIGEON_CACHE_DIR``, default ``~/.cache/pigeon``)::
     <root>/<key[:2]>/<key>/meta.json       arch, flags, compiler, ptxas report, resources, checksums
     <root>/<key[:2]>/.tmp-<key>-*/         an entry being written (renamed onto <key>/ when complete)
     <root>/failed/<key>.cu, <key>.log      sources of failed builds, kept for the user
+    <root>/records/<key>.json              small JSON records keyed by a caller's sha256 (e.g. the
+                                           CUDA source TVM generated for a named kernel, so a
+                                           machine without TVM finds the source, hence the entry)
 
 The key is a sha256 over the kernel source, the target arch, the compiler identity, the build flags and
 pigeon's version. An entry is written into a temporary directory next to its final name and moved there
@@ -438,6 +441,40 @@ class KernelCache:
         meta.setdefault("pigeon_version", version if version is not None else pigeon_version())
         return self.put(key, files, meta)
 
+    # ------------------------------------------------------------------ records
+
+    def record_path(self, key: str, root: Path | None = None) -> Path:
+        self._check_key(key)
+        return (self.root if root is None else root) / "records" / f"{key}.json"
+
+    def get_record(self, key: str) -> dict | None:
+        """The JSON record stored under ``key`` (a caller's sha256), or None (unreadable: None)."""
+        for root in self._roots():
+            try:
+                data = json.loads(self.record_path(key, root).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("key") == key:
+                return data
+        return None
+
+    def put_record(self, key: str, record: Mapping[str, Any]) -> Path:
+        """Write ``record`` (JSON-able) under ``key`` atomically (temporary file, then rename)."""
+        data = json.dumps({**record, "key": key}, indent=1, sort_keys=True).encode("utf-8")
+        path = self.record_path(key, self.write_root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
     # ------------------------------------------------------------------ maintenance
 
     def entries(self) -> list[Path]:
@@ -472,13 +509,13 @@ class KernelCache:
     def clear(self) -> None:
         """Remove every entry, temporary directory and kept failed source under the root.
 
-        Only names this cache creates are touched (two-hex-digit shards and ``failed/``), so a root
+        Only names this cache creates are touched (two-hex-digit shards, ``failed/``, ``records/``), so a root
         pointed at a directory holding other files loses none of them.
         """
         if not self.root.is_dir():
             return
         for p in self.root.iterdir():
-            if p.is_dir() and (re.fullmatch(r"[0-9a-f]{2}", p.name) or p.name == "failed"):
+            if p.is_dir() and (re.fullmatch(r"[0-9a-f]{2}", p.name) or p.name in ("failed", "records")):
                 shutil.rmtree(p, ignore_errors=True)
 
 

@@ -72,12 +72,16 @@ def emulator_source(kernels: Sequence[RenderedKernel]) -> str:
     return "".join(f"// ---- {rk.name}\n{rk.source}\n{host_loop(rk)}" for rk in kernels)
 
 
+# headers kernel sources include that the shim stands for (cuda.h: TVM-generated sources)
+STUBS = ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h", "cuda.h")
+
+
 def _shim_dir(root: Path, shim: str) -> Path:
-    d = root / ("shim-" + hashlib.sha256(shim.encode()).hexdigest()[:16])
+    d = root / ("shim-" + hashlib.sha256("\0".join((shim, *STUBS)).encode()).hexdigest()[:16])
     if not (d / "cuda_fp16.h").is_file():
         tmp = Path(tempfile.mkdtemp(prefix="shim-", dir=root))
         (tmp / "cuda_emulate.h").write_text(shim, encoding="utf-8")
-        for stub in ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h"):
+        for stub in STUBS:
             (tmp / stub).write_text('#pragma once\n#include "cuda_emulate.h"\n', encoding="utf-8")
         try:
             os.replace(tmp, d)

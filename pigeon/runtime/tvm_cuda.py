@@ -9,10 +9,16 @@ def cuda_target(arch: str = "sm_90"):
     return tvm.target.Target({"kind": "cuda", "arch": arch})
 
 
-def cuda_source(mod, arch: str = "sm_90") -> str:
-    """The CUDA C source TVM generates for a module scheduled for the GPU (threads bound)."""
+def cuda_source(mod, arch: str = "sm_90", cse: bool = True) -> str:
+    """The CUDA C source TVM generates for a module scheduled for the GPU (threads bound).
+
+    ``cse=False`` turns off TVM's common-subexpression pass: with it, TVM hoists expressions of the
+    shape variables (``M * N``, ``(K + 4) / 5``) into extra kernel parameters that only TVM's own
+    host code knows how to compute; without it the kernel takes just its buffers and shape
+    variables, which a launcher without TVM (pigeon/runtime/shiftadd_kernel.py) can pass."""
     import tvm
-    lib = tvm.compile(mod, target=cuda_target(arch))
+    with tvm.transform.PassContext(config={} if cse else {"tirx.disable_cse_tir": True}):
+        lib = tvm.compile(mod, target=cuda_target(arch))
     return lib.mod.imports[0].inspect_source()
 
 

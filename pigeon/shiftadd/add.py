@@ -44,11 +44,11 @@ def binary_codes(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """bool ``[T, nbits]`` -> int32 ``[T, ceil(nbits / 32)]``, bit b at bit b % 32 of word b // 32."""
-    t, nbits = bits.shape
+    """bool ``[..., T, nbits]`` -> int32 ``[..., T, ceil(nbits / 32)]``, bit b at bit b % 32 of word b // 32."""
+    *lead, nbits = bits.shape
     words = code_words(nbits)
-    b = torch.nn.functional.pad(bits.to(torch.int64), (0, words * 32 - nbits)).reshape(t, words, 32)
-    w = (b << torch.arange(32, dtype=torch.int64)).sum(-1)
+    b = torch.nn.functional.pad(bits.to(torch.int64), (0, words * 32 - nbits)).reshape(*lead, words, 32)
+    w = (b << torch.arange(32, dtype=torch.int64, device=bits.device)).sum(-1)
     return torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
 
 
@@ -56,7 +56,7 @@ def unpack_bits(codes: torch.Tensor, nbits: int) -> torch.Tensor:
     """The inverse of ``pack_bits``: bool ``[T, nbits]``."""
     _check_codes("codes", codes, nbits)
     w = codes.to(torch.int64) & _M32
-    return ((w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(codes.shape[0], -1)[:, :nbits].bool()
+    return ((w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64, device=codes.device)) & 1).reshape(codes.shape[0], -1)[:, :nbits].bool()
 
 
 def _check_codes(name: str, codes, nbits: int) -> None:

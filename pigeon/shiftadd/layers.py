@@ -1,11 +1,15 @@
 """ShiftAdd layers as torch.nn.Modules built from pigeon's ShiftAdd primitives (issue 9).
 
-These are plain torch modules, not DSL specs: nothing here goes through ``pigeon.compile``, the IR
-or the runtime.  They call the primitives of pigeon/shiftadd (quant.py, fixed.py, add.py,
-router.py) and, for the shift linear's integer inference path, the TVM kernel of tvm_shift.py
-built for llvm.  Training runs the torch (float) forms of the primitives on any device; no
-generated GPU kernel is used (none has run on a GPU yet), and no backward kernel is generated:
-the backward passes are the torch formulas below.
+These are plain torch modules, not DSL specs: nothing here goes through ``pigeon.compile`` or the
+IR.  They call the primitives of pigeon/shiftadd (quant.py, fixed.py, add.py, router.py).  On a
+CPU they run the torch forms of the primitives (and, for the shift linear's integer inference
+path, the TVM kernel of tvm_shift.py built for llvm).  On CUDA tensors (``backend="kernels"``, the
+default) they run the generated kernels through pigeon/runtime/shiftadd_kernel.py (TVM-generated
+CUDA carried in the kernel cache; a missing entry without TVM is an error, never a quiet torch
+run); ``backend="torch"`` runs the torch forms on any device.  Backward on CUDA: ShiftLinear's
+dx = g Wq by the same shift kernel on the transposed codes, the masked accumulation's dV by the
+same masked-accumulation kernel on the transposed bits; the dense parts (dW = g^T x, the STE of
+the float master weights; dB = V g^T) are torch matmuls.
 
 - ``ShiftLinear``: float master weights; in training/float forward the weights are quantized to
   sign * 2^p by the clipped straight-through estimator (quant.py) and the product is
@@ -48,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .add import code_accumulate, pack_bits
-from .fixed import _I32, from_fixed, shift_linear_float, to_fixed
+from .fixed import _I32, from_fixed, shift_linear_float, shift_linear_ref, to_fixed
 from .quant import (ShiftFormatError, _check_bits, _check_range, codes_per_word, min_code_bits, pack_shift,
                     quantize_shift, unpack_shift)
 from .router import moe_balance_loss
@@ -56,6 +60,21 @@ from .router import moe_balance_loss
 
 def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+BACKENDS = ("kernels", "torch")
+
+
+def _check_backend(who: str, backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{who}: backend is one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _kernels():
+    """pigeon/runtime/shiftadd_kernel.py (imported when a CUDA tensor reaches a kernel)."""
+    from ..runtime import shiftadd_kernel
+    return shiftadd_kernel
 
 
 # ---------------------------------------------------------------- shift linear
@@ -74,38 +93,54 @@ def shift_kernel_llvm(p_min: int, p_max: int, bits: int):
     return _KERNELS[key][1]
 
 
+def _dequant(sign, p, dtype):
+    return sign.to(dtype) * torch.pow(2.0, p.to(torch.float64)).to(dtype)
+
+
 class _ShiftLinearFn(torch.autograd.Function):
-    """y = shift_linear_float(x, quantize_shift(w)); backward: dx = g @ Wq, dW = g^T x where
-    |w| <= 2^p_max (the clipped STE of quant.py), else 0."""
+    """y = x Wq^T with Wq = quantize_shift(w); backward: dx = g Wq, dW = g^T x where
+    |w| <= 2^p_max (the clipped STE of quant.py), else 0.
+
+    ``layer`` None: the torch forms (shift_linear_float).  Otherwise a CUDA run on the layer's
+    chosen path (ShiftLinear.run_path); dx by the shift kernel on the transposed codes (the dense
+    path: a torch matmul), dW a torch matmul."""
 
     @staticmethod
-    def forward(ctx, x, w, p_min, p_max):
+    def forward(ctx, x, w, p_min, p_max, layer):
         sign, p = quantize_shift(w, p_min, p_max)
         x2 = x.reshape(-1, x.shape[-1])
-        y = shift_linear_float(x2, sign, p)
+        y = shift_linear_float(x2, sign, p) if layer is None else layer.run_path(x2, sign, p)
         ctx.save_for_backward(x2, w, sign, p)
-        ctx.p_max = p_max
+        ctx.p_max, ctx.layer = p_max, layer
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, g):
         x2, w, sign, p = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        wq = sign.to(w.dtype) * torch.pow(2.0, p.to(torch.float64)).to(w.dtype)
+        layer = ctx.layer
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = (g2 @ wq).reshape(*g.shape[:-1], w.shape[1])
+            if layer is None or layer.last_path == "dense":
+                gx = g2 @ _dequant(sign, p, w.dtype).to(g2.dtype)
+            else:
+                packed_t = pack_shift(sign.T.contiguous(), p.T.contiguous(), layer.p_min, layer.p_max, layer.bits)
+                gx = _kernels().shift_linear(g2.float().contiguous(), packed_t, layer.p_min, layer.p_max,
+                                             layer.bits).to(g2.dtype)
+            gx = gx.reshape(*g.shape[:-1], w.shape[1])
         if ctx.needs_input_grad[1]:
-            gw = torch.where(w.abs() <= 2.0 ** ctx.p_max, g2.T @ x2, torch.zeros_like(w))
-        return gx, gw, None, None
+            gw = torch.where(w.abs() <= 2.0 ** ctx.p_max, (g2.T @ x2.to(g2.dtype)).to(w.dtype), torch.zeros_like(w))
+        return gx, gw, None, None, None
 
 
 class ShiftLinear(torch.nn.Module):
     """y = x @ (sign * 2^p)^T + b with float master weights (module doc)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, p_min: int = -15, p_max: int = 0,
-                 bits: int | None = None, quantize: bool = True):
+                 bits: int | None = None, quantize: bool = True, backend: str = "kernels"):
         super().__init__()
+        self.backend = _check_backend("ShiftLinear", backend)
+        self.last_path = None
         _check_range(p_min, p_max)
         bits = min_code_bits(p_min, p_max) if bits is None else bits
         _check_bits(p_min, p_max, bits)
@@ -130,10 +165,18 @@ class ShiftLinear(torch.nn.Module):
             raise ShiftFormatError(f"ShiftLinear.forward takes a floating-point x, got {x.dtype} "
                                    "(int32 Q16.16 goes through int_forward)")
         if self.quantize:
-            y = _ShiftLinearFn.apply(x, self.weight, self.p_min, self.p_max)
+            kernels = x.is_cuda and self.backend == "kernels"
+            y = _ShiftLinearFn.apply(x, self.weight, self.p_min, self.p_max, self if kernels else None)
         else:
             y = F.linear(x, self.weight)
         return y if self.bias is None else y + self.bias
+
+    def run_path(self, x2: torch.Tensor, sign: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """x2 [M, K] (CUDA) times the quantized weights by a generated kernel, in x2's dtype."""
+        packed = pack_shift(sign, p, self.p_min, self.p_max, self.bits)
+        self.last_path = "shift"
+        return _kernels().shift_linear(x2.float().contiguous(), packed, self.p_min, self.p_max,
+                                       self.bits).to(x2.dtype)
 
     # -- integer inference path
     def pack(self) -> torch.Tensor:
@@ -157,7 +200,8 @@ class ShiftLinear(torch.nn.Module):
 
     def int_forward(self, xq: torch.Tensor) -> torch.Tensor:
         """int32 [M, N] = sum_k sign * (xq >> -p) for Q16.16 int32 ``xq [M, K]`` (no bias), by the TVM
-        llvm kernel on the packed codes (``pack()`` or ``load_packed()``; packed now if neither ran)."""
+        kernel on the packed codes (``pack()`` or ``load_packed()``; packed now if neither ran): the
+        llvm build on a CPU, the generated CUDA kernel on a CUDA ``xq``."""
         if not isinstance(xq, torch.Tensor) or xq.dtype != torch.int32:
             raise ShiftFormatError(f"ShiftLinear.int_forward: x must be an int32 Q16.16 tensor (to_fixed), got "
                                    f"{xq.dtype if isinstance(xq, torch.Tensor) else type(xq).__name__}")
@@ -165,9 +209,10 @@ class ShiftLinear(torch.nn.Module):
             raise ShiftFormatError(f"ShiftLinear.int_forward: x has shape {_shape(xq)}, expected [M, {self.in_features}]")
         if self.p_min < -30:
             raise ShiftFormatError(f"the fixed-point shift kernel takes p_min >= -30, this layer has {self.p_min}")
-        if xq.device.type != "cpu":
-            raise ShiftFormatError(f"ShiftLinear.int_forward runs the llvm kernel on the CPU; x is on {xq.device}")
+        if xq.device.type not in ("cpu", "cuda"):
+            raise ShiftFormatError(f"ShiftLinear.int_forward runs on the CPU or CUDA; x is on {xq.device}")
         packed = self._packed if self._packed is not None else self.pack()
+        packed = packed.to(xq.device)
         # |x >> s| <= |x| for s >= 0: if sum_k |x| fits int32 no partial sum can overflow (fixed.py)
         if (xq.to(torch.int64).abs().sum(1) > _I32[1]).any():
             sign, p = unpack_shift(packed, self.in_features, self.p_min, self.p_max, self.bits)
@@ -175,6 +220,11 @@ class ShiftLinear(torch.nn.Module):
             if (terms.abs().sum(-1) > _I32[1]).any():
                 raise OverflowError("ShiftLinear.int_forward: sum_k |term| reaches 2^31 for some output; "
                                     "int32 accumulation could overflow (scale x down)")
+        if xq.is_cuda:
+            if self.backend == "torch":
+                sign, p = unpack_shift(packed, self.in_features, self.p_min, self.p_max, self.bits)
+                return shift_linear_ref(xq, sign, p)
+            return _kernels().shift_linear(xq.contiguous(), packed.contiguous(), self.p_min, self.p_max, self.bits)
         out = torch.empty(xq.shape[0], self.out_features, dtype=torch.int32)
         shift_kernel_llvm(self.p_min, self.p_max, self.bits)(xq.contiguous(), packed.contiguous(), out)
         return out
@@ -209,38 +259,53 @@ def _bits_of(b: torch.Tensor) -> torch.Tensor:
 
 
 class _MaskedAccumulate(torch.autograd.Function):
-    """out = B^T V with B in {0, 1} [T, m] (as float) by code_accumulate on B's packed bits;
-    backward as for the matmul: dB = V g^T, dV = B g."""
+    """out[g] = B[g]^T V[g] with B in {0, 1} [G, T, m] (as float) by the add primitive on B's packed
+    bits (CPU: add.py's code_accumulate per problem; CUDA with ``kernels``: the TVM kernel, batched);
+    backward as for the matmul: dB = V g^T (torch), dV = B g (CUDA: the same kernel on B^T's bits)."""
 
     @staticmethod
-    def forward(ctx, b, v):
+    def forward(ctx, b, v, kernels):
         ctx.save_for_backward(b, v)
-        return code_accumulate(_bits_of(b), v, b.shape[1])
+        ctx.kernels = kernels
+        if kernels:
+            return _kernels().code_accumulate(pack_bits(b > 0.5), v.float().contiguous(), b.shape[2]).to(v.dtype)
+        return torch.stack([code_accumulate(_bits_of(b[i]), v[i], b.shape[2]) for i in range(b.shape[0])])
 
     @staticmethod
     def backward(ctx, g):
         b, v = ctx.saved_tensors
-        return (v @ g.T if ctx.needs_input_grad[0] else None), (b @ g if ctx.needs_input_grad[1] else None)
+        gb = v @ g.transpose(1, 2) if ctx.needs_input_grad[0] else None
+        gv = None
+        if ctx.needs_input_grad[1]:
+            gv = (_kernels().code_accumulate(pack_bits(b.transpose(1, 2) > 0.5), g.float().contiguous(),
+                                             b.shape[1]).to(v.dtype) if ctx.kernels else b @ g)
+        return gb, gv, None
 
 
-def masked_accumulate(b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``b^T @ v`` for a {0, 1} float ``b [T, m]`` by the add primitive (masked sums, no multiply)."""
-    return _MaskedAccumulate.apply(b, v)
+def masked_accumulate(b: torch.Tensor, v: torch.Tensor, backend: str = "kernels") -> torch.Tensor:
+    """``b^T @ v`` for a {0, 1} float ``b [T, m]`` (or batched ``[G, T, m]`` with ``v [G, T, n]``) by
+    the add primitive (masked sums, no multiply); the generated kernel on CUDA (``backend="kernels"``)."""
+    _check_backend("masked_accumulate", backend)
+    two = b.dim() == 2
+    b3, v3 = (b.unsqueeze(0), v.unsqueeze(0)) if two else (b, v)
+    out = _MaskedAccumulate.apply(b3, v3, b.is_cuda and backend == "kernels")
+    return out[0] if two else out
 
 
 class AddAttention(torch.nn.Module):
     """ShiftAddViT's linear-angular attention with binarized q, k (module doc). x: [B, N, dim]."""
 
     def __init__(self, dim: int, heads: int = 2, qkv_bias: bool = False, res_kernel: int = 9,
-                 binary: bool = True, linear: str = "dense"):
+                 binary: bool = True, linear: str = "dense", backend: str = "kernels"):
         super().__init__()
+        self.backend = _check_backend("AddAttention", backend)
         if dim % heads:
             raise ValueError(f"AddAttention: dim={dim} is not divisible by heads={heads}")
         if linear not in ("dense", "shift"):
             raise ValueError(f"AddAttention: linear is 'dense' or 'shift', got {linear!r}")
         self.dim, self.heads, self.binary = dim, heads, binary
         mk = (lambda i, o, b: torch.nn.Linear(i, o, bias=b)) if linear == "dense" else \
-             (lambda i, o, b: ShiftLinear(i, o, bias=b))
+             (lambda i, o, b: ShiftLinear(i, o, bias=b, backend=backend))
         self.qkv = mk(dim, 3 * dim, qkv_bias)
         self.proj = mk(dim, dim, True)
         self.dconv = torch.nn.Conv2d(heads, heads, kernel_size=(res_kernel, 1), padding=(res_kernel // 2, 0),
@@ -256,12 +321,11 @@ class AddAttention(torch.nn.Module):
         k = k / k.norm(dim=-1, keepdim=True)
         if self.binary:
             q, k = _BinarizeSTE.apply(q), _BinarizeSTE.apply(k)
-            rows = []
-            for bi in range(b):
-                for hi in range(self.heads):
-                    a = masked_accumulate(k[bi, hi], v[bi, hi])                     # Bk^T V  [d, d]
-                    rows.append(masked_accumulate(q[bi, hi].T.contiguous(), a))     # Bq A    [N, d]
-            qkv_ = torch.stack(rows).reshape(b, self.heads, n, -1)
+            d = c // self.heads
+            g = b * self.heads                                               # one problem per (batch, head)
+            a = masked_accumulate(k.reshape(g, n, d), v.reshape(g, n, d), self.backend)          # Bk^T V [g, d, d]
+            qkv_ = masked_accumulate(q.reshape(g, n, d).transpose(1, 2).contiguous(), a,
+                                     self.backend).reshape(b, self.heads, n, d)                 # Bq A [g, N, d]
         else:
             qkv_ = q @ (k.transpose(-2, -1) @ v)
         y = 0.5 * v + (1.0 / math.pi) * qkv_

@@ -135,7 +135,7 @@ def pack_shift(sign: torch.Tensor, p: torch.Tensor, p_min: int = -15, p_max: int
     code = f | ((sign < 0).to(torch.int64) << (bits - 1))
     words = math.ceil(k / per)
     code = torch.nn.functional.pad(code, (0, words * per - k)).reshape(n, words, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=sign.device) * bits
     return (code << shifts).sum(-1).to(torch.int32)
 
 
@@ -153,7 +153,7 @@ def unpack_shift(packed: torch.Tensor, k: int, p_min: int = -15, p_max: int = 0,
     if packed.dim() != 2 or packed.shape[1] != words:
         raise ShiftFormatError(f"packed has shape {tuple(packed.shape)}, expected [N, {words}] "
                                f"(K={k}, {per} {bits}-bit codes per int32 word)")
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=packed.device) * bits
     code = ((packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(packed.shape[0], -1)[:, :k]
     f = code & ((1 << (bits - 1)) - 1)
     if (f > p_max - p_min + 1).any():

@@ -10,6 +10,12 @@ TVM is imported lazily; no torch.
 from __future__ import annotations
 
 NAME = "pigeon_hamming"
+BLOCK = 128          # threads per block of the CUDA schedule: one thread per score
+
+
+def launch_grid(outputs: int) -> int:
+    """Blocks of the CUDA schedule for ``outputs`` = Tq * Tk scores."""
+    return max(1, -(-outputs // BLOCK))
 
 
 def hamming_primfunc(target: str = "llvm", name: str = NAME):
@@ -44,7 +50,7 @@ def _rule():
             blk, out = sch.get_sblock("diff"), sch.get_sblock("out")
             i, j = sch.get_loops(out)
             if target.kind.name == "cuda":
-                bx, tx = sch.split(sch.fuse(i, j), [None, 128])
+                bx, tx = sch.split(sch.fuse(i, j), [None, BLOCK])
                 sch.bind(bx, "blockIdx.x")
                 sch.bind(tx, "threadIdx.x")
                 sch.compute_at(blk, tx)

@@ -12,6 +12,10 @@ pigeon/shiftadd/quant.py, unpacked in the kernel:
 accumulated in int32 (the contract of pigeon/shiftadd/fixed.py: shift_linear_ref checks that no
 partial sum can overflow).  M, N and K are symbolic: one build serves every shape.
 
+``shift_linear_f32_primfunc(p_min, p_max, bits)`` is the floating-point variant on float32 ``x``:
+``term = f == 0 ? 0 : (neg ? -x : x) * 2^p`` (2^p built from its exponent bits, so each term is
+exact barring under/overflow), summed in float32 over k in ascending order.
+
 ``ShiftLinearRule`` (a dlight ScheduleRule) schedules it for a CPU (llvm: rows in parallel, the
 output columns split by 8 and unrolled under the k loop) or a GPU (cuda: one thread per output,
 128 per block, the sum in a register).  This module imports TVM lazily and never torch.
@@ -19,14 +23,25 @@ output columns split by 8 and unrolled under the k loop) or a GPU (cuda: one thr
 from __future__ import annotations
 
 NAME = "pigeon_shift_linear"
+NAME_F32 = "pigeon_shift_linear_f32"
+BLOCK = 128          # threads per block of the CUDA schedule: one thread per output
+
+
+def launch_grid(outputs: int) -> int:
+    """Blocks of the CUDA schedule for ``outputs`` = M * N outputs (the rule's split by BLOCK)."""
+    return max(1, -(-outputs // BLOCK))
+
+
+def _check(p_min, p_max, bits, lo):
+    if not (lo <= p_min <= p_max <= 0):
+        raise ValueError(f"the shift kernel takes {lo} <= p_min <= p_max <= 0, got {p_min}..{p_max}")
+    if bits not in (5, 6) or p_max - p_min + 1 > (1 << (bits - 1)) - 1:
+        raise ValueError(f"shift range {p_min}..{p_max} does not fit {bits}-bit codes")
 
 
 def shift_linear_primfunc(p_min: int = -15, p_max: int = 0, bits: int = 6, name: str = NAME):
     from tvm import te, tirx as T
-    if not (-30 <= p_min <= p_max <= 0):
-        raise ValueError(f"the fixed-point shift kernel takes -30 <= p_min <= p_max <= 0, got {p_min}..{p_max}")
-    if bits not in (5, 6) or p_max - p_min + 1 > (1 << (bits - 1)) - 1:
-        raise ValueError(f"shift range {p_min}..{p_max} does not fit {bits}-bit codes")
+    _check(p_min, p_max, bits, -30)
     per = 32 // bits
     m_, n_, k_ = (te.var(v, "int32") for v in "MNK")
     x = te.placeholder((m_, k_), "int32", name="x")
@@ -39,6 +54,27 @@ def shift_linear_primfunc(p_min: int = -15, p_max: int = 0, bits: int = 6, name:
         v = x[m, k] >> T.min(1 - p_min - f, 31)
         zero = T.const(0, "int32")
         return T.Select(f == 0, zero, T.Select(((code >> (bits - 1)) & 1) == 1, zero - v, v))
+
+    out = te.compute((m_, n_), lambda m, n: te.sum(term(m, n, k), axis=k), name="out")
+    return te.create_prim_func([x, w, out]).with_attr("global_symbol", name)
+
+
+def shift_linear_f32_primfunc(p_min: int = -15, p_max: int = 0, bits: int = 6, name: str = NAME_F32):
+    """float32 ``out [M, N] = sum_k x[m, k] * sign * 2^p`` over the packed codes (module doc)."""
+    from tvm import te, tirx as T
+    _check(p_min, p_max, bits, -126)
+    per = 32 // bits
+    m_, n_, k_ = (te.var(v, "int32") for v in "MNK")
+    x = te.placeholder((m_, k_), "float32", name="x")
+    w = te.placeholder((n_, (k_ + per - 1) // per), "int32", name="w")
+    k = te.reduce_axis((0, k_), name="k")
+
+    def term(m, n, k):
+        code = (w[n, k // per] >> ((k % per) * bits)) & ((1 << bits) - 1)
+        f = code & ((1 << (bits - 1)) - 1)
+        # 2^(p_min + f - 1) as float32 bits; the sign bit from the code's top bit
+        scale = T.reinterpret("float32", ((f + (p_min - 1 + 127)) << 23) | (((code >> (bits - 1)) & 1) << 31))
+        return T.Select(f == 0, T.const(0.0, "float32"), x[m, k] * scale)
 
     out = te.compute((m_, n_), lambda m, n: te.sum(term(m, n, k), axis=k), name="out")
     return te.create_prim_func([x, w, out]).with_attr("global_symbol", name)
@@ -59,7 +95,7 @@ def _rule():
             m, n, k = sch.get_loops(blk)
             if target.kind.name == "cuda":
                 t = sch.fuse(m, n)
-                bx, tx = sch.split(t, [None, 128])
+                bx, tx = sch.split(t, [None, BLOCK])
                 sch.bind(bx, "blockIdx.x")
                 sch.bind(tx, "threadIdx.x")
                 acc = sch.cache_write(blk, 0, "local")
