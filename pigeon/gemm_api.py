@@ -82,9 +82,11 @@ def trace_epilogue(fn: Callable, operands: tuple[str, ...] = ()) -> ex.Expr:
     return e
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, msg) -> None:
+    """``msg``: the text, or a function making it (f-strings cost ~1 us each, every call, when
+    built before the check)."""
     if not cond:
-        raise GemmInputError(msg)
+        raise GemmInputError(msg() if callable(msg) else msg)
 
 
 def _check_operands(fn: str, a: torch.Tensor, M: int, N: int, bias, residual) -> tuple[str, ...]:
@@ -93,10 +95,10 @@ def _check_operands(fn: str, a: torch.Tensor, M: int, N: int, bias, residual) ->
     for name, t, shape in (("bias", bias, (N,)), ("residual", residual, (M, N))):
         if t is None:
             continue
-        _check(isinstance(t, torch.Tensor), f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(tuple(t.shape) == shape, f"{fn}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-        _check(t.dtype == a.dtype, f"{fn}: {name} is {t.dtype} but a is {a.dtype}")
-        _check(t.device == a.device, f"{fn}: {name} is on {t.device} but a on {a.device}")
+        _check(isinstance(t, torch.Tensor), lambda: f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(tuple(t.shape) == shape, lambda: f"{fn}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        _check(t.dtype == a.dtype, lambda: f"{fn}: {name} is {t.dtype} but a is {a.dtype}")
+        _check(t.device == a.device, lambda: f"{fn}: {name} is on {t.device} but a on {a.device}")
         names.append(name)
     return tuple(names)
 
@@ -112,28 +114,129 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: Callable | None = None, *, 
     """``epilogue(a @ b[, bias=..., residual=...])`` with ``a [M, K]``, ``b [K, N]`` (float32,
     bfloat16 or float16; fp32 accumulation), ``bias [N]``, ``residual [M, N]``, as one fused kernel."""
     for name, t in (("a", a), ("b", b)):
-        _check(isinstance(t, torch.Tensor), f"gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.dim() == 2, f"gemm: {name} must be 2-D, got shape {list(t.shape)}")
-        _check(t.dtype in DTYPES, f"gemm: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-    _check(a.dtype == b.dtype, f"gemm: a is {a.dtype} but b is {b.dtype}")
-    _check(a.device == b.device, f"gemm: a is on {a.device} but b on {b.device}")
-    _check(a.shape[1] == b.shape[0], f"gemm: a is {list(a.shape)} and b {list(b.shape)}: inner sizes differ")
+        _check(isinstance(t, torch.Tensor), lambda: f"gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.dim() == 2, lambda: f"gemm: {name} must be 2-D, got shape {list(t.shape)}")
+        _check(t.dtype in DTYPES, lambda: f"gemm: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    _check(a.dtype == b.dtype, lambda: f"gemm: a is {a.dtype} but b is {b.dtype}")
+    _check(a.device == b.device, lambda: f"gemm: a is on {a.device} but b on {b.device}")
+    _check(a.shape[1] == b.shape[0], lambda: f"gemm: a is {list(a.shape)} and b {list(b.shape)}: inner sizes differ")
     M, K = a.shape
     N = b.shape[1]
     ops = _check_operands("gemm", a, M, N, bias, residual)
     text = _instance_text(epilogue, K, N, DTYPES[a.dtype], ops)
-    # made on the device: a host tensor copied over would wait for the stream (pageable copy)
-    seg = torch.arange(2, dtype=torch.int32, device=a.device) * M
-    from .runtime.gemm_fused import OPS     # registers pigeon::gemm_fused
-    return OPS.gemm_fused(text, a.contiguous(), b.contiguous(), seg,
-                                       None if bias is None else bias.contiguous(),
-                                       None if residual is None else residual.contiguous())
+    seg = _row_segments(M, a.device)
+    from .runtime.gemm_fused import OPS, eager_call_ok, gemm_fused_impl     # registers pigeon::gemm_fused
+    args = (text, a.contiguous(), b.contiguous(), seg, None if bias is None else bias.contiguous(),
+            None if residual is None else residual.contiguous())
+    call = gemm_fused_impl if eager_call_ok(*args[1:]) else OPS.gemm_fused
+    return call(*args)
+
+
+_SEGMENTS: dict = {}
+
+
+def _row_segments(M: int, device: torch.device) -> torch.Tensor:
+    """[0, M] as int32 on ``device`` (the untyped GEMM's one segment), kept per (M, device): made on
+    the device once (a host tensor copied over each call would wait for the stream, a new one
+    costs two launches).  Read only by the kernels, so sharing it is safe."""
+    if torch.compiler.is_compiling():
+        return torch.arange(2, dtype=torch.int32, device=device) * M
+    key = (M, str(device))
+    seg = _SEGMENTS.get(key)
+    if seg is None:
+        if len(_SEGMENTS) >= 256:
+            _SEGMENTS.clear()
+        seg = _SEGMENTS[key] = torch.arange(2, dtype=torch.int32, device=device) * M
+    return seg
+
+
+# ---------------------------------------------------------------------------------------- instance texts
+# Tracing an epilogue and serializing the instance cost ~100 us per call, as much as a 4096^3 GEMM on
+# the H200; the text is therefore kept per (epilogue, sizes).  An epilogue function is identified by
+# its code and by the values it can read (closure cells, defaults, the module globals its code
+# names), so a lambda re-created each call hits, and one whose captured scale changed misses.  A
+# function reading anything but numbers, strings, None, functions and modules is traced every call.
+
+_TEXTS: dict = {}
+_PLAIN = (int, float, bool, str, bytes, type(None))
+
+
+_STABLE_MODULES = ("pigeon", "math", "torch", "operator", "numpy")
+
+
+def _value_key(v, depth: int):
+    import types
+    if isinstance(v, float):
+        return (float, repr(v))      # repr: -0.0 and 0.0 (equal as floats) trace differently
+    if isinstance(v, _PLAIN):
+        return (type(v), v)
+    if isinstance(v, types.FunctionType):
+        return ("fn", _function_key(v, depth + 1))     # a helper the epilogue calls: its values count too
+    if isinstance(v, (types.BuiltinFunctionType, type)):
+        return ("id", id(v))
+    if isinstance(v, types.ModuleType) and v.__name__.split(".")[0] in _STABLE_MODULES:
+        return ("id", id(v))        # pigeon's activations, math: their attributes do not change
+    raise TypeError
+
+
+def _function_key(fn, depth: int = 0):
+    if depth > 4:
+        raise TypeError
+    code = fn.__code__
+    cells = tuple(_value_key(c.cell_contents, depth) for c in (fn.__closure__ or ()))
+    defaults = tuple(_value_key(d, depth) for d in (fn.__defaults__ or ()))
+    kwdefaults = tuple(sorted((k, _value_key(v, depth)) for k, v in (fn.__kwdefaults__ or {}).items()))
+    g = fn.__globals__
+    globs = tuple((n, _value_key(g[n], depth)) for n in _global_names(code) if n in g)
+    return code, cells, defaults, kwdefaults, globs
+
+
+def epilogue_key(fn):
+    """A hashable key under which ``fn``'s trace may be reused, or None when it must be traced."""
+    import types
+    if fn is None:
+        return ()
+    if not isinstance(fn, types.FunctionType):
+        return None
+    try:
+        return _function_key(fn)
+    except (TypeError, ValueError):       # a value of another kind, or an empty cell
+        return None
+
+
+def _global_names(code) -> tuple:
+    """Names a function's code (and its nested functions') may read as globals."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if hasattr(c, "co_names"):
+            names.update(_global_names(c))
+    return tuple(sorted(names))
+
+
+def _cached_text(kind: str, epilogue, make, *sizes) -> str:
+    if torch.compiler.is_compiling():
+        return make()
+    ek = epilogue_key(epilogue)
+    if ek is None:
+        return make()
+    key = (kind, ek) + sizes
+    text = _TEXTS.get(key)
+    if text is None:
+        if len(_TEXTS) >= 1024:
+            _TEXTS.clear()
+        text = _TEXTS[key] = make()
+    return text
 
 
 @torch.compiler.assume_constant_result
 def _instance_text(epilogue, K: int, N: int, dtype: str, operands: tuple = ()) -> str:
     """The op's instance argument.  A constant under torch.compile: dynamo runs it once, eagerly,
     instead of tracing the epilogue's tracer (interned expression nodes, weak tables)."""
+    return _cached_text("gemm", epilogue, lambda: _make_instance_text(epilogue, K, N, dtype, operands),
+                        K, N, dtype, operands)
+
+
+def _make_instance_text(epilogue, K: int, N: int, dtype: str, operands: tuple) -> str:
     from .runtime.kernel_ops import instance_json
     fn = epilogue if epilogue is not None else _default_epilogue(operands)
     ep = trace_epilogue(fn, operands) if fn is not None else None
@@ -152,9 +255,9 @@ def grouped_gemm(a, b=None, offsets: torch.Tensor | None = None, epilogue: Calla
         rows = [p[0].shape[0] if isinstance(p[0], torch.Tensor) and p[0].dim() == 2 else -1 for p in a]
         for g, (ag, bg) in enumerate(a):
             _check(isinstance(ag, torch.Tensor) and ag.dim() == 2 and isinstance(bg, torch.Tensor) and bg.dim() == 2,
-                   f"grouped_gemm: problem {g} must be a pair of 2-D tensors")
+                   lambda: f"grouped_gemm: problem {g} must be a pair of 2-D tensors")
             _check(ag.shape[1] == a[0][0].shape[1] and bg.shape == a[0][1].shape,
-                   f"grouped_gemm: problem {g} has a {list(ag.shape)} @ {list(bg.shape)}, but every problem "
+                   lambda: f"grouped_gemm: problem {g} has a {list(ag.shape)} @ {list(bg.shape)}, but every problem "
                    f"must share K and N with problem 0 ({list(a[0][0].shape)} @ {list(a[0][1].shape)})")
         dev = a[0][0].device
         offs = torch.zeros(len(a) + 1, dtype=torch.int32, device=dev)
@@ -162,32 +265,37 @@ def grouped_gemm(a, b=None, offsets: torch.Tensor | None = None, epilogue: Calla
         out = grouped_gemm(torch.cat([p[0] for p in a]), torch.stack([p[1] for p in a]), offs, epilogue)
         return list(torch.split(out, rows))
     for name, t in (("a", a), ("b", b)):
-        _check(isinstance(t, torch.Tensor), f"grouped_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.dtype in DTYPES, f"grouped_gemm: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-    _check(a.dim() == 2 and b.dim() == 3, f"grouped_gemm: a must be [M, K] and b [G, K, N], got {list(a.shape)} "
+        _check(isinstance(t, torch.Tensor), lambda: f"grouped_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.dtype in DTYPES, lambda: f"grouped_gemm: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    _check(a.dim() == 2 and b.dim() == 3, lambda: f"grouped_gemm: a must be [M, K] and b [G, K, N], got {list(a.shape)} "
                                           f"and {list(b.shape)}")
     _check(a.dtype == b.dtype and a.device == b.device, "grouped_gemm: a and b must share dtype and device")
-    _check(a.shape[1] == b.shape[1], f"grouped_gemm: a has K = {a.shape[1]}, b has K = {b.shape[1]}")
+    _check(a.shape[1] == b.shape[1], lambda: f"grouped_gemm: a has K = {a.shape[1]}, b has K = {b.shape[1]}")
     _check(isinstance(offsets, torch.Tensor) and offsets.dim() == 1 and not offsets.is_floating_point(),
            "grouped_gemm: offsets must be a 1-D integer tensor [G + 1]")
     G, M = b.shape[0], a.shape[0]
-    _check(offsets.numel() == G + 1, f"grouped_gemm: offsets has {offsets.numel()} entries for {G} problems "
+    _check(offsets.numel() == G + 1, lambda: f"grouped_gemm: offsets has {offsets.numel()} entries for {G} problems "
                                      f"(expected {G + 1})")
     o = offsets.to(torch.int64)
-    _check(int(o[0]) == 0 and int(o[-1]) == M, f"grouped_gemm: offsets must run from 0 to M = {M}, got "
-                                               f"{int(o[0])}..{int(o[-1])}")
-    _check(bool((o[1:] >= o[:-1]).all()), "grouped_gemm: offsets must be non-decreasing")
+    # one host read for the three facts (each read of a GPU tensor waits for the stream)
+    first, last, decreasing = torch.stack([o[0], o[-1], (o[1:] < o[:-1]).any().to(torch.int64)]).tolist()
+    _check(first == 0 and last == M, lambda: f"grouped_gemm: offsets must run from 0 to M = {M}, got {first}..{last}")
+    _check(not decreasing, "grouped_gemm: offsets must be non-decreasing")
     text = _grouped_text(epilogue, a.shape[1], b.shape[2], DTYPES[a.dtype])
     seg = offsets.to(device=a.device, dtype=torch.int32)
-    from .runtime.gemm_fused import OPS     # registers pigeon::gemm_fused
-    return OPS.gemm_fused(text, a.contiguous(), b.contiguous(), seg, None, None)
+    from .runtime.gemm_fused import OPS, eager_call_ok, gemm_fused_impl     # registers pigeon::gemm_fused
+    args = (text, a.contiguous(), b.contiguous(), seg, None, None)
+    call = gemm_fused_impl if eager_call_ok(*args[1:]) else OPS.gemm_fused
+    return call(*args)
 
 
 @torch.compiler.assume_constant_result
 def _grouped_text(epilogue, K: int, N: int, dtype: str) -> str:
-    from .runtime.kernel_ops import instance_json
-    ep = trace_epilogue(epilogue) if epilogue is not None else None
-    return instance_json(GemmInstance("rows", K, N, heads=1, typed=True, dtype=dtype, epilogue=ep))
+    def make():
+        from .runtime.kernel_ops import instance_json
+        ep = trace_epilogue(epilogue) if epilogue is not None else None
+        return instance_json(GemmInstance("rows", K, N, heads=1, typed=True, dtype=dtype, epilogue=ep))
+    return _cached_text("grouped", epilogue, make, K, N, dtype)
 
 
 FP8 = torch.float8_e4m3fn
@@ -201,36 +309,40 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: t
     docstring says (per-tensor, per-row, or 1x128 / 128x128 blocks).  Forward only."""
     from .runtime.gemm_fused import BLOCK, scaling_of
     for name, t in (("a", a), ("b", b), ("scale_a", scale_a), ("scale_b", scale_b)):
-        _check(isinstance(t, torch.Tensor), f"fp8_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(isinstance(t, torch.Tensor), lambda: f"fp8_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("a", a), ("b", b)):
-        _check(t.dim() == 2, f"fp8_gemm: {name} must be 2-D, got shape {list(t.shape)}")
-        _check(t.dtype == FP8, f"fp8_gemm: {name} must be float8_e4m3fn, got {t.dtype}")
+        _check(t.dim() == 2, lambda: f"fp8_gemm: {name} must be 2-D, got shape {list(t.shape)}")
+        _check(t.dtype == FP8, lambda: f"fp8_gemm: {name} must be float8_e4m3fn, got {t.dtype}")
     for name, t in (("scale_a", scale_a), ("scale_b", scale_b)):
-        _check(t.dtype == torch.float32, f"fp8_gemm: {name} must be float32, got {t.dtype}")
+        _check(t.dtype == torch.float32, lambda: f"fp8_gemm: {name} must be float32, got {t.dtype}")
     for name, t in (("b", b), ("scale_a", scale_a), ("scale_b", scale_b)):
-        _check(t.device == a.device, f"fp8_gemm: {name} is on {t.device} but a on {a.device}")
-    _check(a.shape[1] == b.shape[0], f"fp8_gemm: a is {list(a.shape)} and b {list(b.shape)}: inner sizes differ")
-    _check(out_dtype in OUT_DTYPES, f"fp8_gemm: out_dtype must be bfloat16 or float16, got {out_dtype}")
+        _check(t.device == a.device, lambda: f"fp8_gemm: {name} is on {t.device} but a on {a.device}")
+    _check(a.shape[1] == b.shape[0], lambda: f"fp8_gemm: a is {list(a.shape)} and b {list(b.shape)}: inner sizes differ")
+    _check(out_dtype in OUT_DTYPES, lambda: f"fp8_gemm: out_dtype must be bfloat16 or float16, got {out_dtype}")
     M, K = a.shape
     N = b.shape[1]
     kb, nb = -(-K // BLOCK), -(-N // BLOCK)
     _check(scaling_of(scale_a, scale_b, M, K, N) is not None,
-           f"fp8_gemm: scale_a {list(scale_a.shape)} and scale_b {list(scale_b.shape)} are neither per-tensor "
+           lambda: f"fp8_gemm: scale_a {list(scale_a.shape)} and scale_b {list(scale_b.shape)} are neither per-tensor "
            f"(one element each), per-row ([{M}, 1] and [1, {N}]) nor blocks ([{M}, {kb}] and [{kb}, {nb}])")
     if torch.is_grad_enabled():
         for name, t in (("a", a), ("b", b), ("scale_a", scale_a), ("scale_b", scale_b)):
-            _check(not t.requires_grad, f"fp8_gemm: {name} requires grad, but fp8_gemm has no backward "
+            _check(not t.requires_grad, lambda: f"fp8_gemm: {name} requires grad, but fp8_gemm has no backward "
                                         "(call it under torch.no_grad() or detach the inputs)")
     text = _fp8_text(epilogue, OUT_DTYPES[out_dtype])
-    from .runtime.gemm_fused import OPS     # registers pigeon::fp8_gemm
-    return OPS.fp8_gemm(text, a.contiguous(), b, scale_a.contiguous(), scale_b.contiguous())
+    from .runtime.gemm_fused import OPS, eager_call_ok, fp8_gemm_impl     # registers pigeon::fp8_gemm
+    args = (text, a.contiguous(), b, scale_a.contiguous(), scale_b.contiguous())
+    call = fp8_gemm_impl if eager_call_ok(*args[1:]) else OPS.fp8_gemm
+    return call(*args)
 
 
 @torch.compiler.assume_constant_result
 def _fp8_text(epilogue, out_dtype: str) -> str:
-    from .runtime.gemm_fused import to_text
-    ep = trace_epilogue(epilogue) if epilogue is not None else None
-    return to_text(Sm90Gemm("fp8", "float8_e4m3fn", out_dtype, ep))
+    def make():
+        from .runtime.gemm_fused import to_text
+        ep = trace_epilogue(epilogue) if epilogue is not None else None
+        return to_text(Sm90Gemm("fp8", "float8_e4m3fn", out_dtype, ep))
+    return _cached_text("fp8", epilogue, make, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------- prebuilt sm90 set

@@ -117,3 +117,74 @@ def test_grouped_op_passes_opcheck_and_bad_offsets_are_named():
             pg.grouped_gemm(a, b, offs)
     with pytest.raises(GemmInputError, match="must share K and N with problem 0"):
         pg.grouped_gemm([(a[:4], b[0]), (a[4:, :3], b[1][:3])])
+
+
+# ------------------------------------------------------------------ the host path's caches and direct call
+
+def test_epilogue_trace_is_reused_only_while_what_it_reads_is_unchanged():
+    from pigeon import gemm_api
+    a = torch.randn(8, 16, dtype=torch.bfloat16)
+    b = torch.randn(16, 8, dtype=torch.bfloat16)
+    scale = 2.0
+    f = lambda acc: acc * scale  # noqa: E731
+    r2 = pg.gemm(a, b, epilogue=f)
+    n = len(gemm_api._TEXTS)
+    for _ in range(3):     # re-created lambdas of the same code and values hit the cache
+        pg.gemm(a, b, epilogue=lambda acc: acc * scale)
+    assert len(gemm_api._TEXTS) <= n + 1
+    scale = 3.0            # the captured value changed: a new trace, a new result
+    r3 = pg.gemm(a, b, epilogue=f)
+    torch.testing.assert_close(r3.float(), r2.float() * 1.5, rtol=2e-2, atol=2e-2)
+    assert gemm_api.epilogue_key(lambda acc: acc * -0.0) != gemm_api.epilogue_key(lambda acc: acc * 0.0)
+
+
+class _Cfg:
+    scale = 2.0
+
+
+def test_epilogue_reading_an_object_is_traced_every_call():
+    from pigeon import gemm_api
+    cfg = _Cfg()
+    f = lambda acc: acc * cfg.scale  # noqa: E731
+    assert gemm_api.epilogue_key(f) is None
+    a = torch.randn(8, 16, dtype=torch.bfloat16)
+    b = torch.randn(16, 8, dtype=torch.bfloat16)
+    r2 = pg.gemm(a, b, epilogue=f)
+    cfg.scale = 4.0
+    torch.testing.assert_close(pg.gemm(a, b, epilogue=f).float(), r2.float() * 2, rtol=2e-2, atol=2e-2)
+
+
+def _helper_scale(acc):
+    return acc * HELPER_SCALE
+
+
+HELPER_SCALE = 2.0
+
+
+def test_epilogue_calling_a_helper_keys_on_the_helpers_globals():
+    from pigeon import gemm_api
+    global HELPER_SCALE
+    k2 = gemm_api.epilogue_key(lambda acc: _helper_scale(acc))
+    HELPER_SCALE = 3.0
+    try:
+        assert gemm_api.epilogue_key(lambda acc: _helper_scale(acc)) != k2
+    finally:
+        HELPER_SCALE = 2.0
+
+
+def test_direct_call_only_where_it_equals_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from pigeon.runtime.gemm_fused import eager_call_ok
+    a = torch.randn(4, 4)
+    assert eager_call_ok(a, None)
+    w = torch.randn(4, 4, requires_grad=True)
+    assert not eager_call_ok(a, w)
+    with torch.no_grad():
+        assert eager_call_ok(a, w)
+    with FakeTensorMode() as mode:
+        assert not eager_call_ok(mode.from_tensor(a))
+    # autograd still flows through pigeon.gemm (the op path)
+    x = torch.randn(8, 16, requires_grad=True)
+    y = pg.gemm(x, torch.randn(16, 8), epilogue=lambda acc: acc * 2.0)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

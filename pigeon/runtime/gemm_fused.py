@@ -168,11 +168,24 @@ def _library(g: Sm90Gemm):
     return load_library(render_sm90(g), "sm_90a", name=g.name)
 
 
-def _launch(g: Sm90Gemm, ptrs, M: int, N: int, K: int, G: int, like: torch.Tensor) -> None:
-    lib = _library(g)
+@functools.lru_cache(maxsize=1024)
+def _workspace_bytes(lib, sizes: tuple) -> int:
+    return lib.workspace(sizes)
+
+
+@functools.lru_cache(maxsize=256)
+def _library_for(kind: str, text: str):
+    """The library running instance ``text`` (a GemmInstance or Sm90Gemm JSON) as ``kind``, keyed by
+    the text, whose hash Python keeps: making the Sm90Gemm walks its epilogue (~20 us a call)."""
+    obj = parse(text)
+    out_dtype = obj.out_dtype if isinstance(obj, Sm90Gemm) else obj.dtype
+    return _library(Sm90Gemm(kind, obj.dtype, out_dtype, obj.epilogue))
+
+
+def _launch(lib, ptrs, M: int, N: int, K: int, G: int, like: torch.Tensor) -> None:
     dev = _dev_index(like)
-    sizes = [M, N, K, G, _sm_count(dev), dev]
-    ws_bytes = lib.workspace(sizes)
+    sizes = (M, N, K, G, _sm_count(dev), dev)
+    ws_bytes = _workspace_bytes(lib, sizes)
     ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=like.device)
     stream = torch.cuda.current_stream(like.device).cuda_stream
     lib.run(ptrs, sizes, ws.data_ptr(), stream)
@@ -187,16 +200,15 @@ def _poisoned(shape, dtype, device) -> torch.Tensor:
     return out
 
 
-def sm90_dense(ins: GemmInstance, a, b, seg_ptr, bias, residual) -> torch.Tensor:
+def sm90_dense(text: str, ins: GemmInstance, a, b, seg_ptr, bias, residual) -> torch.Tensor:
     M, K, N = a.shape[0], ins.k, ins.n
     out = _poisoned((M, N), a.dtype, a.device)
     if M == 0:
         return out
-    kind = "grouped" if ins.typed else "dense"
-    g = Sm90Gemm(kind, ins.dtype, ins.dtype, ins.epilogue)
+    lib = _library_for("grouped" if ins.typed else "dense", text)
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     G = seg_ptr.numel() - 1
-    _launch(g, [a.data_ptr(), b.data_ptr(), out.data_ptr(), ptr(residual), ptr(bias), 0, 0, seg_ptr.data_ptr()],
+    _launch(lib, [a.data_ptr(), b.data_ptr(), out.data_ptr(), ptr(residual), ptr(bias), 0, 0, seg_ptr.data_ptr()],
             M, N, K, G, a)
     return out
 
@@ -215,7 +227,7 @@ def fp8_sm90_reason(a, b, scale_a, scale_b, scaling: str) -> str | None:
     return None
 
 
-def sm90_fp8(spec: Sm90Gemm, a, b, scale_a, scale_b, scaling: str) -> torch.Tensor:
+def sm90_fp8(text: str, spec: Sm90Gemm, a, b, scale_a, scale_b, scaling: str) -> torch.Tensor:
     M, K = a.shape
     N = b.shape[1]
     out = _poisoned((M, N), TORCH_DTYPES[spec.out_dtype], a.device)
@@ -224,14 +236,14 @@ def sm90_fp8(spec: Sm90Gemm, a, b, scale_a, scale_b, scaling: str) -> torch.Tens
     a = a.contiguous()
     bt = b.t().contiguous()           # [N, K] row-major = b column-major (K-contiguous, as wgmma reads fp8)
     if scaling == "block":
-        g = Sm90Gemm("fp8_block", spec.dtype, spec.out_dtype, spec.epilogue)
+        lib = _library_for("fp8_block", text)
         sa = scale_a.float().t().contiguous()          # [K/128, M]: the M-major layout CUTLASS reads
         sb = scale_b.float().contiguous()              # [K/128, N/128]: already N-major
     else:
-        g = Sm90Gemm("fp8", spec.dtype, spec.out_dtype, spec.epilogue)
+        lib = _library_for("fp8", text)
         sa = scale_a.float().reshape(-1).expand(M).contiguous() if scale_a.numel() == 1 else scale_a.float().reshape(M).contiguous()
         sb = scale_b.float().reshape(-1).expand(N).contiguous() if scale_b.numel() == 1 else scale_b.float().reshape(N).contiguous()
-    _launch(g, [a.data_ptr(), bt.data_ptr(), out.data_ptr(), 0, 0, sa.data_ptr(), sb.data_ptr(), 0], M, N, K, 1, a)
+    _launch(lib, [a.data_ptr(), bt.data_ptr(), out.data_ptr(), 0, 0, sa.data_ptr(), sb.data_ptr(), 0], M, N, K, 1, a)
     return out
 
 
@@ -245,16 +257,37 @@ def _legacy_cuda(ins: GemmInstance, a, b, seg_ptr) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("pigeon::gemm_fused", mutates_args=())
-def gemm_fused(inst: str, a: torch.Tensor, b: torch.Tensor, seg_ptr: torch.Tensor, bias: Optional[torch.Tensor],
-               residual: Optional[torch.Tensor]) -> torch.Tensor:
+def gemm_fused_impl(inst: str, a: torch.Tensor, b: torch.Tensor, seg_ptr: torch.Tensor, bias: Optional[torch.Tensor],
+                    residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """pigeon::gemm_fused's implementation (the op's body; :func:`eager_call_ok` says when
+    pigeon.gemm may call it without the dispatcher)."""
     ins = parse(inst)
     if a.is_cuda:
         if sm90_reason(ins, a, b, bias, residual) is None:
-            return sm90_dense(ins, a, b, seg_ptr, bias, residual)
+            return sm90_dense(inst, ins, a, b, seg_ptr, bias, residual)
         if bias is None and residual is None and not operands_of(ins.epilogue):
             return _legacy_cuda(ins, a, b, seg_ptr)
     return fused_reference(ins, a, b, seg_ptr, bias, residual)
+
+
+gemm_fused = torch.library.custom_op("pigeon::gemm_fused", mutates_args=())(gemm_fused_impl)
+
+
+def eager_call_ok(*tensors) -> bool:
+    """Whether calling an op's implementation directly is the same as calling the op: plain
+    tensors (no fake or other subclass), no dispatch or function mode (FakeTensorMode, FlopCounter,
+    ...), not under torch.compile, and no autograd to record.  The dispatcher, its autograd
+    wrapper and the Python custom-op machinery cost ~30-60 us per call, which at 4096^3 was most of
+    the gap to cuBLAS (a host-bound call leaves the GPU idle)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return True
 
 
 @gemm_fused.register_fake
@@ -316,8 +349,8 @@ def _backward(ctx, grad):
 torch.library.register_autograd("pigeon::gemm_fused", _backward, setup_context=_setup)
 
 
-@torch.library.custom_op("pigeon::fp8_gemm", mutates_args=())
-def fp8_gemm(spec: str, a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+def fp8_gemm_impl(spec: str, a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+    """pigeon::fp8_gemm's implementation."""
     sp = parse(spec)
     M, K = a.shape
     N = b.shape[1]
@@ -325,8 +358,11 @@ def fp8_gemm(spec: str, a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
     if scaling is None:
         raise ValueError(f"pigeon::fp8_gemm: scale shapes {list(scale_a.shape)} and {list(scale_b.shape)}")
     if a.is_cuda and fp8_sm90_reason(a, b, scale_a, scale_b, scaling) is None:
-        return sm90_fp8(sp, a, b, scale_a, scale_b, scaling)
+        return sm90_fp8(spec, sp, a, b, scale_a, scale_b, scaling)
     return fp8_reference(sp, a, b, scale_a, scale_b)
+
+
+fp8_gemm = torch.library.custom_op("pigeon::fp8_gemm", mutates_args=())(fp8_gemm_impl)
 
 
 @fp8_gemm.register_fake
