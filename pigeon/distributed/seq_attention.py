@@ -1,93 +1,337 @@
-"""Sequence-parallel attention (LightSeq / ring attention) on torch.distributed.
+"""Sequence-parallel attention (LightSeq / ring attention) on torch.distributed, with sparse patterns.
 
 Every rank holds a slice of the sequence of ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]`` (the split is over
 the sequence, not the heads, so any head count and GQA work).  The sequence is cut into ``C`` equal chunks:
 
-* dense: ``C = W`` chunks, rank r holds chunk r (``layout="contiguous"``);
-* causal: ``C = 2W`` chunks, rank r holds chunks ``r`` and ``2W-1-r`` (``layout="zigzag"``): every rank then
-  has the same amount of unmasked work.
+* ``layout="contiguous"``: ``C = W`` chunks, rank r holds chunk r;
+* ``layout="zigzag"``: ``C = 2W`` chunks, rank r holds chunks ``r`` and ``2W-1-r``: under a causal pattern
+  every rank then has the same amount of unmasked work.
 
-Which (query chunk, key chunk) pairs are attended is known before anything runs: dense: all; causal: key chunk
-< query chunk fully, key chunk == query chunk with ``pigeon.attention.Causal()`` (equal lengths, so the
-pattern's end alignment is the diagonal), key chunk > query chunk never.  The schedule follows from it: at step
-``s = 1..W-1`` rank r sends to rank ``(r+s) % W`` exactly the K/V chunks that rank attends to (with zig-zag:
-both chunks when ``r > dst``, only chunk r when ``r < dst``) and receives from ``(r-s) % W``; a chunk pair that
-is never attended is neither sent nor computed.  Communication is point to point (``dist.isend`` /
-``dist.irecv``), the next step's transfer posted before the current step's blocks are computed, so transfers
-overlap with compute.  (A pass-along ring would forward chunks that the next rank does not need; the direct
-shift schedule moves the same number of messages, W-1 per rank per pass, and only what is attended.)
+Default layout: zig-zag for ``Causal`` and ``S2`` (causal, triangular work), contiguous otherwise (dense,
+``SlidingWindow``: contiguous chunks keep a window's traffic between neighbours, ``BlockList``).
 
-Each attended pair runs ``pigeon.attention.attention(..., return_lse=True)`` and the partial results of a
-query chunk merge exactly with their log-sum-exps: ``lse = logsumexp_b lse_b``,
-``out = sum_b exp(lse_b - lse) out_b``.
+**The plan** (:class:`Plan`, static, from the pattern's formula): for every (query chunk, key chunk) pair its
+kind, ``None`` (no pair attended: neither sent nor computed), ``"full"`` (every pair: no mask) or
+``"partial"``; and from the kinds, ``needs[(dst, src)]``, the chunks of src that dst attends to.  Per pattern,
+with chunk length ``L`` and ``d = q - kv`` over the pair's range ``[qc*L - (kc+1)*L + 1, (qc+1)*L - 1 - kc*L]``:
 
-Backward (a ``torch.autograd.Function``): only the local q, k, v, the merged out and lse are saved (O(L) memory
-per rank, as the forward); the backward circulates K/V again with the same schedule, recomputes each attended
-pair's ``(out_b, lse_b)`` under autograd and back-propagates through the merge
-(``d out_b = w_b dO``, ``d lse_b = w_b (rowdot(dO, out_b - out) + d lse)``, ``w_b = exp(lse_b - lse)``); the
-dK/dV partials of a remote chunk go back to its owner (the reverse shift) and are summed there.  That needs a
-differentiable ``lse_b``: ``backend="reference"`` (pigeon's kernels ops mark lse non-differentiable, so with
-``backend="kernels"`` the forward runs and the backward raises).
+* dense: all full;
+* ``Causal()``: any iff ``d_max >= 0``, full iff ``d_min >= 0``;
+* ``SlidingWindow(w)``: any iff the d-range meets ``[0, w)`` (non-causal: ``(-w, w)``), full iff inside it
+  (so with ``w <= L`` and contiguous chunks a rank needs only its left neighbour's chunk);
+* ``S2(stride, local_blocks, block, step, offset)`` (needs ``L % block == 0``, ``nb = L / block`` blocks a
+  chunk): key chunk after the query chunk: none; the diagonal: partial; before it: any iff the local band
+  reaches it (``(kc+1)*nb - 1 > qc*nb - local_blocks``) or some key block ``j`` of the chunk and head ``h`` has
+  ``(j + h*step + offset) % stride == 0`` (checked over residues, ``min(nb, stride) * min(H, stride)`` cases),
+  full iff the band covers it all or ``stride == 1``;
+* ``BlockList`` (needs ``L`` a multiple of ``block_m`` and ``block_n``): the pairs holding a listed block, read
+  from the lists (O(nnz), no dense mask); each pair runs with its own sub-list.
 
-Not done: the other sparse patterns (sliding window, S2, block lists) and packed ``cu_seqlens`` inputs, NCCL/GPU
-runs, throughput, and the comparison with ``torch.distributed.tensor.experimental.context_parallel``.
+``TopK`` (blocks selected at run time per batch) and packed ``cu_seqlens`` are refused with a clear error.
+
+**Running a pair.**  A full pair runs ``pigeon.attention.attention(..., return_lse=True)`` with no mask; a partial
+pair on the diagonal runs with the pattern itself (translation invariant; for S2 with its offset moved by the
+chunk's first block), an off-diagonal partial pair with the pattern's own mask expression
+(``patterns.mask_expr``) evaluated at global positions (``query + qc*L``, ``key + kc*L``) as a ``mask_mod``;
+BlockList pairs with their sub-list.  Partial results of a query chunk merge exactly with their log-sum-exps:
+``lse = logsumexp_b lse_b``, ``out = sum_b exp(lse_b - lse) out_b`` (accumulated in float32 at least).
+
+**Communication.**  At step ``s = 1..W-1`` rank r sends rank ``(r+s) % W`` exactly the K/V chunks it needs and
+receives what it needs from ``(r-s) % W`` (``dist.isend`` / ``dist.irecv``, the next step's transfer posted before
+the current step's blocks are computed, so transfers overlap with compute); an empty need is no message.
+:class:`SeqParallelStats` (pass ``stats=``) counts what a call sent, skipped, computed and skipped;
+``Plan.expected(rank)`` gives the counts the plan implies.
+
+**Backward** (a ``torch.autograd.Function``): only the local q, k, v, the merged out and lse are saved; K/V
+circulate again with the same schedule, each attended pair's gradients are computed and the dK/dV partials of a
+remote chunk go back to its owner (the reverse shift).  Through the merge, pair b gets
+``g_out_b = w_b dO`` and ``g_lse_b = w_b (rowdot(dO, out_b - out) + d lse)``, ``w_b = exp(lse_b - lse)``.
+
+* ``backend="reference"``: the pair is recomputed under torch autograd (the reference's lse is
+  differentiable) and back-propagated with ``(g_out_b, g_lse_b)``.
+* ``backend="kernels"``: pigeon's ops (``pigeon::attention_fwd`` / ``pigeon::attention_bwd``, the kernels on a
+  GPU, their reference semantics on a CPU).  Their lse is not differentiable, so the lse term is added with
+  the same ops: its score gradient is ``dS = P_b * g_lse_b`` (per row), so ``dQ += scale * g_lse_b * (P_b K)``
+  (``attention_fwd`` with K as the values) and ``dK += scale * P_b^T (g_lse_b * Q)`` (the dV output of
+  ``attention_bwd`` with K as the values); ``dQ, dK, dV`` of ``g_out_b`` come from ``attention_bwd`` itself.
+  Two forward and two backward op calls per pair: correct on both devices, not the fastest (a backward op that
+  takes the merged lse and a ``D - d lse`` row term would need one).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["chunks_of", "num_chunks", "pair_kind", "schedule", "shard", "unshard", "seq_parallel_attention"]
+__all__ = ["Plan", "CommStats", "SeqParallelStats", "SeqParallelError", "chunks_of", "num_chunks", "pair_kind",
+           "schedule", "shard", "unshard", "seq_parallel_attention", "default_layout"]
+
+LAYOUTS = ("contiguous", "zigzag")
 
 
-def num_chunks(world: int, causal: bool) -> int:
-    return 2 * world if causal else world
+class SeqParallelError(ValueError):
+    """A pattern or layout that sequence-parallel attention cannot run (one line: what and why)."""
 
 
-def chunks_of(rank: int, world: int, causal: bool) -> list[int]:
+def _layout(layout) -> str:
+    """``True`` / ``False`` (the causal flag of the first version) -> "zigzag" / "contiguous"."""
+    if isinstance(layout, bool):
+        return "zigzag" if layout else "contiguous"
+    if layout not in LAYOUTS:
+        raise SeqParallelError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def num_chunks(world: int, layout) -> int:
+    return 2 * world if _layout(layout) == "zigzag" else world
+
+
+def chunks_of(rank: int, world: int, layout) -> list[int]:
     """The global chunk indices rank holds, in the order of its local slice."""
-    return [rank, 2 * world - 1 - rank] if causal else [rank]
+    return [rank, 2 * world - 1 - rank] if _layout(layout) == "zigzag" else [rank]
+
+
+def default_layout(pattern) -> str:
+    from pigeon.attention import S2, Causal
+    return "zigzag" if isinstance(pattern, (Causal, S2)) else "contiguous"
 
 
 def pair_kind(qc: int, kc: int, causal: bool):
-    """``"full"``, ``"diag"`` (causal within equal chunks) or None (never attended)."""
+    """(The dense / causal case of :meth:`Plan.kind`, any chunk length.)  ``"full"``, ``"diag"`` (causal within
+    equal chunks) or None (never attended)."""
     if not causal or kc < qc:
         return "full"
     return "diag" if kc == qc else None
 
 
-def schedule(world: int, causal: bool) -> dict:
-    """``needs[(dst, src)]``: the chunks of src that dst attends to (the ones src sends dst)."""
-    needs = {}
-    for dst in range(world):
-        for src in range(world):
-            needs[(dst, src)] = [kc for kc in chunks_of(src, world, causal)
-                                 if any(pair_kind(qc, kc, causal) for qc in chunks_of(dst, world, causal))]
-    return needs
+# ------------------------------------------------------------------------------------------ the plan
+
+@dataclass
+class CommStats:
+    """Counts of one pass (forward or backward) on one rank."""
+    messages_sent: int = 0        # K/V messages (one per peer that needs something)
+    chunks_sent: int = 0          # K/V chunks in them
+    chunks_not_sent: int = 0      # chunks a dense ring would have sent that the pattern never reads
+    pairs_computed: int = 0       # (query chunk, key chunk) pairs run
+    pairs_skipped: int = 0        # pairs never attended: not run
+    grad_messages_sent: int = 0   # backward: dK/dV partials returned to their owners
 
 
-def shard(x: torch.Tensor, rank: int, world: int, causal: bool, dim: int = 2) -> torch.Tensor:
-    """Rank's local slice of a full-sequence tensor (the chunks of :func:`chunks_of`, concatenated)."""
-    parts = x.chunk(num_chunks(world, causal), dim)
-    if len(parts) != num_chunks(world, causal) or x.shape[dim] % num_chunks(world, causal):
-        raise ValueError(f"sequence length {x.shape[dim]} is not a multiple of {num_chunks(world, causal)} chunks")
-    return torch.cat([parts[c] for c in chunks_of(rank, world, causal)], dim)
+@dataclass
+class SeqParallelStats:
+    """What :func:`seq_parallel_attention` did on this rank, added to over calls (``stats=``)."""
+    forward: CommStats = field(default_factory=CommStats)
+    backward: CommStats = field(default_factory=CommStats)
 
 
-def unshard(slices: list[torch.Tensor], world: int, causal: bool, dim: int = 2) -> torch.Tensor:
+def _shift_expr(e, qoff: int, koff: int):
+    """The mask expression ``e`` at global positions: query -> query + qoff, key -> key + koff, kv_shift -> 0
+    (every chunk has the same length, and so do the full q and kv)."""
+    from pigeon.attention.patterns import KV_SHIFT
+    from pigeon.ir import expr as ex
+    memo = {}
+    for n in e.toposort():
+        if n.op == "index" and n.fn == "query":
+            memo[n] = ex.binary("add", n, ex.const(int(qoff))) if qoff else n
+        elif n.op == "index" and n.fn == "key":
+            memo[n] = ex.binary("add", n, ex.const(int(koff))) if koff else n
+        elif n.op == "var" and n.fn == KV_SHIFT:
+            memo[n] = ex.const(0)
+        elif n.args:
+            memo[n] = n.replace(args=tuple(memo[a] for a in n.args))
+        else:
+            memo[n] = n
+    return memo[e]
+
+
+class Plan:
+    """The static plan of a call: chunk layout, pair kinds, who needs which chunk (module docstring)."""
+
+    def __init__(self, world: int, pattern=None, layout=None, seq_len: int | None = None, heads: int = 1):
+        from pigeon.attention import S2, BlockList, Causal, SlidingWindow, TopK
+        if isinstance(pattern, TopK):
+            raise SeqParallelError("seq_parallel_attention: TopK selects key blocks at run time per batch; "
+                                   "sequence-parallel attention takes Causal, SlidingWindow, S2 or BlockList")
+        if pattern is not None and not isinstance(pattern, (Causal, SlidingWindow, S2, BlockList)):
+            raise SeqParallelError(f"seq_parallel_attention: unknown pattern {pattern!r}")
+        self.world, self.pattern, self.heads = world, pattern, heads
+        self.layout = default_layout(pattern) if layout is None else _layout(layout)
+        self.C = num_chunks(world, self.layout)
+        self.L = None
+        if seq_len is not None:
+            if seq_len % self.C or seq_len == 0:
+                raise SeqParallelError(f"seq_parallel_attention: sequence length {seq_len} is not a positive "
+                                       f"multiple of {self.C} chunks ({self.layout} layout, {world} ranks)")
+            self.L = seq_len // self.C
+        if isinstance(pattern, (SlidingWindow, S2, BlockList)) and self.L is None:
+            raise SeqParallelError(f"Plan: {type(pattern).__name__} needs seq_len (its pairs depend on the chunk)")
+        L = self.L
+        if isinstance(pattern, S2) and L % pattern.block:
+            raise SeqParallelError(f"seq_parallel_attention: S2 blocks of {pattern.block} do not tile chunks of "
+                                   f"{L} (sequence {seq_len} in {self.C} chunks); choose a chunk length that is a "
+                                   f"multiple of the block")
+        if isinstance(pattern, BlockList):
+            self._init_block_list(pattern, seq_len)
+        self.mine = [chunks_of(r, world, self.layout) for r in range(world)]
+        self.kinds = {(qc, kc): self._kind(qc, kc) for qc in range(self.C) for kc in range(self.C)}
+        self.needs = {(dst, src): [kc for kc in self.mine[src]
+                                   if any(self.kinds[(qc, kc)] for qc in self.mine[dst])]
+                      for dst in range(world) for src in range(world)}
+
+    # -- pair kinds, per pattern (closed form)
+    def _kind(self, qc: int, kc: int):
+        from pigeon.attention import S2, BlockList, Causal, SlidingWindow
+        p, L = self.pattern, self.L
+        if p is None:
+            return "full"
+        if isinstance(p, Causal):
+            return "full" if kc < qc else "partial" if kc == qc else None
+        dmin, dmax = qc * L - (kc + 1) * L + 1, (qc + 1) * L - 1 - kc * L
+        if isinstance(p, SlidingWindow):
+            w = p.window
+            lo, hi = (0, w - 1) if p.causal else (-w + 1, w - 1)
+            if dmax < lo or dmin > hi:
+                return None
+            return "full" if lo <= dmin and dmax <= hi else "partial"
+        if isinstance(p, S2):
+            nb = L // p.block
+            if kc > qc:
+                return None
+            if kc == qc:
+                return "partial"
+            if kc * nb > (qc + 1) * nb - 1 - p.local_blocks or p.stride == 1:
+                return "full"
+            band = (kc + 1) * nb - 1 > qc * nb - p.local_blocks
+            rj = range(p.stride) if nb >= p.stride else {j % p.stride for j in range(kc * nb, (kc + 1) * nb)}
+            rh = {h * p.step % p.stride for h in range(min(self.heads, p.stride))}
+            shard = any((a + b + p.offset) % p.stride == 0 for a in rj for b in rh)
+            return "partial" if band or shard else None
+        if isinstance(p, BlockList):
+            return "partial" if (qc, kc) in self._listed else None
+        raise AssertionError(p)
+
+    def _init_block_list(self, p, seq_len):
+        L, bm, bn = self.L, p.block_m, p.block_n
+        if L % bm or L % bn:
+            raise SeqParallelError(f"seq_parallel_attention: BlockList blocks of {bm}x{bn} do not tile chunks of {L} "
+                                   f"(sequence {seq_len} in {self.C} chunks)")
+        crow = p.crow.long().cpu()
+        crow = crow if crow.dim() == 2 else crow[None]
+        nq = seq_len // bm
+        if crow.shape[-1] != nq + 1:
+            raise SeqParallelError(f"seq_parallel_attention: BlockList crow has {crow.shape[-1]} entries per head, "
+                                   f"expected {nq + 1} (query blocks of {bm} for {seq_len} queries)")
+        col = p.col.long().cpu()
+        nk = seq_len // bn
+        self._bl = []                       # per head: (row block, col block) of each listed block
+        for h in range(crow.shape[0]):
+            rows = torch.repeat_interleave(torch.arange(nq), crow[h, 1:] - crow[h, :-1])
+            cols = col[int(crow[h, 0]):int(crow[h, -1])]
+            if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= nk):
+                raise SeqParallelError(f"seq_parallel_attention: BlockList column out of range [0, {nk}) for head {h}")
+            self._bl.append((rows, cols))
+        rq, rk = L // bm, L // bn
+        self._listed = {(int(a), int(b)) for rows, cols in self._bl
+                        for a, b in torch.stack([rows // rq, cols // rk], 1).unique(dim=0).tolist()} \
+            if any(r.numel() for r, _ in self._bl) else set()
+
+    def _sub_block_list(self, qc, kc):
+        from pigeon.attention import BlockList
+        p, L = self.pattern, self.L
+        rq, rk = L // p.block_m, L // p.block_n
+        crows, cols, off = [], [], 0
+        for rows, c in self._bl:
+            sel = (rows // rq == qc) & (c // rk == kc)
+            r = rows[sel] - qc * rq
+            counts = torch.bincount(r, minlength=rq)
+            crows.append(torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)]) + off)
+            cols.append(c[sel] - kc * rk)
+            off += int(sel.sum())
+        crow = torch.stack(crows) if len(crows) > 1 else crows[0]
+        return BlockList(crow, torch.cat(cols), p.block_m, p.block_n)
+
+    def kind(self, qc: int, kc: int):
+        """None, "full" or "partial"."""
+        return self.kinds[(qc, kc)]
+
+    def work(self, qc: int, kc: int, device=None):
+        """``(pattern, mask_mod)`` for ``pigeon.attention.attention`` on the chunk pair (local positions)."""
+        from dataclasses import replace
+        from pigeon.attention import S2, BlockList
+        from pigeon.attention.patterns import mask_expr
+        from pigeon.ir.expr_trace import Sym
+        kind, p, L = self.kinds[(qc, kc)], self.pattern, self.L
+        if kind == "full":
+            return None, None
+        if isinstance(p, BlockList):
+            sub = self._sub_block_list(qc, kc)
+            if device is not None:
+                sub = BlockList(sub.crow.to(device), sub.col.to(device), sub.block_m, sub.block_n)
+            return sub, None
+        if qc == kc:
+            if isinstance(p, S2):
+                return replace(p, offset=(p.offset + qc * (L // p.block)) % p.stride), None
+            return p, None
+        e = _shift_expr(mask_expr(p), qc * L, kc * L)
+        return None, lambda b, h, q_idx, kv_idx: Sym(e)
+
+    def expected(self, rank: int) -> CommStats:
+        """The counts one forward pass on ``rank`` implies (the backward circulates K/V the same way and returns
+        one dK/dV message per K/V message it received)."""
+        W, mine = self.world, self.mine[rank]
+        st = CommStats()
+        for s in range(1, W):
+            dst = (rank + s) % W
+            n = len(self.needs[(dst, rank)])
+            st.messages_sent += n > 0
+            st.chunks_sent += n
+            st.chunks_not_sent += len(mine) - n
+        for qc in mine:
+            for kc in range(self.C):
+                if self.kinds[(qc, kc)]:
+                    st.pairs_computed += 1
+                else:
+                    st.pairs_skipped += 1
+        return st
+
+
+def schedule(world: int, causal, layout=None, seq_len=None, heads: int = 1) -> dict:
+    """``needs[(dst, src)]``: the chunks of src that dst attends to (the ones src sends dst).  ``causal``: a bool
+    (dense / causal, zig-zag when causal) or a pattern."""
+    if isinstance(causal, bool):
+        from pigeon.attention import Causal
+        return Plan(world, Causal() if causal else None, layout if layout is not None else causal).needs
+    return Plan(world, causal, layout, seq_len, heads).needs
+
+
+def shard(x: torch.Tensor, rank: int, world: int, layout, dim: int = 2) -> torch.Tensor:
+    """Rank's local slice of a full-sequence tensor (the chunks of :func:`chunks_of`, concatenated); ``layout``:
+    "contiguous", "zigzag", or a bool (True: zig-zag)."""
+    C = num_chunks(world, layout)
+    if x.shape[dim] % C or x.shape[dim] == 0:
+        raise SeqParallelError(f"sequence length {x.shape[dim]} is not a positive multiple of {C} chunks")
+    parts = x.chunk(C, dim)
+    return torch.cat([parts[c] for c in chunks_of(rank, world, layout)], dim)
+
+
+def unshard(slices: list[torch.Tensor], world: int, layout, dim: int = 2) -> torch.Tensor:
     """The full-sequence tensor from every rank's slice (inverse of :func:`shard`)."""
     per = {}
     for r, s in enumerate(slices):
-        cs = chunks_of(r, world, causal)
+        cs = chunks_of(r, world, layout)
         for c, part in zip(cs, s.chunk(len(cs), dim)):
             per[c] = part
-    return torch.cat([per[c] for c in range(num_chunks(world, causal))], dim)
+    return torch.cat([per[c] for c in range(num_chunks(world, layout))], dim)
 
 
-def _block(q, k, v, kind, scale, gqa, backend):
-    from pigeon.attention import Causal, attention
-    return attention(q, k, v, pattern=Causal() if kind == "diag" else None, scale=scale, enable_gqa=gqa,
-                     return_lse=True, backend=backend)
+# ------------------------------------------------------------------------------------------ running
+
+def _block(q, k, v, work, scale, gqa, backend):
+    from pigeon.attention import attention
+    pattern, mask_mod = work
+    return attention(q, k, v, pattern=pattern, mask_mod=mask_mod, scale=scale, enable_gqa=gqa, return_lse=True,
+                     backend=backend)
 
 
 def _pack(k_parts, v_parts):
@@ -105,12 +349,11 @@ def _unpack(buf, n, k_shape, v_shape):
 class _Ring:
     """The static schedule of one call, from one rank's point of view."""
 
-    def __init__(self, q, k, v, causal, group):
-        self.group = group
+    def __init__(self, plan: Plan, k, v, group, stats: CommStats | None):
+        self.group, self.plan, self.stats = group, plan, stats
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.causal = causal
-        self.mine = chunks_of(self.rank, self.world, causal)
-        self.needs = schedule(self.world, causal)
+        self.mine = plan.mine[self.rank]
+        self.needs = plan.needs
         n = len(self.mine)
         self.k_shape, self.v_shape = k.chunk(n, 2)[0].shape, v.chunk(n, 2)[0].shape
 
@@ -124,6 +367,10 @@ class _Ring:
         dst, src = (self.rank + s) % self.world, (self.rank - s) % self.world
         reqs, recv, buf = [], None, None
         send_ch = self.needs[(dst, self.rank)]
+        if self.stats is not None:
+            self.stats.messages_sent += bool(send_ch)
+            self.stats.chunks_sent += len(send_ch)
+            self.stats.chunks_not_sent += len(self.mine) - len(send_ch)
         if send_ch:
             buf = _pack([k_by_chunk[c] for c in send_ch], [v_by_chunk[c] for c in send_ch])
             reqs.append(dist.isend(buf, self._global(dst), group=self.group, tag=s))
@@ -152,109 +399,177 @@ class _Ring:
             kk, vv = self.wait(cur)
             yield (self.rank - s) % self.world, kk, vv
 
+    def count_pairs(self):
+        if self.stats is not None:
+            for qc in self.mine:
+                for kc in range(self.plan.C):
+                    if self.plan.kinds[(qc, kc)] is None:
+                        self.stats.pairs_skipped += 1
+
 
 def _split(t, chunks):
     return dict(zip(chunks, t.chunk(len(chunks), 2)))
 
 
-def _merge(outs, lses):
-    lse_all = torch.stack(lses)                       # [n, B, H, S]
+def _merge(outs, lses, out_dtype):
+    acc = torch.promote_types(outs[0].dtype, torch.float32)
+    lse_all = torch.stack([l.to(torch.promote_types(l.dtype, torch.float32)) for l in lses])   # [n, B, H, S]
     lse = torch.logsumexp(lse_all, 0)
     fin = torch.isfinite(lse)
     w = torch.where(fin, torch.exp(lse_all - torch.where(fin, lse, torch.zeros_like(lse))),
                     torch.zeros_like(lse_all))
-    out = sum(wi[..., None] * o for wi, o in zip(w, outs))
-    return out, lse, w
+    out = sum(wi[..., None].to(acc) * o.to(acc) for wi, o in zip(w, outs))
+    return out.to(out_dtype), lse.to(lses[0].dtype)
+
+
+def _pair_grads_reference(qb, kb, vb, work, scale, gqa, g_out_fn):
+    qb, kb, vb = (t.detach().requires_grad_() for t in (qb, kb, vb))
+    with torch.enable_grad():
+        ob, lb = _block(qb, kb, vb, work, scale, gqa, "reference")
+    g_out, g_lse = g_out_fn(ob.detach(), lb.detach())
+    return torch.autograd.grad((ob, lb), (qb, kb, vb), (g_out.to(ob.dtype), g_lse.to(lb.dtype)))
+
+
+def _pair_grads_kernels(qb, kb, vb, work, scale, gqa, g_out_fn):
+    """(dq, dk, dv) of one pair through pigeon's ops (module docstring: the lse term by two more op calls)."""
+    from pigeon.attention.api import _op_args, check_inputs
+    ops = torch.ops.pigeon
+    pattern, mask_mod = work
+    check_inputs(qb, kb, vb, enable_gqa=gqa, cu_seqlens=None, pattern=pattern, backend="kernels")
+    args = _op_args(qb, kb, vb, None, mask_mod, pattern, scale, None)
+    text, q_, k_, v_, ptr, col, full, shape = args[:8]
+    ob, lb = ops.attention_fwd(text, q_, k_, v_, ptr, col, full, shape, None, scale)
+    g_out, g_lse = g_out_fn(ob, lb)
+    dq, dk, dv = ops.attention_bwd(text, g_out.to(qb.dtype).contiguous(), q_, k_, v_, ob, lb, ptr, col, full, shape,
+                                   None, scale)
+    if not bool((g_lse != 0).any()):
+        return dq, dk, dv
+    # the lse term: dS = P * g_lse (rows); P K by the forward with K as the values, P^T (g_lse Q) by the
+    # backward's dV with K as the values
+    text_k = _op_args(qb, kb, kb, None, mask_mod, pattern, scale, None)[0]
+    pk, lk = ops.attention_fwd(text_k, q_, k_, k_, ptr, col, full, shape, None, scale)
+    gq = (g_lse.float()[..., None] * q_.float()).to(qb.dtype).contiguous()
+    _, _, pt_gq = ops.attention_bwd(text_k, gq, q_, k_, k_, pk, lk, ptr, col, full, shape, None, scale)
+    acc = torch.promote_types(qb.dtype, torch.float32)
+    dq = (dq.to(acc) + scale * g_lse.to(acc)[..., None] * pk.to(acc)).to(qb.dtype)
+    dk = (dk.to(acc) + scale * pt_gq.to(acc)).to(kb.dtype)
+    return dq, dk, dv
 
 
 class _SeqParallelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, gqa, backend, group):
-        ring = _Ring(q, k, v, causal, group)
+    def forward(ctx, q, k, v, plan, scale, gqa, backend, group, stats):
+        ring = _Ring(plan, k, v, group, stats.forward if stats is not None else None)
         qs = _split(q, ring.mine)
         parts = {qc: ([], []) for qc in ring.mine}
         for _src, kk, vv in ring.steps(_split(k, ring.mine), _split(v, ring.mine)):
             for qc in ring.mine:
                 for kc in kk:
-                    kind = pair_kind(qc, kc, causal)
-                    if kind is None:
+                    if plan.kinds[(qc, kc)] is None:
                         continue
-                    o, l = _block(qs[qc], kk[kc], vv[kc], kind, scale, gqa, backend)
+                    o, l = _block(qs[qc], kk[kc], vv[kc], plan.work(qc, kc, q.device), scale, gqa, backend)
                     parts[qc][0].append(o)
                     parts[qc][1].append(l)
-        merged = [_merge(*parts[qc])[:2] for qc in ring.mine]
+                    if ring.stats is not None:
+                        ring.stats.pairs_computed += 1
+        ring.count_pairs()
+        merged = [_merge(*parts[qc], q.dtype) for qc in ring.mine]
         out = torch.cat([m[0] for m in merged], 2)
         lse = torch.cat([m[1] for m in merged], 2)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, gqa, backend, group)
+        ctx.args = (plan, scale, gqa, backend, group, stats)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, gqa, backend, group = ctx.args
-        ring = _Ring(q, k, v, causal, group)
+        plan, scale, gqa, backend, group, stats = ctx.args
+        bst = stats.backward if stats is not None else None
+        ring = _Ring(plan, k, v, group, bst)
         d_out = torch.zeros_like(out) if d_out is None else d_out
         d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
         qs, outs, lses = _split(q, ring.mine), _split(out, ring.mine), _split(lse, ring.mine)
         dos, dls = _split(d_out, ring.mine), _split(d_lse, ring.mine)
-        dq = {c: torch.zeros_like(t) for c, t in qs.items()}
-        dk = {c: torch.zeros_like(t) for c, t in _split(k, ring.mine).items()}
-        dv = {c: torch.zeros_like(t) for c, t in _split(v, ring.mine).items()}
+        acc = torch.promote_types(q.dtype, torch.float32)
+        dq = {c: torch.zeros_like(t, dtype=acc) for c, t in qs.items()}
+        dk = {c: torch.zeros_like(t, dtype=acc) for c, t in _split(k, ring.mine).items()}
+        dv = {c: torch.zeros_like(t, dtype=acc) for c, t in _split(v, ring.mine).items()}
+        pair_grads = _pair_grads_kernels if backend == "kernels" else _pair_grads_reference
         returns = []          # dK/dV partials on their way back to their owners
         for s, (src, kk, vv) in enumerate(ring.steps(_split(k, ring.mine), _split(v, ring.mine))):
-            gk = {c: torch.zeros_like(t) for c, t in kk.items()}
-            gv = {c: torch.zeros_like(t) for c, t in vv.items()}
+            gk = {c: torch.zeros_like(t, dtype=acc) for c, t in kk.items()}
+            gv = {c: torch.zeros_like(t, dtype=acc) for c, t in vv.items()}
             for qc in ring.mine:
                 for kc in kk:
-                    kind = pair_kind(qc, kc, causal)
-                    if kind is None:
+                    if plan.kinds[(qc, kc)] is None:
                         continue
-                    qb, kb, vb = (t.detach().requires_grad_() for t in (qs[qc], kk[kc], vv[kc]))
-                    with torch.enable_grad():
-                        ob, lb = _block(qb, kb, vb, kind, scale, gqa, backend)
-                    if not lb.requires_grad:
-                        raise NotImplementedError(
-                            f"seq_parallel_attention: backward needs a differentiable lse from "
-                            f"pigeon.attention (backend={backend!r} does not give one); use backend='reference'")
-                    fin = torch.isfinite(lses[qc])
-                    w = torch.where(fin & torch.isfinite(lb), torch.exp(lb - torch.where(fin, lses[qc], 0.0)), 0.0)
-                    g_out = w[..., None] * dos[qc]
-                    g_lse = w * (((ob.detach() - outs[qc]) * dos[qc]).sum(-1) + dls[qc])
-                    a, b, c = torch.autograd.grad((ob, lb), (qb, kb, vb), (g_out, g_lse))
+                    lse_q = lses[qc].to(torch.promote_types(lses[qc].dtype, torch.float32))
+                    do_q, out_q, dl_q = dos[qc].to(acc), outs[qc].to(acc), dls[qc].to(acc)
+
+                    def g_out_fn(ob, lb, lse_q=lse_q, do_q=do_q, out_q=out_q, dl_q=dl_q):
+                        fin = torch.isfinite(lse_q) & torch.isfinite(lb)
+                        w = torch.where(fin, torch.exp(lb.to(lse_q.dtype) - torch.where(fin, lse_q, 0.0)), 0.0)
+                        w = w.to(acc)
+                        return w[..., None] * do_q, w * (((ob.to(acc) - out_q) * do_q).sum(-1) + dl_q)
+                    a, b, c = pair_grads(qs[qc], kk[kc], vv[kc], plan.work(qc, kc, q.device), scale, gqa, g_out_fn)
                     dq[qc] += a
                     gk[kc] += b
                     gv[kc] += c
+                    if bst is not None:
+                        bst.pairs_computed += 1
             if src == ring.rank:
                 for c in gk:
                     dk[c] += gk[c]
                     dv[c] += gv[c]
-            else:        # send the partials back to src (tag: W + s); src receives them from (src + s)
-                buf = _pack([gk[c] for c in gk], [gv[c] for c in gv])
+            elif gk:     # send the partials back to src (tag: W + s); src receives them from (src + s)
+                buf = _pack([gk[c].to(k.dtype) for c in gk], [gv[c].to(v.dtype) for c in gv])
                 returns.append((dist.isend(buf, ring._global(src), group=group, tag=ring.world + s), buf))
+                if bst is not None:
+                    bst.grad_messages_sent += 1
             # receive the partials of our own chunks from the rank that used them at this step
             if s > 0:
                 user = (ring.rank + s) % ring.world
                 ch = ring.needs[(user, ring.rank)]
                 if ch:
-                    buf = q.new_empty(len(ch) * (ring.k_shape.numel() + ring.v_shape.numel()))
+                    buf = q.new_empty(len(ch) * (ring.k_shape.numel() + ring.v_shape.numel()), dtype=k.dtype)
                     dist.recv(buf, ring._global(user), group=group, tag=ring.world + s)
                     ks, vs = _unpack(buf, len(ch), ring.k_shape, ring.v_shape)
                     for c, a, b in zip(ch, ks, vs):
                         dk[c] += a
                         dv[c] += b
+        ring.count_pairs()
         for r, _buf in returns:
             r.wait()
-        cat = lambda d: torch.cat([d[c] for c in ring.mine], 2)
-        return cat(dq), cat(dk), cat(dv), None, None, None, None, None
+        cat = lambda d, t: torch.cat([d[c] for c in ring.mine], 2).to(t.dtype)      # noqa: E731
+        return cat(dq, q), cat(dk, k), cat(dv, v), None, None, None, None, None, None
 
 
-def seq_parallel_attention(q, k, v, *, causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
-                           backend: str = "reference", group=None):
-    """``(out, lse)`` of this rank's slice (layout: :func:`shard` with the same ``causal``): equal to
-    ``pigeon.attention.attention(full q, k, v, pattern=Causal() if causal else None, return_lse=True)``
-    sliced the same way.  Differentiable in q, k, v (module docstring: the backward)."""
+def seq_parallel_attention(q, k, v, *, causal: bool = False, pattern=None, layout=None, scale: float | None = None,
+                           enable_gqa: bool = False, backend: str = "reference", group=None,
+                           stats: SeqParallelStats | None = None):
+    """``(out, lse)`` of this rank's slice (layout: :func:`shard` with the same ``layout``; default
+    :func:`default_layout` of the pattern): equal to ``pigeon.attention.attention(full q, k, v, pattern=pattern,
+    return_lse=True)`` sliced the same way.  ``causal=True`` is ``pattern=Causal()``.  Differentiable in q, k, v
+    (module docstring: the backward).  ``stats``: counts of what was sent and computed are added to it."""
+    from pigeon.attention import Causal
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("seq_parallel_attention: q, k, v must be [batch, heads, local_seq, head_dim]")
+        raise SeqParallelError("seq_parallel_attention: q, k, v must be [batch, heads, local_seq, head_dim] "
+                               "(packed cu_seqlens inputs are not supported)")
+    if backend not in ("reference", "kernels"):
+        raise SeqParallelError(f"seq_parallel_attention: backend must be 'reference' or 'kernels', got {backend!r}")
+    if causal and pattern is not None and not isinstance(pattern, Causal):
+        raise SeqParallelError("seq_parallel_attention: give causal=True or a pattern, not both")
+    if causal:
+        pattern = Causal()
+    if q.shape[2] != k.shape[2]:
+        raise SeqParallelError(f"seq_parallel_attention: local q has {q.shape[2]} positions, k {k.shape[2]}; "
+                               "every rank holds the same positions of q, k and v")
+    world = dist.get_world_size(group)
+    lay = default_layout(pattern) if layout is None else _layout(layout)
+    per_rank = len(chunks_of(0, world, lay))
+    if q.shape[2] % per_rank:
+        raise SeqParallelError(f"seq_parallel_attention: local length {q.shape[2]} is not {per_rank} equal chunks "
+                               f"({lay} layout)")
+    plan = Plan(world, pattern, lay, q.shape[2] * world, q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _SeqParallelAttention.apply(q, k, v, causal, scale, enable_gqa, backend, group)
+    return _SeqParallelAttention.apply(q, k, v, plan, scale, enable_gqa, backend, group, stats)
