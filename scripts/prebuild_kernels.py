@@ -80,6 +80,31 @@ def attention_kernels():
     return out
 
 
+def bench_attention_kernels(variants, head_dims, heads: int, window: int):
+    """The kernels `pigeon bench attention` runs for ``variants`` (its names) at ``heads`` query
+    heads and the sliding ``window`` (the instances depend on those, on the head dim, the dtype
+    and the GQA group, not on the sequence length): bf16, forward and backward, SIMT and tensor-core."""
+    import torch
+    from pigeon.attention.api import _plan
+    from pigeon.bench.attn_variants import make_problem
+    from pigeon.codegen.attention import render_attention, render_attention_backward
+    from pigeon.codegen.attention_mma import render_attention_mma, unsupported
+    from pigeon.codegen.attention_mma_bwd import render_attention_mma_backward
+    import pigeon.attention as pa
+    out = {}
+    for variant in variants:
+        for d in head_dims:
+            p = make_problem(variant, 1, heads, 256, d, torch.bfloat16, "cpu", window)
+            kw = p.pigeon_kwargs()
+            smod = pa.trace_score_mod(kw["score_mod"]) if kw.get("score_mod") is not None else None
+            inst, _, _ = _plan(p.q, p.k, p.v, smod, None, kw.get("pattern"), kw.get("cu_seqlens"))
+            kernels = [render_attention(inst), render_attention_backward(inst)]
+            if unsupported(inst) is None:
+                kernels += [render_attention_mma(inst), render_attention_mma_backward(inst)]
+            out.update({rk.name: rk for rk in kernels})
+    return out
+
+
 def sm90_libraries():
     """The CUTLASS sm90 GEMM libraries (host shared objects for sm_90a, pigeon/runtime/hostlib.py) of
     tests/gpu/test_gemm_gpu.py and `pigeon bench gemm`: pigeon.gemm_api.prebuild_instances
@@ -121,6 +146,12 @@ def main(argv=None):
     ap.add_argument("--shiftadd", choices=("yes", "no", "only"), default="yes",
                     help="also (or only) the ShiftAdd kernels: TVM-generated (their CUDA source recorded in the "
                          "cache, which needs TVM here) and the packed weight-only template")
+    ap.add_argument("--bench-attention", default="",
+                    help="also the kernels of `pigeon bench attention` for these comma-separated variants "
+                         "(with --bench-heads, --bench-window, the head dims of --bench-head-dims)")
+    ap.add_argument("--bench-heads", type=int, default=32)
+    ap.add_argument("--bench-window", type=int, default=1024)
+    ap.add_argument("--bench-head-dims", default="128")
     args = ap.parse_args(argv)
     from pigeon.runtime.artifact import kernels_of
     from pigeon.runtime.build import build_kernel
@@ -134,6 +165,10 @@ def main(argv=None):
             ks = kernels_of(layer)
             kernels.update(ks)
         kernels.update(attention_kernels())
+    if args.bench_attention:
+        kernels.update(bench_attention_kernels(args.bench_attention.split(","),
+                                               [int(d) for d in args.bench_head_dims.split(",")],
+                                               args.bench_heads, args.bench_window))
     libs = sm90_libraries() if args.gemm_sm90 != "no" else {}
     print(f"{len(kernels)} distinct kernels", flush=True)
     print(f"building {len(kernels)} distinct kernels for {args.arch}, {len(shiftadd)} ShiftAdd kernels for {args.arch} "
