@@ -233,3 +233,56 @@ def code_accumulate(codes: torch.Tensor, v: torch.Tensor, nbits: int, *, emulate
     _launch(TvmKernel("accumulate"), {"codes": codes.contiguous(), "v": v.contiguous(), "out": out},
             {"G": g, "T": t, "W": w, "nbits": nbits, "Nv": nv}, g * nbits * nv, emulate)
     return out
+
+
+# ---------------------------------------------------------------- the weight-only packed path (Jinja2)
+
+def packed_linear(x: torch.Tensor, wpad: torch.Tensor, k: int, p_min: int, p_max: int, bits: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ (sign * 2^p)^T (+ bias)`` for 1..16 tokens by the packed weight-only kernel
+    (pigeon/codegen/shiftadd_packed.py) on CUDA: ``wpad`` the padded codes of packed.pad_words
+    ``[N, ldw]``, x bf16/fp16/fp32 (out the same), bias float32 [N] or None."""
+    from ..codegen.shiftadd_packed import DTYPES, PackedConfigError, config_for, render_packed
+    from ..shiftadd.packed import padded_words
+    def dtype_name(dt):
+        return str(dt).replace("torch.", "")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or dtype_name(x.dtype) not in DTYPES:
+        raise ShiftAddKernelError(f"packed shift kernel: x must be a 2-d {'/'.join(DTYPES)} tensor, got "
+                                  f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _need("wpad", wpad, torch.int32, 2)
+    m, kk = x.shape
+    if kk != k or wpad.shape[1] != padded_words(k, bits):
+        raise ShiftAddKernelError(f"packed shift kernel: x {tuple(x.shape)} and padded codes {tuple(wpad.shape)} do "
+                                  f"not fit K={k} ({padded_words(k, bits)} words per row after pad_words)")
+    n = wpad.shape[0]
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32 or
+                             tuple(bias.shape) != (n,)):
+        raise ShiftAddKernelError(f"packed shift kernel: bias must be float32 [{n}], got "
+                                  f"{(bias.dtype, tuple(bias.shape)) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    _same_device(*[t for t in (x, wpad, bias) if t is not None])
+    if x.device.type != "cuda":
+        raise ShiftAddKernelError(f"the packed shift kernel runs on CUDA tensors, got {x.device}")
+    try:
+        cfg = config_for(m, dtype_name(x.dtype), p_min, p_max, bits)
+    except PackedConfigError as e:
+        raise ShiftAddKernelError(str(e)) from None
+    x = x.contiguous()
+    wpad = wpad.contiguous()
+    if wpad.data_ptr() % 16:
+        raise ShiftAddKernelError("packed shift kernel: the padded codes must start 16-byte aligned (pad_words)")
+    if n * wpad.shape[1] >= _I32_MAX or m * k >= _I32_MAX:
+        raise ShiftAddKernelError("packed shift kernel: 2^31 or more words or activations")
+    out = _poisoned((m, n), x.dtype, x.device)
+    if n == 0:
+        return out
+    rk = render_packed(cfg)
+    key = (rk.name, str(x.device))
+    mod = _MODULES.get(key)
+    if mod is None:
+        from .build import build_kernel, device_arch
+        from .launch import load_module
+        mod = _MODULES[key] = load_module(build_kernel(rk.source, device_arch(x.device), name=rk.name), x.device)
+    vals = {"out": out, "x": x, "w": wpad, "bias": bias, "M": m, "N": n, "K": k, "ldx": k, "ldw": wpad.shape[1],
+            "ldo": n}
+    mod.function(rk.name).launch(rk.grid(n), rk.block, [vals[p.name] for p in rk.params], rk.ctypes)
+    return out
