@@ -71,7 +71,7 @@ def config_for(tokens: int, dtype: str, p_min: int, p_max: int, bits: int) -> Pa
         raise PackedConfigError(f"the packed shift kernel takes 1..{MAX_TOKENS} tokens, got {tokens!r} "
                                 "(larger batches: the shift or fp8 path)")
     mt = next(s for s in MT_STEPS if s >= tokens)
-    rows = 4 if mt <= 4 else 2
+    rows = 4 if mt == 1 else 2          # mt 4 with 4 rows spilled (ptxas, nvcc 13.0)
     return PackedConfig(dtype, mt, bits, p_min, p_max, rows, WARPS)
 
 
