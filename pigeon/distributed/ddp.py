@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["RGNNStack", "build_model", "global_batches", "reference_train", "train", "local_loss", "main",
+__all__ = ["RGNNStack", "build_model", "wrap_ddp", "global_batches", "reference_train", "train", "local_loss", "main",
            "init_from_env"]
 
 
@@ -72,21 +72,24 @@ def global_batches(targets: torch.Tensor, steps: int, batch_size: int, seed: int
 def local_loss(logits_targets: torch.Tensor, labels_targets: torch.Tensor, owned_global: torch.Tensor,
                batch: torch.Tensor, world: int) -> torch.Tensor:
     """This rank's share of the global mean loss over ``batch`` (scaled by ``world``: DDP averages)."""
-    sel = torch.isin(owned_global, batch)
-    per = torch.nn.functional.cross_entropy(logits_targets[sel], labels_targets[sel], reduction="sum")
+    sel = torch.isin(owned_global.cpu(), batch.cpu()).to(logits_targets.device)
+    per = torch.nn.functional.cross_entropy(logits_targets[sel], labels_targets.to(sel.device)[sel], reduction="sum")
     return per * (world / batch.numel())
 
 
 def reference_train(graph, x, labels, targets, *, steps: int, batch_size: int, lr: float, seed: int,
-                    **model_kw) -> list[dict]:
-    """Single-process training on the full graph: the parameters after each step."""
-    model = build_model(graph, x.shape[1], seed=seed, **model_kw)
+                    device=None, **model_kw) -> list[dict]:
+    """Single-process training on the full graph: the parameters after each step (on ``device``, default the
+    features' device)."""
+    device = torch.device(device) if device is not None else x.device
+    model = build_model(graph, x.shape[1], seed=seed, **model_kw).to(device)
+    x, labels = x.to(device), labels.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     history = []
     for batch in global_batches(targets, steps, batch_size, seed):
         opt.zero_grad()
         out = model(x)
-        loss = torch.nn.functional.cross_entropy(out[batch], labels[batch])
+        loss = torch.nn.functional.cross_entropy(out[batch.to(device)], labels[batch.to(device)])
         loss.backward()
         opt.step()
         history.append({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -94,21 +97,24 @@ def reference_train(graph, x, labels, targets, *, steps: int, batch_size: int, l
 
 
 def train(graph, x, labels, targets, *, steps: int, batch_size: int, lr: float, seed: int, num_layers: int = 2,
-          method: str = "contiguous", on_step=None, timeout_s: float | None = None, **model_kw) -> list[dict]:
+          method: str = "contiguous", on_step=None, timeout_s: float | None = None, device=None,
+          **model_kw) -> list[dict]:
     """One rank's DDP training loop (process group initialised); returns the parameters after each step.
     ``graph``, ``x``, ``labels``, ``targets`` are the global ones (each rank builds only its own partition).
     ``on_step(step)`` runs before each step (the failure tests use it); a collective that fails because another
-    rank exited or stalled past the process group's timeout raises :class:`~pigeon.distributed.faults.RankFailure`."""
+    rank exited or stalled past the process group's timeout raises :class:`~pigeon.distributed.faults.RankFailure`.
+    ``device``: where the model runs (default: the features' device; a CUDA device: this rank's GPU, NCCL)."""
     from .faults import guard
     from .partition import partition
     rank, world = dist.get_rank(), dist.get_world_size()
     part = partition(graph, world, num_layers, targets, method, rank=rank)
-    model = build_model(part.graph, x.shape[1], seed=seed, num_layers=num_layers, **model_kw)
+    device = torch.device(device) if device is not None else x.device
+    model = build_model(part.graph, x.shape[1], seed=seed, num_layers=num_layers, **model_kw).to(device)
     with guard("DDP setup (parameter broadcast)", timeout_s):
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp = wrap_ddp(model, device)
     opt = torch.optim.SGD(ddp.parameters(), lr=lr)
-    xl = part.gather_features(x)
-    lab = labels[part.targets_global]
+    xl = part.gather_features(x).to(device)
+    lab = labels[part.targets_global].to(device)
     history = []
     for step, batch in enumerate(global_batches(targets, steps, batch_size, seed)):
         if on_step is not None:
@@ -120,6 +126,13 @@ def train(graph, x, labels, targets, *, steps: int, batch_size: int, lr: float, 
         opt.step()
         history.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return history
+
+
+def wrap_ddp(model, device: torch.device):
+    """``DistributedDataParallel`` of ``model`` (on ``device``; a CUDA device is this rank's only GPU)."""
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
+        else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def demo_problem(seed: int = 0, in_dim: int = 4, classes: int = 3, dtype=torch.float64):

@@ -88,16 +88,19 @@ def _schedule(owned: list[torch.Tensor], batch_size: int, seed: int, epoch: int)
 
 
 def _block_loss(model, sampler, x, labels, batch, *, epoch, rank, step, scale):
-    blk = sampler.sample(batch, epoch=epoch, rank=rank, step=step)
-    out = model(blk.graph, blk.gather_features(x))[blk.targets_local]
-    return torch.nn.functional.cross_entropy(out, labels[blk.targets_global], reduction="sum") * scale
+    blk = sampler.sample(batch, epoch=epoch, rank=rank, step=step)        # on the host
+    out = model(blk.graph, blk.gather_features(x))[blk.targets_local.to(x.device)]
+    return torch.nn.functional.cross_entropy(out, labels[blk.targets_global.to(labels.device)], reduction="sum") \
+        * scale
 
 
 def train_minibatch(graph, x, labels, targets, *, fanouts, batch_size: int, lr: float, seed: int, epochs: int = 1,
                     per_relation: bool = True, method: str = "contiguous", on_step=None,
-                    timeout_s: float | None = None, **model_kw) -> list[dict]:
+                    timeout_s: float | None = None, device=None, **model_kw) -> list[dict]:
     """One rank's mini-batch DDP loop (process group initialised); the parameters after every step.
-    ``graph``, ``x``, ``labels``, ``targets`` are the global ones (host memory; only blocks reach the model)."""
+    ``graph``, ``x``, ``labels``, ``targets`` are the global ones (host memory; only blocks reach the model);
+    ``device``: where the model runs (default: the features' device; CUDA: this rank's GPU, NCCL)."""
+    from .ddp import wrap_ddp
     from .faults import guard
     from .partition import assign_targets
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -105,9 +108,11 @@ def train_minibatch(graph, x, labels, targets, *, fanouts, batch_size: int, lr: 
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     sampler = NeighborSampler(graph, fanouts, per_relation=per_relation, seed=seed)
     owned = assign_targets(targets, world, method)
-    model = _build(graph, x.shape[1], fanouts, seed, model_kw)
+    device = torch.device(device) if device is not None else x.device
+    model = _build(graph, x.shape[1], fanouts, seed, model_kw).to(device)
+    x, labels = x.to(device), labels.to(device)
     with guard("DDP setup (parameter broadcast)", timeout_s):
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp = wrap_ddp(model, device)
     opt = torch.optim.SGD(ddp.parameters(), lr=lr)
     history = []
     for epoch in range(epochs):
@@ -131,7 +136,7 @@ def train_minibatch(graph, x, labels, targets, *, fanouts, batch_size: int, lr: 
 
 def reference_minibatch_train(graph, x, labels, targets, *, world: int, fanouts, batch_size: int, lr: float,
                               seed: int, epochs: int = 1, per_relation: bool = True, method: str = "contiguous",
-                              mode: str = "union", **model_kw) -> list[dict]:
+                              mode: str = "union", device=None, **model_kw) -> list[dict]:
     """Single-process training over the same steps as :func:`train_minibatch` on ``world`` ranks (module
     docstring: ``mode="union"`` / ``"per_rank"``)."""
     from .partition import assign_targets
@@ -139,7 +144,9 @@ def reference_minibatch_train(graph, x, labels, targets, *, world: int, fanouts,
         raise ValueError(f"mode must be 'union' or 'per_rank', got {mode!r}")
     sampler = NeighborSampler(graph, fanouts, per_relation=per_relation, seed=seed)
     owned = assign_targets(targets, world, method)
-    model = _build(graph, x.shape[1], fanouts, seed, model_kw)
+    device = torch.device(device) if device is not None else x.device
+    model = _build(graph, x.shape[1], fanouts, seed, model_kw).to(device)
+    x, labels = x.to(device), labels.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     history = []
     for epoch in range(epochs):

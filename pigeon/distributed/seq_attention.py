@@ -365,7 +365,7 @@ class _Ring:
         if s >= self.world:
             return None
         dst, src = (self.rank + s) % self.world, (self.rank - s) % self.world
-        reqs, recv, buf = [], None, None
+        ops, recv, buf = [], None, None
         send_ch = self.needs[(dst, self.rank)]
         if self.stats is not None:
             self.stats.messages_sent += bool(send_ch)
@@ -373,12 +373,14 @@ class _Ring:
             self.stats.chunks_not_sent += len(self.mine) - len(send_ch)
         if send_ch:
             buf = _pack([k_by_chunk[c] for c in send_ch], [v_by_chunk[c] for c in send_ch])
-            reqs.append(dist.isend(buf, self._global(dst), group=self.group, tag=s))
+            ops.append(dist.P2POp(dist.isend, buf, self._global(dst), self.group, s))
         recv_ch = self.needs[(self.rank, src)]
         if recv_ch:
             n = len(recv_ch)
             recv = k_by_chunk[self.mine[0]].new_empty(n * (self.k_shape.numel() + self.v_shape.numel()))
-            reqs.append(dist.irecv(recv, self._global(src), group=self.group, tag=s))
+            ops.append(dist.P2POp(dist.irecv, recv, self._global(src), self.group, s))
+        # one batch (NCCL: one group), so that two ranks sending to each other do not wait on each other
+        reqs = dist.batch_isend_irecv(ops) if ops else []
         return reqs, recv, recv_ch, buf      # buf: the send buffer, alive until waited
 
     def wait(self, posted):
@@ -520,24 +522,32 @@ class _SeqParallelAttention(torch.autograd.Function):
                 for c in gk:
                     dk[c] += gk[c]
                     dv[c] += gv[c]
-            elif gk:     # send the partials back to src (tag: W + s); src receives them from (src + s)
+                continue
+            # send the partials back to src (tag W + s) and receive those of our own chunks from the rank that
+            # used them at this step (user = rank + s), in one batch
+            ops, recv = [], None
+            if gk:
                 buf = _pack([gk[c].to(k.dtype) for c in gk], [gv[c].to(v.dtype) for c in gv])
-                returns.append((dist.isend(buf, ring._global(src), group=group, tag=ring.world + s), buf))
+                ops.append(dist.P2POp(dist.isend, buf, ring._global(src), group, ring.world + s))
+                returns.append(buf)
                 if bst is not None:
                     bst.grad_messages_sent += 1
-            # receive the partials of our own chunks from the rank that used them at this step
-            if s > 0:
-                user = (ring.rank + s) % ring.world
-                ch = ring.needs[(user, ring.rank)]
-                if ch:
-                    buf = q.new_empty(len(ch) * (ring.k_shape.numel() + ring.v_shape.numel()), dtype=k.dtype)
-                    dist.recv(buf, ring._global(user), group=group, tag=ring.world + s)
-                    ks, vs = _unpack(buf, len(ch), ring.k_shape, ring.v_shape)
-                    for c, a, b in zip(ch, ks, vs):
-                        dk[c] += a
-                        dv[c] += b
+            user = (ring.rank + s) % ring.world
+            ch = ring.needs[(user, ring.rank)]
+            if ch:
+                recv = q.new_empty(len(ch) * (ring.k_shape.numel() + ring.v_shape.numel()), dtype=k.dtype)
+                ops.append(dist.P2POp(dist.irecv, recv, ring._global(user), group, ring.world + s))
+            reqs = dist.batch_isend_irecv(ops) if ops else []
+            if recv is not None:
+                reqs[-1].wait()
+                ks, vs = _unpack(recv, len(ch), ring.k_shape, ring.v_shape)
+                for c, a, b in zip(ch, ks, vs):
+                    dk[c] += a
+                    dv[c] += b
+            if gk:
+                returns.append(reqs[0])
         ring.count_pairs()
-        for r, _buf in returns:
+        for r in returns[1::2]:
             r.wait()
         cat = lambda d, t: torch.cat([d[c] for c in ring.mine], 2).to(t.dtype)      # noqa: E731
         return cat(dq, q), cat(dk, k), cat(dv, v), None, None, None, None, None, None
