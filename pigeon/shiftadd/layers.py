@@ -13,7 +13,9 @@ the float master weights; dB = V g^T) are torch matmuls.
 
 - ``ShiftLinear``: float master weights; in training/float forward the weights are quantized to
   sign * 2^p by the clipped straight-through estimator (quant.py) and the product is
-  ``shift_linear_float``; ``quantize=False`` gives a plain float linear (for gradchecks).  The
+  ``shift_linear_float`` (CPU, or ``backend="torch"``) or, on CUDA, one of the paths of paths.py
+  (``path="auto"``: measured or estimated latencies per shape; or "shift" | "packed" | "fp8" |
+  "dense"; ``describe(m)`` prints the decision); ``quantize=False`` gives a plain float linear.  The
   integer inference path (``forward_fixed`` / ``int_forward``) takes Q16.16 activations and the
   packed 5/6-bit codes through the TVM llvm kernel, bit-exact with ``shift_linear_ref``.
 - ``AddAttention``: ShiftAddViT's linear-angular attention with binarized queries and keys (the
@@ -55,6 +57,10 @@ from .add import code_accumulate, pack_bits
 from .fixed import _I32, from_fixed, shift_linear_float, shift_linear_ref, to_fixed
 from .quant import (ShiftFormatError, _check_bits, _check_range, codes_per_word, min_code_bits, pack_shift,
                     quantize_shift, unpack_shift)
+from .fp8 import shift_linear_fp8, weights_e5m2
+from .packed import pad_words
+from .paths import CHOICES, Decision, applicable, choose
+from .quant import dequantize_shift
 from .router import moe_balance_loss
 
 
@@ -137,10 +143,14 @@ class ShiftLinear(torch.nn.Module):
     """y = x @ (sign * 2^p)^T + b with float master weights (module doc)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, p_min: int = -15, p_max: int = 0,
-                 bits: int | None = None, quantize: bool = True, backend: str = "kernels"):
+                 bits: int | None = None, quantize: bool = True, backend: str = "kernels", path: str = "auto"):
         super().__init__()
         self.backend = _check_backend("ShiftLinear", backend)
-        self.last_path = None
+        if path not in CHOICES:
+            raise ValueError(f"ShiftLinear: path is one of {CHOICES}, got {path!r}")
+        self.path = path
+        self.last_path = self.last_decision = None
+        self._prepared: dict = {}
         _check_range(p_min, p_max)
         bits = min_code_bits(p_min, p_max) if bits is None else bits
         _check_bits(p_min, p_max, bits)
@@ -153,7 +163,8 @@ class ShiftLinear(torch.nn.Module):
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
-                f"p={self.p_min}..{self.p_max}, bits={self.bits}, quantize={self.quantize}")
+                f"p={self.p_min}..{self.p_max}, bits={self.bits}, quantize={self.quantize}, path={self.path}, "
+                f"backend={self.backend}")
 
     def _check_x(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -171,12 +182,54 @@ class ShiftLinear(torch.nn.Module):
             y = F.linear(x, self.weight)
         return y if self.bias is None else y + self.bias
 
+    def decide(self, m: int, dtype: torch.dtype, device) -> Decision:
+        """The path a CUDA call with ``m`` rows of ``dtype`` takes (paths.py): ``path`` when explicit
+        (an error if it cannot run the shape), else the fastest by measured or estimated latency."""
+        dev = torch.device(device)
+        dt = str(dtype).replace("torch.", "")
+        fp8_ok = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
+        gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+        n, k = self.out_features, self.in_features
+        if self.path != "auto":
+            why = applicable(m, n, k, dt, self.p_min, self.p_max, fp8_ok).get(self.path)
+            if why:
+                raise ShiftFormatError(f"ShiftLinear(path={self.path!r}) cannot run [{m}, {k}] x [{k}, {n}] {dt}: {why}")
+            return Decision(self.path, "explicit", {}, {}, (m, n, k, dt))
+        return choose(m, n, k, dt, p_min=self.p_min, p_max=self.p_max, bits=self.bits, gpu=gpu, fp8_ok=fp8_ok)
+
+    def describe(self, m: int, dtype=torch.bfloat16, device="cuda") -> str:
+        """The decision for a call with ``m`` rows, as one line."""
+        return self.decide(m, dtype, device).describe()
+
+    def _weights_for(self, path: str, sign, p, dtype):
+        """The path's form of the quantized weights; kept while the weights are unchanged (inference)."""
+        key = (path, dtype, self.weight._version, self.weight.data_ptr())
+        got = self._prepared.get(key)
+        if got is not None:
+            return got
+        if path == "shift":
+            got = pack_shift(sign, p, self.p_min, self.p_max, self.bits)
+        elif path == "packed":
+            got = pad_words(pack_shift(sign, p, self.p_min, self.p_max, self.bits), self.in_features, self.bits)
+        elif path == "fp8":
+            got = weights_e5m2(sign, p)
+        else:
+            got = dequantize_shift(sign, p, dtype)
+        self._prepared = {key: got}
+        return got
+
     def run_path(self, x2: torch.Tensor, sign: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """x2 [M, K] (CUDA) times the quantized weights by a generated kernel, in x2's dtype."""
-        packed = pack_shift(sign, p, self.p_min, self.p_max, self.bits)
-        self.last_path = "shift"
-        return _kernels().shift_linear(x2.float().contiguous(), packed, self.p_min, self.p_max,
-                                       self.bits).to(x2.dtype)
+        """x2 [M, K] (CUDA) times the quantized weights on the decided path, in x2's dtype."""
+        d = self.decide(x2.shape[0], x2.dtype, x2.device)
+        self.last_path, self.last_decision = d.path, d
+        w = self._weights_for(d.path, sign, p, x2.dtype)
+        if d.path == "shift":
+            return _kernels().shift_linear(x2.float().contiguous(), w, self.p_min, self.p_max, self.bits).to(x2.dtype)
+        if d.path == "packed":
+            return _kernels().packed_linear(x2.contiguous(), w, self.in_features, self.p_min, self.p_max, self.bits)
+        if d.path == "fp8":
+            return shift_linear_fp8(x2, w, x2.dtype)
+        return x2 @ w.T
 
     # -- integer inference path
     def pack(self) -> torch.Tensor:

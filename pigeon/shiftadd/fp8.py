@@ -1,0 +1,91 @@
+"""The fp8 tensor-core path of the shift linear: power-of-two weights are exact in float8_e5m2.
+
+e5m2 holds 2^-16 .. 2^15 exactly (normals from 2^-14, subnormals 2^-15 and 2^-16), so every weight
+sign * 2^p of a range inside -16..15 converts to e5m2 without error (``weights_e5m2`` checks the
+range and the round trip).  The activations are not powers of two: ``quantize_rows_e4m3`` scales
+each row by amax / 448 into float8_e4m3fn (3 mantissa bits: a relative error up to 2^-4 per
+element, so this path is lossy in x, unlike the shift and packed paths).  ``shift_linear_fp8`` runs
+``torch._scaled_mm(x_e4m3, w_e5m2^T)`` on tensor cores with the row scales: rowwise scales
+(``scale_a [M, 1]``, ``scale_b [1, N]``, bf16 out) where this torch/cuBLAS takes them for an e4m3 x
+e5m2 product, else per-tensor scales of 1 and the row scale applied to the output after
+(``last_mode()`` says which ran).  cuBLAS needs K and N to be multiples of 16."""
+from __future__ import annotations
+
+import torch
+
+from .quant import ShiftFormatError, dequantize_shift
+
+E5M2_P = (-16, 15)
+E4M3_MAX = 448.0
+_MODE: dict = {}          # device -> "rowwise" | "tensorwise", the first that ran
+
+
+def check_range_e5m2(p_min: int, p_max: int) -> None:
+    if p_min < E5M2_P[0] or p_max > E5M2_P[1]:
+        raise ShiftFormatError(f"shift range {p_min}..{p_max} is not exact in float8_e5m2 (powers of two "
+                               f"2^{E5M2_P[0]}..2^{E5M2_P[1]}): the fp8 path cannot take it")
+
+
+def weights_e5m2(sign: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``sign * 2^p`` as float8_e5m2 ``[N, K]``, checked exact (ShiftFormatError otherwise)."""
+    nz = sign != 0
+    if nz.any():
+        check_range_e5m2(int(p[nz].min()), int(p[nz].max()))
+    w = dequantize_shift(sign, p, torch.float32)
+    w8 = w.to(torch.float8_e5m2)
+    if not torch.equal(w8.to(torch.float32), w):
+        raise ShiftFormatError("a quantized weight does not survive the float8_e5m2 round trip")
+    return w8
+
+
+def quantize_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_e4m3 [M, K], scale float32 [M, 1])`` with ``x ~ x_e4m3 * scale`` (scale = amax / 448, 1 for a zero row)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
+        raise ShiftFormatError(f"quantize_rows_e4m3: x must be a 2-d floating tensor, got "
+                               f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    amax = x.detach().abs().amax(dim=1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def check_shapes(m: int, n: int, k: int) -> str | None:
+    """Why cuBLAS's fp8 GEMM cannot take ``[M, K] x [K, N]`` (None if it can)."""
+    if k % 16 or n % 16:
+        return f"K={k} and N={n} must be multiples of 16 for cuBLAS fp8"
+    return None
+
+
+def shift_linear_fp8(x: torch.Tensor, w8: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [M, K] @ w^T`` for the e5m2 weights ``w8 [N, K]`` by ``torch._scaled_mm`` (module doc)."""
+    if not isinstance(w8, torch.Tensor) or w8.dtype != torch.float8_e5m2 or w8.dim() != 2:
+        raise ShiftFormatError(f"shift_linear_fp8: weights must be 2-d float8_e5m2 (weights_e5m2), got "
+                               f"{(w8.dtype, tuple(w8.shape)) if isinstance(w8, torch.Tensor) else type(w8).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2 or x.shape[1] != w8.shape[1]:
+        raise ShiftFormatError(f"shift_linear_fp8: x has shape {tuple(x.shape) if isinstance(x, torch.Tensor) else x!r}, "
+                               f"expected [M, {w8.shape[1]}] floating")
+    why = check_shapes(x.shape[0], w8.shape[0], w8.shape[1])
+    if why:
+        raise ShiftFormatError(f"shift_linear_fp8: {why}")
+    if not x.is_cuda or x.device != w8.device:
+        raise ShiftFormatError(f"shift_linear_fp8 runs on CUDA (torch._scaled_mm); x is on {x.device}, w on {w8.device}")
+    out_dtype = out_dtype or x.dtype
+    xq, sx = quantize_rows_e4m3(x)
+    mode = _MODE.get(x.device)
+    if mode in (None, "rowwise"):
+        try:
+            ones = torch.ones(1, w8.shape[0], dtype=torch.float32, device=x.device)
+            y = torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=ones, out_dtype=torch.bfloat16)
+            _MODE[x.device] = "rowwise"
+            return y.to(out_dtype)
+        except RuntimeError:
+            if mode == "rowwise":
+                raise
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    y = torch._scaled_mm(xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    _MODE[x.device] = "tensorwise"
+    return (y * sx).to(out_dtype)
+
+
+def last_mode(device) -> str | None:
+    """"rowwise" or "tensorwise": how shift_linear_fp8 last ran on ``device`` (None: not yet)."""
+    return _MODE.get(torch.device(device))
