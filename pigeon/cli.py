@@ -326,6 +326,10 @@ def cmd_compile(args) -> int:
         check_out_dir(args.out)
         if args.backend == "reference":
             raise CliError("--out writes kernel artifacts: it needs --backend kernels")
+    if args.tune and args.backend == "reference" and not args.out:
+        raise CliError("--tune measures kernel configurations: it needs --backend kernels")
+    if args.tune_reps is not None and args.tune_reps < 1:
+        raise CliError(f"--tune-reps {args.tune_reps}: give a positive number of timed calls")
 
     import torch
 
@@ -358,7 +362,20 @@ def cmd_compile(args) -> int:
     if args.dump:
         print(f"# traced IR ({len(ir)} ops)")
         print(format_ir(ir))
-    compilation, records = run_pipeline(ir, graph_stats=graph_stats_for(graph))
+    choices = None
+    if args.tune:
+        from .module import tune_layer
+        from .tune import TuneError
+        try:
+            tuned = tune_layer(spec, graph, args.in_dim, ir=ir, dtype=args.dtype, seed=0, hparams=hparams,
+                               mode=args.tune_mode, device=device, reps=args.tune_reps,
+                               progress=lambda m: print(m, file=sys.stderr, flush=True))
+        except TuneError as e:
+            raise CliError(f"--tune: {e}") from None
+        for line in tuned.table():
+            print(f"# {line}")
+        choices = tuned.choices
+    compilation, records = run_pipeline(ir, graph_stats=graph_stats_for(graph), choices=choices)
     ir = compilation.ir
     t_compile = time.perf_counter() - t0
     for r in records:
@@ -588,6 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--check", action="store_true",
                    help="also run the reference interpreter with the same inputs and weights and compare "
                         "(exit 1 beyond the tolerance)")
+    c.add_argument("--tune", action="store_true",
+                   help="measure the configurations the cost rules choose between (reordering, compaction, "
+                        "aggregation schedules) on --device, each checked against the reference first, and use "
+                        "the fastest; the winner is recorded in the kernel cache and reused without measuring")
+    c.add_argument("--tune-mode", choices=["inference", "training"],
+                   help="what --tune times: a no-grad forward, or forward + backward (default: training when the "
+                        "spec has a backward)")
+    c.add_argument("--tune-reps", type=int, metavar="N", help="timed calls per candidate (default 20 on a GPU, 5 on a CPU)")
     c.add_argument("--out", metavar="DIR", help="write an AOT artifact (kernel programs + cubins) to DIR")
     c.add_argument("--arch", default="sm_90", help=f"GPU architecture of the artifact's cubins "
                    f"(sm_XY: {ARCH_EXAMPLES}; default sm_90)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping
 
 import torch
@@ -128,8 +129,11 @@ class CompiledLayer(torch.nn.Module):
         stats = self.kgraph.degree_stats
         if any(b.rows == "compact" for prog in (fwd, bwd) if prog is not None for b in prog.buffers):
             stats = {**stats, **self.kgraph.compact_stats}
-        fwd = choose_schedules(fwd, stats)
-        bwd = choose_schedules(bwd, stats) if bwd is not None else None
+        self.schedule_stats = stats
+        self.lowered = (fwd, bwd)          # before the schedules: what --tune's decision points read
+        choices = c.choices or {}
+        fwd = choose_schedules(fwd, stats, choices)
+        bwd = choose_schedules(bwd, stats, choices) if bwd is not None else None
         self.forward_program, self.backward_program = fwd, bwd
         self.backward_error = backward_error
         lp = LayerPrograms(self.forward_program, self.backward_program,
@@ -163,19 +167,108 @@ class CompiledLayer(torch.nn.Module):
 
 
 def compile(spec: Layer, graph, in_dim: int | Mapping[str, int] | None = None, *,
-            backend: str = "kernels", seed: int | None = 0, dtype: str = "float32",
-            **hparams) -> CompiledLayer:
+            backend: str = "kernels", seed: int | None = 0, dtype: str = "float32", tune: bool = False,
+            tune_mode: str | None = None, tune_device=None, tune_reps: int | None = None,
+            tune_progress=None, **hparams) -> CompiledLayer:
     """Trace ``spec`` with ``hparams``, run the pass pipeline, and bind the result to ``graph``.
 
     ``backend="kernels"`` (the default) runs pigeon's generated kernels forward and backward (CUDA
     templates on a GPU; on a CPU each kernel instance's torch semantics, or the emulated CUDA text
     with PIGEON_CPU_BACKEND=emulate), with ``dtype`` float32 or bfloat16 storage;
     ``backend="reference"`` runs the reference interpreter (torch ops, torch autograd), in float32,
-    bfloat16 or float64.  Inputs must have the layer's dtype (a bfloat16 layer also takes float32)."""
+    bfloat16 or float64.  Inputs must have the layer's dtype (a bfloat16 layer also takes float32).
+
+    ``tune=True`` (kernels only) measures the configurations the cost rules choose between on
+    ``tune_device`` (default: cuda when there is a GPU) in ``tune_mode`` ("training", the default
+    when the layer has a backward, or "inference") and builds the fastest; the winner is recorded
+    in the kernel cache, and a later compile of the same key reuses it without measuring
+    (pigeon/tune.py).  ``layer.tune_result`` holds every candidate's estimate, time and status;
+    ``tune_progress`` gets the progress lines (default: stderr)."""
     if not isinstance(spec, Layer):
         raise TypeError(f"pigeon.compile takes a @pigeon.layer spec, got {type(spec).__name__}")
     traced = dtype if dtype in ("float32", "bfloat16", "float16", "float64") else "float32"
-    compilation, _ = run_pipeline(spec.trace(in_dim, dtype=traced, **hparams), graph_stats=graph_stats_for(graph))
+    ir = spec.trace(in_dim, dtype=traced, **hparams)
+    result = None
+    if tune:
+        if backend != "kernels":
+            raise ValueError("tune=True measures kernel configurations: it needs backend='kernels'")
+        result = tune_layer(spec, graph, in_dim, ir=ir, dtype=dtype, seed=seed, hparams=hparams, mode=tune_mode,
+                            device=tune_device, reps=tune_reps, progress=tune_progress)
+    compilation, _ = run_pipeline(ir, graph_stats=graph_stats_for(graph),
+                                  choices=result.choices if result is not None else None)
     layer = CompiledLayer(spec, compilation, graph, backend, seed, dtype)
     layer.hparams = dict(hparams)
+    layer.tune_result = result
     return layer
+
+
+def tune_stats(graph) -> tuple[dict, dict]:
+    """(the pipeline's graph statistics, the kernel graph's degree and compact statistics)."""
+    from .runtime.ops import layer_kgraph
+    kg = layer_kgraph(graph)
+    gs = {**graph_stats_for(graph), "num_nodes": graph.num_nodes, "num_etypes": graph.num_etypes,
+          "num_ntypes": graph.num_ntypes}
+    return gs, {**kg.degree_stats, **kg.compact_stats}
+
+
+def tune_layer(spec: Layer, graph, in_dim=None, *, ir: IRGraph | None = None, dtype: str = "float32",
+               seed: int | None = 0, hparams: Mapping | None = None, mode: str | None = None, device=None,
+               reps: int | None = None, progress=None, cache: bool = True, timer=None, max_full: int | None = None):
+    """``pigeon compile --tune``: the candidates of ``spec`` on ``graph`` measured on ``device``
+    (pigeon/tune.py); ``cache=False`` neither reads nor writes a tuning record (the benchmark's
+    --tune-check).  Returns a ``pigeon.tune.TuneResult``."""
+    import sys
+
+    from . import tune as T
+    from .passes.choices import MAX_FULL
+    from .passes.lower import lower
+    from .runtime.tune_records import TuneRecords
+    hparams = dict(hparams or {})
+    _check_dtype("kernels", dtype)
+    traced = dtype if dtype in ("float32", "bfloat16", "float16", "float64") else "float32"
+    ir = ir if ir is not None else spec.trace(in_dim, dtype=traced, **hparams)
+    device = torch.device(device) if device is not None else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gs, ks = tune_stats(graph)
+
+    def build(choices, backend, ref_dtype=None):
+        comp, _ = run_pipeline(ir, graph_stats=gs, choices=choices)
+        layer = CompiledLayer(spec, comp, graph, backend, seed, ref_dtype or dtype)
+        layer.hparams = dict(hparams)
+        return layer
+
+    def lower_fn(comp):
+        fwd = lower(comp.forward)
+        return [fwd] + ([lower(comp.backward)] if comp.backward is not None else [])
+
+    def make_inputs():
+        gen = torch.Generator().manual_seed(0)
+        tdt = TORCH_DTYPES[dtype]
+        return [torch.randn(expected_shape(op, graph), generator=gen).to(tdt) for op in ir.inputs()]
+
+    if mode is None:
+        from .passes.autodiff import AutodiffError, autodiff
+        try:
+            has_backward = autodiff(ir).backward is not None
+        except AutodiffError:
+            has_backward = False
+        mode = "training" if has_backward else "inference"
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({os.environ.get('PIGEON_CPU_BACKEND', 'torch')} executor)"
+    fields = {"spec": spec.name, "ir": T.ir_digest(ir), "hparams": sorted(hparams.items()), "in_dim": in_dim,
+              "dtype": dtype, "graph_stats": sorted(gs.items()), "kernel_stats": sorted(ks.items()),
+              "device": dev_name, "mode": mode, "pigeon": _version(),
+              "env": {k: os.environ.get(k) for k in ("PIGEON_COMPACT", "PIGEON_AGGREGATE_SCHEDULE")}}
+    key = T.tune_key(fields)
+    if progress is None:
+        def progress(msg):
+            print(msg, file=sys.stderr, flush=True)
+    return T.tune(ir=ir, graph_stats=gs, kernel_stats=ks, build=build, make_inputs=make_inputs, lower_fn=lower_fn,
+                  key=key, fields=fields, mode=mode, device=device, dtype=dtype,
+                  store=TuneRecords() if cache else None, progress=progress, timer=timer, reps=reps,
+                  max_full=max_full or MAX_FULL)
+
+
+def _version() -> str:
+    from ._version import __version__
+    return __version__

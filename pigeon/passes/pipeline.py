@@ -6,6 +6,13 @@ the forward graph (user outputs plus the values backward saves) and the backward
 pass (``GraphPass``) runs on every graph the compilation holds at that point; ``StagePass`` passes
 (autodiff) transform the compilation.  The verifier runs after every pass; every pass is recorded
 with what it changed (``pigeon compile --dump`` prints the records).
+
+``choices`` (``run_pipeline(..., choices=)``, kept in ``Compilation.choices``) takes the
+graph-dependent decisions explicitly instead of by their cost rules: ``"linear_reorder": False``
+skips the reordering pass, ``"compaction": True | False`` compacts or not whatever the E/U rule
+says, and ``"schedule:..."`` entries are read after lowering (pigeon/passes/schedule.py).  The
+decision points and their options are listed by pigeon/passes/choices.py; ``pigeon compile
+--tune`` measures them.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from typing import Callable
 from ..ir.graph import IRGraph
 from ..ir.verify import verify
 from .autodiff import AutodiffError, AutodiffResult, autodiff
-from .compact import RULES as COMPACT_RULES, decide as decide_compaction
+from .compact import RULES as COMPACT_RULES, Decision as CompactDecision, decide as decide_compaction
 from .reorder import linear_reorder
 from .rewrite import Change, Rule, rewrite
 from .simplify import RULES as SIMPLIFY_RULES
@@ -33,6 +40,7 @@ class Compilation:
     autodiff: AutodiffResult | None = None
     backward_error: str | None = None          # why there is no backward graph
     graph_stats: dict | None = None            # the graph's statistics, for graph-dependent passes
+    choices: dict | None = None                # explicit decisions (see the module docstring)
 
     def graphs(self) -> dict[str, IRGraph]:
         out = {"ir": self.ir}
@@ -100,7 +108,9 @@ def _autodiff(c: Compilation, rec: PassRecord) -> Compilation:
 def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
     """Compact materialization where the graph's statistics say it pays (pigeon/passes/compact.py).
     Before autodiff, so the backward graph is built on the compact rows."""
-    d = decide_compaction(c.graph_stats)
+    given = (c.choices or {}).get("compaction")
+    d = decide_compaction(c.graph_stats) if given is None else \
+        CompactDecision(bool(given), f"chosen explicitly (compaction={bool(given)})")
     if not d.compact:
         rec.note = f"not applied: {d.why}"
         return c
@@ -121,15 +131,25 @@ PIPELINE: tuple = (SIMPLIFY, DEAD_OPS, LINEAR_REORDER, COMPACTION, AUTODIFF, SIM
 FORWARD_ONLY: tuple = (SIMPLIFY, DEAD_OPS)
 
 
-def run_pipeline(ir: IRGraph, pipeline=PIPELINE, *, graph_stats: dict | None = None
+# graph passes that ``choices`` can turn off (name -> the choice's key)
+OPTIONAL_GRAPH_PASSES = {"linear_reorder": "linear_reorder"}
+
+
+def run_pipeline(ir: IRGraph, pipeline=PIPELINE, *, graph_stats: dict | None = None, choices: dict | None = None
                  ) -> tuple[Compilation, list[PassRecord]]:
     """Run the passes in order; returns the compilation and one record per pass.  ``graph_stats``
     (``num_edges``, ``compact_rows``: see ``graph_stats_for``) feeds the graph-dependent passes;
-    without it they keep the graph as traced."""
-    c = Compilation(verify(ir), graph_stats=graph_stats)
+    without it they keep the graph as traced.  ``choices``: explicit decisions (module docstring)."""
+    choices = dict(choices) if choices else None
+    c = Compilation(verify(ir), graph_stats=graph_stats, choices=choices)
     records = []
     for p in pipeline:
         rec = PassRecord(p.name)
+        key = OPTIONAL_GRAPH_PASSES.get(p.name) if isinstance(p, GraphPass) else None
+        if key is not None and (choices or {}).get(key) is False:
+            rec.note = f"not applied: chosen explicitly ({key}=False)"
+            records.append(rec)
+            continue
         if isinstance(p, StagePass):
             before = {k: len(g) for k, g in c.graphs().items()}
             c = p.run(c, rec)

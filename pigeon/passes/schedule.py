@@ -17,6 +17,12 @@ each node's edge list.
 H200's resident thread count (132 SMs x 2048); SKEW = 4 leaves the node schedule (no atomics,
 deterministic sums) wherever the graph is not clearly hub-bound.  ``PIGEON_AGGREGATE_SCHEDULE`` =
 ``node`` | ``edge_chunks`` | ``auto`` (default) overrides the choice.
+
+Decision points (``schedule_point``): the rule reads only (what is reduced, the side, the lane
+group), so every launch with the same triple is one decision, named ``schedule:<loop>/<side>/g<G>``
+(``schedule:aggregate/dst/g16``, ``schedule:edge_softmax/dst/g4``).  ``choose_schedules(...,
+choices=)`` takes an explicit option per point (what ``pigeon compile --tune`` measured); points
+it does not name follow the rule.
 """
 from __future__ import annotations
 
@@ -39,12 +45,10 @@ class ScheduleError(ValueError):
 
 def aggregate_schedule(width: int, stats: dict, side: str = "dst") -> str:
     """``node`` or ``edge_chunks`` for a sum aggregation of rows of ``width`` elements."""
-    forced = os.environ.get(ENV, "auto")
-    if forced not in ("auto", "node", "edge_chunks"):
-        raise ScheduleError(f"{ENV}={forced!r}: expected auto, node or edge_chunks")
-    if forced != "auto":
+    forced = forced_schedule()
+    if forced is not None:
         return forced
-    group = 1 << max(0, (min(max(width, 1), 32) - 1).bit_length())
+    group = lane_group(width)
     # the largest member list of one output row, and how many members there are in all
     d_key, n_key = {"dst": ("max_in_degree", "num_edges"), "src": ("max_out_degree", "num_edges"),
                     "compact": ("max_compact_edges", "num_edges"),
@@ -54,6 +58,31 @@ def aggregate_schedule(width: int, stats: dict, side: str = "dst") -> str:
     d_max = stats[d_key]
     balanced = stats[n_key] * group / RESIDENT_THREADS
     return "edge_chunks" if d_max > SKEW * max(balanced, 1.0) else "node"
+
+
+def lane_group(width: int) -> int:
+    return 1 << max(0, (min(max(width, 1), 32) - 1).bit_length())
+
+
+SCHEDULES = ("node", "edge_chunks")
+
+
+def schedule_point(inst: TraversalInstance) -> str | None:
+    """The decision point a launch's schedule belongs to (None: the launch has no schedule choice:
+    not a sum aggregation nor an edge softmax)."""
+    if inst.loop == "aggregate" and inst.reduce == "sum":
+        return f"schedule:aggregate/{inst.side}/g{lane_group(inst.out.width)}"
+    if inst.loop == "edge_softmax":
+        return f"schedule:edge_softmax/dst/g{lane_group(inst.out.width)}"
+    return None
+
+
+def forced_schedule() -> str | None:
+    """The schedule ``PIGEON_AGGREGATE_SCHEDULE`` forces, or None (auto)."""
+    forced = os.environ.get(ENV, "auto")
+    if forced not in ("auto", "node", "edge_chunks"):
+        raise ScheduleError(f"{ENV}={forced!r}: expected auto, node or edge_chunks")
+    return None if forced == "auto" else forced
 
 
 def _softmax_on_edge_chunks(inst: TraversalInstance, tag: int) -> tuple[list[Buffer], list[TraversalLaunch]]:
@@ -77,20 +106,32 @@ def _softmax_on_edge_chunks(inst: TraversalInstance, tag: int) -> tuple[list[Buf
     return [s, m, z], launches
 
 
-def choose_schedules(program: KernelProgram, stats: dict) -> KernelProgram:
+def choose_schedules(program: KernelProgram, stats: dict, choices: dict | None = None) -> KernelProgram:
     """The program with every sum aggregation given the schedule the cost model picks, and every
-    edge softmax on a hub-bound graph split into load-balanced launches."""
+    edge softmax on a hub-bound graph split into load-balanced launches.  ``choices`` maps
+    decision points (``schedule_point``) to ``node`` / ``edge_chunks``; a point it names is taken
+    as given, the others follow the rule."""
+    choices = choices or {}
     launches, buffers = [], list(program.buffers)
     changed = False
+
+    def pick(inst, side):
+        given = choices.get(schedule_point(inst))
+        if given is not None:
+            if given not in SCHEDULES:
+                raise ScheduleError(f"{schedule_point(inst)}: schedule {given!r}: expected node or edge_chunks")
+            return given
+        return aggregate_schedule(inst.out.width, stats, side)
+
     for launch in program.launches:
         inst = getattr(launch, "inst", None)
         if isinstance(launch, TraversalLaunch) and inst.loop == "aggregate" and inst.reduce == "sum":
-            sched = aggregate_schedule(inst.out.width, stats, inst.side)
+            sched = pick(inst, inst.side)
             if sched != inst.schedule:
                 launch = TraversalLaunch(dataclasses.replace(inst, schedule=sched))
                 changed = True
         elif isinstance(launch, TraversalLaunch) and inst.loop == "edge_softmax" and \
-                aggregate_schedule(inst.out.width, stats, "dst") == "edge_chunks":
+                pick(inst, "dst") == "edge_chunks":
             new_bufs, new_launches = _softmax_on_edge_chunks(inst, len(buffers))
             buffers += new_bufs
             launches += new_launches
