@@ -490,7 +490,8 @@ def cmd_bench(args) -> int:
     try:
         cfg = rgnn.make_config(graphs=args.graphs, models=args.models, dims=args.dims, dtypes=args.dtypes,
                                modes=args.modes, peers=args.peers, device=device, reps=args.reps,
-                               peer_timeout=args.peer_timeout, quick=args.quick, out=args.out, resume=args.resume)
+                               peer_timeout=args.peer_timeout, quick=args.quick, out=args.out, resume=args.resume,
+                               tune_check=args.tune_check)
     except (rgnn.BenchError, ValueError) as e:
         raise CliError(str(e)) from None
     # the rgnn benchmark's pieces under the names the shared driver calls
@@ -644,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(unless given)")
     r.add_argument("--resume", action="store_true", help="keep the cases already in DIR/cases.json and run "
                    "only the others (without it, DIR's files are replaced)")
+    r.add_argument("--tune-check", action="store_true", help="per case, also time every candidate of "
+                   "`pigeon compile --tune` (each checked first) and report the cost model's pick against the best "
+                   "(cost_model_within_10pct)")
     r.set_defaults(func=cmd_bench)
     a = bsub.add_parser("attention", help="attention variants against SDPA and FlexAttention")
     a.add_argument("--variants", help="comma-separated among dense, causal, window, s2, alibi, softcap, document, "

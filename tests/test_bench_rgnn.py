@@ -33,8 +33,12 @@ def test_quick_run_writes_every_file(quick):
     summary = json.loads((out / "summary.json").read_text())
     for key in REQUIRED:
         assert key in summary, key
-    for key in ("host_overhead_us", "aggregate_tbps_min", "cost_model_within_10pct"):
-        assert summary[key] is None and summary[f"{key}_note"], key          # CPU: not measured, and why
+    for key in ("host_overhead_us", "cost_model_within_10pct"):
+        assert summary[key] is None and summary[f"{key}_note"], key          # CPU / no --tune-check: not measured, and why
+    assert "--tune-check" in summary["cost_model_within_10pct_note"]
+    # per-kernel TB/s on a CPU: the host's times of the kernels' semantics, said so
+    assert summary["aggregate_tbps_min"] > 0 and "CPU" in summary["aggregate_tbps_min_note"]
+    assert isinstance(summary["aggregate_slower_than_peer"], int)
     assert summary["command"].startswith("pigeon bench rgnn --graphs tiny ") and "--device cpu" in summary["command"]
     assert summary["cases_total"] == 12 and summary["synthetic_graphs"] == ["tiny"]
     assert summary["plot"] == "speedup.png" or summary["plot"].startswith("skipped: matplotlib")
@@ -229,3 +233,29 @@ def test_floor_counts_rows_per_unique_node_relation_pair():
         assert rgnn.forward_flops(m, d, N, E, us, ud) <= rgnn.forward_flops(m, d, N, E)
         lo = rgnn.case_floor(m, d, "float32", "training", N, E, g.num_etypes, g.num_ntypes, us, ud)
         assert lo["floor_ms"] <= rgnn.case_floor(m, d, "float32", "training", N, E, g.num_etypes, g.num_ntypes)["floor_ms"]
+
+
+def test_quick_run_measures_kernels_aggregation_peers_and_the_cost_model(tmp_path):
+    """The new fields: per-kernel min bytes / time (profiler), the aggregation against index_add_ and
+    the CSR SpMM, and --tune-check's pick vs best per case."""
+    code, out, err = bench("--quick", "--device", "cpu", "--out", tmp_path, "--models", "rgcn", "--dtypes",
+                           "float32", "--modes", "inference", "--peers", "reference", "--tune-check")
+    assert code == 0, err
+    data = json.loads((tmp_path / "cases.json").read_text())
+    (case,) = data["cases"]
+    ks = case["kernels"]
+    assert ks and all(k["min_bytes"] > 0 and k["ms"] > 0 and k["tbps"] > 0 and k["kernel"].startswith("pigeon_trav_")
+                      for k in ks)
+    assert case["aggregate_tbps_min"] == min(k["tbps"] for k in ks)
+    t = case["tune"]
+    assert t["status"] == "ok" and t["candidates"] >= 2 and t["ratio"] >= 1.0 and t["pick_status"] == "ok"
+    assert t["within_10pct"] == (t["ratio"] <= 1.1)
+    (agg,) = data["aggregations"]
+    assert {"pigeon", "index_add_", "torch.sparse.mm (CSR)"} <= set(agg["impls"])
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in agg["impls"].values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cost_model_within_10pct"] == (1.0 if t["within_10pct"] else 0.0)
+    assert summary["aggregate_slower_than_peer"] in (0, 1) and summary["aggregate_tbps_min"] > 0
+    assert "--tune-check" in summary["command"]
+    assert "| min aggregation TB/s | cost model: pick ms / best candidate ms / ratio |" in out
+    assert "index_add_ ms (TB/s)" in (tmp_path / "cases.md").read_text()

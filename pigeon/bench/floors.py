@@ -7,7 +7,7 @@ forward's FLOPs.  The counts follow pigeon/models/*.py with the benchmark's hype
 from __future__ import annotations
 
 __all__ = ["PEAK_FLOPS", "PEAK_BYTES_PER_S", "INDEX_BYTES_PER_EDGE", "ELEMENT_BYTES", "HEADS", "hparams", "out_dim",
-           "param_count", "forward_flops", "min_bytes", "case_floor"]
+           "param_count", "forward_flops", "min_bytes", "case_floor", "kernel_min_bytes", "STORAGE_BYTES"]
 
 # The GPU's ceilings that the floors use: the calibration numbers measured on the H200 (dense GEMM
 # FLOP/s per storage dtype, and HBM bytes/s).  Floors on any other device still use them.
@@ -99,3 +99,61 @@ def case_floor(model: str, dim: int, dtype: str, mode: str, num_nodes: int, num_
     t_flops, t_bytes = flops / PEAK_FLOPS[dtype], nbytes / PEAK_BYTES_PER_S
     return {"flops": flops, "bytes": nbytes, "floor_ms": max(t_flops, t_bytes) * 1e3,
             "bound": "compute" if t_flops >= t_bytes else "memory"}
+
+
+# ---------------------------------------------------------------------------------------- one kernel
+
+STORAGE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int32": 4, "int64": 8, "int8": 1,
+                 "uint8": 1, "bool": 1}
+INDEX_BYTES = 4                              # the kernel graph's index arrays are int32
+
+
+def kernel_min_bytes(inst, counts: dict) -> int:
+    """The bytes one traversal kernel instance (pigeon.ir.traversal.TraversalInstance: an aggregation
+    or an edge softmax) must move at least, on a graph with ``counts`` rows of each kind (``node``,
+    ``edge``, ``compact``, ``etype``, ``ntype``):
+
+    - every (buffer, row reference) its expression loads, once per row it reaches: a buffer read
+      through the row the loop reduces into (``dst`` for an aggregation by destination, an edge
+      softmax) once per output row; a per-type buffer once per type; a global one once; every other
+      load (the loop's own rows, gathered source rows, compact rows of edges) once per loop row,
+      i.e. the gathered rows, not the distinct rows they come from;
+    - one int32 index per loop row for each gather (row references other than self, none and the
+      per-type ones, which read the type array: also one index per loop row), and one per loop row
+      for the segment it belongs to (which output row it reduces into);
+    - the output written once.
+
+    For the sum of x[src] over incoming edges this is E*d*s (gathered rows) + 2*4*E (src and the
+    destination segment) + N*d*s, the bound of benchmarks/bench_aggregate.py."""
+    from pigeon.ir.expr import RowRef
+    rows_of = {**counts, "global": 1}
+    loop_rows = rows_of[inst.loop_rows]
+    out_rows = rows_of[inst.out_rows]
+    reduces_into, groups = None, out_rows        # the row each member reduces into, and how many there are
+    if inst.loop == "edge_softmax":
+        reduces_into, groups = RowRef.DST, rows_of["node"]
+    elif inst.loop == "aggregate":
+        reduces_into = {"dst": RowRef.DST, "src": RowRef.SRC, "compact": RowRef.COMPACT,
+                        "compact_src": RowRef.SRC}[inst.side]
+    total = out_rows * inst.out.width * STORAGE_BYTES.get(inst.out.dtype, 4)
+    seen, refs = set(), set()
+    for e in inst.expr.toposort():
+        if e.op != "load" or (e.buffer.name, e.row) in seen:
+            continue
+        seen.add((e.buffer.name, e.row))
+        b = e.buffer
+        el = STORAGE_BYTES.get(b.dtype, 4)
+        if e.row is RowRef.NONE:
+            n = 1
+        elif e.row in (RowRef.ETYPE, RowRef.NTYPE):
+            n = rows_of[b.rows]
+        elif e.row is reduces_into and e.row is not RowRef.SELF:
+            n = groups
+        else:
+            n = loop_rows
+        total += n * b.width * el
+        if e.row not in (RowRef.SELF, RowRef.NONE) and e.row is not reduces_into:
+            refs.add(e.row)
+    if reduces_into is not None:
+        refs.add("segment")
+    return total + INDEX_BYTES * loop_rows * len(refs)

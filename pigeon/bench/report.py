@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["atomic_write", "write_json", "read_results", "cases_table", "cases_markdown", "summary_markdown", "plot_speedup",
-           "write_results", "write_files", "fmt", "meta_lines", "pyplot", "save_figure", "NO_MATPLOTLIB"]
+           "write_results", "write_files", "aggregations_table", "fmt", "meta_lines", "pyplot", "save_figure", "NO_MATPLOTLIB"]
 
 NO_MATPLOTLIB = "skipped: matplotlib not installed (pip install -e '.[bench]')"
 
@@ -88,8 +88,9 @@ def _peer_cell(c: dict) -> str:
 def cases_table(cases: list[dict]) -> list[str]:
     """The per-case table: one row per case. Times in ms; speedup = peer time / pigeon time."""
     lines = ["| graph | model | dim | dtype | mode | pigeon ms | best peer | best peer ms | speedup | floor ms "
-             "| pigeon / floor | pigeon peak MiB | check | peers: ms (speedup) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| pigeon / floor | pigeon peak MiB | check | peers: ms (speedup) | min aggregation TB/s "
+             "| cost model: pick ms / best candidate ms / ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         pig = _ms(c["pigeon_ms"]) if c["pigeon_status"] == "ok" else c["pigeon_status"]
         peak = c.get("pigeon_peak_mib")
@@ -99,7 +100,51 @@ def cases_table(cases: list[dict]) -> list[str]:
             f"| {graph} | {c['model']} | {c['dim']} | {c['dtype']} | {c['mode']} | {pig.replace('|', '/')} "
             f"| {c['best_peer'] or ''} | {_ms(c['best_peer_ms'])} | {_x(c['speedup_best'])} "
             f"| {c['floor']['floor_ms']:.3g} | {ratio} "
-            f"| {'' if peak is None else f'{peak:.1f}'} | {str(c['check']).replace('|', '/')} | {_peer_cell(c)} |")
+            f"| {'' if peak is None else f'{peak:.1f}'} | {str(c['check']).replace('|', '/')} | {_peer_cell(c)} "
+            f"| {_tbps(c)} | {_tune_cell(c.get('tune'))} |")
+    return lines
+
+
+def _tbps(c: dict) -> str:
+    v = c.get("aggregate_tbps_min")
+    if v is None:
+        return c.get("kernels_error", "").replace("|", "/")
+    return f"{v:.3g}" if v >= 1e-3 else f"{v:.2e}"
+
+
+def _tune_cell(t) -> str:
+    if not t:
+        return ""
+    if t.get("ratio") is None:
+        return str(t.get("status", "")).replace("|", "/")[:120] if t.get("status") != "ok" else \
+            f"pick {t.get('pick_status', '')}".replace("|", "/")[:120]
+    best = str(t["best"]).replace("|", "/")
+    return (f"{t['pick_ms']:.3f} / {t['best_ms']:.3f} ({best}) / {t['ratio']:.3f}"
+            + ("" if t["within_10pct"] else " (pick > 1.1x best)"))
+
+
+def aggregations_table(aggs: list[dict]) -> list[str]:
+    """The sum of x[src] over incoming edges: pigeon's kernel, index_add_ and the CSR SpMM."""
+    names = []
+    for a in aggs:
+        for k in a["impls"]:
+            if k not in names:
+                names.append(k)
+    lines = ["| graph | dim | dtype | pigeon schedule | min bytes | " + " | ".join(f"{n} ms (TB/s)" for n in names)
+             + " | pigeon slower than a peer |", "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+    for a in aggs:
+        cells = []
+        for n in names:
+            r = a["impls"].get(n)
+            if r is None:
+                cells.append("")
+            elif r.get("ms"):
+                cells.append(f"{r['ms']:.4f}" + (f" ({r['tbps']:.3g})" if r.get("tbps") else ""))
+            else:
+                cells.append(str(r["status"]).replace("|", "/")[:100])
+        lines.append(f"| {a['graph']} | {a['dim']} | {a['dtype']} | {a.get('pigeon_schedule') or ''} "
+                     f"| {a.get('min_bytes') or ''} | " + " | ".join(cells)
+                     + f" | {'yes' if a.get('pigeon_slower_than_peer') else 'no'} |")
     return lines
 
 
@@ -117,6 +162,8 @@ def cases_markdown(result: dict) -> str:
     meta = result["meta"]
     lines = ["# pigeon bench rgnn: cases", "", *_meta_lines(meta), "", "Graphs:", *_graph_lines(result["graphs"]), "",
              *cases_table(result["cases"]), "",
+             *(["Sum of x[src] over incoming edges (" + result["aggregations"][0].get("timer", "") + "):", "",
+                *aggregations_table(result["aggregations"]), ""] if result.get("aggregations") else []),
              "Times are medians in ms (CUDA events on a GPU, perf_counter on a CPU); speedup = peer time / pigeon "
              "time; the best peer is the fastest peer that ran; floor = max(FLOPs / peak FLOP/s, min bytes / peak "
              "B/s) with the H200's calibration numbers; peak MiB = max allocated in one step beyond what was "
@@ -138,7 +185,7 @@ meta_lines = _meta_lines
 SUMMARY_KEYS = ("geomean_speedup_inference", "geomean_speedup_training", "geomean_speedup_by_mode_dtype",
                 "cases_total", "cases_compared", "cases_slower_than_a_peer", "cases_within_3x_floor",
                 "cases_check_failed", "floor_ratio_geomean", "host_overhead_us", "host_overhead_us_by_model",
-                "aggregate_tbps_min", "pigeon_oom", "pigeon_errors", "peer_oom", "peer_oom_by_impl",
+                "aggregate_tbps_min", "aggregate_slower_than_peer", "pigeon_oom", "pigeon_errors", "peer_oom", "peer_oom_by_impl",
                 "peer_timeouts", "peer_errors", "cost_model_within_10pct", "plot")
 
 
@@ -239,5 +286,7 @@ def write_files(out, result: dict, *, plot: bool, plot_fn, plot_name: str, cases
 def write_results(out: Path, result: dict, plot: bool = True) -> str | None:
     """Write cases.json, cases.md, summary.json, summary.md (and speedup.png when ``plot``) to ``out``.
     Returns the plot's status when it was attempted."""
+    result.setdefault("aggregations", [])
     return write_files(out, result, plot=plot, plot_fn=plot_speedup, plot_name="speedup.png",
-                       cases_md=cases_markdown, summary_md=summary_markdown, json_keys=("meta", "graphs", "cases"))
+                       cases_md=cases_markdown, summary_md=summary_markdown,
+                       json_keys=("meta", "graphs", "cases", "aggregations"))

@@ -23,6 +23,19 @@ GPU, ``time.perf_counter`` around a synchronized step on a CPU; a peer stops ear
 are not counted).  Per case: pigeon's speedup over each peer and over the best peer that ran, the
 physical floor (:func:`pigeon.bench.floors.case_floor`) and pigeon's ratio to it.
 
+Per kernel (:mod:`pigeon.bench.kernels`): each aggregation / edge-softmax kernel of pigeon's step,
+its time per launch from torch.profiler (CUDA kernel events by kernel name on a GPU), its minimum
+bytes (:func:`pigeon.bench.floors.kernel_min_bytes`) and achieved TB/s (``kernels`` in each case;
+the minimum over cases is ``aggregate_tbps_min``).  Per graph, dim and dtype: the sum of x[src]
+over incoming edges by pigeon's kernel, ``index_add_`` and cuSPARSE SpMM on the same x
+(``aggregations`` in cases.json; ``aggregate_slower_than_peer`` counts where pigeon lost).
+
+``--tune-check``: per case the candidates of ``pigeon compile --tune`` (pigeon/tune.py) are each
+checked against the reference and timed in the case's mode (inference: no-grad forward; training:
+forward + backward, no optimizer step), no tuning record read or written; the case gets the cost
+model's pick, the best candidate and their ratio, and ``cost_model_within_10pct`` is the fraction of
+tuned cases whose pick is within 10% of the best.
+
 The files written to ``--out`` (:mod:`pigeon.bench.report`): ``cases.json`` and ``cases.md`` (one
 record / row per case), ``summary.json`` and ``summary.md`` (the aggregate, :func:`pigeon.bench.summary.summarize`),
 ``speedup.png`` (needs matplotlib: ``pip install -e '.[bench]'``).  They are rewritten after
@@ -56,8 +69,9 @@ from . import peers as P
 from .floors import (HEADS, PEAK_BYTES_PER_S, PEAK_FLOPS, case_floor, forward_flops, hparams, min_bytes,
                      param_count)
 from .check import check
+from .kernels import SOURCE as KERNEL_SOURCE, aggregate_peers, profile_kernels
 from .summary import MODES, summarize
-from .timing import PeerTimeout, failure, free, measure, median_ms, one_line
+from .timing import PeerTimeout, Step, failure, free, measure, median_ms, one_line
 
 __all__ = ["BenchError", "Config", "make_config", "run", "run_case", "finish_case", "summarize", "check",
            "build_summary", "host_overhead", "case_floor", "forward_flops", "param_count", "min_bytes", "hparams",
@@ -153,6 +167,7 @@ class Config:
     dims_given: tuple[int, ...] | None = None
     skipped_graphs: dict = field(default_factory=dict)
     resume: bool = False
+    tune_check: bool = False
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -166,7 +181,7 @@ class Config:
         argv += ["--dtypes", ",".join(self.dtypes), "--modes", ",".join(self.modes),
                  "--peers", ",".join(self.peers) or "none", "--device", self.device.type,
                  "--reps", str(self.reps), "--peer-timeout", f"{self.peer_timeout:g}", "--out", self.out]
-        return shlex.join(argv + (["--resume"] if self.resume else []))
+        return shlex.join(argv + (["--tune-check"] if self.tune_check else []) + (["--resume"] if self.resume else []))
 
 
 def _choose(flag: str, given, known) -> tuple[str, ...]:
@@ -179,7 +194,8 @@ def _choose(flag: str, given, known) -> tuple[str, ...]:
 
 
 def make_config(*, graphs=None, models=None, dims=None, dtypes=None, modes=None, peers=None, device="cpu",
-                reps=None, peer_timeout=None, quick=False, out="benchmarks/results/rgnn", resume=False) -> Config:
+                reps=None, peer_timeout=None, quick=False, out="benchmarks/results/rgnn", resume=False,
+                tune_check=False) -> Config:
     """Check every choice before any work (BenchError, one line, on the first bad one). ``graphs``,
     ``models``, ... are comma-separated strings (or None for the defaults); ``--quick`` changes only
     the defaults of graphs (tiny), dims (16) and reps (3)."""
@@ -215,7 +231,7 @@ def make_config(*, graphs=None, models=None, dims=None, dtypes=None, modes=None,
     skipped = {g: why for g, why in NOT_AVAILABLE.items() if graphs is None and not quick}
     return Config(plan, model_list, _choose("--dtypes", _split(dtypes) or DTYPES, DTYPES),
                   _choose("--modes", _split(modes) or MODES, MODES), peer_list, device, reps,
-                  max(1, min(3, reps // 5)), timeout, str(out), dim_list, skipped, bool(resume))
+                  max(1, min(3, reps // 5)), timeout, str(out), dim_list, skipped, bool(resume), bool(tune_check))
 
 
 # ---------------------------------------------------------------------------------------- one case
@@ -226,10 +242,11 @@ def graph_info(name: str, g) -> dict:
             "node_types": g.num_ntypes, "source": source, "synthetic": synthetic}
 
 
-def run_case(g, gd, info: dict, model: str, dim: int, dtype: str, mode: str, cfg: Config) -> dict:
-    """One case: pigeon (built, checked, timed) and every selected peer, on the same inputs.
-    ``g`` is the graph on the CPU (pigeon's kernels take it there), ``gd`` the same graph on the
-    device (the peers use it)."""
+def run_case(g, gd, info: dict, model: str, dim: int, dtype: str, mode: str, cfg: Config,
+             progress: Callable[[str], None] = lambda m: None) -> dict:
+    """One case: pigeon (built, checked, profiled per kernel, timed; with --tune-check its tuning
+    candidates too) and every selected peer, on the same inputs.  ``g`` is the graph on the CPU
+    (pigeon's kernels take it there), ``gd`` the same graph on the device (the peers use it)."""
     device = cfg.device
     hp = hparams(model, dim)
     tdt = getattr(torch, dtype)
@@ -248,6 +265,15 @@ def run_case(g, gd, info: dict, model: str, dim: int, dtype: str, mode: str, cfg
         except Exception as e:       # the reference itself failed: the check did not happen
             case["check"] = f"not run: reference {failure(e)}"
             free(device)
+        try:
+            rows, case["kernels_source"] = profile_kernels(layer, Step(layer, x, mode), mode, device,
+                                                           reps=max(1, min(cfg.reps, 5)))
+            case["kernels"] = rows
+            tb = [r["tbps"] for r in rows if r.get("tbps")]
+            case["aggregate_tbps_min"] = min(tb) if tb else None
+        except Exception as e:
+            case["kernels_error"] = failure(e)
+            free(device)
 
     def build_pigeon():
         return pg.compile(MODELS[model], g, dim, backend="kernels", dtype=dtype, **hp).to(device)
@@ -264,7 +290,29 @@ def run_case(g, gd, info: dict, model: str, dim: int, dtype: str, mode: str, cfg
             row["note"] = peer.note
         rows.append(row)
     case["impls"] = rows
+    if cfg.tune_check:
+        case["tune"] = tune_check(g, model, dim, dtype, mode, cfg, progress)
     return finish_case(case)
+
+
+def tune_check(g, model: str, dim: int, dtype: str, mode: str, cfg: Config, progress) -> dict:
+    """The tuning candidates of the case measured (no record read or written): the cost model's pick,
+    the best candidate, their ratio and whether the pick is within 10% of the best."""
+    from pigeon.module import tune_layer
+    try:
+        res = tune_layer(MODELS[model], g, dim, dtype=dtype, hparams=hparams(model, dim), mode=mode,
+                         device=cfg.device, reps=cfg.reps, cache=False, progress=lambda m: progress(f"  {m}"))
+    except Exception as e:
+        free(cfg.device)
+        return {"status": failure(e)}
+    pick, best, ratio = res.pick, res.winner, res.pick_ratio()
+    free(cfg.device)
+    return {"status": "ok", "candidates": len(res.rows), "timer": res.timer,
+            "excluded": sum(1 for r in res.rows if r.status != "ok"),
+            "pick_ms": pick.median_ms if pick else None, "pick_status": pick.status if pick else "missing",
+            "best": best.label if best else None, "best_ms": best.median_ms if best else None,
+            "ratio": ratio, "within_10pct": (ratio <= 1.1) if ratio is not None else None,
+            "rows": [r.as_dict() for r in res.rows]}
 
 
 def finish_case(case: dict) -> dict:
@@ -362,17 +410,45 @@ def environment(cfg: Config) -> dict:
             "peak_flops": PEAK_FLOPS, "peak_bytes_per_s": PEAK_BYTES_PER_S}
 
 
-NOT_MEASURED = {
-    "aggregate_tbps_min": "not measured yet: needs each aggregation kernel's time (profiler) against its "
-                          "minimum bytes, which the kernel programs do not report",
-    "cost_model_within_10pct": "not measured here: this benchmark times only the configuration the cost "
-                               "rules pick; benchmarks/bench_compaction.py times the compaction rule's two "
-                               "candidates per case (no `pigeon compile --tune` yet)",
-}
+def kernel_summary(cases: list[dict], aggregations: list[dict], device) -> dict:
+    """``aggregate_tbps_min``, ``aggregate_slower_than_peer`` and ``cost_model_within_10pct`` with notes."""
+    s = {}
+    tb = [(c["aggregate_tbps_min"], c) for c in cases if c.get("aggregate_tbps_min")]
+    if tb:
+        v, c = min(tb, key=lambda t: t[0])
+        k = min((r for r in c["kernels"] if r.get("tbps")), key=lambda r: r["tbps"])
+        s["aggregate_tbps_min"] = v
+        s["aggregate_tbps_min_note"] = (
+            f"min over {len(tb)} cases of each aggregation / edge-softmax kernel's min bytes / its time; lowest: "
+            f"{c['graph']} {c['model']} d{c['dim']} {c['dtype']} {c['mode']}, {k['role']} {k['side']} "
+            f"{k['schedule']} w{k['width']} ({k['program']}); times: {c.get('kernels_source', KERNEL_SOURCE['cpu'])}")
+    else:
+        s["aggregate_tbps_min"] = None
+        s["aggregate_tbps_min_note"] = "no case has a profiled aggregation kernel"
+    ran = [a for a in aggregations if a["impls"].get("pigeon", {}).get("ms")]
+    s["aggregate_slower_than_peer"] = sum(1 for a in ran if a["pigeon_slower_than_peer"]) if ran else None
+    s["aggregate_slower_than_peer_note"] = (
+        f"of {len(ran)} (graph, dim, dtype) sum aggregations of x[src]: pigeon's kernel slower than index_add_ or "
+        f"{'cuSPARSE SpMM' if device.type == 'cuda' else 'torch.sparse.mm (CSR)'} "
+        f"({ran[0]['timer'] if ran else 'not run'})")
+    tuned = [c for c in cases if (c.get("tune") or {}).get("within_10pct") is not None]
+    if tuned:
+        n = sum(1 for c in tuned if c["tune"]["within_10pct"])
+        s["cost_model_within_10pct"] = n / len(tuned)
+        s["cost_model_within_10pct_note"] = (f"{n}/{len(tuned)} cases: the cost model's pick within 10% of the best "
+                                             f"measured candidate ({tuned[0]['tune']['timer']})")
+    else:
+        failed = [c for c in cases if c.get("tune")]
+        s["cost_model_within_10pct"] = None
+        s["cost_model_within_10pct_note"] = (f"{len(failed)} cases tried, none measured: "
+                                             f"{failed[0]['tune'].get('status')}" if failed else
+                                             "not measured: run with --tune-check (times every tuning candidate "
+                                             "per case)")
+    return s
 
 
 def build_summary(cases: list[dict], meta: dict, graphs: list[dict], cfg: Config, host=None,
-                  host_note: str | None = None, plot: str | None = None) -> dict:
+                  host_note: str | None = None, plot: str | None = None, aggregations=None) -> dict:
     s = {k: meta[k] for k in ("gpu", "commit", "date", "command", "torch", "torch_geometric", "device")}
     if meta.get("commands"):                  # --resume: the runs that made these cases
         s["commands"] = meta["commands"]
@@ -383,9 +459,7 @@ def build_summary(cases: list[dict], meta: dict, graphs: list[dict], cfg: Config
     if per_model:
         s["host_overhead_us_by_model"] = {m: v["host_overhead_us"] for m, v in per_model.items()}
     s["host_overhead_us_note"] = host_note or "measured at the end of the run"
-    for key, note in NOT_MEASURED.items():
-        s[key] = None
-        s[f"{key}_note"] = note
+    s.update(kernel_summary(cases, aggregations or [], cfg.device))
     s["graphs"] = graphs
     s["synthetic_graphs"] = [g["graph"] for g in graphs if g["synthetic"]]
     if cfg.skipped_graphs:
@@ -428,7 +502,8 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None,
     total, k = sum(map(len, todo.values())), 0
     if done:
         progress(f"# --resume: {len(cases)} cases from {cfg.out}/cases.json kept, {total} to run")
-    result = {"meta": meta, "graphs": graphs, "cases": cases}
+    aggregations = list(previous.get("aggregations", [])) if previous else []
+    result = {"meta": meta, "graphs": graphs, "cases": cases, "aggregations": aggregations}
     for gname, dims in cfg.plan:
         if not todo[gname]:
             continue
@@ -444,21 +519,35 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None,
         graphs[:] = [x for x in graphs if x["graph"] != gname] + [info]
         progress(f"# graph {gname}: {g.num_nodes} nodes, {g.num_edges} edges, {g.num_etypes} relations, "
                  f"{g.num_ntypes} node types ({info['source']})")
+        for dim in dims:
+            for dtype in cfg.dtypes:
+                if any(a["graph"] == gname and a["dim"] == dim and a["dtype"] == dtype for a in aggregations):
+                    continue
+                try:
+                    agg = aggregate_peers(g, gd, dim, dtype, device, cfg.reps)
+                except Exception as e:
+                    agg = {"dim": dim, "dtype": dtype, "impls": {"pigeon": {"status": failure(e)}},
+                           "pigeon_slower_than_peer": False}
+                agg["graph"] = gname
+                aggregations.append(agg)
+                progress(f"# aggregation {gname} d{dim} {dtype}: " + "; ".join(
+                    f"{k_} {v['ms']:.4f} ms" if v.get("ms") else f"{k_} {v['status']}" for k_, v in agg["impls"].items()))
+                free(device)
         for model, dim, dtype, mode in todo[gname]:
             k += 1
-            case = run_case(g, gd, info, model, dim, dtype, mode, cfg)
+            case = run_case(g, gd, info, model, dim, dtype, mode, cfg, progress)
             case["commit"], case["date"] = meta["commit"], meta["date"]
             cases.append(case)
             progress(f"[{k}/{total}] {case_line(case)}")
             if on_case is not None:
-                result["summary"] = build_summary(cases, meta, graphs, cfg)
+                result["summary"] = build_summary(cases, meta, graphs, cfg, aggregations=aggregations)
                 on_case(result)
         del g, gd
         free(device)
     dim = min(d for _, dims in cfg.plan for d in dims)
     host, note = host_overhead(cfg.models, dim, device)
     result["host_overhead"] = host
-    result["summary"] = build_summary(cases, meta, graphs, cfg, host, note)
+    result["summary"] = build_summary(cases, meta, graphs, cfg, host, note, aggregations=aggregations)
     return result
 
 
@@ -473,4 +562,11 @@ def case_line(c: dict) -> str:
     best = (f"best peer {c['best_peer']} {_ms(c['best_peer_ms'])}"
             + (f" ({c['speedup_best']:.2f}x)" if c["speedup_best"] else "")) if c["best_peer"] else "no peer ran"
     floor = f"floor {c['floor']['floor_ms'] * 1e3:.3g} us" + (f" (pigeon {c['floor_ratio']:.3g}x)" if c["floor_ratio"] else "")
-    return f"{head}{pig}; {best}; {floor}; check {c['check']}"
+    extra = ""
+    if c.get("aggregate_tbps_min"):
+        extra += f"; min aggregation {c['aggregate_tbps_min']:.3g} TB/s"
+    t = c.get("tune")
+    if t:
+        extra += (f"; tune: pick/best {t['ratio']:.3f} ({t['candidates']} candidates)" if t.get("ratio") is not None
+                  else f"; tune: {t.get('status')}")
+    return f"{head}{pig}; {best}; {floor}; check {c['check']}{extra}"

@@ -7,13 +7,14 @@ same CUDA text, and its torch op (``pigeon::traversal``, pigeon/runtime/kernel_o
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Mapping
 
 import torch
 
 from ..codegen.kernel_source import RenderedKernel
 from ..graph.kernel_graph import KernelGraph
-from ..codegen.traversal import TraversalLaunchError, accumulates, check_instance, render_traversal
+from ..codegen.traversal import TraversalLaunchError, accumulates, check_instance, kernel_name, render_traversal
 from ..ir.program import TraversalLaunch
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance
 from ..semantics import aggregate, edge_softmax
@@ -195,9 +196,24 @@ def run_traversal_emulated(inst: TraversalInstance, kg: KernelGraph, bufs: Mappi
 
 # ------------------------------------------------------------------------------ the registry entry
 
+def _named(inst: TraversalInstance):
+    """A profiler range named as the CUDA kernel would be (``pigeon_trav_<key>``) around a CPU run of
+    the instance, so per-kernel profiles read the same names on both devices; nothing when no
+    profiler is on."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(kernel_name(inst))
+    return nullcontext()
+
+
 def _semantics(launch: TraversalLaunch, kg: KernelGraph, bufs: Any) -> None:
     out = bufs[launch.inst.out.name]
-    out.copy_(run_traversal_reference(launch.inst, kg, bufs).reshape(out.shape))
+    with _named(launch.inst):
+        out.copy_(run_traversal_reference(launch.inst, kg, bufs).reshape(out.shape))
+
+
+def _emulate(launch: TraversalLaunch, kg: KernelGraph, bufs: Any) -> None:
+    with _named(launch.inst):
+        run_traversal_emulated(launch.inst, kg, bufs, bufs[launch.inst.out.name])
 
 
 TRAVERSAL = register_family(KernelFamily(
@@ -205,5 +221,5 @@ TRAVERSAL = register_family(KernelFamily(
     validate=lambda launch: check_instance(launch.inst), render=lambda launch: render_traversal(launch.inst),
     cuda=lambda launch, kg, bufs, backend: run_traversal_launch(launch.inst, kg, bufs, bufs[launch.inst.out.name],
                                                                 backend),
-    emulate=lambda launch, kg, bufs: run_traversal_emulated(launch.inst, kg, bufs, bufs[launch.inst.out.name]),
+    emulate=_emulate,
     doc="edge/node loops over fused element expressions (map, aggregate, edge softmax, type reduce)"))
