@@ -563,6 +563,19 @@ def cmd_bench_gemm(args) -> int:
     return _run_bench(args, "gemm", gemm, cfg, out, "tflops.png")
 
 
+def cmd_bench_shiftadd(args) -> int:
+    """``pigeon bench shiftadd``: the ShiftAdd primitives against cuBLAS fp32/bf16, torch._scaled_mm, SDPA, a dense MLP."""
+    from .bench import shiftadd
+    out = check_out_dir(args.out)
+    device = pick_device(args.device)
+    try:
+        cfg = shiftadd.make_config(kinds=args.kinds, device=device, reps=args.reps, timeout=args.timeout,
+                                   budget=args.budget, quick=args.quick, out=args.out, resume=args.resume)
+    except shiftadd.BenchError as e:
+        raise CliError(str(e)) from None
+    return _run_bench(args, "shiftadd", shiftadd, cfg, out, "speedup.png")
+
+
 def _common_bench_flags(r, default_out: str) -> None:
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where everything runs (default: cuda when there is a GPU, else cpu)")
@@ -674,6 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="smoke test: the same cases at small sizes, 3 reps")
     _common_bench_flags(g, "benchmarks/results/gemm")
     g.set_defaults(func=cmd_bench_gemm)
+    sa = bsub.add_parser("shiftadd", help="ShiftAdd shift linear, add attention and mixture MLP against cuBLAS, "
+                         "torch._scaled_mm, SDPA and a dense MLP")
+    sa.add_argument("--kinds", help="comma-separated among linear, attention, moe (default: all)")
+    sa.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 3 reps (unless given)")
+    _common_bench_flags(sa, "benchmarks/results/shiftadd")
+    sa.set_defaults(func=cmd_bench_shiftadd)
     return p
 
 
