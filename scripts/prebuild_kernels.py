@@ -153,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--bench-window", type=int, default=1024)
     ap.add_argument("--bench-head-dims", default="128")
     args = ap.parse_args(argv)
+    if args.prune and (args.shiftadd == "only" or args.gemm_sm90 == "only"):
+        ap.error("--prune with an 'only' option would delete every other kernel's entry; prune with the full set")
     from pigeon.runtime.artifact import kernels_of
     from pigeon.runtime.build import build_kernel
     from pigeon.runtime.hostlib import build_library
