@@ -188,3 +188,14 @@ def test_direct_call_only_where_it_equals_the_op():
     y = pg.gemm(x, torch.randn(16, 8), epilogue=lambda acc: acc * 2.0)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_grouped_offsets_rechecked_after_an_in_place_write():
+    a = torch.randn(6, 8)
+    b = torch.randn(2, 8, 4)
+    offs = torch.tensor([0, 2, 6], dtype=torch.int32)
+    pg.grouped_gemm(a, b, offs)
+    pg.grouped_gemm(a, b, offs)            # checked once, not re-read
+    offs[1] = 7                            # same storage, new version: read again
+    with pytest.raises(GemmInputError, match="non-decreasing"):
+        pg.grouped_gemm(a, b, offs)
