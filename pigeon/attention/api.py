@@ -202,3 +202,21 @@ def _plan(q, k, v, smod, mmod, pattern, cu_seqlens):
     else:
         lists = block_lists(pattern, batch, hq, sq, skv, bm, bn, q.device)
     return inst, lists, where(q.device)
+
+
+def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callable | None = None, pattern=None,
+                 cu_seqlens=None) -> dict:
+    """Which CUDA kernels ``attention`` runs for these arguments: {"forward": "mma" | "simt",
+    "backward": ..., "why_not_mma": {...}} (pigeon/runtime/attention_kernel.py's rule,
+    PIGEON_ATTENTION_KERNEL honoured).  For tools that report it (``pigeon bench attention``)."""
+    from ..codegen import attention_mma, attention_mma_bwd
+    from ..runtime.attention_kernel import kernel_variant
+    smod = trace_score_mod(score_mod) if score_mod is not None else None
+    mmod = trace_mask_mod(mask_mod) if mask_mod is not None else None
+    inst, _, _ = _plan(q, k, v, smod, mmod, pattern, cu_seqlens)
+    out = {"why_not_mma": {}}
+    for what, bwd, mod in (("forward", False, attention_mma), ("backward", True, attention_mma_bwd)):
+        out[what] = kernel_variant(inst, False, bwd)
+        if out[what] == "simt":
+            out["why_not_mma"][what] = mod.unsupported(inst) or "PIGEON_ATTENTION_KERNEL=simt"
+    return out

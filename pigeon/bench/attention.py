@@ -207,6 +207,7 @@ def run_case(spec: tuple, cfg: Config, earlier: list[dict] = ()) -> dict:
             "flops": V.flops(variant, B, H, S, D, mode, cfg.window), "pigeon_runs": pigeon_runs(device)}
     try:
         p = V.make_problem(variant, B, H, S, D, getattr(torch, dtype), device, cfg.window)
+        case["pigeon_runs"] = pigeon_runs(device, p)
         ref = Reference(p, mode)
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):

@@ -35,10 +35,13 @@ class Peer:
     backend: str | None = None
 
 
-def pigeon_runs(device) -> str:
-    """Where pigeon's backend="kernels" runs (pigeon/attention/api.py)."""
+def pigeon_runs(device, p: Problem | None = None) -> str:
+    """Where pigeon's backend="kernels" runs (pigeon/attention/api.py); with a problem, which
+    kernels its forward and backward take on CUDA (tensor-core "mma" or "simt", and why not mma)."""
     if device.type == "cuda":
-        return "cuda: pigeon's SIMT attention kernels (forward and backward)"
+        if p is None:
+            return "cuda: pigeon's attention kernels (tensor-core where the instance allows, else SIMT)"
+        return "cuda: " + kernels_of(p)
     if os.environ.get("PIGEON_CPU_BACKEND", "torch") == "emulate":
         return "cpu: the kernels' CUDA text emulated (PIGEON_CPU_BACKEND=emulate)"
     return "cpu: the reference semantics (no kernels run on a CPU; set PIGEON_CPU_BACKEND=emulate to emulate them)"
@@ -171,3 +174,13 @@ def peers_for(p: Problem, mode: str, grad_out, device, peers: tuple[str, ...], e
         else:
             out.append(flex_peer(p, mode, grad_out, device, compiled=False))
     return out
+
+
+def kernels_of(p: Problem) -> str:
+    """"forward mma, backward simt (why)": the kernels pigeon's attention picks for ``p``."""
+    from ..attention.api import kernels_used
+    kw = p.pigeon_kwargs()
+    used = kernels_used(p.q, p.k, p.v, score_mod=kw.get("score_mod"), pattern=kw.get("pattern"),
+                        cu_seqlens=kw.get("cu_seqlens"))
+    why = used["why_not_mma"]
+    return ", ".join(f"{w} {used[w]}" + (f" ({why[w]})" if w in why else "") for w in ("forward", "backward"))
