@@ -5,6 +5,8 @@ travels with the run, so the GPU machine spends its time running, not compiling.
 
     PIGEON_CACHE_DIR=.gpu/cache python scripts/prebuild_kernels.py --dims 8,64 --dtypes float32,bfloat16
     PIGEON_CACHE_DIR=.gpu/cache python scripts/prebuild_kernels.py --shiftadd only --arch sm_90   # needs TVM here
+    PIGEON_CACHE_DIR=.gpu/cache python scripts/prebuild_kernels.py --gemm-sm90 no --shiftadd no \
+        --tune-attention "|q_smem,minb3|default|bm128,q_smem|bm128,mt1,q_smem,minb1"   # + the knob A/B's forwards
 """
 from __future__ import annotations
 
@@ -46,15 +48,30 @@ def layer_configs(dims, dtypes):
                         MODELS[name], g, dim, backend="kernels", dtype=dtype, **hp)
 
 
-def attention_kernels():
+def _key(rk) -> str:
+    """A dict key per distinct kernel source (one kernel name can have several schedules)."""
+    import hashlib
+    return f"{rk.name}/{hashlib.sha256(rk.source.encode()).hexdigest()[:12]}"
+
+
+def _mma_forwards(inst, knobs):
+    """The tensor-core forward of ``inst`` under its default schedule (pigeon/codegen/attention_mma.py
+    DEFAULTS: at D=128 the 128-row tiles) and under each knob string of ``knobs``."""
+    from pigeon.codegen.attention_mma import render_attention_mma
+    return [render_attention_mma(inst, k) for k in ("default", *knobs)]
+
+
+def attention_kernels(knobs=()):
     """The attention kernels (forward and backward, SIMT and, where they apply, tensor-core) of
     tests/gpu/test_attention_gpu.py: every variant, head dims 64 and 128, bf16 and fp16, GQA
-    group 4, and the packed causal case."""
+    group 4, and the packed causal case; the tensor-core forwards under the default schedule and
+    the forward schedules ``knobs`` (PIGEON_ATTN_MMA_TUNE strings: the GPU tests' knob
+    parametrization, tests/test_attention_mma.py GPU_KNOBS)."""
     import torch
     import pigeon.attention as pa
     from pigeon.attention.api import _plan
     from pigeon.codegen.attention import render_attention, render_attention_backward
-    from pigeon.codegen.attention_mma import render_attention_mma, unsupported
+    from pigeon.codegen.attention_mma import unsupported
     from pigeon.codegen.attention_mma_bwd import render_attention_mma_backward
     from test_attention_kernel import VARIANTS
     out = {}
@@ -62,9 +79,9 @@ def attention_kernels():
     def add(inst):
         kernels = [render_attention(inst), render_attention_backward(inst)]
         if unsupported(inst) is None:
-            kernels += [render_attention_mma(inst), render_attention_mma_backward(inst)]
+            kernels += _mma_forwards(inst, knobs) + [render_attention_mma_backward(inst)]
         for rk in kernels:
-            out[rk.name] = rk
+            out[_key(rk)] = rk
     for kw in VARIANTS.values():
         smod = pa.trace_score_mod(kw["score_mod"]) if "score_mod" in kw else None
         mmod = pa.trace_mask_mod(kw["mask_mod"]) if "mask_mod" in kw else None
@@ -88,7 +105,7 @@ def bench_attention_kernels(variants, head_dims, heads: int, window: int):
     from pigeon.attention.api import _plan
     from pigeon.bench.attn_variants import make_problem
     from pigeon.codegen.attention import render_attention, render_attention_backward
-    from pigeon.codegen.attention_mma import render_attention_mma, unsupported
+    from pigeon.codegen.attention_mma import unsupported
     from pigeon.codegen.attention_mma_bwd import render_attention_mma_backward
     import pigeon.attention as pa
     out = {}
@@ -100,8 +117,28 @@ def bench_attention_kernels(variants, head_dims, heads: int, window: int):
             inst, _, _ = _plan(p.q, p.k, p.v, smod, None, kw.get("pattern"), kw.get("cu_seqlens"))
             kernels = [render_attention(inst), render_attention_backward(inst)]
             if unsupported(inst) is None:
-                kernels += [render_attention_mma(inst), render_attention_mma_backward(inst)]
-            out.update({rk.name: rk for rk in kernels})
+                kernels += _mma_forwards(inst, ()) + [render_attention_mma_backward(inst)]
+            out.update({_key(rk): rk for rk in kernels})
+    return out
+
+
+def tune_attention_kernels(settings, head_dims, variants):
+    """The tensor-core forwards benchmarks/tune_attention_mma.py runs for ``settings`` (its
+    '|'-separated knob strings), ``head_dims`` and ``variants`` (dense, causal, window<N>): bf16,
+    no GQA (the instances do not depend on the shape)."""
+    import torch
+    import pigeon.attention as pa
+    from pigeon.attention.api import _plan
+    from pigeon.codegen.attention_mma import render_attention_mma
+    out = {}
+    for d in head_dims:
+        q = torch.empty(1, 1, 64, d, dtype=torch.bfloat16)
+        for name in variants:
+            pat = None if name == "dense" else pa.Causal() if name == "causal" else pa.SlidingWindow(int(name[6:]))
+            inst, _, _ = _plan(q, q, q, None, None, pat, None)
+            for setting in settings:
+                rk = render_attention_mma(inst, setting)
+                out[_key(rk)] = rk
     return out
 
 
@@ -152,6 +189,16 @@ def main(argv=None):
     ap.add_argument("--bench-heads", type=int, default=32)
     ap.add_argument("--bench-window", type=int, default=1024)
     ap.add_argument("--bench-head-dims", default="128")
+    ap.add_argument("--attention-knobs", default="",
+                    help="'|'-separated forward schedules (PIGEON_ATTN_MMA_TUNE strings) to build the GPU tests' "
+                         "tensor-core forwards under besides the default; 'gpu-tests': tests/test_attention_mma.py "
+                         "GPU_KNOBS, the schedules of test_tensor_core_forward_schedules (~0.45 MB per cubin: "
+                         "mind the carry limit)")
+    ap.add_argument("--tune-attention", default="",
+                    help="also the forwards of benchmarks/tune_attention_mma.py for these '|'-separated settings "
+                         "(head dims of --tune-head-dims, variants of --tune-variants)")
+    ap.add_argument("--tune-head-dims", default="64,128")
+    ap.add_argument("--tune-variants", default="dense,causal")
     args = ap.parse_args(argv)
     if args.prune and (args.shiftadd == "only" or args.gemm_sm90 == "only"):
         ap.error("--prune with an 'only' option would delete every other kernel's entry; prune with the full set")
@@ -166,11 +213,20 @@ def main(argv=None):
         for what, layer in layer_configs([int(d) for d in args.dims.split(",")], args.dtypes.split(",")):
             ks = kernels_of(layer)
             kernels.update(ks)
-        kernels.update(attention_kernels())
+        if args.attention_knobs == "gpu-tests":
+            from test_attention_mma import GPU_KNOBS
+            knobs = GPU_KNOBS
+        else:
+            knobs = tuple(k for k in args.attention_knobs.split("|") if k)
+        kernels.update(attention_kernels(knobs))
     if args.bench_attention:
         kernels.update(bench_attention_kernels(args.bench_attention.split(","),
                                                [int(d) for d in args.bench_head_dims.split(",")],
                                                args.bench_heads, args.bench_window))
+    if args.tune_attention:
+        kernels.update(tune_attention_kernels(args.tune_attention.split("|"),
+                                              [int(d) for d in args.tune_head_dims.split(",")],
+                                              args.tune_variants.split(",")))
     libs = sm90_libraries() if args.gemm_sm90 != "no" else {}
     print(f"{len(kernels)} distinct kernels", flush=True)
     print(f"building {len(kernels)} distinct kernels for {args.arch}, {len(shiftadd)} ShiftAdd kernels for {args.arch} "
@@ -178,7 +234,7 @@ def main(argv=None):
     t0 = time.time()
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         futs = {pool.submit(build_library, src, "sm_90a", name=name): name for name, src in libs.items()}
-        futs.update({pool.submit(build_kernel, rk.source, args.arch, name=name): name for name, rk in kernels.items()})
+        futs.update({pool.submit(build_kernel, rk.source, args.arch, name=rk.name): name for name, rk in kernels.items()})
         futs.update({pool.submit(job): name for name, job in shiftadd.items()})
         keep = set()
         from pigeon.runtime.shiftadd_kernel import ShiftAddKernelMissing

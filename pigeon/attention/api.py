@@ -207,7 +207,8 @@ def _plan(q, k, v, smod, mmod, pattern, cu_seqlens):
 def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callable | None = None, pattern=None,
                  cu_seqlens=None) -> dict:
     """Which CUDA kernels ``attention`` runs for these arguments: {"forward": "mma" | "simt",
-    "backward": ..., "why_not_mma": {...}} (pigeon/runtime/attention_kernel.py's rule,
+    "backward": ..., "why_not_mma": {...}, and with a tensor-core forward "forward_schedule": its
+    knob string} (pigeon/runtime/attention_kernel.py's rule,
     PIGEON_ATTENTION_KERNEL honoured).  For tools that report it (``pigeon bench attention``)."""
     from ..codegen import attention_mma, attention_mma_bwd
     from ..runtime.attention_kernel import kernel_variant
@@ -219,4 +220,6 @@ def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callab
         out[what] = kernel_variant(inst, False, bwd)
         if out[what] == "simt":
             out["why_not_mma"][what] = mod.unsupported(inst) or "PIGEON_ATTENTION_KERNEL=simt"
+    if out["forward"] == "mma":       # the tensor-core forward's schedule (PIGEON_ATTN_MMA_TUNE honoured)
+        out["forward_schedule"] = attention_mma.tuning(inst.head_dim).tag()
     return out

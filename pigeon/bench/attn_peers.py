@@ -177,10 +177,12 @@ def peers_for(p: Problem, mode: str, grad_out, device, peers: tuple[str, ...], e
 
 
 def kernels_of(p: Problem) -> str:
-    """"forward mma, backward simt (why)": the kernels pigeon's attention picks for ``p``."""
+    """"forward mma [schedule], backward simt (why)": the kernels pigeon's attention picks for ``p``."""
     from ..attention.api import kernels_used
     kw = p.pigeon_kwargs()
     used = kernels_used(p.q, p.k, p.v, score_mod=kw.get("score_mod"), pattern=kw.get("pattern"),
                         cu_seqlens=kw.get("cu_seqlens"))
     why = used["why_not_mma"]
-    return ", ".join(f"{w} {used[w]}" + (f" ({why[w]})" if w in why else "") for w in ("forward", "backward"))
+    sched = {"forward": f" [{used['forward_schedule']}]"} if "forward_schedule" in used else {}
+    return ", ".join(f"{w} {used[w]}" + sched.get(w, "") + (f" ({why[w]})" if w in why else "")
+                     for w in ("forward", "backward"))

@@ -1,9 +1,15 @@
 """Tensor-core attention forward: AttentionInstance -> ``attention.mma.cu.jinja`` -> RenderedKernel.
 
 The flash-attention-2 form on CuTe's sm80 atoms (cp.async, ldmatrix, mma.sync m16n8k16), which
-run on sm_80 and later, sm_90 included.  Same parameters, block lists and modifier code
-(:func:`pigeon.codegen.attention.modifier_code`) as the SIMT forward, so the launcher binds both the
-same way; only the grid differs (one CTA of 4 warps per (query block, head, batch)).
+run on sm_80 and later, sm_90 included.  Same parameters, block lists (the pattern's 64x64 lists)
+and modifier code (:func:`pigeon.codegen.attention.modifier_code`) as the SIMT forward, so the
+launcher binds both the same way; only the grid differs (one CTA per (query tile, head, batch)).
+
+Schedule knobs (:class:`AttentionMmaConfig`, :func:`tuning`): the query tile (64 rows, or 128 rows
+walking the union of two list rows' key blocks), 16-row m-tiles per warp, Q in registers or re-read
+from shared memory, and the minimum CTAs per SM.  Defaults per head dim (:data:`DEFAULTS`);
+``PIGEON_ATTN_MMA_TUNE`` (or ``render_attention_mma(inst, knobs=...)``) overrides them for A/B runs
+(benchmarks/tune_attention_mma.py).
 
 :func:`unsupported` says why an instance cannot take this template (the SIMT one serves it).
 """
@@ -18,8 +24,8 @@ from .expr_c import storage_type
 from .jinja import render as render_template
 from .kernel_source import KernelParam, RenderedKernel
 
-THREADS = 128
-BLOCK_M = BLOCK_N = 64
+BLOCK_M = BLOCK_N = 64              # the pattern blocks (block-list rows) the template takes
+TILE_M = (64, 128)                  # query rows per CTA
 HEAD_DIMS = (64, 128)
 MMA_ATOMS = {"bfloat16": ("SM80_16x8x16_F32BF16BF16F32_TN", "__floats2bfloat162_rn", "__nv_bfloat162"),
              "float16": ("SM80_16x8x16_F32F16F16F32_TN", "__floats2half2_rn", "__half2")}
@@ -47,7 +53,96 @@ class MmaTemplateConfig:
 class AttentionMmaConfig(MmaTemplateConfig):
     q_in_registers: bool = True     # Q's fragments held across key blocks, or re-read from shared memory
     min_blocks: int = 2             # __launch_bounds__ minimum CTAs per SM (caps registers)
-    warp_m_tiles: int = 1           # 16-row m-tiles per warp: 1 (4 warps per CTA) or 2 (2 warps)
+    warp_m_tiles: int = 1           # 16-row m-tiles per warp: block_m / (16 warp_m_tiles) warps per CTA
+    list_block_m: int = BLOCK_M     # query rows per block-list row (block_m is the CTA's query tile)
+    key_step: int = BLOCK_N         # keys per online-softmax step: block_n or block_n / 2
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The forward's schedule knobs: ``block_m`` query rows per CTA (64, or 128 = two list rows),
+    ``warp_m_tiles`` 16-row m-tiles per warp (1 or 2), Q in registers or in shared memory,
+    ``min_blocks`` of ``__launch_bounds__``, ``key_step`` keys per online-softmax step (64, or 32:
+    each key block's scores in two halves)."""
+    block_m: int = 64
+    warp_m_tiles: int = 1
+    q_in_registers: bool = True
+    min_blocks: int = 2
+    key_step: int = BLOCK_N
+
+    def __post_init__(self):
+        if self.block_m not in TILE_M or self.warp_m_tiles not in (1, 2) or self.min_blocks < 1 \
+                or self.key_step not in (BLOCK_N, BLOCK_N // 2):
+            raise ValueError(f"attention mma schedule {self}: block_m in {TILE_M}, warp_m_tiles 1 or 2, "
+                             f"min_blocks >= 1, key_step {BLOCK_N} or {BLOCK_N // 2}")
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.block_m // (16 * self.warp_m_tiles)
+
+    def shared_bytes(self, head_dim: int) -> int:
+        """Dynamic shared memory: the Q tile [block_m][D] and the K and V tiles [64][D], 2-byte elements."""
+        return (self.block_m + 2 * BLOCK_N) * head_dim * 2
+
+    def code(self) -> str:
+        """A C-identifier suffix naming the schedule (kernel names differ per schedule)."""
+        return f"m{self.block_m}w{self.threads // 32}{'r' if self.q_in_registers else 's'}b{self.min_blocks}k{self.key_step}"
+
+    def tag(self) -> str:
+        """The knob string that selects this schedule (``PIGEON_ATTN_MMA_TUNE``)."""
+        parts = [f"bm{self.block_m}", f"mt{self.warp_m_tiles}"]
+        if not self.q_in_registers:
+            parts.append("q_smem")
+        return ",".join(parts + [f"minb{self.min_blocks}", f"ks{self.key_step}"])
+
+
+# by head dim, from the H200 runs of benchmarks/tune_attention_mma.py
+# (benchmarks/results/attention_mma_knobs_h200_b0611d6.md): at D=64 re-reading Q from shared memory
+# and 3 CTAs per SM gave +13-17% over the plain 64-row form.  At D=128 the 64-row knobs moved it by
+# under 3% (and 3 CTAs spill); the default is flash-attention 2's D=128 layout, 128-row tiles of 4 warps
+# x 32 rows (each K/V fragment feeds two m-tiles: half the K/V shared-memory reads and global bytes
+# per FLOP of the 64-row form), Q re-read from shared memory (Q fragments held for two m-tiles would
+# need 64 more registers next to 128 of output), 2 CTAs per SM (255 registers each), and each 64-key
+# block's scores in two 32-key softmax steps (flash-attention 2's 128 x 32 form: 32 score registers
+# instead of 64; with 64 the kernel spills ~100-180 bytes, with 32 none; not measured on the GPU yet).
+DEFAULTS = {64: Schedule(64, 1, False, 3), 128: Schedule(128, 2, False, 2, 32)}
+KNOBS = ("default", "bm64", "bm128", "mt1", "mt2", "q_smem", "q_regs", "minb<N>", "ks32", "ks64")
+
+
+def tuning(head_dim: int, knobs: str | None = None) -> Schedule:
+    """The schedule of the forward at ``head_dim``: ``knobs`` (default: ``PIGEON_ATTN_MMA_TUNE``),
+    comma-separated, or the per-head-dim default (:data:`DEFAULTS`) when neither is set.  A knob
+    string starts from the plain 64-row form (4 warps x 16 rows, Q in registers, 2 CTAs per SM;
+    ``""`` is that form) or, with ``default``, from the default; then ``bm64`` / ``bm128`` (query
+    rows per CTA; ``bm128`` alone means 4 warps x 32 rows), ``mt1`` / ``mt2`` (16-row m-tiles per
+    warp), ``q_smem`` / ``q_regs``, ``minb<N>``, ``ks32`` / ``ks64`` (keys per softmax step)."""
+    import dataclasses
+    import os
+    if knobs is None:
+        knobs = os.environ.get("PIGEON_ATTN_MMA_TUNE")
+    if knobs is None:
+        return DEFAULTS[head_dim]
+    words = [w.strip() for w in knobs.split(",") if w.strip()]
+    s = DEFAULTS[head_dim] if "default" in words else Schedule()
+    kw = {}
+    for w in words:
+        if w == "default":
+            continue
+        if w in ("bm64", "bm128"):
+            kw["block_m"] = int(w[2:])
+        elif w in ("mt1", "mt2"):
+            kw["warp_m_tiles"] = int(w[2:])
+        elif w in ("q_smem", "q_regs"):
+            kw["q_in_registers"] = w == "q_regs"
+        elif w in ("ks32", "ks64"):
+            kw["key_step"] = int(w[2:])
+        elif w.startswith("minb") and w[4:].isdigit():
+            kw["min_blocks"] = int(w[4:])
+        else:
+            raise ValueError(f"PIGEON_ATTN_MMA_TUNE: unknown knob {w!r} in {knobs!r} (knobs: {', '.join(KNOBS)})")
+    if kw.get("block_m") == 128 and "warp_m_tiles" not in kw:
+        kw["warp_m_tiles"] = 2
+    return dataclasses.replace(s, **kw)
 
 
 def unsupported(inst: AttentionInstance) -> str | None:
@@ -61,48 +156,37 @@ def unsupported(inst: AttentionInstance) -> str | None:
     return None
 
 
-def _tuning(head_dim: int) -> dict:
-    """Schedule knobs: by head dim from the H200 runs of benchmarks/tune_attention_mma.py
-    (benchmarks/results/attention_mma_knobs_h200_b0611d6.md: at D=64 re-reading Q from shared
-    memory and 3 CTAs per SM gave +13-17%; at D=128 the knobs moved it by under 3%, and 3 CTAs
-    spill), overridden by PIGEON_ATTN_MMA_TUNE="q_smem,minb3" (or "" for the plain form)."""
-    import os
-    out = {"q_in_registers": False, "min_blocks": 3} if head_dim == 64 else {}
-    env = os.environ.get("PIGEON_ATTN_MMA_TUNE")
-    if env is None:
-        return out
-    knobs = set(filter(None, env.split(",")))
-    out = {}
-    if "q_smem" in knobs:
-        out["q_in_registers"] = False
-    for k in knobs:
-        if k.startswith("minb"):
-            out["min_blocks"] = int(k[4:])
-        if k == "mt2":
-            out["warp_m_tiles"] = 2
-    return out
+def _grid(block_m: int):
+    def grid(sizes) -> tuple[int, int, int]:
+        return (max(1, -(-int(sizes["max_q"]) // block_m)), int(sizes["heads"]), int(sizes["batch"]))
+    return grid
 
 
-def _grid(sizes) -> tuple[int, int, int]:
-    return (max(1, -(-int(sizes["max_q"]) // BLOCK_M)), int(sizes["heads"]), int(sizes["batch"]))
-
-
-@functools.lru_cache(maxsize=512)
-def render_attention_mma(inst: AttentionInstance) -> RenderedKernel:
-    """The tensor-core forward kernel of ``inst`` (cached per instance)."""
+def render_attention_mma(inst: AttentionInstance, knobs: str | None = None) -> RenderedKernel:
+    """The tensor-core forward kernel of ``inst`` under the schedule :func:`tuning` gives for
+    ``knobs`` (default: ``PIGEON_ATTN_MMA_TUNE``, else the head dim's default); cached per
+    (instance, schedule)."""
     why = unsupported(inst)
     if why is not None:
         raise ValueError(f"attention instance {inst.key()} cannot use the tensor-core forward: {why}")
+    return _render(inst, tuning(inst.head_dim, knobs))
+
+
+@functools.lru_cache(maxsize=512)
+def _render(inst: AttentionInstance, sched: Schedule) -> RenderedKernel:
     mc = modifier_code(inst, backward=False, indent=(4, 20, 24, 20, 24))
     T = storage_type(inst.dtype)
     params = tuple(KernelParam(n, ct, decl.format(T=T), role) for n, ct, decl, role in PARAMS)
     mma, pack, vec2 = MMA_ATOMS[inst.dtype]
-    name = kernel_name(inst) + "_mma"
+    name = kernel_name(inst) + "_mma_" + sched.code()
     cfg = AttentionMmaConfig(name=name, signature=", ".join(p.c for p in params), dtype=T, mma=mma, pack=pack,
-                             vec2=vec2, head_dim=inst.head_dim, block_m=BLOCK_M, block_n=BLOCK_N, group=inst.group,
-                             packed=inst.packed, mods=mc, cutlass_tag=source_tag(), **_tuning(inst.head_dim))
+                             vec2=vec2, head_dim=inst.head_dim, block_m=sched.block_m, block_n=BLOCK_N,
+                             group=inst.group, packed=inst.packed, mods=mc, cutlass_tag=source_tag(),
+                             q_in_registers=sched.q_in_registers, min_blocks=sched.min_blocks,
+                             warp_m_tiles=sched.warp_m_tiles, list_block_m=inst.block_m, key_step=sched.key_step)
     template = "attention.mma.cu.jinja"
-    threads = 32 * BLOCK_M // (16 * cfg.warp_m_tiles)
-    return RenderedKernel(name=name, source=render_template(template, cfg), params=params, block=(threads, 1, 1),
-                          grid=_grid, template=template, meta={"instance_key": inst.key(), "backward": False,
-                                                               "variant": "mma"})
+    return RenderedKernel(name=name, source=render_template(template, cfg), params=params,
+                          block=(sched.threads, 1, 1), grid=_grid(sched.block_m),
+                          shared_mem=sched.shared_bytes(inst.head_dim), template=template,
+                          meta={"instance_key": inst.key(), "backward": False, "variant": "mma",
+                                "schedule": sched.tag()})

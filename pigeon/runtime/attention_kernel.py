@@ -6,7 +6,9 @@ Which template runs (:func:`kernel_variant`): the tensor-core forward and backwa
 they apply (bfloat16/float16, head dim 64 or 128, 64x64 pattern blocks, on a GPU), else the SIMT
 ones, which serve every instance and are the ones a CPU emulates.  ``PIGEON_ATTENTION_KERNEL=simt`` forces the
 SIMT kernels (A/B runs); ``=mma`` makes an instance the tensor-core template cannot take an error
-instead of a quiet SIMT run."""
+instead of a quiet SIMT run.  The tensor-core forward's schedule (64- or 128-row query tiles, ...)
+is pigeon/codegen/attention_mma.py ``tuning`` (per head dim, ``PIGEON_ATTN_MMA_TUNE``); every
+schedule takes the pattern's 64x64 lists, so the launcher binds them all the same way."""
 from __future__ import annotations
 
 import os

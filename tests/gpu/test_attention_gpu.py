@@ -12,6 +12,7 @@ import pigeon.attention as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_attention_kernel import VARIANTS, _rel_err  # noqa: E402
+from test_attention_mma import GPU_KNOBS  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -58,6 +59,50 @@ def test_tensor_core_forward_equals_the_reference(name, head_dim, dtype, monkeyp
     monkeypatch.setenv("PIGEON_POISON", "1")
     monkeypatch.setenv("PIGEON_ATTENTION_KERNEL", "mma")
     _forward_matches_the_reference(name, head_dim, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("name", MMA_VARIANTS)
+@pytest.mark.parametrize("knobs", GPU_KNOBS)
+def test_tensor_core_forward_schedules(knobs, name, head_dim, monkeypatch):
+    """The tensor-core forward under the other schedules (PIGEON_ATTN_MMA_TUNE): 64-row and 128-row
+    query tiles (the default at D=128 runs in the tests above), bf16."""
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    monkeypatch.setenv("PIGEON_ATTENTION_KERNEL", "mma")
+    monkeypatch.setenv("PIGEON_ATTN_MMA_TUNE", knobs)
+    _forward_matches_the_reference(name, head_dim, torch.bfloat16)
+
+
+@pytest.mark.parametrize("knobs", ["default", *GPU_KNOBS])
+def test_tensor_core_forward_block_lists_and_documents_per_schedule(knobs, monkeypatch):
+    """Top-k (GQA-shared, empty selections), per-head block lists and packed documents, which walk two
+    list rows per 128-row tile, under each schedule."""
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    monkeypatch.setenv("PIGEON_ATTENTION_KERNEL", "mma")
+    monkeypatch.setenv("PIGEON_ATTN_MMA_TUNE", knobs)
+    g = torch.Generator().manual_seed(7)
+    S, nq = 333, 6
+    q = torch.randn(2, 8, S, 128, generator=g).to(DEV, torch.bfloat16)
+    k, v = (torch.randn(2, 2, S, 128, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
+    idx = torch.randint(-1, nq, (2, 2, nq, 3), generator=g)
+    idx[0, 0, 1] = -1
+    keep = torch.rand(8, nq, nq, generator=g) < 0.4
+    keep[0, 2] = False
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(-1).reshape(-1).cumsum(0)])
+    crow = torch.stack([crow[h * nq:h * nq + nq + 1] for h in range(8)])
+    for pat in (pa.TopK(idx.to(DEV)), pa.BlockList(crow.to(DEV), keep.nonzero()[:, 2].to(DEV))):
+        out, lse = pa.attention(q, k, v, pattern=pat, enable_gqa=True, return_lse=True)
+        ref, ref_lse = pa.attention(q.double(), k.double(), v.double(), pattern=pat, enable_gqa=True,
+                                    return_lse=True, backend="reference")
+        assert _rel_err(out, ref) < 2e-2 and torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+        assert (out[~torch.isfinite(ref_lse)] == 0).all()
+    lens = [100, 1, 257, 64, 0, 130]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+    q, k, v = (torch.randn(sum(lens), h, 128, generator=g).to(DEV, torch.bfloat16) for h in (8, 2, 2))
+    out = pa.attention(q, k, v, pattern=pa.Causal(), cu_seqlens=cu, enable_gqa=True)
+    ref = pa.attention(q.double(), k.double(), v.double(), pattern=pa.Causal(), cu_seqlens=cu, enable_gqa=True,
+                       backend="reference")
+    assert _rel_err(out, ref) < 2e-2
 
 
 def test_tensor_core_forward_packed_documents(monkeypatch):
