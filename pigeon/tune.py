@@ -29,13 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from . import timing
 from .ir.graph import IRGraph
 from .passes.choices import MAX_FULL, Candidate, candidates, estimate, format_choices, pipeline_points, schedule_points
 from .passes.pipeline import run_pipeline
@@ -71,31 +71,10 @@ def ir_digest(ir: IRGraph) -> str:
 
 # ---------------------------------------------------------------------------------------- timing
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_ms(fn: Callable[[], object], device, reps: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on a GPU, perf_counter around a synchronized call
-    elsewhere."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(max(reps, 1)):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``fn()`` (pigeon/timing.py: CUDA events on a GPU, perf_counter
+    around a synchronized call elsewhere)."""
+    return timing.median_ms(fn, device, warmup=warmup, reps=reps)[0]
 
 
 def timer_label(device) -> str:

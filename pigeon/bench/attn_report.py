@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import NO_MATPLOTLIB, fmt, meta_lines, pyplot, save_figure, write_files
+from .report import NO_MATPLOTLIB, fmt, keyed_summary, meta_lines, pyplot, save_figure, write_files
 
 __all__ = ["cases_table", "cases_markdown", "summary_markdown", "plot_tflops", "write_results", "PLOT"]
 
@@ -83,16 +83,9 @@ def _compact(v) -> str:
 
 
 def summary_markdown(result: dict, keys: tuple[str, ...]) -> str:
-    s = result["summary"]
-    lines = ["# pigeon bench attention: summary", "", *meta_lines(result["meta"], META), "",
-             "| key | value | case | note |", "|---|---|---|---|"]
-    rest = [k for k in s if not k.endswith(("_note", "_case")) and k not in keys
-            and k not in ("commands", "commits") + META]
-    for k in keys + tuple(rest):
-        if k in s:
-            lines.append(f"| {k} | {_cell(_compact(s[k]))} | {s.get(k + '_case', '')} | {_cell(s.get(k + '_note', ''))} |")
-    lines += ["", "The per-case table is in cases.md, every number in cases.json."]
-    return "\n".join(lines) + "\n"
+    return keyed_summary("pigeon bench attention", result, META, keys, skip=("commands", "commits"),
+                         value=lambda v: _cell(_compact(v)), note=_cell,
+                         footer=("", "The per-case table is in cases.md, every number in cases.json."))
 
 
 STYLE = {"forward": "-", "forward+backward": "--"}

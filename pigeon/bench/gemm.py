@@ -46,7 +46,7 @@ import pigeon as pg
 from .check import _close
 from .common import (BenchError, FnStep, choose, environment, identity, ratio, resume, run_cases, split, tflops,
                      worst)
-from .report import NO_MATPLOTLIB, fmt, meta_lines, pyplot, save_figure, write_files
+from .report import NO_MATPLOTLIB, keyed_summary, meta_lines, pyplot, save_figure, write_files
 from .timing import failure, measure
 
 __all__ = ["BenchError", "GemmConfig", "make_config", "run", "run_case", "finish_case", "build_summary",
@@ -360,16 +360,7 @@ def cases_markdown(result: dict) -> str:
 
 
 def summary_markdown(result: dict) -> str:
-    s = result["summary"]
-    lines = ["# pigeon bench gemm: summary", "", *meta_lines(result["meta"], META), "",
-             "| key | value | case | note |", "|---|---|---|---|"]
-    rest = [k for k in s if not k.endswith(("_note", "_case")) and k not in KEYS and k not in ("commands",) + META]
-    for k in KEYS + tuple(rest):
-        if k in s:
-            v = s[k]
-            text = ("; ".join(map(str, v)) or "none") if isinstance(v, list) else fmt(v)
-            lines.append(f"| {k} | {text} | {s.get(k + '_case', '')} | {s.get(k + '_note', '')} |".replace("\n", " "))
-    return "\n".join(lines) + "\n"
+    return keyed_summary("pigeon bench gemm", result, META, KEYS, skip=("commands",))
 
 
 def plot_tflops(cases: list[dict], path: Path) -> str:

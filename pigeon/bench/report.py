@@ -5,29 +5,18 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "write_json", "read_results", "cases_table", "cases_markdown", "summary_markdown", "plot_speedup",
+from ..atomic_io import write_atomic
+
+__all__ = ["atomic_write", "write_json", "read_results", "cases_table", "cases_markdown", "summary_markdown", "keyed_summary", "plot_speedup",
            "write_results", "write_files", "aggregations_table", "fmt", "meta_lines", "pyplot", "save_figure", "NO_MATPLOTLIB"]
 
 NO_MATPLOTLIB = "skipped: matplotlib not installed (pip install -e '.[bench]')"
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, data)
 
 
 def _clean(v):
@@ -199,6 +188,27 @@ def summary_markdown(result: dict) -> str:
     for g, why in (s.get("graphs_not_run") or {}).items():
         lines.append(f"- {g}: not run ({why})")
     lines += ["", s.get("floor_note", ""), "", "The per-case table is in cases.md, every number in cases.json."]
+    return "\n".join(lines) + "\n"
+
+
+def keyed_summary(title: str, result: dict, meta_keys, keys, *, skip=(), value=None, note=None, footer=()) -> str:
+    """The summary markdown of the GEMM, attention and ShiftAdd benches: the meta lines, then one
+    row (key, value, case, note) per issue key in ``keys`` order and per other summary key (not
+    ``*_note`` / ``*_case``, not in ``meta_keys`` or ``skip``).  ``value`` / ``note`` format cells."""
+    s = result["summary"]
+
+    def default_value(v):
+        return ("; ".join(map(str, v)) or "none") if isinstance(v, list) else fmt(v)
+    value = value or default_value
+    note = note or (lambda t: t)
+    lines = [f"# {title}: summary", "", *meta_lines(result["meta"], meta_keys), "",
+             "| key | value | case | note |", "|---|---|---|---|"]
+    rest = [k for k in s if not k.endswith(("_note", "_case")) and k not in keys and k not in tuple(skip) + tuple(meta_keys)]
+    for k in tuple(keys) + tuple(rest):
+        if k in s:
+            lines.append(f"| {k} | {value(s[k])} | {s.get(k + '_case', '')} | {note(s.get(k + '_note', ''))} |"
+                         .replace("\n", " "))
+    lines += list(footer)
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import BenchError, FnStep, choose, environment, identity, ratio, resume, run_cases, split, worst
-from .report import NO_MATPLOTLIB, fmt, meta_lines, pyplot, save_figure, write_files
+from .report import NO_MATPLOTLIB, keyed_summary, meta_lines, pyplot, save_figure, write_files
 from .timing import failure, measure
 
 __all__ = ["BenchError", "ShiftAddConfig", "make_config", "run", "write_results", "cases_table", "summary_markdown",
@@ -381,16 +381,7 @@ def cases_markdown(result: dict) -> str:
 
 
 def summary_markdown(result: dict) -> str:
-    s = result["summary"]
-    lines = ["# pigeon bench shiftadd: summary", "", *meta_lines(result["meta"], META), "",
-             "| key | value | case | note |", "|---|---|---|---|"]
-    rest = [k for k in s if not k.endswith(("_note", "_case")) and k not in KEYS and k not in META]
-    for k in KEYS + tuple(rest):
-        if k in s:
-            v = s[k]
-            text = ("; ".join(map(str, v)) or "none") if isinstance(v, list) else fmt(v)
-            lines.append(f"| {k} | {text} | {s.get(k + '_case', '')} | {s.get(k + '_note', '')} |".replace("\n", " "))
-    return "\n".join(lines) + "\n"
+    return keyed_summary("pigeon bench shiftadd", result, META, KEYS)
 
 
 def plot_speedup(cases: list[dict], path: Path) -> str:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import gc
 import math
 import signal
-import statistics
 import threading
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
+
+from ..timing import median_ms, sync  # noqa: F401  (one definition, shared with pigeon compile --tune)
 
 __all__ = ["PeerTimeout", "median_ms", "peak_mib", "Step", "loss_of", "is_oom", "failure", "time_limit", "free",
            "measure", "one_line", "sync", "LR", "COMPILE_RECOMPILE_LIMIT"]
@@ -33,39 +34,6 @@ def one_line(text, limit: int = 300) -> str:
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device, warmup: int = 3, reps: int = 20,
-              budget_s: float = math.inf) -> tuple[float, int]:
-    """Median milliseconds of ``fn()`` over ``reps`` timed calls after ``warmup`` calls (CUDA events
-    on a GPU; perf_counter around a synchronized call elsewhere). Stops early, after at least one
-    timed call, once ``budget_s`` seconds have passed. Returns (median, timed calls)."""
-    cuda = device.type == "cuda"
-    end = time.perf_counter() + budget_s
-    for _ in range(warmup):
-        fn()
-        sync(device)
-        if time.perf_counter() > end:
-            break
-    times = []
-    while len(times) < reps:
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() > end:
-            break
-    return statistics.median(times), len(times)
 
 
 def peak_mib(fn: Callable[[], object], device) -> float | None:

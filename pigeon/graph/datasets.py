@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .hetero import HeteroGraph
+from ..atomic_io import save_atomic
 from .synthetic import PRESETS, preset, tiny_graph
 
 __all__ = ["DatasetError", "data_root", "load_fb15k237", "load_rdf", "load_hgb", "load", "save_graph",
@@ -239,13 +240,7 @@ def save_graph(g: HeteroGraph, path) -> None:
         "num_nodes": g.num_nodes, "num_etypes": g.num_etypes, "num_ntypes": g.num_ntypes,
         "etype_names": list(g.etype_names), "ntype_names": list(g.ntype_names), "name": g.name,
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_atomic(path, lambda tmp: torch.save(data, tmp))
 
 
 def load_graph(path, device=None) -> HeteroGraph:

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ..atomic_io import write_atomic
+
 __all__ = [
     "CacheEntry",
     "CacheWriteError",
@@ -463,17 +465,7 @@ class KernelCache:
         data = json.dumps({**record, "key": key}, indent=1, sort_keys=True).encode("utf-8")
         path = self.record_path(key, self.write_root)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_atomic(path, data)
 
     # ------------------------------------------------------------------ maintenance
 

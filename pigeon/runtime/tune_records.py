@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from .cache import KernelCache
+from ..atomic_io import write_atomic
 
 __all__ = ["TuneRecords"]
 
@@ -45,18 +45,4 @@ class TuneRecords:
     def put(self, key: str, record: dict) -> Path:
         path = self._path(key, self.cache.write_root)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(record, indent=1, sort_keys=True, default=str).encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return path
+        return write_atomic(path, json.dumps(record, indent=1, sort_keys=True, default=str))

@@ -1,6 +1,6 @@
 """The per-shape choice of how a shift linear runs on a GPU, among
 
-- ``shift``:  the TVM-generated float32 shift kernel (one thread per output; CUDA cores),
+- ``shift``:  the TVM-generated float32 shift kernel (64 x 64 output tiles per block; CUDA cores),
 - ``packed``: the weight-only packed kernel (1-16 tokens; 5/6-bit codes read, unpacked in registers),
 - ``fp8``:    an fp8 tensor-core GEMM (e5m2 weights, exact; e4m3 activations, lossy; fp8.py),
 - ``dense``:  the dequantized weights in x's dtype through cuBLAS (bf16/fp16 tensor cores).
@@ -11,13 +11,19 @@ the GPU's name and one entry per (path, M, N, K, dtype) with its median microsec
 explicit estimate ``estimate_us`` (bytes at HBM bandwidth and FLOPs at the unit's rate plus launch
 overhead; H200 numbers, stated below).  A measured shape must match exactly (M, N, K, dtype on a GPU
 of the same name); otherwise every path of the decision is estimated, never a mix.  No torch
-import at module level: the decision is plain arithmetic."""
+import at module level: the decision is plain arithmetic.
+
+The measured table is read once per process and table file (``cached_table``; ``save_table`` and
+``forget_table`` drop the copy and bump ``GENERATION``, which ShiftLinear compares to know when
+its per-shape decisions are stale); a table written by another process is seen after
+``forget_table()``."""
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from ..atomic_io import write_atomic
 
 PATHS = ("shift", "packed", "fp8", "dense")
 CHOICES = ("auto",) + PATHS
@@ -25,7 +31,7 @@ TABLE_NAME = "latency.json"
 
 # the estimate's constants (H200; explicit guesses to be replaced by measurement)
 HBM_BYTES_PER_S = 4.0e12           # achieved, of 4.8 TB/s peak
-SHIFT_FLOPS = 4.0e12               # the naive TVM kernel: global loads per term, no tiling (guess)
+SHIFT_FLOPS = 15.0e12              # the tiled TVM kernel (64 x 64 tiles, shared-memory K steps): a guess, unmeasured
 PACKED_FLOPS = 40.0e12             # float32 FMAs of the packed kernel
 FP8_FLOPS = 1000.0e12              # measured ~1300 TFLOP/s dense fp8 on this H200; lower for thin shapes
 BF16_FLOPS = 600.0e12              # measured ~750 TFLOP/s bf16
@@ -39,8 +45,9 @@ def _bytes_of(dtype: str) -> int:
 def estimate_us(path: str, m: int, n: int, k: int, dtype: str = "bfloat16", bits: int = 6) -> float:
     """Estimated microseconds of one ``[M, K] x [K, N]`` shift linear on ``path`` (module doc)."""
     b = _bytes_of(dtype)
-    if path == "shift":          # float32 x and out, codes
-        byts, flops, rate = 4 * m * k + n * k * bits / 8 + 4 * m * n, 2.0 * m * n * k, SHIFT_FLOPS
+    if path == "shift":          # float32 x and out, codes; the work of whole 64 x 64 tiles (tvm_shift.py)
+        mp, np_ = -(-m // 64) * 64, -(-n // 64) * 64
+        byts, flops, rate = 4 * m * k + n * k * 32 / (32 // bits) / 8 + 4 * m * n, 2.0 * mp * np_ * k, SHIFT_FLOPS
     elif path == "packed":
         byts, flops, rate = b * m * k + n * k * 32 / (32 // bits) / 8 + b * m * n, 2.0 * m * n * k, PACKED_FLOPS
     elif path == "fp8":
@@ -67,6 +74,26 @@ def load_table(cache_root=None) -> dict:
     return data if isinstance(data, dict) and isinstance(data.get("entries"), list) else {}
 
 
+_CACHED: dict = {}         # table path -> its data
+GENERATION = 0             # bumped whenever a cached table is dropped
+
+
+def cached_table(cache_root=None) -> dict:
+    """``load_table``, read once per process and table path."""
+    path = table_path(cache_root)
+    got = _CACHED.get(path)
+    if got is None:
+        got = _CACHED[path] = load_table(cache_root)
+    return got
+
+
+def forget_table() -> None:
+    """Drop the cached tables (the next decision reads the file again)."""
+    global GENERATION
+    _CACHED.clear()
+    GENERATION += 1
+
+
 def save_table(gpu: str, entries: list[dict], cache_root=None) -> Path:
     """Merge ``entries`` ({path, M, N, K, dtype, us}) into the table of ``gpu`` (atomic write)."""
     path = table_path(cache_root)
@@ -74,11 +101,7 @@ def save_table(gpu: str, entries: list[dict], cache_root=None) -> Path:
     keep = [e for e in old.get("entries", []) if old.get("gpu") == gpu]
     new_keys = {(e["path"], e["M"], e["N"], e["K"], e["dtype"]) for e in entries}
     keep = [e for e in keep if (e["path"], e["M"], e["N"], e["K"], e["dtype"]) not in new_keys] + list(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"gpu": gpu, "entries": keep}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps({"gpu": gpu, "entries": keep}, indent=1))
 
 
 @dataclass
@@ -119,7 +142,7 @@ def choose(m: int, n: int, k: int, dtype: str, *, p_min: int = -15, p_max: int =
     """The fastest applicable path (module doc); ``table`` defaults to the cache's measured table."""
     excluded = applicable(m, n, k, dtype, p_min, p_max, fp8_ok)
     cands = [p for p in PATHS if p not in excluded]
-    table = load_table() if table is None else table
+    table = cached_table() if table is None else table
     measured = {}
     if gpu is not None and table.get("gpu") == gpu:
         for e in table.get("entries", []):
