@@ -252,6 +252,8 @@ def block_lists(p, batch: int, heads: int, q_len: int, kv_len: int, block_m: int
         allk = kept[None] & (k1 <= q0)[None, None]           # the diagonal block is causal inside
     elif isinstance(p, TopK) and (p.block_m, p.block_n) == (block_m, block_n):
         return _topk_lists(p, heads, q_len, kv_len, device)
+    elif isinstance(p, TopK) and p.block_m % block_m == 0 and p.block_n % block_n == 0:
+        return refine(_topk_lists(p, heads, q_len, kv_len, device), p.block_m // block_m, p.block_n // block_n, nq, nk)
     else:
         m = dense_mask(p, batch, heads, q_len, kv_len, device)     # blocks given at run time
         pad = torch.zeros(m.shape[:2] + (nq * block_m, nk * block_n), dtype=torch.bool, device=device)
@@ -270,6 +272,38 @@ def block_lists(p, batch: int, heads: int, q_len: int, kv_len: int, block_m: int
     torch.cumsum(counts, 0, out=ptr[1:])
     rows, cols = flat.nonzero(as_tuple=True)
     return BlockLists((B, H, nq), ptr, cols, fullf[rows, cols])
+
+
+def refine(lists: BlockLists, a: int, b: int, nq: int, nk: int) -> BlockLists:
+    """``lists`` of blocks a x b times larger, listed on the finer grid of ``nq`` x ``nk`` blocks: the
+    fine query block ``i`` visits every fine key block inside the coarse blocks its coarse row
+    listed (ascending when the coarse ones are), with the coarse block's flag (a full coarse block's
+    fine blocks are full).  Torch ops on the lists' device, no dense mask and no host sync."""
+    B, H, nq_c = lists.shape
+    dev = lists.ptr.device
+    ptr = lists.ptr.long()
+    counts = ptr[1:] - ptr[:-1]                                          # per coarse row
+    t = torch.arange(b, device=dev)
+    cols = (lists.col.long()[:, None] * b + t).reshape(-1)                # each coarse block's fine columns
+    full = lists.full[:, None].expand(-1, b).reshape(-1)
+    inside = cols < nk
+    crow = torch.repeat_interleave(torch.arange(B * H * nq_c, device=dev), counts, output_size=lists.col.numel())
+    crow = crow[:, None].expand(-1, b).reshape(-1)
+    cols, full, crow = cols[inside], full[inside], crow[inside]
+    bh, qc = crow // nq_c, crow % nq_c
+    fine_rows, fine_cols, fine_full = [], [], []
+    for s in range(a):                                                    # sub-row s of every coarse row
+        qi = qc * a + s
+        ok = qi < nq
+        fine_rows.append(bh[ok] * nq + qi[ok])
+        fine_cols.append(cols[ok])
+        fine_full.append(full[ok])
+    rows = torch.cat(fine_rows)
+    order = torch.sort(rows, stable=True).indices                        # CSR by fine row, coarse order kept
+    rows, col, fl = rows[order], torch.cat(fine_cols)[order], torch.cat(fine_full)[order]
+    out_ptr = torch.zeros(B * H * nq + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(torch.bincount(rows, minlength=B * H * nq), 0, out=out_ptr[1:])
+    return BlockLists((B, H, nq), out_ptr, col, fl)
 
 
 def _topk_lists(p: TopK, heads: int, q_len: int, kv_len: int, device) -> BlockLists:
