@@ -334,3 +334,19 @@ def test_eager_fast_path_rules(monkeypatch):
     assert not ops._eager([fake], [])
     with mode:
         assert not ops._eager([], [])
+
+
+def test_a_call_autograd_would_not_record_skips_the_autograd_function(monkeypatch):
+    g = load("tiny")
+    layer = pg.compile(rgat, g, IN, out_dim=3, heads=2)
+    x = torch.randn(g.num_nodes, IN)
+    want = layer(x).detach()                       # weights require grad: the autograd.Function
+    calls = []
+    real = ops._LayerForward.apply
+    monkeypatch.setattr(ops._LayerForward, "apply", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = layer(x)
+    assert not calls and not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert layer(x).requires_grad and calls      # grad mode with weights that need grad: recorded
+    assert ops._records_grad([x], [torch.nn.Parameter(x)]) and not ops._records_grad([x], [x])
