@@ -94,7 +94,7 @@ def test_signature_checked():
     src = sk.cuda_source(k, "sm_90")
     rk = sk.rendered_kernel(k, src)
     assert [p.name for p in rk.params] == ["k_ptr", "out_ptr", "q_ptr", "Tk", "Tq", "W", "nbits"]
-    assert rk.grid(129) == (2, 1, 1) and rk.block == (128, 1, 1)
+    assert rk.grid({"Tq": 43, "Tk": 3}) == (2, 1, 1) and rk.block == (128, 1, 1)
     with pytest.raises(sk.ShiftAddKernelError, match="differ from the launcher's"):
         sk.rendered_kernel(k, src.replace("int Tq, int W", "int W, int Tq"))
     with pytest.raises(sk.ShiftAddKernelError, match="has no kernel"):

@@ -10,8 +10,10 @@ goes into them, under ``$PIGEON_EMULATE_CACHE`` (default ``<tmp>/pigeon-emulate-
 
 :class:`EmulatedModule` has the launcher interface of ``pigeon.runtime.launch.CudaModule``
 (``module.function(name).launch(grid, block, args, types)``), taking CPU tensors, so a kernel
-family's launcher runs unchanged on it. Kernels with barriers, warp shuffles or shared memory
-cannot be emulated this way (the shim leaves them undefined, so they fail to compile).
+family's launcher runs unchanged on it. Kernels with ``__syncthreads()`` (and shared memory)
+run on one OS thread per CUDA thread of a block with a real barrier (``cuda_emulate_threads.h``,
+included and its ``pg_emulate_launch_threads`` chosen when the source calls ``__syncthreads``); warp shuffles are not emulated (the shim leaves
+them undefined, so such kernels fail to compile).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from typing import Any, Sequence
 
 from ..codegen.kernel_source import RenderedKernel
 
-CXX_FLAGS = ("-x", "c++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas")
+CXX_FLAGS = ("-x", "c++", "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas")
 _CTYPES = {"ptr": ctypes.c_void_p, "int32": ctypes.c_int32, "int64": ctypes.c_int64, "uint32": ctypes.c_uint32,
            "uint64": ctypes.c_uint64, "float32": ctypes.c_float, "float64": ctypes.c_double}
 _lock = threading.Lock()
@@ -41,6 +43,17 @@ class EmulationError(RuntimeError):
 
 def shim_text() -> str:
     return (resources.files("pigeon") / "templates" / "cuda_emulate.h").read_text(encoding="utf-8")
+
+
+THREADS_HEADER = "cuda_emulate_threads.h"
+
+
+def threads_text() -> str:
+    return (resources.files("pigeon") / "templates" / THREADS_HEADER).read_text(encoding="utf-8")
+
+
+def _threaded(rk: RenderedKernel) -> bool:
+    return "__syncthreads" in rk.source
 
 
 def cxx_path() -> str | None:
@@ -62,14 +75,17 @@ def cache_root() -> Path:
 def host_loop(rk: RenderedKernel) -> str:
     params = ", ".join([p.c for p in rk.params] + [f"int pg_{a}" for a in ("gx", "gy", "gz", "bx", "by", "bz")])
     args = ", ".join(p.name for p in rk.params)
+    launch = "pg_emulate_launch_threads" if _threaded(rk) else "pg_emulate_launch"
     return (f'\nextern "C" void emulate_{rk.name}({params}) {{\n'
-            f"    pg_emulate_launch(dim3(pg_gx, pg_gy, pg_gz), dim3(pg_bx, pg_by, pg_bz),\n"
+            f"    {launch}(dim3(pg_gx, pg_gy, pg_gz), dim3(pg_bx, pg_by, pg_bz),\n"
             f"                      [&]() {{ {rk.name}({args}); }});\n}}\n")
 
 
 def emulator_source(kernels: Sequence[RenderedKernel]) -> str:
-    """Each kernel's source exactly as rendered, followed by its host loop."""
-    return "".join(f"// ---- {rk.name}\n{rk.source}\n{host_loop(rk)}" for rk in kernels)
+    """Each kernel's source exactly as rendered, followed by its host loop (after the threads header
+    when a kernel calls ``__syncthreads``)."""
+    head = f'#include "{THREADS_HEADER}"\n' if any(_threaded(rk) for rk in kernels) else ""
+    return head + "".join(f"// ---- {rk.name}\n{rk.source}\n{host_loop(rk)}" for rk in kernels)
 
 
 # headers kernel sources include that the shim stands for (cuda.h: TVM-generated sources)
@@ -77,10 +93,12 @@ STUBS = ("cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h", "cuda.h")
 
 
 def _shim_dir(root: Path, shim: str) -> Path:
-    d = root / ("shim-" + hashlib.sha256("\0".join((shim, *STUBS)).encode()).hexdigest()[:16])
+    threads = threads_text()
+    d = root / ("shim-" + hashlib.sha256("\0".join((shim, threads, *STUBS)).encode()).hexdigest()[:16])
     if not (d / "cuda_fp16.h").is_file():
         tmp = Path(tempfile.mkdtemp(prefix="shim-", dir=root))
         (tmp / "cuda_emulate.h").write_text(shim, encoding="utf-8")
+        (tmp / THREADS_HEADER).write_text(threads, encoding="utf-8")
         for stub in STUBS:
             (tmp / stub).write_text('#pragma once\n#include "cuda_emulate.h"\n', encoding="utf-8")
         try:
@@ -98,7 +116,7 @@ def build_emulator(kernels: Sequence[RenderedKernel], *, cxx: str | None = None)
     source = emulator_source(kernels)
     shim = shim_text()
     h = hashlib.sha256()
-    for part in (source, shim, cxx, *CXX_FLAGS):
+    for part in (source, shim, threads_text(), cxx, *CXX_FLAGS):
         h.update(part.encode())
         h.update(b"\0")
     key = h.hexdigest()[:24]

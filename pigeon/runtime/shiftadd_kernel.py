@@ -16,8 +16,15 @@ TVM is not on the GPU machine, so a kernel's CUDA source travels in the kernel c
 ``scripts/prebuild_kernels.py --shiftadd yes|only`` records and builds :func:`prebuild_set`.
 
 The launch binds arguments by the parameter names of the generated signature, checked against
-``tvm_kernels.PARAMS``; the grid is the schedule's (one thread per output, ``TvmKernel.grid``).
-Set ``PIGEON_POISON=1`` to fill outputs with NaN (integers: a sentinel) before each launch."""
+``tvm_kernels.PARAMS``; grid and block are the schedule's (``TvmKernel.launch_dims``).
+Set ``PIGEON_POISON=1`` to fill outputs with NaN (integers: a sentinel) before each launch.
+
+Per call the launchers do only the checks that need the arguments and the launch: the kernel's
+entry (source, rendered kernel, loaded function, argument order) is looked up once per (kernel,
+device) in ``_ENTRIES`` and kept; device properties come from pigeon/shiftadd/devinfo.py.
+``set_loader(fn)`` replaces how an entry gets its function (``fn(rk, device, emulate)`` ->
+something with ``.launch(grid, block, args, types)``): benchmarks/profile_shiftadd_host.py times the
+host path on a CPU with a launch that does nothing."""
 from __future__ import annotations
 
 import hashlib
@@ -30,13 +37,14 @@ from typing import Any
 import torch
 
 from ..codegen.kernel_source import KernelParam, RenderedKernel
+from ..shiftadd import devinfo
 from ..shiftadd.tvm_kernels import PARAMS, TvmKernel, definition_digest
 from .cache import KernelCache, pigeon_version
 
 SOURCE_FORMAT = "pigeon-tvm-cuda-source-v1"
 INT_POISON = -0x5A5A5A5B
 _I32_MAX = (1 << 31) - 1
-_MODULES: dict = {}          # (kernel, arch or "emulate", device) -> (RenderedKernel, module)
+_ENTRIES: dict = {}          # (kernel key, device, emulate) -> _Entry
 _SIG = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)\s*\{')
 _PARAM = re.compile(r"^(int|float)(\*)?\s*(?:__restrict__\s+)?(\w+)$")
 
@@ -105,8 +113,8 @@ def rendered_kernel(k: TvmKernel, source: str) -> RenderedKernel:
     if got != PARAMS[k.kind]:
         raise ShiftAddKernelError(f"{k.kernel_name}: generated parameters {got} differ from the launcher's "
                                   f"{PARAMS[k.kind]} (a TVM that orders or names them otherwise?)")
-    return RenderedKernel(name=k.kernel_name, source=source, params=tuple(params), block=(k.block, 1, 1),
-                          grid=lambda outputs: (k.grid(outputs), 1, 1), template=f"tvm:{k.kind}",
+    return RenderedKernel(name=k.kernel_name, source=source, params=tuple(params), block=k.block,
+                          grid=lambda sizes: k.launch_dims(sizes)[0], template=f"tvm:{k.kind}",
                           meta={"kernel": k.describe()})
 
 
@@ -124,39 +132,68 @@ def prebuild_set(p_ranges=((-15, 0, 6), (-14, 0, 5))) -> list[TvmKernel]:
     return out + [TvmKernel("hamming"), TvmKernel("accumulate")]
 
 
-def _module(k: TvmKernel, device: torch.device, emulate: bool):
-    from .build import device_arch
-    arch = "sm_90" if emulate else device_arch(device)
-    key = (k, arch, "emulate" if emulate else str(device))
-    got = _MODULES.get(key)
-    if got is None:
-        cache = KernelCache()
-        rk = rendered_kernel(k, cuda_source(k, arch, cache))
-        if emulate:
-            from .emulate import EmulatedModule
-            mod = EmulatedModule(rk)
-        else:
-            from .build import build_kernel
-            from .launch import load_module
-            mod = load_module(build_kernel(rk.source, arch, cache=cache, name=rk.name), device)
-        got = _MODULES[key] = (rk, mod)
-    return got
+class _Entry:
+    """What a launch of one kernel on one device needs, made once: the rendered kernel, the loaded
+    function, the argument names in parameter order and the C types."""
+    __slots__ = ("kernel", "rk", "fn", "names", "types", "block")
+
+    def __init__(self, kernel, rk: RenderedKernel, fn):
+        self.kernel, self.rk, self.fn = kernel, rk, fn
+        self.names = tuple(p.role.split(":")[1] if p.ctype == "ptr" else p.name for p in rk.params)
+        self.types = rk.ctypes
+        self.block = rk.block
 
 
-def _launch(k: TvmKernel, tensors: dict, sizes: dict, outputs: int, emulate: bool) -> None:
-    dev = next(iter(tensors.values())).device
-    if emulate and dev.type != "cpu":
-        raise ShiftAddKernelError(f"{k.symbol}: emulation runs on CPU tensors, got {dev}")
-    if not emulate and dev.type != "cuda":
-        raise ShiftAddKernelError(f"{k.symbol}: the generated kernels run on CUDA tensors, got {dev} "
-                                  "(on a CPU: emulate=True, the llvm build, or the torch forms)")
-    if outputs >= _I32_MAX or any(t.numel() >= _I32_MAX for t in tensors.values()):
-        raise ShiftAddKernelError(f"{k.symbol}: a tensor of 2^31 or more elements; the kernel indexes with int32")
+def _load_function(rk: RenderedKernel, device: torch.device, emulate: bool):
+    """The default loader: the emulated module on a CPU, else the cubin (kernel cache) on ``device``."""
+    if emulate:
+        from .emulate import EmulatedModule
+        return EmulatedModule(rk).function(rk.name)
+    from .build import build_kernel
+    from .launch import load_module
+    arch = devinfo.props(device)[2]
+    return load_module(build_kernel(rk.source, arch, cache=KernelCache(), name=rk.name), device).function(rk.name)
+
+
+_loader = _load_function
+
+
+def set_loader(fn=None):
+    """Use ``fn(rk, device, emulate)`` to load functions from now on (None: the default) and forget
+    the loaded entries; returns the previous loader."""
+    global _loader
+    prev, _loader = _loader, (fn or _load_function)
+    _ENTRIES.clear()
+    return prev
+
+
+def _tvm_entry(kind: str, p_min: int, p_max: int, bits: int, device, emulate: bool) -> _Entry:
+    key = (kind, p_min, p_max, bits, device, emulate)
+    e = _ENTRIES.get(key)
+    if e is None:
+        k = TvmKernel(kind, p_min, p_max, bits)
+        arch = "sm_90" if emulate else devinfo.props(device)[2]
+        rk = rendered_kernel(k, cuda_source(k, arch, KernelCache()))
+        e = _ENTRIES[key] = _Entry(k, rk, _loader(rk, device, emulate))
+    return e
+
+
+def _check_place(kernel: tuple, t: torch.Tensor, emulate: bool) -> None:
+    """``t`` is where the launch runs (CUDA; a CPU tensor when ``emulate``); ``kernel`` TvmKernel's fields."""
+    if emulate:
+        if t.device.type != "cpu":
+            raise ShiftAddKernelError(f"{TvmKernel(*kernel).symbol}: emulation runs on CPU tensors, got {t.device}")
+    elif not devinfo.on_gpu(t):
+        raise ShiftAddKernelError(f"{TvmKernel(*kernel).symbol}: the generated kernels run on CUDA tensors, got "
+                                  f"{t.device} (on a CPU: emulate=True, the llvm build, or the torch forms)")
+
+
+def _launch(e: _Entry, vals: dict, outputs: int) -> None:
+    if outputs >= _I32_MAX or any(v.numel() >= _I32_MAX for v in vals.values() if isinstance(v, torch.Tensor)):
+        raise ShiftAddKernelError(f"{e.kernel.symbol}: a tensor of 2^31 or more elements; the kernel indexes with int32")
     if outputs == 0:
         return
-    rk, mod = _module(k, dev, emulate)
-    args = [tensors[p.role.split(":")[1]] if p.ctype == "ptr" else int(sizes[p.name]) for p in rk.params]
-    mod.function(rk.name).launch(rk.grid(outputs), rk.block, args, rk.ctypes)
+    e.fn.launch(e.rk.grid(vals), e.block, [vals[n] for n in e.names], e.types)
 
 
 def _poisoned(shape, dtype, device) -> torch.Tensor:
@@ -187,16 +224,21 @@ def shift_linear(x: torch.Tensor, packed: torch.Tensor, p_min: int, p_max: int, 
                                   f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     _need("x", x, x.dtype, 2)
     _need("packed", packed, torch.int32, 2)
-    _same_device(x, packed)
-    per = 32 // bits
+    if x.device != packed.device:
+        _same_device(x, packed)
+    kind = ("shift_int" if x.dtype == torch.int32 else "shift_f32", p_min, p_max, bits)
     m, kk = x.shape
+    per = 32 // bits if bits in (5, 6) else 0
+    if not per:
+        TvmKernel(*kind)                        # the error of a bad code width
     if packed.shape[1] != -(-kk // per):
         raise ShiftAddKernelError(f"packed has shape {tuple(packed.shape)}, expected [N, {-(-kk // per)}] "
                                   f"(K={kk}, {per} {bits}-bit codes per word)")
-    k = TvmKernel("shift_int" if x.dtype == torch.int32 else "shift_f32", p_min, p_max, bits)
+    _check_place(kind, x, emulate)
+    e = _tvm_entry(*kind, x.device, emulate)
     n = packed.shape[0]
     out = _poisoned((m, n), x.dtype, x.device)
-    _launch(k, {"x": x.contiguous(), "w": packed.contiguous(), "out": out}, {"M": m, "N": n, "K": kk}, m * n, emulate)
+    _launch(e, {"x": x.contiguous(), "w": packed.contiguous(), "out": out, "M": m, "N": n, "K": kk}, m * n)
     return out
 
 
@@ -210,9 +252,11 @@ def hamming(codes_q: torch.Tensor, codes_k: torch.Tensor, nbits: int, *, emulate
         raise ShiftAddKernelError(f"codes have {codes_q.shape[1]} and {codes_k.shape[1]} words; nbits={nbits!r} "
                                   f"needs {words}")
     tq, tk = codes_q.shape[0], codes_k.shape[0]
+    _check_place(("hamming",), codes_q, emulate)
+    e = _tvm_entry("hamming", 0, 0, 0, codes_q.device, emulate)
     out = _poisoned((tq, tk), torch.int32, codes_q.device)
-    _launch(TvmKernel("hamming"), {"q": codes_q.contiguous(), "k": codes_k.contiguous(), "out": out},
-            {"Tq": tq, "Tk": tk, "W": words, "nbits": nbits}, tq * tk, emulate)
+    _launch(e, {"q": codes_q.contiguous(), "k": codes_k.contiguous(), "out": out, "Tq": tq, "Tk": tk, "W": words,
+                "nbits": nbits}, tq * tk)
     return out
 
 
@@ -229,60 +273,79 @@ def code_accumulate(codes: torch.Tensor, v: torch.Tensor, nbits: int, *, emulate
     if v.shape[:2] != (g, t):
         raise ShiftAddKernelError(f"v has shape {tuple(v.shape)}, expected [{g}, {t}, Nv] (codes {tuple(codes.shape)})")
     nv = v.shape[2]
+    _check_place(("accumulate",), v, emulate)
+    e = _tvm_entry("accumulate", 0, 0, 0, v.device, emulate)
     out = _poisoned((g, nbits, nv), torch.float32, v.device)
-    _launch(TvmKernel("accumulate"), {"codes": codes.contiguous(), "v": v.contiguous(), "out": out},
-            {"G": g, "T": t, "W": w, "nbits": nbits, "Nv": nv}, g * nbits * nv, emulate)
+    _launch(e, {"codes": codes.contiguous(), "v": v.contiguous(), "out": out, "G": g, "T": t, "W": w, "nbits": nbits,
+                "Nv": nv}, g * nbits * nv)
     return out
 
 
 # ---------------------------------------------------------------- the weight-only packed path (Jinja2)
 
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def _packed_entry(m: int, dtype: torch.dtype, p_min: int, p_max: int, bits: int, device) -> _Entry:
+    key = ("packed", m, dtype, p_min, p_max, bits, device)
+    e = _ENTRIES.get(key)
+    if e is None:
+        from ..codegen.shiftadd_packed import PackedConfigError, config_for, render_packed
+        try:
+            cfg = config_for(m, _DTYPE_NAMES[dtype], p_min, p_max, bits)
+        except PackedConfigError as ex:
+            raise ShiftAddKernelError(str(ex)) from None
+        rk = render_packed(cfg)
+        name_key = ("packed-fn", rk.name, device)           # one function per config, whatever the M
+        fn = _ENTRIES.get(name_key)
+        if fn is None:
+            fn = _ENTRIES[name_key] = _loader(rk, device, False)
+        e = _ENTRIES[key] = _Entry(cfg, rk, fn)
+        if e.names != _PACKED_ORDER:
+            raise ShiftAddKernelError(f"packed kernel parameters {e.names} are not {_PACKED_ORDER}")
+    return e
+
+
+_PACKED_ORDER = ("out", "x", "w", "bias", "M", "N", "K", "ldx", "ldw", "ldo")
+
+
 def packed_linear(x: torch.Tensor, wpad: torch.Tensor, k: int, p_min: int, p_max: int, bits: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ (sign * 2^p)^T (+ bias)`` for 1..16 tokens by the packed weight-only kernel
     (pigeon/codegen/shiftadd_packed.py) on CUDA: ``wpad`` the padded codes of packed.pad_words
-    ``[N, ldw]``, x bf16/fp16/fp32 (out the same), bias float32 [N] or None."""
-    from ..codegen.shiftadd_packed import DTYPES, PackedConfigError, config_for, render_packed
-    from ..shiftadd.packed import padded_words
-    def dtype_name(dt):
-        return str(dt).replace("torch.", "")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or dtype_name(x.dtype) not in DTYPES:
-        raise ShiftAddKernelError(f"packed shift kernel: x must be a 2-d {'/'.join(DTYPES)} tensor, got "
+    ``[N, ldw]``, x bf16/fp16/fp32 (out the same), bias float32 [N] or None (added in the kernel)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _DTYPE_NAMES:
+        raise ShiftAddKernelError(f"packed shift kernel: x must be a 2-d {'/'.join(_DTYPE_NAMES.values())} tensor, got "
                                   f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
     _need("wpad", wpad, torch.int32, 2)
     m, kk = x.shape
-    if kk != k or wpad.shape[1] != padded_words(k, bits):
+    ldw = wpad.shape[1]
+    per = 32 // bits if bits in (5, 6) else 0
+    if kk != k or not per or ldw != -(-(-(-k // per)) // 4) * 4:
+        from ..shiftadd.packed import padded_words
         raise ShiftAddKernelError(f"packed shift kernel: x {tuple(x.shape)} and padded codes {tuple(wpad.shape)} do "
                                   f"not fit K={k} ({padded_words(k, bits)} words per row after pad_words)")
     n = wpad.shape[0]
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32 or
-                             tuple(bias.shape) != (n,)):
+                             bias.shape != (n,)):
         raise ShiftAddKernelError(f"packed shift kernel: bias must be float32 [{n}], got "
                                   f"{(bias.dtype, tuple(bias.shape)) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    _same_device(*[t for t in (x, wpad, bias) if t is not None])
-    if x.device.type != "cuda":
-        raise ShiftAddKernelError(f"the packed shift kernel runs on CUDA tensors, got {x.device}")
-    try:
-        cfg = config_for(m, dtype_name(x.dtype), p_min, p_max, bits)
-    except PackedConfigError as e:
-        raise ShiftAddKernelError(str(e)) from None
-    x = x.contiguous()
-    wpad = wpad.contiguous()
+    dev = x.device
+    if wpad.device != dev or (bias is not None and bias.device != dev):
+        _same_device(*[t for t in (x, wpad, bias) if t is not None])
+    if not devinfo.on_gpu(x):
+        raise ShiftAddKernelError(f"the packed shift kernel runs on CUDA tensors, got {dev}")
+    e = _packed_entry(m, x.dtype, p_min, p_max, bits, dev)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not wpad.is_contiguous():
+        wpad = wpad.contiguous()
     if wpad.data_ptr() % 16:
         raise ShiftAddKernelError("packed shift kernel: the padded codes must start 16-byte aligned (pad_words)")
-    if n * wpad.shape[1] >= _I32_MAX or m * k >= _I32_MAX:
+    if n * ldw >= _I32_MAX or m * k >= _I32_MAX:
         raise ShiftAddKernelError("packed shift kernel: 2^31 or more words or activations")
-    out = _poisoned((m, n), x.dtype, x.device)
+    out = _poisoned((m, n), x.dtype, dev)
     if n == 0:
         return out
-    rk = render_packed(cfg)
-    key = (rk.name, str(x.device))
-    mod = _MODULES.get(key)
-    if mod is None:
-        from .build import build_kernel, device_arch
-        from .launch import load_module
-        mod = _MODULES[key] = load_module(build_kernel(rk.source, device_arch(x.device), name=rk.name), x.device)
-    vals = {"out": out, "x": x, "w": wpad, "bias": bias, "M": m, "N": n, "K": k, "ldx": k, "ldw": wpad.shape[1],
-            "ldo": n}
-    mod.function(rk.name).launch(rk.grid(n), rk.block, [vals[p.name] for p in rk.params], rk.ctypes)
+    e.fn.launch(e.rk.grid(n), e.block, [out, x, wpad, bias, m, n, k, k, ldw, n], e.types)     # _PACKED_ORDER
     return out

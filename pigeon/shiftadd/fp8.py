@@ -8,16 +8,25 @@ element, so this path is lossy in x, unlike the shift and packed paths).  ``shif
 ``torch._scaled_mm(x_e4m3, w_e5m2^T)`` on tensor cores with the row scales: rowwise scales
 (``scale_a [M, 1]``, ``scale_b [1, N]``, bf16 out) where this torch/cuBLAS takes them for an e4m3 x
 e5m2 product, else per-tensor scales of 1 and the row scale applied to the output after
-(``last_mode()`` says which ran).  cuBLAS needs K and N to be multiples of 16."""
+(``last_mode()`` says which ran).  cuBLAS needs K and N to be multiples of 16.
+
+Per call: the row quantization is 7 small torch ops (abs, amax, float, div, clamp_min, div,
+clamp, to: fewer where x is float32), the product one; ``scale_b`` (ones) is made once per (N,
+device); the optional ``bias`` is added in place into the product's output (one op).  The checks
+are on shapes and dtypes only (no GPU reads)."""
 from __future__ import annotations
 
 import torch
 
+from . import devinfo
 from .quant import ShiftFormatError, dequantize_shift
 
 E5M2_P = (-16, 15)
 E4M3_MAX = 448.0
 _MODE: dict = {}          # device -> "rowwise" | "tensorwise", the first that ran
+_ONES: dict = {}          # (N, device) -> float32 ones [1, N] (scale_b of the rowwise product)
+_ONE: dict = {}           # device -> float32 scalar one
+_TINY = 2.0 ** -126       # the scale of an all-zero row (any positive scale gives zeros)
 
 
 def check_range_e5m2(p_min: int, p_max: int) -> None:
@@ -39,13 +48,15 @@ def weights_e5m2(sign: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_e4m3 [M, K], scale float32 [M, 1])`` with ``x ~ x_e4m3 * scale`` (scale = amax / 448, 1 for a zero row)."""
+    """``(x_e4m3 [M, K], scale float32 [M, 1])`` with ``x ~ x_e4m3 * scale`` (scale = amax / 448;
+    2^-126 for an all-zero row, whose codes are then zeros)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
         raise ShiftFormatError(f"quantize_rows_e4m3: x must be a 2-d floating tensor, got "
                                f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    amax = x.detach().abs().amax(dim=1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    x = x.detach()
+    scale = torch.div(x.abs().amax(dim=1, keepdim=True).float(), E4M3_MAX).clamp_min_(_TINY)
+    # x / scale is float32 (promotion); |x / scale| <= 448 up to rounding, clamped so no NaN code appears
+    return torch.div(x, scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def check_shapes(m: int, n: int, k: int) -> str | None:
@@ -55,35 +66,48 @@ def check_shapes(m: int, n: int, k: int) -> str | None:
     return None
 
 
-def shift_linear_fp8(x: torch.Tensor, w8: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x [M, K] @ w^T`` for the e5m2 weights ``w8 [N, K]`` by ``torch._scaled_mm`` (module doc)."""
+def shift_linear_fp8(x: torch.Tensor, w8: torch.Tensor, out_dtype: torch.dtype | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ w^T (+ bias [N])`` for the e5m2 weights ``w8 [N, K]`` by ``torch._scaled_mm`` (module doc)."""
     if not isinstance(w8, torch.Tensor) or w8.dtype != torch.float8_e5m2 or w8.dim() != 2:
         raise ShiftFormatError(f"shift_linear_fp8: weights must be 2-d float8_e5m2 (weights_e5m2), got "
                                f"{(w8.dtype, tuple(w8.shape)) if isinstance(w8, torch.Tensor) else type(w8).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2 or x.shape[1] != w8.shape[1]:
         raise ShiftFormatError(f"shift_linear_fp8: x has shape {tuple(x.shape) if isinstance(x, torch.Tensor) else x!r}, "
                                f"expected [M, {w8.shape[1]}] floating")
-    why = check_shapes(x.shape[0], w8.shape[0], w8.shape[1])
-    if why:
-        raise ShiftFormatError(f"shift_linear_fp8: {why}")
-    if not x.is_cuda or x.device != w8.device:
-        raise ShiftFormatError(f"shift_linear_fp8 runs on CUDA (torch._scaled_mm); x is on {x.device}, w on {w8.device}")
+    n, k = w8.shape
+    if k % 16 or n % 16:
+        raise ShiftFormatError(f"shift_linear_fp8: {check_shapes(x.shape[0], n, k)}")
+    dev = x.device
+    if not devinfo.on_gpu(x) or dev != w8.device:
+        raise ShiftFormatError(f"shift_linear_fp8 runs on CUDA (torch._scaled_mm); x is on {dev}, w on {w8.device}")
     out_dtype = out_dtype or x.dtype
     xq, sx = quantize_rows_e4m3(x)
-    mode = _MODE.get(x.device)
-    if mode in (None, "rowwise"):
+    mode = _MODE.get(dev)
+    y = None
+    if mode is None or mode == "rowwise":
+        ones = _ONES.get((n, dev))
+        if ones is None:
+            ones = _ONES[(n, dev)] = torch.ones(1, n, dtype=torch.float32, device=dev)
         try:
-            ones = torch.ones(1, w8.shape[0], dtype=torch.float32, device=x.device)
             y = torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=ones, out_dtype=torch.bfloat16)
-            _MODE[x.device] = "rowwise"
-            return y.to(out_dtype)
+            if mode is None:
+                _MODE[dev] = "rowwise"
         except RuntimeError:
             if mode == "rowwise":
                 raise
-    one = torch.ones((), dtype=torch.float32, device=x.device)
-    y = torch._scaled_mm(xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-    _MODE[x.device] = "tensorwise"
-    return (y * sx).to(out_dtype)
+    if y is None:
+        one = _ONE.get(dev)
+        if one is None:
+            one = _ONE[dev] = torch.ones((), dtype=torch.float32, device=dev)
+        y = torch._scaled_mm(xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        _MODE[dev] = "tensorwise"
+        y.mul_(sx)
+    if y.dtype != out_dtype:
+        y = y.to(out_dtype)
+    if bias is not None:
+        y.add_(bias)
+    return y
 
 
 def last_mode(device) -> str | None:

@@ -54,9 +54,10 @@ import torch
 import torch.nn.functional as F
 
 from .add import code_accumulate, pack_bits
-from .fixed import _I32, from_fixed, shift_linear_float, shift_linear_ref, to_fixed
+from .fixed import _I32, from_fixed, shift_linear_ref, to_fixed
 from .quant import (ShiftFormatError, _check_bits, _check_range, codes_per_word, min_code_bits, pack_shift,
                     quantize_shift, unpack_shift)
+from . import devinfo, paths as _paths
 from .fp8 import shift_linear_fp8, weights_e5m2
 from .packed import pad_words
 from .paths import CHOICES, Decision, applicable, choose
@@ -77,11 +78,16 @@ def _check_backend(who: str, backend) -> str:
     return backend
 
 
+_SK: list = []
+
+
 def kernel_ops():
     """pigeon/runtime/shiftadd_kernel.py, the launcher of the ShiftAdd kernels (imported when a CUDA
     tensor reaches a kernel; the benchmark calls its functions through this)."""
-    from ..runtime import shiftadd_kernel
-    return shiftadd_kernel
+    if not _SK:
+        from ..runtime import shiftadd_kernel
+        _SK.append(shiftadd_kernel)
+    return _SK[0]
 
 
 _kernels = kernel_ops
@@ -103,48 +109,62 @@ def shift_kernel_llvm(p_min: int, p_max: int, bits: int):
     return _KERNELS[key][1]
 
 
-def _dequant(sign, p, dtype):
-    return sign.to(dtype) * torch.pow(2.0, p.to(torch.float64)).to(dtype)
+def _linear(x, w, b):
+    """x w^T (+ b): the bias fused into the matmul when the dtypes agree."""
+    if b is None or b.dtype == x.dtype:
+        return F.linear(x, w, b)
+    return F.linear(x, w) + b
 
 
 class _ShiftLinearFn(torch.autograd.Function):
     """y = x Wq^T with Wq = quantize_shift(w); backward: dx = g Wq, dW = g^T x where
     |w| <= 2^p_max (the clipped STE of quant.py), else 0.
 
-    ``layer`` None: the torch forms (shift_linear_float).  Otherwise a CUDA run on the layer's
-    chosen path (ShiftLinear.run_path); dx by the shift kernel on the transposed codes (the dense
-    path: a torch matmul), dW a torch matmul."""
+    The quantized weights and their derived forms come from the layer's cache of the current
+    weight state (ShiftLinear._forms: computed once per optimizer step, not per call).  ``gpu``
+    False: the torch forms (x Wq^T in x's dtype).  True: a CUDA run on the layer's chosen path
+    (ShiftLinear.run_path); dx by the shift kernel on the transposed codes (the dense path: a torch
+    matmul), dW a torch matmul."""
 
     @staticmethod
-    def forward(ctx, x, w, p_min, p_max, layer):
-        sign, p = quantize_shift(w, p_min, p_max)
+    def forward(ctx, x, w, layer, gpu):
+        forms = layer._forms()
         x2 = x.reshape(-1, x.shape[-1])
-        y = shift_linear_float(x2, sign, p) if layer is None else layer.run_path(x2, sign, p)
-        ctx.save_for_backward(x2, w, sign, p)
-        ctx.p_max, ctx.layer = p_max, layer
+        if gpu:
+            y = layer.run_path(x2)
+        else:
+            y = x2 @ layer._form(forms, "dense", x.dtype).T
+        ctx.save_for_backward(x2, w)
+        ctx.layer, ctx.forms, ctx.gpu = layer, forms, gpu
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x2, w, sign, p = ctx.saved_tensors
+        x2, w = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        layer = ctx.layer
+        layer, forms = ctx.layer, ctx.forms
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            if layer is None or layer.last_path == "dense":
-                gx = g2 @ _dequant(sign, p, w.dtype).to(g2.dtype)
+            if not ctx.gpu or layer.last_path == "dense":
+                gx = g2 @ layer._form(forms, "dense", g2.dtype)
             else:
-                packed_t = pack_shift(sign.T.contiguous(), p.T.contiguous(), layer.p_min, layer.p_max, layer.bits)
-                gx = _kernels().shift_linear(g2.float().contiguous(), packed_t, layer.p_min, layer.p_max,
-                                             layer.bits).to(g2.dtype)
+                gx = _kernels().shift_linear(g2.float().contiguous(), layer._form(forms, "shift_t"), layer.p_min,
+                                             layer.p_max, layer.bits).to(g2.dtype)
             gx = gx.reshape(*g.shape[:-1], w.shape[1])
         if ctx.needs_input_grad[1]:
-            gw = torch.where(w.abs() <= 2.0 ** ctx.p_max, (g2.T @ x2.to(g2.dtype)).to(w.dtype), torch.zeros_like(w))
-        return gx, gw, None, None, None
+            gw = torch.where(layer._form(forms, "clip"), (g2.T @ x2.to(g2.dtype)).to(w.dtype), 0.0)
+        return gx, gw, None, None
 
 
 class ShiftLinear(torch.nn.Module):
-    """y = x @ (sign * 2^p)^T + b with float master weights (module doc)."""
+    """y = x @ (sign * 2^p)^T + b with float master weights (module doc).
+
+    Per call only the work of the call is done: the quantized weights and every form a path takes
+    (packed codes, padded codes, e5m2, dequantized, the transposed codes of the backward) are made
+    once per weight state ``(id, data_ptr, _version)`` of ``weight`` -- so once per optimizer step
+    in training, once in inference -- and the path decision once per (rows, dtype, device) (again
+    when ``path`` changes or the measured latency table is reloaded).  The packed path adds the bias
+    in its kernel; the fp8 path in place into the product."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, p_min: int = -15, p_max: int = 0,
                  bits: int | None = None, quantize: bool = True, backend: str = "kernels", path: str = "auto"):
@@ -154,7 +174,6 @@ class ShiftLinear(torch.nn.Module):
             raise ValueError(f"ShiftLinear: path is one of {CHOICES}, got {path!r}")
         self.path = path
         self.last_path = self.last_decision = None
-        self._prepared: dict = {}
         _check_range(p_min, p_max)
         bits = min_code_bits(p_min, p_max) if bits is None else bits
         _check_bits(p_min, p_max, bits)
@@ -164,6 +183,10 @@ class ShiftLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
         self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
         self._packed = None
+        self._wstate = None          # the weight state the forms in _wcache belong to
+        self._wcache: dict = {}
+        self._bstate = self._bias32 = None
+        self._plans: dict = {}       # (m, dtype, device) -> (paths.GENERATION, path, Decision)
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
@@ -174,32 +197,78 @@ class ShiftLinear(torch.nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ShiftFormatError(f"ShiftLinear: x has shape {_shape(x)}, expected [..., {self.in_features}]")
 
+    # -- the cached forms of the weights
+    def _forms(self) -> dict:
+        """The dict of weight forms for the current weight state (a new one after any change)."""
+        w = self._parameters["weight"]
+        state = (id(w), w.data_ptr(), w._version)
+        if state != self._wstate:
+            self._wstate, self._wcache = state, {}
+        return self._wcache
+
+    def _form(self, forms: dict, kind: str, dtype=None):
+        got = forms.get((kind, dtype))
+        if got is None:
+            q = forms.get("q")
+            if q is None:
+                q = forms["q"] = quantize_shift(self.weight.detach(), self.p_min, self.p_max)
+            sign, p = q
+            if kind == "shift":
+                got = pack_shift(sign, p, self.p_min, self.p_max, self.bits)
+            elif kind == "shift_t":                      # the backward's dx = g Wq: codes of Wq^T
+                got = pack_shift(sign.T.contiguous(), p.T.contiguous(), self.p_min, self.p_max, self.bits)
+            elif kind == "packed":
+                got = pad_words(self._form(forms, "shift"), self.in_features, self.bits)
+            elif kind == "fp8":
+                got = weights_e5m2(sign, p)
+            elif kind == "dense":
+                got = dequantize_shift(sign, p, dtype)
+            elif kind == "clip":                         # where the STE passes the gradient
+                got = self.weight.detach().abs() <= 2.0 ** self.p_max
+            else:
+                raise ValueError(f"ShiftLinear: no weight form {kind!r}")
+            forms[(kind, dtype)] = got
+        return got
+
+    def _bias_f32(self):
+        """The bias as float32 for the packed kernel (itself when it is float32 already)."""
+        b = self._parameters["bias"]
+        if b.dtype == torch.float32:
+            return b                                     # the kernel reads its memory; no graph here
+        state = (id(b), b.data_ptr(), b._version)
+        if state != self._bstate:
+            self._bstate, self._bias32 = state, b.detach().float()
+        return self._bias32
+
     def forward(self, x):
-        self._check_x(x)
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            self._check_x(x)
         if not x.is_floating_point():
             raise ShiftFormatError(f"ShiftLinear.forward takes a floating-point x, got {x.dtype} "
                                    "(int32 Q16.16 goes through int_forward)")
-        if self.quantize:
-            kernels = x.is_cuda and self.backend == "kernels"
-            if kernels and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-                # inference: the quantized weights are kept while the master weights are unchanged
-                key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
-                if getattr(self, "_quant_key", None) != key:
-                    self._quant, self._quant_key = quantize_shift(self.weight.detach(), self.p_min, self.p_max), key
-                y = self.run_path(x.reshape(-1, x.shape[-1]), *self._quant).reshape(*x.shape[:-1], self.out_features)
-                return y if self.bias is None else y + self.bias
-            y = _ShiftLinearFn.apply(x, self.weight, self.p_min, self.p_max, self if kernels else None)
+        params = self._parameters                # (Module.__getattr__ is slow on the hot path)
+        w, b = params["weight"], params.get("bias")
+        if not self.quantize:
+            return F.linear(x, w, b)
+        gpu = self.backend == "kernels" and devinfo.on_gpu(x)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            y = _ShiftLinearFn.apply(x, w, self, gpu)
+            return y if b is None else y + b
+        # inference: nothing here records a graph
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if gpu:
+            y = self.run_path(x2, bias=True)
         else:
-            y = F.linear(x, self.weight)
-        return y if self.bias is None else y + self.bias
+            y = _linear(x2, self._form(self._forms(), "dense", x.dtype), b)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def decide(self, m: int, dtype: torch.dtype, device) -> Decision:
         """The path a CUDA call with ``m`` rows of ``dtype`` takes (paths.py): ``path`` when explicit
         (an error if it cannot run the shape), else the fastest by measured or estimated latency."""
-        dev = torch.device(device)
+        cap, gpu, _ = devinfo.props(device)
+        is_cuda = gpu is not None
         dt = str(dtype).replace("torch.", "")
-        fp8_ok = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
-        gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+        fp8_ok = is_cuda and cap >= (8, 9)
         n, k = self.out_features, self.in_features
         if self.path != "auto":
             why = applicable(m, n, k, dt, self.p_min, self.p_max, fp8_ok).get(self.path)
@@ -212,35 +281,34 @@ class ShiftLinear(torch.nn.Module):
         """The decision for a call with ``m`` rows, as one line."""
         return self.decide(m, dtype, device).describe()
 
-    def _weights_for(self, path: str, sign, p, dtype):
-        """The path's form of the quantized weights; kept while the weights are unchanged (inference)."""
-        key = (path, dtype, self.weight._version, self.weight.data_ptr())
-        got = self._prepared.get(key)
-        if got is not None:
-            return got
-        if path == "shift":
-            got = pack_shift(sign, p, self.p_min, self.p_max, self.bits)
-        elif path == "packed":
-            got = pad_words(pack_shift(sign, p, self.p_min, self.p_max, self.bits), self.in_features, self.bits)
-        elif path == "fp8":
-            got = weights_e5m2(sign, p)
-        else:
-            got = dequantize_shift(sign, p, dtype)
-        self._prepared = {key: got}
-        return got
+    def _plan(self, m: int, dtype, device) -> Decision:
+        key = (m, dtype, device)
+        got = self._plans.get(key)
+        if got is None or got[0] != _paths.GENERATION or got[1] != self.path:
+            got = self._plans[key] = (_paths.GENERATION, self.path, self.decide(m, dtype, device))
+        return got[2]
 
-    def run_path(self, x2: torch.Tensor, sign: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """x2 [M, K] (CUDA) times the quantized weights on the decided path, in x2's dtype."""
-        d = self.decide(x2.shape[0], x2.dtype, x2.device)
-        self.last_path, self.last_decision = d.path, d
-        w = self._weights_for(d.path, sign, p, x2.dtype)
-        if d.path == "shift":
-            return _kernels().shift_linear(x2.float().contiguous(), w, self.p_min, self.p_max, self.bits).to(x2.dtype)
-        if d.path == "packed":
-            return _kernels().packed_linear(x2.contiguous(), w, self.in_features, self.p_min, self.p_max, self.bits)
-        if d.path == "fp8":
-            return shift_linear_fp8(x2, w, x2.dtype)
-        return x2 @ w.T
+    def run_path(self, x2: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        """x2 [M, K] (CUDA) times the quantized weights on the decided path, in x2's dtype (``bias``:
+        plus the layer's bias, fused where the path can)."""
+        d = self._plan(x2.shape[0], x2.dtype, x2.device)
+        if self.__dict__["last_decision"] is not d:           # plain attributes: skip Module.__setattr__
+            self.__dict__["last_path"], self.__dict__["last_decision"] = d.path, d
+        forms = self._forms()
+        path = d.path
+        b = self._parameters.get("bias") if bias else None
+        if path == "packed":
+            return _kernels().packed_linear(x2, self._form(forms, "packed"), self.in_features, self.p_min, self.p_max,
+                                            self.bits, None if b is None else self._bias_f32())
+        if path == "fp8":
+            return shift_linear_fp8(x2, self._form(forms, "fp8"), x2.dtype, b)
+        if path == "shift":
+            y = _kernels().shift_linear(x2 if x2.dtype == torch.float32 else x2.float(), self._form(forms, "shift"),
+                                        self.p_min, self.p_max, self.bits)
+            if y.dtype != x2.dtype:
+                y = y.to(x2.dtype)
+            return y if b is None else y.add_(b)
+        return _linear(x2, self._form(forms, "dense", x2.dtype), b)
 
     # -- integer inference path
     def pack(self) -> torch.Tensor:

@@ -101,7 +101,9 @@ def save_table(gpu: str, entries: list[dict], cache_root=None) -> Path:
     keep = [e for e in old.get("entries", []) if old.get("gpu") == gpu]
     new_keys = {(e["path"], e["M"], e["N"], e["K"], e["dtype"]) for e in entries}
     keep = [e for e in keep if (e["path"], e["M"], e["N"], e["K"], e["dtype"]) not in new_keys] + list(entries)
-    return write_atomic(path, json.dumps({"gpu": gpu, "entries": keep}, indent=1))
+    out = write_atomic(path, json.dumps({"gpu": gpu, "entries": keep}, indent=1))
+    forget_table()                                   # decisions made from the old table are stale
+    return out
 
 
 @dataclass

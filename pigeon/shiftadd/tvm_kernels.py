@@ -80,13 +80,19 @@ class TvmKernel:
         """The CUDA kernel's name in the generated source (TVM appends ``_kernel``)."""
         return self.symbol + "_kernel"
 
-    @property
-    def block(self) -> int:
-        return {"hamming": tvm_hamming.BLOCK, "accumulate": tvm_add.BLOCK}.get(self.kind, tvm_shift.BLOCK)
+    def launch_dims(self, sizes: dict) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """``(grid, block)`` of the kernel's schedule for the launch's shape variables ``sizes``: the
+        shift kinds are 2-d tiled (tvm_shift.launch_dims), the others one thread per output."""
+        if self.kind.startswith("shift"):
+            return tvm_shift.launch_dims(sizes["M"], sizes["N"])
+        if self.kind == "hamming":
+            return (tvm_hamming.launch_grid(sizes["Tq"] * sizes["Tk"]), 1, 1), (tvm_hamming.BLOCK, 1, 1)
+        return (tvm_add.launch_grid(sizes["G"] * sizes["nbits"] * sizes["Nv"]), 1, 1), (tvm_add.BLOCK, 1, 1)
 
-    def grid(self, outputs: int) -> int:
-        """Blocks for ``outputs`` output elements (each schedule: one thread per output)."""
-        return {"hamming": tvm_hamming, "accumulate": tvm_add}.get(self.kind, tvm_shift).launch_grid(outputs)
+    @property
+    def block(self) -> tuple[int, int, int]:
+        """Threads per block (the same for every launch of the kernel)."""
+        return self.launch_dims({"M": 1, "N": 1, "Tq": 1, "Tk": 1, "G": 1, "nbits": 1, "Nv": 1})[1]
 
     def describe(self) -> dict:
         return {"kind": self.kind, "p_min": self.p_min, "p_max": self.p_max, "bits": self.bits,
