@@ -88,7 +88,7 @@ def test_tensor_core_forward_compiles_for_sm90_without_spills():
 def test_schedule_knobs(monkeypatch):
     monkeypatch.delenv("PIGEON_ATTN_MMA_TUNE", raising=False)
     assert tuning(64) == DEFAULTS[64] == Schedule(64, 1, False, 3)
-    assert tuning(128) == DEFAULTS[128] == Schedule()      # the 128-row form lost on the H200 (230ac8e)
+    assert tuning(128) == DEFAULTS[128] == Schedule()      # the 128-row form lost on the H200 (0797018)
     assert tuning(128, "") == Schedule() and Schedule().threads == 128            # the plain 64-row form
     assert tuning(128, "bm128") == Schedule(128, 2) and tuning(64, "bm128,mt1,minb1").threads == 256
     assert tuning(64, "mt2").threads == 64 and tuning(128, "default,bm64") == Schedule()

@@ -105,7 +105,7 @@ class Schedule:
 # need 64 more registers next to 128 of output), 2 CTAs per SM (255 registers each), and each 64-key
 # block's scores in two 32-key softmax steps (flash-attention 2's 128 x 32 form: 32 score registers
 # instead of 64; with 64 the kernel spills ~100-180 bytes, with 32 none).  Measured on the H200 at
-# 230ac8e (benchmarks/results/attention_mma_knobs_h200_230ac8e.md, B4 H32 S4096 bf16): that 128-row
+# 0797018 (benchmarks/results/attention_mma_knobs_h200_0797018.md, B4 H32 S4096 bf16): that 128-row
 # form ran 230 / 142 TFLOP/s dense / causal against the plain 64-row form's 245 / 163 (the 32-key
 # steps' extra rescales and 246-255 registers), so D=128 stays on the plain 64-row form; the
 # 128-row schedule is kept as the ``bm128`` knob.
