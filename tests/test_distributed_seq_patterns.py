@@ -74,7 +74,7 @@ def test_bad_patterns_and_chunkings_fail_with_one_line():
         Plan(2, BlockList(torch.zeros(4, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 4, 4), None, 12)
     with pytest.raises(SeqParallelError, match="crow has 3 entries per head, expected 5"):
         Plan(2, BlockList(torch.zeros(3, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 2, 2), None, 8)
-    with pytest.raises(SeqParallelError, match="TopK"):
+    with pytest.raises(SeqParallelError, match="TopK blocks of 64x64 do not tile chunks of 4"):
         Plan(2, TopK(torch.zeros(1, 1, 1, 1, dtype=torch.int64)), None, 8)
     with pytest.raises(SeqParallelError, match="not a positive multiple of 4 chunks"):
         Plan(2, Causal(), None, 10)

@@ -27,7 +27,17 @@ with chunk length ``L`` and ``d = q - kv`` over the pair's range ``[qc*L - (kc+1
 * ``BlockList`` (needs ``L`` a multiple of ``block_m`` and ``block_n``): the pairs holding a listed block, read
   from the lists (O(nnz), no dense mask); each pair runs with its own sub-list.
 
-``TopK`` (blocks selected at run time per batch) and packed ``cu_seqlens`` are refused with a clear error.
+* ``TopK`` (needs ``L`` a multiple of ``block_m`` and ``block_n``): the selection is given at run time (every rank
+  has the same indices), so the plan of a call is derived from them on the host, without a dense mask: per key
+  chunk, the count of distinct selected blocks of every (batch, selection head, query block); a pair is attended
+  iff one is nonzero, full iff all equal the chunk's block count.  Each pair runs the selection restricted to it
+  (:meth:`Plan._sub_topk`: local block numbers, -1 elsewhere), so the kernels iterate only selected blocks.
+* packed documents (``cu_seqlens`` of the whole sequence; no pattern, or ``Causal()`` within each document): from
+  the documents of each chunk's first and last token.  A document in two chunks holds every token between them, so
+  at most one document spans a pair: off the diagonal the pair is attended iff one does (and, causal, the key chunk
+  comes first), and its mask is that document's rectangle of local query and key ranges (a ``mask_mod`` of
+  constants; full when the document covers both chunks); a diagonal pair runs packed attention over the chunk's
+  pieces of documents (local ``cu_seqlens``).
 
 **Running a pair.**  A full pair runs ``pigeon.attention.attention(..., return_lse=True)`` with no mask; a partial
 pair on the diagonal runs with the pattern itself (translation invariant; for S2 with its offset moved by the
@@ -148,13 +158,14 @@ def _shift_expr(e, qoff: int, koff: int):
 class Plan:
     """The static plan of a call: chunk layout, pair kinds, who needs which chunk (module docstring)."""
 
-    def __init__(self, world: int, pattern=None, layout=None, seq_len: int | None = None, heads: int = 1):
+    def __init__(self, world: int, pattern=None, layout=None, seq_len: int | None = None, heads: int = 1,
+                 cu_seqlens=None):
         from pigeon.attention import S2, BlockList, Causal, SlidingWindow, TopK
-        if isinstance(pattern, TopK):
-            raise SeqParallelError("seq_parallel_attention: TopK selects key blocks at run time per batch; "
-                                   "sequence-parallel attention takes Causal, SlidingWindow, S2 or BlockList")
-        if pattern is not None and not isinstance(pattern, (Causal, SlidingWindow, S2, BlockList)):
+        if pattern is not None and not isinstance(pattern, (Causal, SlidingWindow, S2, BlockList, TopK)):
             raise SeqParallelError(f"seq_parallel_attention: unknown pattern {pattern!r}")
+        if cu_seqlens is not None and pattern is not None and not isinstance(pattern, Causal):
+            raise SeqParallelError(f"seq_parallel_attention: packed cu_seqlens take no pattern or Causal(), got "
+                                   f"{type(pattern).__name__}")
         self.world, self.pattern, self.heads = world, pattern, heads
         self.layout = default_layout(pattern) if layout is None else _layout(layout)
         self.C = num_chunks(world, self.layout)
@@ -164,15 +175,21 @@ class Plan:
                 raise SeqParallelError(f"seq_parallel_attention: sequence length {seq_len} is not a positive "
                                        f"multiple of {self.C} chunks ({self.layout} layout, {world} ranks)")
             self.L = seq_len // self.C
-        if isinstance(pattern, (SlidingWindow, S2, BlockList)) and self.L is None:
-            raise SeqParallelError(f"Plan: {type(pattern).__name__} needs seq_len (its pairs depend on the chunk)")
+        if (isinstance(pattern, (SlidingWindow, S2, BlockList, TopK)) or cu_seqlens is not None) and self.L is None:
+            raise SeqParallelError(f"Plan: {type(pattern).__name__ if pattern is not None else 'cu_seqlens'} needs "
+                                   f"seq_len (its pairs depend on the chunk)")
         L = self.L
         if isinstance(pattern, S2) and L % pattern.block:
             raise SeqParallelError(f"seq_parallel_attention: S2 blocks of {pattern.block} do not tile chunks of "
                                    f"{L} (sequence {seq_len} in {self.C} chunks); choose a chunk length that is a "
                                    f"multiple of the block")
+        self.docs = None
+        if cu_seqlens is not None:
+            self._init_docs(cu_seqlens, seq_len)
         if isinstance(pattern, BlockList):
             self._init_block_list(pattern, seq_len)
+        if isinstance(pattern, TopK):
+            self._init_topk(pattern, seq_len)
         self.mine = [chunks_of(r, world, self.layout) for r in range(world)]
         self.kinds = {(qc, kc): self._kind(qc, kc) for qc in range(self.C) for kc in range(self.C)}
         self.needs = {(dst, src): [kc for kc in self.mine[src]
@@ -181,8 +198,10 @@ class Plan:
 
     # -- pair kinds, per pattern (closed form)
     def _kind(self, qc: int, kc: int):
-        from pigeon.attention import S2, BlockList, Causal, SlidingWindow
+        from pigeon.attention import S2, BlockList, Causal, SlidingWindow, TopK
         p, L = self.pattern, self.L
+        if self.docs is not None:
+            return self._doc_kind(qc, kc)
         if p is None:
             return "full"
         if isinstance(p, Causal):
@@ -209,7 +228,97 @@ class Plan:
             return "partial" if band or shard else None
         if isinstance(p, BlockList):
             return "partial" if (qc, kc) in self._listed else None
+        if isinstance(p, TopK):
+            return self._topk_kinds.get((qc, kc))
         raise AssertionError(p)
+
+    # -- packed documents (cu_seqlens): from the documents of each chunk's first and last position
+    def _init_docs(self, cu, seq_len):
+        c = cu.long().cpu()
+        if c.dim() != 1 or c.numel() < 2 or int(c[0]) != 0 or int(c[-1]) != seq_len or bool((c[1:] < c[:-1]).any()):
+            raise SeqParallelError(f"seq_parallel_attention: cu_seqlens must be non-decreasing from 0 to the "
+                                   f"{seq_len} tokens of the whole sequence, got {c.tolist()[:8]}")
+        L = self.L
+        starts = torch.arange(self.C) * L
+        # the document of a position: the last boundary <= it (empty documents never contain one)
+        doc = lambda pos: torch.searchsorted(c, pos, right=True) - 1        # noqa: E731
+        self.docs = (c, doc(starts).tolist(), doc(starts + L - 1).tolist())
+
+    def _doc_kind(self, qc, kc):
+        c, first, last = self.docs
+        causal = self.pattern is not None
+        if qc == kc:
+            return "full" if not causal and first[qc] == last[qc] else "partial"
+        if causal and kc > qc:
+            return None
+        lo, hi = min(qc, kc), max(qc, kc)
+        if last[lo] != first[hi]:                    # no document spans both (at most one can)
+            return None
+        return "full" if first[lo] == last[hi] else "partial"
+
+    def _doc_work(self, qc, kc):
+        """A diagonal pair: packed attention over the chunk's pieces of documents (causal within each); an
+        off-diagonal one: the one document spanning both, a rectangle of (query, key) local ranges."""
+        from pigeon.attention import Causal
+        c, first, last = self.docs
+        L = self.L
+        if qc == kc:
+            b = sorted({0, L} | {int(x) - qc * L for x in c.tolist() if 0 < int(x) - qc * L < L})
+            if len(b) == 2:
+                return (Causal() if self.pattern is not None else None), None, None
+            return self.pattern, None, torch.tensor(b, dtype=torch.int32)
+        d = last[min(qc, kc)]
+        s, e = int(c[d]), int(c[d + 1])
+        qa, qb = max(s - qc * L, 0), min(e - qc * L, L)
+        ka, kb = max(s - kc * L, 0), min(e - kc * L, L)
+
+        def rect(b_, h_, q_idx, kv_idx):
+            conds = [x for x in ((q_idx >= qa) if qa else None, (q_idx < qb) if qb < L else None,
+                                 (kv_idx >= ka) if ka else None, (kv_idx < kb) if kb < L else None) if x is not None]
+            m = conds[0]
+            for x in conds[1:]:
+                m = m & x
+            return m
+        return None, rect, None
+
+    # -- TopK: the selected key blocks, given at run time (every rank has them)
+    def _init_topk(self, p, seq_len):
+        L, bm, bn = self.L, p.block_m, p.block_n
+        if L % bm or L % bn:
+            raise SeqParallelError(f"seq_parallel_attention: TopK blocks of {bm}x{bn} do not tile chunks of {L} "
+                                   f"(sequence {seq_len} in {self.C} chunks)")
+        idx = p.indices.long().cpu()
+        nq, nk = seq_len // bm, seq_len // bn
+        if idx.dim() != 4 or idx.shape[2] != nq:
+            raise SeqParallelError(f"seq_parallel_attention: TopK indices must be [B, H, {nq}, k] (query blocks of "
+                                   f"{bm} for {seq_len} queries), got {list(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= nk):
+            raise SeqParallelError(f"seq_parallel_attention: TopK block indices must be in [-1, {nk}) (-1: none)")
+        srt = idx.sort(-1).values
+        keep = srt >= 0
+        keep[..., 1:] &= srt[..., 1:] != srt[..., :-1]                  # repeats count once
+        rq, rk, C = L // bm, L // bn, self.C
+        kcs = torch.where(keep, srt // rk, 0)
+        counts = torch.zeros(idx.shape[:3] + (C,), dtype=torch.int64)
+        counts.scatter_add_(3, kcs, keep.long())                       # [B, Hs, nq, C]: selected blocks per key chunk
+        counts = counts.reshape(idx.shape[0], idx.shape[1], C, rq, C)
+        anyk = (counts > 0).any(3).any(1).any(0)                       # [qc, kc]
+        allk = (counts == rk).all(3).all(1).all(0)
+        self._topk = (srt, keep)
+        self._topk_kinds = {(qc, kc): "full" if bool(allk[qc, kc]) else "partial"
+                            for qc, kc in anyk.nonzero().tolist()}
+
+    def _sub_topk(self, qc, kc):
+        """The selection restricted to the pair, in the chunk's local block numbering (-1 elsewhere)."""
+        from pigeon.attention import TopK
+        p, L = self.pattern, self.L
+        rq, rk = L // p.block_m, L // p.block_n
+        srt, keep = self._topk
+        rows, kr = srt[:, :, qc * rq:(qc + 1) * rq], keep[:, :, qc * rq:(qc + 1) * rq]
+        sel = kr & (rows // rk == kc)
+        n = max(int(sel.sum(-1).max()), 1)
+        sub = torch.where(sel, rows - kc * rk, -1).sort(-1, descending=True).values[..., :n]
+        return TopK(sub, p.block_m, p.block_n)
 
     def _init_block_list(self, p, seq_len):
         L, bm, bn = self.L, p.block_m, p.block_n
@@ -256,25 +365,33 @@ class Plan:
         return self.kinds[(qc, kc)]
 
     def work(self, qc: int, kc: int, device=None):
-        """``(pattern, mask_mod)`` for ``pigeon.attention.attention`` on the chunk pair (local positions)."""
+        """``(pattern, mask_mod, cu_seqlens)`` for ``pigeon.attention.attention`` on the chunk pair (local
+        positions; ``cu_seqlens``: the local document boundaries of a diagonal packed pair, else None)."""
         from dataclasses import replace
         from pigeon.attention import S2, BlockList
         from pigeon.attention.patterns import mask_expr
         from pigeon.ir.expr_trace import Sym
+        from pigeon.attention import TopK
         kind, p, L = self.kinds[(qc, kc)], self.pattern, self.L
         if kind == "full":
-            return None, None
+            return None, None, None
+        if self.docs is not None:
+            pat, mm, cu = self._doc_work(qc, kc)
+            return pat, mm, (cu.to(device) if cu is not None and device is not None else cu)
         if isinstance(p, BlockList):
             sub = self._sub_block_list(qc, kc)
             if device is not None:
                 sub = BlockList(sub.crow.to(device), sub.col.to(device), sub.block_m, sub.block_n)
-            return sub, None
+            return sub, None, None
+        if isinstance(p, TopK):
+            sub = self._sub_topk(qc, kc)
+            return (TopK(sub.indices.to(device), sub.block_m, sub.block_n) if device is not None else sub), None, None
         if qc == kc:
             if isinstance(p, S2):
-                return replace(p, offset=(p.offset + qc * (L // p.block)) % p.stride), None
-            return p, None
+                return replace(p, offset=(p.offset + qc * (L // p.block)) % p.stride), None, None
+            return p, None, None
         e = _shift_expr(mask_expr(p), qc * L, kc * L)
-        return None, lambda b, h, q_idx, kv_idx: Sym(e)
+        return None, (lambda b, h, q_idx, kv_idx: Sym(e)), None
 
     def expected(self, rank: int) -> CommStats:
         """The counts one forward pass on ``rank`` implies (the backward circulates K/V the same way and returns
@@ -296,13 +413,13 @@ class Plan:
         return st
 
 
-def schedule(world: int, causal, layout=None, seq_len=None, heads: int = 1) -> dict:
+def schedule(world: int, causal, layout=None, seq_len=None, heads: int = 1, cu_seqlens=None) -> dict:
     """``needs[(dst, src)]``: the chunks of src that dst attends to (the ones src sends dst).  ``causal``: a bool
     (dense / causal, zig-zag when causal) or a pattern."""
     if isinstance(causal, bool):
         from pigeon.attention import Causal
         return Plan(world, Causal() if causal else None, layout if layout is not None else causal).needs
-    return Plan(world, causal, layout, seq_len, heads).needs
+    return Plan(world, causal, layout, seq_len, heads, cu_seqlens).needs
 
 
 def shard(x: torch.Tensor, rank: int, world: int, layout, dim: int = 2) -> torch.Tensor:
@@ -327,9 +444,22 @@ def unshard(slices: list[torch.Tensor], world: int, layout, dim: int = 2) -> tor
 
 # ------------------------------------------------------------------------------------------ running
 
+def _packed(t):
+    """[1, H, T, D] -> the packed [T, H, D] (and back: :func:`_dense`)."""
+    return t[0].transpose(0, 1)
+
+
+def _dense(t):
+    return t.transpose(0, 1)[None]
+
+
 def _block(q, k, v, work, scale, gqa, backend):
     from pigeon.attention import attention
-    pattern, mask_mod = work
+    pattern, mask_mod, cu = work
+    if cu is not None:                  # a diagonal pair of packed documents: attention over their pieces
+        o, l = attention(_packed(q), _packed(k), _packed(v), pattern=pattern, scale=scale, enable_gqa=gqa,
+                         cu_seqlens=cu, return_lse=True, backend=backend)
+        return _dense(o), l[None]
     return attention(q, k, v, pattern=pattern, mask_mod=mask_mod, scale=scale, enable_gqa=gqa, return_lse=True,
                      backend=backend)
 
@@ -436,21 +566,32 @@ def _pair_grads_kernels(qb, kb, vb, work, scale, gqa, g_out_fn):
     """(dq, dk, dv) of one pair through pigeon's ops (module docstring: the lse term by two more op calls)."""
     from pigeon.attention.api import _op_args
     ops = torch.ops.pigeon
-    pattern, mask_mod = work           # (the forward's attention() call checked these shapes and dtypes)
-    args = _op_args(qb, kb, vb, None, mask_mod, pattern, scale, None)
+    pattern, mask_mod, cu = work       # (the forward's attention() call checked these shapes and dtypes)
+    if cu is not None:                 # packed: the ops take [T, H, D] and give lse [H, T]
+        qb, kb, vb = _packed(qb), _packed(kb), _packed(vb)
+        to_d, to_p = (lambda o, l: (_dense(o), l[None])), (lambda t: _packed(t).contiguous())     # noqa: E731
+    else:
+        to_d, to_p = (lambda o, l: (o, l)), (lambda t: t.contiguous())                           # noqa: E731
+    args = _op_args(qb, kb, vb, None, mask_mod, pattern, scale, cu)
     text, q_, k_, v_, ptr, col, full, shape = args[:8]
-    ob, lb = ops.attention_fwd(text, q_, k_, v_, ptr, col, full, shape, None, scale)
-    g_out, g_lse = g_out_fn(ob, lb)
-    dq, dk, dv = ops.attention_bwd(text, g_out.to(qb.dtype).contiguous(), q_, k_, v_, ob, lb, ptr, col, full, shape,
-                                   None, scale)
-    if not bool((g_lse != 0).any()):
+    ob, lb = ops.attention_fwd(text, q_, k_, v_, ptr, col, full, shape, cu, scale)
+    g_out, g_lse = g_out_fn(*to_d(ob, lb))
+    dq, dk, dv = ops.attention_bwd(text, to_p(g_out.to(qb.dtype)), q_, k_, v_, ob, lb, ptr, col, full, shape,
+                                   cu, scale)
+    lse_term = bool((g_lse != 0).any())
+    if lse_term:
+        # the lse term: dS = P * g_lse (rows); P K by the forward with K as the values, P^T (g_lse Q) by the
+        # backward's dV with K as the values
+        text_k = _op_args(qb, kb, kb, None, mask_mod, pattern, scale, cu)[0]
+        pk, lk = ops.attention_fwd(text_k, q_, k_, k_, ptr, col, full, shape, cu, scale)
+        pk = to_d(pk, lk)[0]
+        gq = (g_lse.float()[..., None] * to_d(q_, lk)[0].float()).to(qb.dtype)
+        _, _, pt_gq = ops.attention_bwd(text_k, to_p(gq), q_, k_, k_, to_p(pk), lk, ptr, col, full, shape, cu,
+                                        scale)
+        pt_gq = to_d(pt_gq, lk)[0]
+    dq, dk, dv = (to_d(t, lb)[0] for t in (dq, dk, dv))
+    if not lse_term:
         return dq, dk, dv
-    # the lse term: dS = P * g_lse (rows); P K by the forward with K as the values, P^T (g_lse Q) by the
-    # backward's dV with K as the values
-    text_k = _op_args(qb, kb, kb, None, mask_mod, pattern, scale, None)[0]
-    pk, lk = ops.attention_fwd(text_k, q_, k_, k_, ptr, col, full, shape, None, scale)
-    gq = (g_lse.float()[..., None] * q_.float()).to(qb.dtype).contiguous()
-    _, _, pt_gq = ops.attention_bwd(text_k, gq, q_, k_, k_, pk, lk, ptr, col, full, shape, None, scale)
     acc = torch.promote_types(qb.dtype, torch.float32)
     dq = (dq.to(acc) + scale * g_lse.to(acc)[..., None] * pk.to(acc)).to(qb.dtype)
     dk = (dk.to(acc) + scale * pt_gq.to(acc)).to(kb.dtype)
@@ -554,22 +695,31 @@ class _SeqParallelAttention(torch.autograd.Function):
 
 
 def seq_parallel_attention(q, k, v, *, causal: bool = False, pattern=None, layout=None, scale: float | None = None,
-                           enable_gqa: bool = False, backend: str = "reference", group=None,
-                           stats: SeqParallelStats | None = None):
+                           enable_gqa: bool = False, cu_seqlens: torch.Tensor | None = None, backend: str = "reference",
+                           group=None, stats: SeqParallelStats | None = None):
     """``(out, lse)`` of this rank's slice (layout: :func:`shard` with the same ``layout``; default
     :func:`default_layout` of the pattern): equal to ``pigeon.attention.attention(full q, k, v, pattern=pattern,
-    return_lse=True)`` sliced the same way.  ``causal=True`` is ``pattern=Causal()``.  Differentiable in q, k, v
-    (module docstring: the backward).  ``stats``: counts of what was sent and computed are added to it."""
+    cu_seqlens=cu_seqlens, return_lse=True)`` sliced the same way.  ``causal=True`` is ``pattern=Causal()``.
+    ``cu_seqlens``: the whole sequence's packed documents (every rank passes the same): q, k, v are then the
+    rank's tokens ``[T_local, heads, head_dim]`` (``shard(..., dim=0)``), out ``[T_local, Hq, Dv]`` and lse
+    ``[Hq, T_local]``; no pattern (each document attends to itself) or ``Causal()`` (causal within each).
+    Differentiable in q, k, v (module docstring: the backward).  ``stats``: counts of what was sent and
+    computed are added to it."""
     from pigeon.attention import Causal
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise SeqParallelError("seq_parallel_attention: q, k, v must be [batch, heads, local_seq, head_dim] "
-                               "(packed cu_seqlens inputs are not supported)")
+    want = 3 if cu_seqlens is not None else 4
+    if q.dim() != want or k.dim() != want or v.dim() != want:
+        raise SeqParallelError("seq_parallel_attention: q, k, v must be " +
+                               ("[local_tokens, heads, head_dim] (packed, with cu_seqlens)" if want == 3 else
+                                "[batch, heads, local_seq, head_dim] (or packed [tokens, heads, head_dim] with "
+                                "cu_seqlens)"))
     if backend not in ("reference", "kernels"):
         raise SeqParallelError(f"seq_parallel_attention: backend must be 'reference' or 'kernels', got {backend!r}")
     if causal and pattern is not None and not isinstance(pattern, Causal):
         raise SeqParallelError("seq_parallel_attention: give causal=True or a pattern, not both")
     if causal:
         pattern = Causal()
+    if cu_seqlens is not None:           # the packed tokens as one batch of one sequence
+        q, k, v = _dense(q), _dense(k), _dense(v)
     if q.shape[2] != k.shape[2]:
         raise SeqParallelError(f"seq_parallel_attention: local q has {q.shape[2]} positions, k {k.shape[2]}; "
                                "every rank holds the same positions of q, k and v")
@@ -579,6 +729,9 @@ def seq_parallel_attention(q, k, v, *, causal: bool = False, pattern=None, layou
     if q.shape[2] % per_rank:
         raise SeqParallelError(f"seq_parallel_attention: local length {q.shape[2]} is not {per_rank} equal chunks "
                                f"({lay} layout)")
-    plan = Plan(world, pattern, lay, q.shape[2] * world, q.shape[1])
+    plan = Plan(world, pattern, lay, q.shape[2] * world, q.shape[1], cu_seqlens=cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _SeqParallelAttention.apply(q, k, v, plan, scale, enable_gqa, backend, group, stats)
+    out, lse = _SeqParallelAttention.apply(q, k, v, plan, scale, enable_gqa, backend, group, stats)
+    if cu_seqlens is not None:
+        return _packed(out), lse[0]
+    return out, lse
