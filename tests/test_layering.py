@@ -72,9 +72,10 @@ def test_layering():
     users = {m for m in g for d in g.successors(m) if d.startswith("pigeon.runtime")}
     # pigeon: pigeon.load; pigeon.gemm_api: pigeon.gemm, the pigeon::gemm op; pigeon.attention.api:
     # the attention kernel's launcher (lazily); pigeon.attention.ops: the pigeon::attention_* ops;
-    # pigeon.shiftadd.layers: the ShiftAdd kernels' launcher (lazily, on CUDA tensors)
+    # pigeon.shiftadd.layers: the ShiftAdd kernels' launcher (lazily, on CUDA tensors); pigeon.shiftadd.fp8:
+    # the e4m3 row quantization kernel's launcher (lazily, on CUDA tensors)
     allowed = {"pigeon", "pigeon.module", "pigeon.cli", "pigeon.sizes", "pigeon.gemm_api", "pigeon.attention.api",
-               "pigeon.attention.ops", "pigeon.shiftadd.layers"}
+               "pigeon.attention.ops", "pigeon.shiftadd.layers", "pigeon.shiftadd.fp8"}
     assert {u for u in users if not u.startswith("pigeon.runtime")} <= allowed, users
     # pigeon.bench sits on top: it uses pigeon; only the CLI's bench command imports it (lazily)
     bench_users = {m for m in g for d in g.successors(m) if d.startswith("pigeon.bench")}

@@ -349,3 +349,49 @@ def packed_linear(x: torch.Tensor, wpad: torch.Tensor, k: int, p_min: int, p_max
         return out
     e.fn.launch(e.rk.grid(n), e.block, [out, x, wpad, bias, m, n, k, k, ldw, n], e.types)     # _PACKED_ORDER
     return out
+
+
+# ---------------------------------------------------------------- per-row e4m3 quantization (Jinja2)
+
+_QUANT_ORDER = ("q", "scale", "x", "M", "K", "ldx", "ldq")
+
+
+def _quant_entry(k: int, dtype: torch.dtype, device, emulate: bool) -> _Entry:
+    from ..codegen.shiftadd_quant import WIDE_K
+    key = ("quant", k <= WIDE_K, dtype, device, emulate)
+    e = _ENTRIES.get(key)
+    if e is None:
+        from ..codegen.shiftadd_quant import config_for, render_quant
+        cfg = config_for(k, _DTYPE_NAMES[dtype])
+        rk = render_quant(cfg)
+        e = _ENTRIES[key] = _Entry(cfg, rk, _loader(rk, device, emulate))
+        if e.names != _QUANT_ORDER:
+            raise ShiftAddKernelError(f"quantization kernel parameters {e.names} are not {_QUANT_ORDER}")
+    return e
+
+
+def quantize_rows_e4m3(x: torch.Tensor, *, emulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes float8_e4m3fn [M, K], scale float32 [M, 1])`` of ``x [M, K]`` (bf16/fp16/fp32) in one
+    launch of the generated kernel (pigeon/codegen/shiftadd_quant.py), bit-exact with
+    pigeon/shiftadd/fp8.py's ``quantize_rows_e4m3_ref``; CUDA tensors, or CPU ones with ``emulate``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _DTYPE_NAMES:
+        raise ShiftAddKernelError(f"e4m3 row quantization: x must be a 2-d {'/'.join(_DTYPE_NAMES.values())} tensor, "
+                                  f"got {(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if emulate:
+        if x.device.type != "cpu":
+            raise ShiftAddKernelError(f"e4m3 row quantization: emulation runs on CPU tensors, got {x.device}")
+    elif not devinfo.on_gpu(x):
+        raise ShiftAddKernelError(f"the e4m3 row quantization kernel runs on CUDA tensors, got {x.device}")
+    m, k = x.shape
+    if x.stride(1) != 1 and k > 1:
+        x = x.contiguous()
+    ldx = x.stride(0) if m > 1 else k
+    if m * max(ldx, k) >= _I32_MAX:
+        raise ShiftAddKernelError("e4m3 row quantization: 2^31 or more elements; the kernel indexes rows with int32")
+    q = _poisoned((m, k), torch.float8_e4m3fn, x.device)
+    scale = _poisoned((m, 1), torch.float32, x.device)
+    if m == 0:
+        return q, scale
+    e = _quant_entry(k, x.dtype, x.device, emulate)
+    e.fn.launch(e.rk.grid(m), e.block, [q, scale, x, m, k, ldx, k], e.types)       # _QUANT_ORDER
+    return q, scale

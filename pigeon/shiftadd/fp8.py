@@ -10,8 +10,9 @@ element, so this path is lossy in x, unlike the shift and packed paths).  ``shif
 e5m2 product, else per-tensor scales of 1 and the row scale applied to the output after
 (``last_mode()`` says which ran).  cuBLAS needs K and N to be multiples of 16.
 
-Per call: the row quantization is 7 small torch ops (abs, amax, float, div, clamp_min, div,
-clamp, to: fewer where x is float32), the product one; ``scale_b`` (ones) is made once per (N,
+Per call: the row quantization is one generated kernel on CUDA (``quantize_rows_e4m3``: two
+empty outputs and a launch; it was 7-10 torch ops, ~130 us of host time on the H200), the product
+one; ``scale_b`` (ones) is made once per (N,
 device); the optional ``bias`` is added in place into the product's output (one op).  The checks
 are on shapes and dtypes only (no GPU reads)."""
 from __future__ import annotations
@@ -47,12 +48,33 @@ def weights_e5m2(sign: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return w8
 
 
-def quantize_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_e4m3 [M, K], scale float32 [M, 1])`` with ``x ~ x_e4m3 * scale`` (scale = amax / 448;
-    2^-126 for an all-zero row, whose codes are then zeros)."""
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_x(x) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
         raise ShiftFormatError(f"quantize_rows_e4m3: x must be a 2-d floating tensor, got "
                                f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+
+
+def quantize_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_e4m3 [M, K], scale float32 [M, 1])`` with ``x ~ x_e4m3 * scale`` (scale = amax / 448;
+    2^-126 for an all-zero row, whose codes are then zeros).  On CUDA (bf16/fp16/fp32 x) one launch
+    of the generated kernel (pigeon/codegen/shiftadd_quant.py, bit-exact with the torch form), else
+    the torch form ``quantize_rows_e4m3_ref``."""
+    _check_x(x)
+    if x.dtype in _KERNEL_DTYPES and devinfo.on_gpu(x):
+        from ..runtime.shiftadd_kernel import quantize_rows_e4m3 as kernel
+        return kernel(x)
+    return quantize_rows_e4m3_ref(x)
+
+
+def quantize_rows_e4m3_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch form of :func:`quantize_rows_e4m3` (the oracle of the kernel, and the CPU path):
+    abs, amax, float, div by 448 (a true division: torch on CUDA multiplies by the reciprocal of a
+    scalar divisor, which can move the scale by an ulp, so the kernel's GPU test takes this on the
+    CPU), clamp_min 2^-126, div, clamp to +-448, to float8_e4m3fn."""
+    _check_x(x)
     x = x.detach()
     scale = torch.div(x.abs().amax(dim=1, keepdim=True).float(), E4M3_MAX).clamp_min_(_TINY)
     # x / scale is float32 (promotion); |x / scale| <= 448 up to rounding, clamped so no NaN code appears

@@ -63,6 +63,7 @@ static inline __nv_bfloat16 __float2bfloat16(float f) {
 struct __half { unsigned short __x; };
 static inline float __half2float(__half h) { _Float16 v; memcpy(&v, &h.__x, 2); return (float)v; }
 static inline __half __float2half(float f) { _Float16 v = (_Float16)f; __half h; memcpy(&h.__x, &v, 2); return h; }
+static inline __half __ushort_as_half(unsigned short u) { __half h; h.__x = u; return h; }
 
 // Runs f() once per thread of the launch, blocks and threads in order.
 template <class F>

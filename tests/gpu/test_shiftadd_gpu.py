@@ -106,6 +106,23 @@ def test_fp8_path():
         assert rel < 3e-2, ((m, n, k), seed, float(rel), last_mode(DEV))   # e4m3 activations: lossy
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_quant_rows_e4m3_kernel(dtype, monkeypatch):
+    """The fused row quantization bit-exact with the torch form run on the CPU (torch on CUDA divides
+    by a scalar through its reciprocal: fp8.quantize_rows_e4m3_ref's doc)."""
+    from pigeon.shiftadd.fp8 import quantize_rows_e4m3, quantize_rows_e4m3_ref
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    seed, g = _gen()
+    for m, k in [(1, 1), (7, 13), (3136, 512), (100, 203), (16, 4096), (33, 8190)]:
+        x = (torch.randn(m, k, generator=g) * torch.logspace(-6, 4, m).unsqueeze(1)).to(dtype)
+        x[m // 2] = 0
+        for xx in (x, torch.cat([x, x[:, :1]], 1)[:, 1:]):             # contiguous, and rows off 16 bytes
+            q, s = quantize_rows_e4m3(xx.to(DEV))
+            qr, sr = quantize_rows_e4m3_ref(xx)
+            assert torch.equal(q.cpu().view(torch.uint8), qr.view(torch.uint8)), (m, k, seed)
+            assert torch.equal(s.cpu(), sr), (m, k, seed)
+
+
 @pytest.mark.parametrize("path", ["shift", "packed", "fp8", "dense", "auto"])
 def test_shift_linear_forward_backward(path):
     seed, g = _gen()
