@@ -12,7 +12,7 @@ pytest.importorskip("tvm")
 from pigeon.runtime import emulate, shiftadd_kernel as sk
 from pigeon.runtime.build import nvcc_available
 from pigeon.runtime.cache import KernelCache
-from pigeon.shiftadd.add import binary_codes, code_accumulate, hamming_scores, pack_bits
+from pigeon.shiftadd.add import binary_codes, code_accumulate, code_accumulate_in_order, hamming_scores, pack_bits
 from pigeon.shiftadd.fixed import shift_linear_ref, to_fixed
 from pigeon.shiftadd.layers import ShiftLinear, masked_accumulate
 from pigeon.shiftadd.quant import dequantize_shift, pack_shift, quantize_shift
@@ -56,16 +56,17 @@ def test_shift_kernels_emulated(rng):
 @needs_cxx
 def test_hamming_and_accumulate_emulated():
     seed, g = _gen()
-    for nbits in (1, 31, 32, 33, 100):
+    for nbits, tq, tk in [(1, 9, 15), (31, 9, 15), (32, 70, 130), (33, 9, 15), (100, 65, 3)]:   # across 64 x 64 tiles
         proj = torch.randn(6, nbits, generator=g)
-        cq = binary_codes(torch.randn(9, 6, generator=g), proj)
-        ck = binary_codes(torch.randn(15, 6, generator=g), proj)
+        cq = binary_codes(torch.randn(tq, 6, generator=g), proj)
+        ck = binary_codes(torch.randn(tk, 6, generator=g), proj)
         assert torch.equal(sk.hamming(cq, ck, nbits, emulate=True), hamming_scores(cq, ck, nbits)), (nbits, seed)
-    for G, T, nbits, nv in [(1, 1, 1, 1), (3, 11, 40, 6), (2, 5, 64, 70)]:
+    for G, T, nbits, nv in [(1, 1, 1, 1), (3, 37, 40, 6), (2, 5, 100, 70), (1, 50, 64, 64)]:
         b = torch.rand(G, T, nbits, generator=g) > 0.5
         v = torch.randn(G, T, nv, generator=g)
         codes = pack_bits(b)
         got = sk.code_accumulate(codes, v, nbits, emulate=True)
+        assert torch.equal(got, code_accumulate_in_order(codes, v, nbits)), ((G, T, nbits, nv), seed)      # bit-exact
         want = torch.stack([code_accumulate(codes[i], v[i], nbits) for i in range(G)])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5), ((G, T, nbits, nv), seed)
 
@@ -94,7 +95,7 @@ def test_signature_checked():
     src = sk.cuda_source(k, "sm_90")
     rk = sk.rendered_kernel(k, src)
     assert [p.name for p in rk.params] == ["k_ptr", "out_ptr", "q_ptr", "Tk", "Tq", "W", "nbits"]
-    assert rk.grid({"Tq": 43, "Tk": 3}) == (2, 1, 1) and rk.block == (128, 1, 1)
+    assert rk.grid({"Tq": 143, "Tk": 3}) == (1, 3, 1) and rk.block == (16, 16, 1)
     with pytest.raises(sk.ShiftAddKernelError, match="differ from the launcher's"):
         sk.rendered_kernel(k, src.replace("int Tq, int W", "int W, int Tq"))
     with pytest.raises(sk.ShiftAddKernelError, match="has no kernel"):

@@ -13,6 +13,8 @@ from pigeon.runtime.tvm_llvm import build_llvm
 from pigeon.shiftadd.add import binary_codes, hamming_scores
 from pigeon.shiftadd.fixed import shift_linear_ref, to_fixed
 from pigeon.shiftadd.quant import pack_shift, quantize_shift
+from pigeon.shiftadd.add import code_accumulate_in_order, pack_bits
+from pigeon.shiftadd.tvm_add import code_accumulate_primfunc, scheduled_module as accumulate_module
 from pigeon.shiftadd.tvm_hamming import hamming_primfunc, scheduled_module as hamming_module
 from pigeon.shiftadd.tvm_shift import shift_linear_primfunc, scheduled_module as shift_module
 
@@ -59,15 +61,30 @@ def test_hamming_llvm_bit_exact(hamming_lib, nbits):
     assert torch.equal(out, hamming_scores(cq, ck, nbits)), (nbits, seed)
 
 
+def test_accumulate_llvm_bit_exact():
+    lib = build_llvm(accumulate_module(code_accumulate_primfunc(), "llvm"))["pigeon_code_accumulate"]
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    for G, T, nbits, nv in [(1, 1, 1, 1), (3, 37, 40, 6), (2, 19, 100, 70)]:
+        codes = pack_bits(torch.rand(G, T, nbits, generator=g) > 0.5)
+        v = torch.randn(G, T, nv, generator=g)
+        out = torch.full((G, nbits, nv), float("nan"))
+        lib(codes, v, out)
+        assert torch.equal(out, code_accumulate_in_order(codes, v, nbits)), ((G, T, nbits, nv), seed)
+
+
 @pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
-@pytest.mark.parametrize("kernel", ["shift", "hamming"])
+@pytest.mark.parametrize("kernel", ["shift", "hamming", "accumulate"])
 def test_tvm_cuda_source_compiles_sm90(kernel):
     if kernel == "shift":
         mod = shift_module(shift_linear_primfunc(), cuda_target("sm_90"))
         name = "pigeon_shift_linear_kernel"
-    else:
+    elif kernel == "hamming":
         mod = hamming_module(hamming_primfunc("cuda"), cuda_target("sm_90"))
         name = "pigeon_hamming_kernel"
+    else:
+        mod = accumulate_module(code_accumulate_primfunc(), cuda_target("sm_90"))
+        name = "pigeon_code_accumulate_kernel"
     r = build_cuda_cubin(mod, "sm_90", name=f"tvm_{kernel}")
     assert r.cubin and name in r.resources, r.resources
-    assert r.resources[name]["spill_stores"] == 0
+    assert r.resources[name]["spill_stores"] == 0 and r.resources[name]["spill_loads"] == 0, r.resources[name]

@@ -109,3 +109,16 @@ def code_accumulate_pm1(codes: torch.Tensor, v: torch.Tensor, nbits: int) -> tor
     """``sum_t c[t, m] * V[t, n]`` for the +-1 codes c = 2 * bit - 1 (the paper's sign hashes)."""
     return 2 * code_accumulate(codes, v, nbits) - v.sum(0, dtype=v.dtype if v.is_floating_point() else torch.int64).to(
         torch.int32 if not v.is_floating_point() else v.dtype)
+
+
+def code_accumulate_in_order(codes: torch.Tensor, v: torch.Tensor, nbits: int) -> torch.Tensor:
+    """The batched masked accumulation ``[G, nbits, Nv]`` of ``codes [G, T, W]`` and float32 ``v [G, T, Nv]``
+    summed over t in ascending order from +0 in float32: what every schedule of
+    pigeon/shiftadd/tvm_add.py computes, bit for bit (the oracle of the generated kernels)."""
+    m = torch.arange(nbits, device=codes.device)
+    bits = ((codes[:, :, m // 32] >> (m % 32)) & 1).bool()
+    out = torch.zeros(codes.shape[0], nbits, v.shape[2], dtype=torch.float32, device=v.device)
+    zero = torch.zeros((), dtype=torch.float32, device=v.device)
+    for t in range(codes.shape[1]):
+        out += torch.where(bits[:, t, :, None], v[:, t, None, :].float(), zero)
+    return out

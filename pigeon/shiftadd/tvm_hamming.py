@@ -4,18 +4,28 @@
 packed codes of pigeon/shiftadd/add.py (Tq, Tk, W symbolic; ``nbits`` a scalar argument after the
 buffers: ``f(q, k, out, nbits)``; the CUDA form calls ``__popc``, see
 ``hamming_primfunc``).  ``HammingRule`` schedules it for llvm (query rows in parallel,
-key columns by 8 unrolled under the word loop) or cuda (a thread per score, the sum in a register).
+key columns by 8 unrolled under the word loop) or cuda (64 x 64 tiles, below).
 TVM is imported lazily; no torch.
+
+The CUDA schedule is tiled like tvm_shift.py's: a block of ``TY x TX`` = 16 x 16 threads owns a
+``BI x BJ`` = 64 x 64 tile of scores, each thread ``TI x TJ`` = 4 x 4 of them in registers; per word
+step the block stages the tile's 64 query words and 64 key words in shared memory (rows padded to
+whole tiles by ``pad_einsum``: padding reads 0, is never written back), each thread reads its 4 + 4
+words (one 128-bit shared load each) and runs 16 xor/popcounts.  Integer sums: bit-exact in any
+order.  The launch: ``grid = (ceil(Tk / 64), ceil(Tq / 64))``, ``block = (16, 16)``
+(:func:`launch_dims`).
 """
 from __future__ import annotations
 
 NAME = "pigeon_hamming"
-BLOCK = 128          # threads per block of the CUDA schedule: one thread per score
+TI, TJ, TY, TX, BW = 4, 4, 16, 16, 1
+BI, BJ = TY * TI, TX * TJ
+BLOCK = TX * TY
 
 
-def launch_grid(outputs: int) -> int:
-    """Blocks of the CUDA schedule for ``outputs`` = Tq * Tk scores."""
-    return max(1, -(-outputs // BLOCK))
+def launch_dims(tq: int, tk: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """``(grid, block)`` of the CUDA schedule for ``[Tq, Tk]`` scores."""
+    return (max(1, -(-tk // BJ)), max(1, -(-tq // BI)), 1), (TX, TY, 1)
 
 
 def hamming_primfunc(target: str = "llvm", name: str = NAME):
@@ -38,6 +48,36 @@ def hamming_primfunc(target: str = "llvm", name: str = NAME):
     return te.create_prim_func([q, k, out, nbits]).with_attr("global_symbol", name)
 
 
+def _schedule_cuda(sch):
+    blk = sch.get_sblock("diff")
+    sch.pad_einsum(blk, [BI, BJ, BW])
+    sch.reverse_compute_inline(sch.get_sblock("out"))        # the unpadding copy writes nbits - diff
+    staged = [sch.get_sblock("q_pad"), sch.get_sblock("k_pad")]
+    i, j, w = sch.get_loops(blk)
+    io, ii, it = sch.split(i, [None, TY, TI])
+    jo, ji, jt = sch.split(j, [None, TX, TJ])
+    wo, wi = sch.split(w, [None, BW])
+    sch.reorder(io, jo, ii, ji, wo, wi, it, jt)
+    sch.bind(io, "blockIdx.y")
+    sch.bind(jo, "blockIdx.x")
+    sch.bind(ii, "threadIdx.y")
+    sch.bind(ji, "threadIdx.x")
+    sch.set_scope(blk, 0, "local")
+    sch.reverse_compute_at(sch.get_sblock("diff_pad"), ji)
+    for b in staged:
+        sch.set_scope(b, 0, "shared")
+        sch.compute_at(b, wo)
+        inner = sch.get_loops(b)[5:]                         # below io, jo, ii, ji, wo (one loop when BW is 1)
+        fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+        _, ty, tx = sch.split(fused, [None, TY, TX])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+    sch.decompose_reduction(blk, wo)
+    sch.unroll(wi)
+    sch.unroll(it)
+    sch.unroll(jt)
+
+
 def _rule():
     from tvm import s_tir
     from tvm.s_tir import dlight as dl
@@ -50,11 +90,8 @@ def _rule():
             blk, out = sch.get_sblock("diff"), sch.get_sblock("out")
             i, j = sch.get_loops(out)
             if target.kind.name == "cuda":
-                bx, tx = sch.split(sch.fuse(i, j), [None, BLOCK])
-                sch.bind(bx, "blockIdx.x")
-                sch.bind(tx, "threadIdx.x")
-                sch.compute_at(blk, tx)
-                sch.set_scope(blk, 0, "local")
+                _schedule_cuda(sch)
+                return sch
             else:
                 jo, ji = sch.split(j, [None, 8])
                 sch.parallel(i)

@@ -82,12 +82,12 @@ class TvmKernel:
 
     def launch_dims(self, sizes: dict) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """``(grid, block)`` of the kernel's schedule for the launch's shape variables ``sizes``: the
-        shift kinds are 2-d tiled (tvm_shift.launch_dims), the others one thread per output."""
+        kernels are 2-d tiled (tvm_shift / tvm_hamming / tvm_add ``launch_dims``)."""
         if self.kind.startswith("shift"):
             return tvm_shift.launch_dims(sizes["M"], sizes["N"])
         if self.kind == "hamming":
-            return (tvm_hamming.launch_grid(sizes["Tq"] * sizes["Tk"]), 1, 1), (tvm_hamming.BLOCK, 1, 1)
-        return (tvm_add.launch_grid(sizes["G"] * sizes["nbits"] * sizes["Nv"]), 1, 1), (tvm_add.BLOCK, 1, 1)
+            return tvm_hamming.launch_dims(sizes["Tq"], sizes["Tk"])
+        return tvm_add.launch_dims(sizes["G"], sizes["nbits"], sizes["Nv"])
 
     @property
     def block(self) -> tuple[int, int, int]:
