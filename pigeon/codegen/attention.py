@@ -69,6 +69,7 @@ class AttentionConfig:
     score_code: str
     score_value: str
     dscore_value: str = ""
+    helper_code: str = ""
 
 
 def check_instance(inst: AttentionInstance) -> None:
@@ -158,9 +159,12 @@ class ModifierCode:
     """The traced modifiers and the pattern's mask of one instance as C code, for any attention
     template: variables ``b, h, i`` (batch, query head, query row), ``kv`` (key), ``s`` (the
     scaled score) and ``kv_shift`` must be in scope; ``*_code`` are statements, ``*_value`` the
-    expressions to test or assign after them."""
+    expressions to test or assign after them.  Scopes, outermost first: root (constants), head
+    (``b``, ``h``, ``kv_shift``: once per CTA / per (batch, head) in a tensor-core template, e.g.
+    ALiBi's slope), row (``i``: once per query row), then the key and the score; a template that
+    has no separate (batch, head) level pastes ``head_code`` just before ``row_code``."""
     root_code: str        # at kernel level
-    row_code: str         # per query row (b, h, i)
+    row_code: str         # per query row (i; after head_code)
     pattern_code: str
     pattern_value: str    # "" without a pattern mask
     mask_code: str
@@ -168,20 +172,29 @@ class ModifierCode:
     score_code: str
     score_value: str      # "s" without a score_mod
     dscore_value: str     # d score_mod / d s ("1.f" without one); "" for a forward
+    head_code: str = ""   # per (batch, query head): b, h, kv_shift
+    helper_code: str = ""  # file-scope definitions of the approximation helpers the code calls
 
 
-def modifier_code(inst: AttentionInstance, backward: bool, indent: tuple[int, int, int, int, int] = (4, 8, 20, 16, 16)
-                  ) -> ModifierCode:
+def approx_math(inst: AttentionInstance) -> bool:
+    """Whether ``inst``'s modifier code takes hardware approximations (expr_c.APPROX_C): bf16 and
+    fp16 kernels only, whose scores' probabilities are rounded to 8 (11) bits anyway."""
+    return inst.dtype in ("bfloat16", "float16")
+
+
+def modifier_code(inst: AttentionInstance, backward: bool, indent: tuple[int, int, int, int, int] = (4, 8, 20, 16, 16),
+                  head_indent: int | None = None) -> ModifierCode:
     """``inst``'s modifier code, rendered by the one expression emitter; ``indent``: the columns of
-    the root, row, pattern, mask and score code."""
+    the root, row, pattern, mask and score code; ``head_indent`` that of the (batch, head) code
+    (default: the row's)."""
     check_instance(inst)
-    row_vars = frozenset({"b", "h", "i"})
     indices = {"batch": RowBinding("b", frozenset({"b"})), "head": RowBinding("h", frozenset({"h"})),
                "query": RowBinding("i", frozenset({"i"})), "key": RowBinding("kv", frozenset({"kv"})),
                "score": RowBinding("s", frozenset({"s"})), "kv_shift": RowBinding("kv_shift", frozenset({"b"}))}
-    em = ExprEmitter({}, "attention", indices)
+    em = ExprEmitter({}, "attention", indices, approx_math=approx_math(inst))
     root = Scope((), None, "kernel")
-    row = root.child(row_vars, "query row")
+    head = root.child({"b", "h"}, "batch and head")
+    row = head.child({"i"}, "query row")
     kv_pattern = row.child({"kv"}, "key (pattern)")
     kv_mask = row.child({"kv"}, "key (mask)")
     kv_score = kv_mask.child({"s"}, "key (score)")
@@ -204,7 +217,8 @@ def modifier_code(inst: AttentionInstance, backward: bool, indent: tuple[int, in
         raise AttentionCodegenError("attention modifiers cannot read buffers")
     r, w, p, m, c = indent
     return ModifierCode(root.code(r), row.code(w), kv_pattern.code(p), pattern_value, kv_mask.code(m), mask_value,
-                        kv_score.code(c), score_value, dscore_value)
+                        kv_score.code(c), score_value, dscore_value, head.code(w if head_indent is None else head_indent),
+                        em.helper_code())
 
 
 def _render(inst: AttentionInstance, backward: bool) -> RenderedKernel:
@@ -216,9 +230,9 @@ def _render(inst: AttentionInstance, backward: bool) -> RenderedKernel:
     cfg = AttentionConfig(
         name=name, signature=", ".join(p.c for p in params), dtype=T, block=BLOCK, head_dim=inst.head_dim,
         value_dim=inst.value_dim, group=inst.group, block_m=inst.block_m, block_n=inst.block_n, packed=inst.packed,
-        root_code=mc.root_code, row_code=mc.row_code, pattern_code=mc.pattern_code, pattern_value=mc.pattern_value,
+        root_code=mc.root_code, row_code="\n".join(x for x in (mc.head_code, mc.row_code) if x), pattern_code=mc.pattern_code, pattern_value=mc.pattern_value,
         mask_code=mc.mask_code, mask_value=mc.mask_value, score_code=mc.score_code, score_value=mc.score_value,
-        dscore_value=mc.dscore_value)
+        dscore_value=mc.dscore_value, helper_code=mc.helper_code)
     template = "attention_bwd.simt.cu.jinja" if backward else "attention.simt.cu.jinja"
     source = render_template(template, cfg)
     grid = _grid(lambda sizes: int(sizes["batch"]) * int(sizes["heads"]) * int(sizes["max_q"]))

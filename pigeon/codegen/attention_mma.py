@@ -178,7 +178,7 @@ def render_attention_mma(inst: AttentionInstance, knobs: str | None = None) -> R
 
 @functools.lru_cache(maxsize=512)
 def _render(inst: AttentionInstance, sched: Schedule) -> RenderedKernel:
-    mc = modifier_code(inst, backward=False, indent=(4, 20, 24, 20, 24))
+    mc = modifier_code(inst, backward=False, indent=(4, 16, 24, 20, 24), head_indent=4)
     T = storage_type(inst.dtype)
     params = tuple(KernelParam(n, ct, decl.format(T=T), role) for n, ct, decl, role in PARAMS)
     mma, pack, vec2 = MMA_ATOMS[inst.dtype]

@@ -83,7 +83,7 @@ def render_attention_mma_backward(inst: AttentionInstance) -> RenderedKernel:
     why = unsupported(inst)
     if why is not None:
         raise ValueError(f"attention instance {inst.key()} cannot use the tensor-core backward: {why}")
-    mc = modifier_code(inst, backward=True, indent=(4, 24, 28, 24, 28))
+    mc = modifier_code(inst, backward=True, indent=(4, 20, 28, 24, 28), head_indent=8)
     T = storage_type(inst.dtype)
     params = tuple(KernelParam(n, ct, decl.format(T=T), role) for n, ct, decl, role in PARAMS)
     mma, pack, vec2 = attention_mma.MMA_ATOMS[inst.dtype]

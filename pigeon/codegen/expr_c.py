@@ -57,6 +57,39 @@ class ExprCodegenError(ValueError):
     pass
 
 
+# Hardware approximations of float fns, for kernels whose results are stored in bfloat16/float16
+# (ExprEmitter(approx_math=True); the attention codegen sets it for its bf16/fp16 kernels only,
+# never for float32 kernels or the RGNN traversal kernels).  Error bounds, against bf16's unit
+# roundoff 2^-8 (fp16's 2^-11):
+#   tanh -> pg_tanh_approx: PTX ``tanh.approx.f32``, max relative error 2^-10.987 (PTX ISA), one
+#           MUFU op instead of tanhf's ~20 instructions with a branch; on the host (the CPU
+#           emulator) the helper is tanhf.  A soft-cap c * tanh(s / c) moves by at most c * 2^-11
+#           absolutely, i.e. exp(score) relatively by c * 2^-11 (below bf16's 2^-8 for c <= 8;
+#           flash-attention's own soft-cap uses the same instruction).
+#   exp  -> exp2f(x * log2(e)): ex2.approx.f32 (max 2 ulp) on the pre-scaled argument; the rounding
+#           of the product adds a relative error <= |x| log2(e) ln(2) 2^-24 = |x| 2^-24 (6e-6 at
+#           |x| = 88, where expf overflows): 2^-17 or less, far below 2^-8.  The CPU emulator runs
+#           the same formula.
+#   sigmoid -> 1 / (1 + exp2f(-x log2(e))): the same bound as exp (the 1 + and the divide are exact
+#           to 1 ulp).
+APPROX_C = {"tanh": "pg_tanh_approx(x)", "exp": "exp2f((x) * 1.44269504f)",
+            "sigmoid": "(1.f / (1.f + exp2f((x) * -1.44269504f)))"}
+APPROX_HELPERS = {"pg_tanh_approx": """\
+#ifndef PIGEON_APPROX_TANH
+#define PIGEON_APPROX_TANH
+// tanh.approx.f32: max relative error 2^-10.987 (PTX ISA); the host (the CPU emulator) takes tanhf
+static __device__ __forceinline__ float pg_tanh_approx(float x) {
+#ifdef __CUDA_ARCH__
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return tanhf(x);
+#endif
+}
+#endif"""}
+
+
 def storage_type(dtype: str) -> str:
     if dtype not in C_STORAGE:
         raise ExprCodegenError(f"no C storage type for dtype {dtype!r} (known: {sorted(C_STORAGE)})")
@@ -253,8 +286,12 @@ class ExprEmitter:
     binding; a load through any other RowRef is an error naming the loop."""
 
     def __init__(self, rows: dict[RowRef, RowBinding], loop_name: str,
-                 indices: dict[str, RowBinding] | None = None):
+                 indices: dict[str, RowBinding] | None = None, approx_math: bool = False):
         self.rows = rows
+        # float fns as hardware approximations (APPROX_C; for bf16/fp16 kernels only): the
+        # file-scope helpers they call are collected in ``helpers`` (see :meth:`helper_code`)
+        self.approx_math = approx_math
+        self.helpers: set[str] = set()
         # index variables the loop binds (pigeon.ir.expr index nodes): the row, and for attention
         # loops batch/head/query/key; feature indices come from the flat index being evaluated
         self.indices = dict(indices or {})
@@ -264,6 +301,17 @@ class ExprEmitter:
         self.n = 0
         self.graph_arrays: set[str] = set()
         self.buffers: dict[str, Buffer] = {}
+
+    def helper_code(self) -> str:
+        """File-scope C definitions of the approximation helpers the emitted code calls ("" if none)."""
+        return "\n".join(APPROX_HELPERS[n] for n in sorted(self.helpers))
+
+    def unary_code(self, fn: str, names: dict[str, str], dtype: str) -> str:
+        if self.approx_math and fn in APPROX_C and dtype_class(dtype) == "float":
+            template = APPROX_C[fn]
+            self.helpers.update(n for n in APPROX_HELPERS if n in template)
+            return _subst(template, names)
+        return fn_code(fn, 1, names, dtype)
 
     # -- helpers -------------------------------------------------------------------------
     def fresh(self, prefix: str) -> str:
@@ -414,7 +462,7 @@ class ExprEmitter:
             names = {"x": x.code}
             if e.c is not None:
                 names["c"] = c_float(e.c)
-            return self.define(ctype, "t", fn_code(e.fn, 1, names, a.dtype), x.vars, scope, key)
+            return self.define(ctype, "t", self.unary_code(e.fn, names, a.dtype), x.vars, scope, key)
         if op in ("binary", "where"):
             vals = [self.eval(a, bcast_flat(idx, e.shape, a.shape), scope) for a in e.args]
             vars = frozenset().union(*(v.vars for v in vals))
