@@ -25,6 +25,8 @@ TVM is imported lazily; no torch.
 """
 from __future__ import annotations
 
+from .tvm_tiles import tile_reduction
+
 NAME = "pigeon_code_accumulate"
 TM, TN, TY, TX, BT = 4, 4, 16, 16, 16
 BM, BN = TY * TM, TX * TN
@@ -53,33 +55,9 @@ def _schedule_cuda(sch):
     sch.pad_einsum(blk, [1, BM, BN, BT])
     sch.compute_inline(sch.get_sblock("bit"))
     staged = [sch.get_sblock("bit_pad"), sch.get_sblock("v_pad")]
-    g, m, n, t = sch.get_loops(blk)
-    mo, mi, mt = sch.split(m, [None, TY, TM])
-    no, ni, nt = sch.split(n, [None, TX, TN])
-    to, ti = sch.split(t, [None, BT])
-    sch.reorder(g, mo, no, mi, ni, to, ti, mt, nt)
-    sch.bind(g, "blockIdx.z")
-    sch.bind(mo, "blockIdx.y")
-    sch.bind(no, "blockIdx.x")
-    sch.bind(mi, "threadIdx.y")
-    sch.bind(ni, "threadIdx.x")
-    sch.set_scope(blk, 0, "local")
-    sch.reverse_compute_at(sch.get_sblock("out_pad"), ni)
-    for b in staged:
-        sch.set_scope(b, 0, "shared")
-        sch.compute_at(b, to)
-        fused = sch.fuse(*sch.get_loops(b)[-2:])
-        _, ty, tx = sch.split(fused, [None, TY, TX])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
-    for i in range(len(staged)):                 # a thread's TM bits and TN values of a t: 128-bit loads
-        loc = sch.cache_read(blk, i, "local")
-        sch.compute_at(loc, ti)
-        sch.vectorize(sch.get_loops(loc)[-1])
-    sch.decompose_reduction(blk, to)
-    sch.unroll(ti)
-    sch.unroll(mt)
-    sch.unroll(nt)
+    # a thread's TM bits and TN values of a t: 128-bit loads
+    tile_reduction(sch, blk, sch.get_sblock("out_pad"), sch.get_loops(blk), staged, ty=TY, tx=TX, tm=TM, tn=TN,
+                   br=BT, vector_reads=range(len(staged)))
 
 
 def _schedule_llvm(sch):

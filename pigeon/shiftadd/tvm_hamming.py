@@ -17,6 +17,8 @@ order.  The launch: ``grid = (ceil(Tk / 64), ceil(Tq / 64))``, ``block = (16, 16
 """
 from __future__ import annotations
 
+from .tvm_tiles import tile_reduction
+
 NAME = "pigeon_hamming"
 TI, TJ, TY, TX, BW = 4, 4, 16, 16, 1
 BI, BJ = TY * TI, TX * TJ
@@ -53,29 +55,8 @@ def _schedule_cuda(sch):
     sch.pad_einsum(blk, [BI, BJ, BW])
     sch.reverse_compute_inline(sch.get_sblock("out"))        # the unpadding copy writes nbits - diff
     staged = [sch.get_sblock("q_pad"), sch.get_sblock("k_pad")]
-    i, j, w = sch.get_loops(blk)
-    io, ii, it = sch.split(i, [None, TY, TI])
-    jo, ji, jt = sch.split(j, [None, TX, TJ])
-    wo, wi = sch.split(w, [None, BW])
-    sch.reorder(io, jo, ii, ji, wo, wi, it, jt)
-    sch.bind(io, "blockIdx.y")
-    sch.bind(jo, "blockIdx.x")
-    sch.bind(ii, "threadIdx.y")
-    sch.bind(ji, "threadIdx.x")
-    sch.set_scope(blk, 0, "local")
-    sch.reverse_compute_at(sch.get_sblock("diff_pad"), ji)
-    for b in staged:
-        sch.set_scope(b, 0, "shared")
-        sch.compute_at(b, wo)
-        inner = sch.get_loops(b)[5:]                         # below io, jo, ii, ji, wo (one loop when BW is 1)
-        fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
-        _, ty, tx = sch.split(fused, [None, TY, TX])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
-    sch.decompose_reduction(blk, wo)
-    sch.unroll(wi)
-    sch.unroll(it)
-    sch.unroll(jt)
+    tile_reduction(sch, blk, sch.get_sblock("diff_pad"), sch.get_loops(blk), staged, ty=TY, tx=TX, tm=TI, tn=TJ,
+                   br=BW)
 
 
 def _rule():

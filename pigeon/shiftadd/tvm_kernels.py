@@ -23,7 +23,7 @@ from pathlib import Path
 from . import tvm_add, tvm_hamming, tvm_shift
 
 KINDS = ("shift_int", "shift_f32", "hamming", "accumulate")
-_FILES = ("tvm_kernels.py", "tvm_shift.py", "tvm_hamming.py", "tvm_add.py")
+_FILES = ("tvm_kernels.py", "tvm_tiles.py", "tvm_shift.py", "tvm_hamming.py", "tvm_add.py")
 
 # the kernel's parameters as TVM writes them (buffers as <name>_ptr, then the shape variables,
 # sorted by name): checked against the generated signature, so a TVM that orders them otherwise

@@ -37,6 +37,8 @@ This module imports TVM lazily and never torch.
 """
 from __future__ import annotations
 
+from .tvm_tiles import tile_reduction
+
 NAME = "pigeon_shift_linear"
 NAME_F32 = "pigeon_shift_linear_f32"
 TM, TN, TY, TX, BK = 4, 4, 16, 16, 16
@@ -112,32 +114,9 @@ def _schedule_cuda(sch, stages):
     for st in stages:
         sch.compute_inline(sch.get_sblock(st))
     staged = [sch.get_sblock("x_pad")] + [sch.get_sblock(st + "_pad") for st in stages]
-    m, n, k = sch.get_loops(blk)
-    mo, mi, mt = sch.split(m, [None, TY, TM])
-    no, ni, nt = sch.split(n, [None, TX, TN])
-    ko, ki = sch.split(k, [None, BK])
-    sch.reorder(mo, no, mi, ni, ko, ki, mt, nt)
-    sch.bind(mo, "blockIdx.y")
-    sch.bind(no, "blockIdx.x")
-    sch.bind(mi, "threadIdx.y")
-    sch.bind(ni, "threadIdx.x")
-    sch.set_scope(blk, 0, "local")
-    sch.reverse_compute_at(sch.get_sblock("out_pad"), ni)
-    for i, b in enumerate(staged):
-        sch.set_scope(b, 0, "shared")
-        sch.compute_at(b, ko)
-        fused = sch.fuse(*sch.get_loops(b)[-2:])
-        _, ty, tx = sch.split(fused, [None, TY, TX])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
-    for i in range(1, len(staged)):              # the thread's TN weights of a k: one 128-bit shared load
-        loc = sch.cache_read(blk, i, "local")
-        sch.compute_at(loc, ki)
-        sch.vectorize(sch.get_loops(loc)[-1])
-    sch.decompose_reduction(blk, ko)
-    sch.unroll(ki)
-    sch.unroll(mt)
-    sch.unroll(nt)
+    # the thread's TN weights of a k: one 128-bit shared load
+    tile_reduction(sch, blk, sch.get_sblock("out_pad"), sch.get_loops(blk), staged, ty=TY, tx=TX, tm=TM, tn=TN,
+                   br=BK, vector_reads=range(1, len(staged)))
 
 
 def _schedule_llvm(sch, stages):
