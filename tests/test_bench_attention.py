@@ -263,11 +263,10 @@ def test_summary_ratios_of_hand_made_cases(tmp_path):
     assert s["grouped_vs_best_peer"] is None and "has no such key" in s["grouped_vs_best_peer_note"]
 
 
-def test_cold_warm_compile_time_reports_a_failed_child_in_one_line():
-    """On a machine without CUDA the child process fails: the result says so instead of raising."""
-    import torch
+def test_cold_warm_compile_time_reports_a_failed_child_in_one_line(monkeypatch):
+    """A child process that sees no CUDA device fails: the result says so instead of raising
+    (the children inherit the environment, so hiding the GPUs makes this run on GPU machines too)."""
     from pigeon.bench.attn_compile import cold_warm
-    if torch.cuda.is_available():
-        pytest.skip("this checks the failure path")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     r = cold_warm("causal", 64, "bfloat16", timeout=120)
     assert r["error"].startswith("cold run failed: ") and "\n" not in r["error"]
