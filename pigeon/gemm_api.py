@@ -204,6 +204,7 @@ def epilogue_key(fn):
         return None
 
 
+@functools.lru_cache(maxsize=1024)
 def _global_names(code) -> tuple:
     """Names a function's code (and its nested functions') may read as globals."""
     names = set(code.co_names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .expr_c import storage_type
 from .jinja import render
 from .kernel_source import KernelParam, RenderedKernel
 
@@ -76,7 +77,7 @@ def config_for(tokens: int, dtype: str, p_min: int, p_max: int, bits: int) -> Pa
 
 
 def params(cfg: PackedConfig) -> tuple[KernelParam, ...]:
-    t = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}[cfg.dtype]
+    t = storage_type(cfg.dtype)
     return (KernelParam("out", "ptr", f"{t}* __restrict__", "buffer:out"),
             KernelParam("x", "ptr", f"const {t}* __restrict__", "buffer:x"),
             KernelParam("w", "ptr", "const int* __restrict__", "buffer:w"),

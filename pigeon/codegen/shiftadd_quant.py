@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .expr_c import storage_type
 from .jinja import render
 from .kernel_source import KernelParam, RenderedKernel
 
@@ -52,7 +53,7 @@ def config_for(k: int, dtype: str) -> QuantConfig:
 
 
 def params(cfg: QuantConfig) -> tuple[KernelParam, ...]:
-    t = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}[cfg.dtype]
+    t = storage_type(cfg.dtype)
     return (KernelParam("q", "ptr", "unsigned char* __restrict__", "buffer:q"),
             KernelParam("scale", "ptr", "float* __restrict__", "buffer:scale"),
             KernelParam("x", "ptr", f"const {t}* __restrict__", "buffer:x"),

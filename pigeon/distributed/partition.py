@@ -103,7 +103,15 @@ def _subgraph(graph: HeteroGraph, rank: int, world: int, targets: torch.Tensor, 
     l2g = torch.cat([targets, halo])
     g2l = torch.full((graph.num_nodes,), -1, dtype=torch.int64)
     g2l[l2g] = torch.arange(l2g.numel())
-    src, dst, et = (g2l[graph.src[keep_edge]], g2l[graph.dst[keep_edge]], graph.etype[keep_edge])
+    sub, l2g, pad = local_graph(graph, g2l[graph.src[keep_edge]], g2l[graph.dst[keep_edge]], graph.etype[keep_edge],
+                                l2g, f"{graph.name}[rank {rank}/{world}, {k} hops]")
+    return Partition(rank, world, sub, l2g, torch.arange(targets.numel()), targets, k, pad)
+
+
+def local_graph(graph: HeteroGraph, src, dst, et, l2g: torch.Tensor, name: str):
+    """``(subgraph, l2g, padded)``: the edges ``src -> dst`` (local ids) of types ``et`` over the nodes
+    ``l2g`` (global ids) of ``graph``.  A subgraph without edges gets one self-loop on an extra node
+    (global id -1; ``padded`` True), since a compiled layer needs a graph with an edge."""
     ntype = graph.ntype[l2g]
     pad = src.numel() == 0
     if pad:
@@ -114,8 +122,8 @@ def _subgraph(graph: HeteroGraph, rank: int, world: int, targets: torch.Tensor, 
         l2g = torch.cat([l2g, torch.tensor([-1])])
     sub = HeteroGraph(src, dst, et, num_nodes=l2g.numel(), ntype=ntype, num_etypes=graph.num_etypes,
                       num_ntypes=graph.num_ntypes, etype_names=graph.etype_names, ntype_names=graph.ntype_names,
-                      name=f"{graph.name}[rank {rank}/{world}, {k} hops]")
-    return Partition(rank, world, sub, l2g, torch.arange(targets.numel()), targets, k, pad)
+                      name=name)
+    return sub, l2g, pad
 
 
 def partition(graph: HeteroGraph, world: int, num_hops: int, targets=None, method: str = "contiguous",

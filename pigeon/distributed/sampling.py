@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..graph import HeteroGraph
+from .partition import local_graph
 
 __all__ = ["Block", "NeighborSampler", "SamplerError", "epoch_batches", "num_steps", "mix_seed"]
 
@@ -190,19 +191,10 @@ class NeighborSampler:
         hop = torch.cat([torch.zeros(t.numel(), dtype=torch.int64), halo_hop[order]])
         sorted_ids, perm = torch.sort(l2g)
         to_local = lambda v: perm[torch.searchsorted(sorted_ids, v)]          # noqa: E731
-        src, dst, et = to_local(g.src[eids]), to_local(g.dst[eids]), g.etype[eids]
-        ntype = g.ntype[l2g]
-        pad = src.numel() == 0
+        sub, l2g, pad = local_graph(g, to_local(g.src[eids]), to_local(g.dst[eids]), g.etype[eids], l2g,
+                                    f"{g.name}[block of {t.numel()}, {k} hops]")
         if pad:
-            p = l2g.numel()
-            src = dst = torch.tensor([p])
-            et = torch.tensor([0])
-            ntype = torch.cat([ntype, torch.tensor([0])])
-            l2g = torch.cat([l2g, torch.tensor([-1])])
             hop = torch.cat([hop, torch.tensor([-1])])
-        sub = HeteroGraph(src, dst, et, num_nodes=l2g.numel(), ntype=ntype, num_etypes=g.num_etypes,
-                          num_ntypes=g.num_ntypes, etype_names=g.etype_names, ntype_names=g.ntype_names,
-                          name=f"{g.name}[block of {t.numel()}, {k} hops]")
         return Block(sub, l2g, torch.arange(t.numel()), t, hop, k, pad)
 
 
