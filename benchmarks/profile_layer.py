@@ -1,9 +1,9 @@
-"""Where the time goes in one compiled layer: torch.profiler over forward+backward steps, CUDA
+"""Where the time goes in one compiled layer: torch.profiler over training steps (forward+backward) or no-grad forwards, CUDA
 time per kernel (pigeon's kernels by name and kind, torch ops by name), against the wall time.
 
-    python benchmarks/profile_layer.py --model rgat --graph synthetic:am --dim 64 --out DIR
+    python benchmarks/profile_layer.py --model rgat --graph synthetic:am --dim 64 [--mode inference] --out DIR
 
-Writes DIR/profile_<model>_<graph>.md with GPU, commit, date and the command."""
+Writes DIR/profile_<model>_<graph>_d<dim>_<mode>.md with GPU, commit, date and the command."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,8 @@ def main() -> int:
     ap.add_argument("--graph", default="synthetic:am")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--mode", choices=("training", "inference"), default="training",
+                    help="training: forward+backward per step; inference: a no-grad forward per step")
     ap.add_argument("--out", default="/tmp/pigeon_out")
     args = ap.parse_args()
     import pigeon as pg
@@ -33,10 +35,15 @@ def main() -> int:
     if args.graph == "fb15k-237":
         g = g.with_reverse_edges()
     layer = pg.compile(MODELS[args.model], g, args.dim, **hps[args.model]).to("cuda")
-    x = torch.randn(g.num_nodes, args.dim, device="cuda", requires_grad=True)
+    train = args.mode == "training"
+    x = torch.randn(g.num_nodes, args.dim, device="cuda", requires_grad=train)
 
     def step():
-        layer(x).sum().backward()
+        if train:
+            layer(x).sum().backward()
+        else:
+            with torch.no_grad():
+                layer(x)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -46,13 +53,14 @@ def main() -> int:
             step()
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / args.steps * 1e3
-    rows = []
-    for ev in prof.key_averages():
-        cuda_us = getattr(ev, "self_device_time_total", None)
-        if cuda_us is None:
-            cuda_us = getattr(ev, "self_cuda_time_total", 0)
-        if cuda_us > 0:
-            rows.append((ev.key, cuda_us / args.steps / 1e3, ev.count // args.steps))
+    # device-side events only (kernels, memcpys, memsets): an op's own device time would count its
+    # kernels a second time
+    from torch.autograd import DeviceType
+    by_name: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == DeviceType.CUDA:
+            by_name.setdefault(ev.name, []).append(ev.device_time_total)
+    rows = [(k, sum(v) / args.steps / 1e3, len(v) // args.steps) for k, v in by_name.items()]
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
     progs = {p.name: p for p in (layer.forward_program, layer.backward_program) if p is not None}
@@ -69,7 +77,7 @@ def main() -> int:
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=os.environ.get("PIGEON_COMMIT", "?"),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python benchmarks/profile_layer.py " + " ".join(sys.argv[1:]))
-    md = [f"# profile: {args.model} on {args.graph}, d {args.dim}, forward+backward per step\n"]
+    md = [f"# profile: {args.model} on {args.graph}, d {args.dim}, {'forward+backward' if train else 'no-grad forward'} per step\n"]
     md += [f"- {k}: {v}" for k, v in meta.items()]
     md += [f"- wall per step: {wall:.3f} ms; GPU time per step (sum of kernels): {total:.3f} ms", "",
            "| kernel | ms / step | calls / step | share | what |", "|---|---|---|---|---|"]
@@ -78,7 +86,7 @@ def main() -> int:
     text = "\n".join(md) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_{args.model}_{args.graph.replace(':', '_')}.md").write_text(text)
+    (out / f"profile_{args.model}_{args.graph.replace(':', '_')}_d{args.dim}_{args.mode}.md").write_text(text)
     print(text)
     return 0
 
