@@ -7,6 +7,9 @@ travels with the run, so the GPU machine spends its time running, not compiling.
     PIGEON_CACHE_DIR=.gpu/cache python scripts/prebuild_kernels.py --shiftadd only --arch sm_90   # needs TVM here
     PIGEON_CACHE_DIR=.gpu/cache python scripts/prebuild_kernels.py --gemm-sm90 no --shiftadd no \
         --tune-attention "|q_smem,minb3|default|bm128,q_smem|bm128,mt1,q_smem,minb1"   # + the knob A/B's forwards
+    PIGEON_CACHE_DIR=.gpu/cache python scripts/prebuild_kernels.py --base no --gemm-sm90 no --shiftadd no \
+        --tune-attention "default|default,walk_list" --tune-head-dims 128 --tune-variants document,causal
+        # only the A/B's forwards (packed documents with cu_seqlens, and causal)
 """
 from __future__ import annotations
 
@@ -124,8 +127,9 @@ def bench_attention_kernels(variants, head_dims, heads: int, window: int):
 
 def tune_attention_kernels(settings, head_dims, variants):
     """The tensor-core forwards benchmarks/tune_attention_mma.py runs for ``settings`` (its
-    '|'-separated knob strings), ``head_dims`` and ``variants`` (dense, causal, window<N>): bf16,
-    no GQA (the instances do not depend on the shape)."""
+    '|'-separated knob strings), ``head_dims`` and ``variants`` (dense, causal, window<N>, document:
+    the packed causal documents with cu_seqlens): bf16, no GQA (the instances do not depend on the
+    shape, nor on the documents' lengths)."""
     import torch
     import pigeon.attention as pa
     from pigeon.attention.api import _plan
@@ -133,9 +137,16 @@ def tune_attention_kernels(settings, head_dims, variants):
     out = {}
     for d in head_dims:
         q = torch.empty(1, 1, 64, d, dtype=torch.bfloat16)
+        packed = torch.empty(64, 1, d, dtype=torch.bfloat16)
         for name in variants:
-            pat = None if name == "dense" else pa.Causal() if name == "causal" else pa.SlidingWindow(int(name[6:]))
-            inst, _, _ = _plan(q, q, q, None, None, pat, None)
+            if name == "document":
+                inst, _, _ = _plan(packed, packed, packed, None, None, pa.Causal(),
+                                   torch.tensor([0, 32, 64], dtype=torch.int32))
+            elif name in ("dense", "causal") or (name.startswith("window") and name[6:].isdigit()):
+                pat = None if name == "dense" else pa.Causal() if name == "causal" else pa.SlidingWindow(int(name[6:]))
+                inst, _, _ = _plan(q, q, q, None, None, pat, None)
+            else:
+                raise SystemExit(f"--tune-variants: unknown variant {name!r} (dense, causal, window<N>, document)")
             for setting in settings:
                 rk = render_attention_mma(inst, setting)
                 out[_key(rk)] = rk
@@ -201,10 +212,14 @@ def main(argv=None):
                     help="also the forwards of benchmarks/tune_attention_mma.py for these '|'-separated settings "
                          "(head dims of --tune-head-dims, variants of --tune-variants)")
     ap.add_argument("--tune-head-dims", default="64,128")
-    ap.add_argument("--tune-variants", default="dense,causal")
+    ap.add_argument("--tune-variants", default="dense,causal", help="dense, causal, window<N>, document")
+    ap.add_argument("--base", choices=("yes", "no"), default="yes",
+                    help="the compiled layers' kernels and the GPU tests' attention kernels (no: only what the other "
+                         "options ask for, e.g. --tune-attention's forwards)")
     args = ap.parse_args(argv)
-    if args.prune and (args.shiftadd == "only" or args.gemm_sm90 == "only"):
-        ap.error("--prune with an 'only' option would delete every other kernel's entry; prune with the full set")
+    if args.prune and (args.shiftadd == "only" or args.gemm_sm90 == "only" or args.base == "no"):
+        ap.error("--prune with an 'only' option or --base no would delete every other kernel's entry; "
+                 "prune with the full set")
     from pigeon.runtime.artifact import kernels_of
     from pigeon.runtime.build import build_kernel
     from pigeon.runtime.hostlib import build_library
@@ -212,7 +227,7 @@ def main(argv=None):
     shiftadd = shiftadd_jobs(args.arch) if args.shiftadd != "no" else {}
     if args.shiftadd == "only":
         args.gemm_sm90 = "no"
-    if args.gemm_sm90 != "only" and args.shiftadd != "only":
+    if args.gemm_sm90 != "only" and args.shiftadd != "only" and args.base == "yes":
         for what, layer in layer_configs([int(d) for d in args.dims.split(",")], args.dtypes.split(",")):
             ks = kernels_of(layer)
             kernels.update(ks)

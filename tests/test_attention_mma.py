@@ -13,7 +13,7 @@ import torch
 import pigeon.attention as pa
 from pigeon.attention.api import _plan
 from pigeon.codegen.attention import AttentionCodegenError
-from pigeon.codegen.attention_mma import DEFAULTS, Schedule, render_attention_mma, tuning, unsupported
+from pigeon.codegen.attention_mma import CODE_FORMS, DEFAULTS, Schedule, render_attention_mma, tuning, unsupported
 from pigeon.runtime.attention_kernel import kernel_variant
 from pigeon.runtime.toolchain import nvcc_available
 
@@ -25,6 +25,11 @@ MMA_NAMES = sorted(n for n in VARIANTS if n != "s2")       # S2 of the tests use
 # test_tensor_core_forward_schedules): the 64-row form (D=128's previous default) and 128-row tiles at
 # both head dims, 4 warps x 32 rows and 8 warps x 16 rows
 GPU_KNOBS = ("bm64", "bm128,q_smem", "bm128,mt1,q_smem,minb1")
+# issue 8's code-form knobs (attention_mma.CODE_FORMS): each non-default form alone on the D=128 default,
+# and all of db8bc18's forms together (its kernel)
+DB8BC18_FORMS = "full_inline,smem_static,walk_list,addr_row,rows_elem"
+FORM_KNOBS = tuple(f"default,{w}" for w in ("full_inline", "full_always", "smem_static", "walk_list", "addr_row",
+                                            "rows_elem")) + (f"default,{DB8BC18_FORMS}",)
 
 
 def _inst(name="alibi_causal", d=128, dtype=torch.bfloat16, dv=None):
@@ -104,6 +109,75 @@ def test_schedule_knobs(monkeypatch):
     assert render_attention_mma(inst).meta["schedule"] == DEFAULTS[64].tag()
     names = {render_attention_mma(inst, k).name for k in ("", "default", "bm128", "bm128,mt1", "bm128,ks32")}
     assert len(names) == 5                    # one kernel name per schedule (the runtime's modules are keyed by it)
+
+
+def _doc_inst(d=128):
+    """The packed-document forward's instance (causal documents with cu_seqlens, bf16)."""
+    q = torch.empty(64, 1, d, dtype=torch.bfloat16)
+    return _plan(q, q, q, None, None, pa.Causal(), torch.tensor([0, 32, 64], dtype=torch.int32))[0]
+
+
+def test_code_form_knobs(monkeypatch):
+    """Issue 8's knobs: parsed, named (the defaults add nothing: today's kernel names and sources), the
+    forms they select in the rendered text, and the schedules that cannot be refused."""
+    monkeypatch.delenv("PIGEON_ATTN_MMA_TUNE", raising=False)
+    s = tuning(128, "default," + DB8BC18_FORMS)
+    assert (s.full_branch, s.static_smem, s.plain_walk, s.row_addr, s.row_elem) == ("inline", True, True, True, True)
+    assert tuning(128, s.tag()) == s and s.tag().endswith("ks64," + DB8BC18_FORMS)
+    assert tuning(128, "default,full_split,smem_dyn,walk_merge,addr_step,rows_hoist") == DEFAULTS[128]
+    assert DEFAULTS[128].tag() == "bm64,mt1,minb2,ks64" and DEFAULTS[128].code() == "m64w4rb2k64"
+    assert tuning(64, "default,full_always").full_branch == "always" and len(CODE_FORMS) == 11
+    inst = _doc_inst()
+    base = render_attention_mma(inst)
+    assert "if (full) {" in base.source and "extern __shared__" in base.source and "KeyBlocks blocks;" in base.source
+    names = {base.name}
+    for knobs in FORM_KNOBS:
+        rk = render_attention_mma(inst, knobs)
+        names.add(rk.name)
+        assert rk.meta["schedule"] == tuning(128, knobs).tag() and rk.block == (128, 1, 1)
+        src = rk.source
+        assert ("if (!full) {" in src) == ("full_inline" in knobs)
+        assert ("if (full) {" in src) == ("full_inline" not in knobs and "full_always" not in knobs)
+        assert ("extern __shared__" not in src and rk.shared_mem == 0) == ("smem_static" in knobs)
+        assert ("for (int p = p0; p < p1; ++p)" in src) == ("walk_list" in knobs)
+        assert ("q_lm" not in src) == ("addr_row" in knobs)
+        assert ("(rows_elem:" in src) == ("rows_elem" in knobs)
+    assert len(names) == len(FORM_KNOBS) + 1
+    with pytest.raises(ValueError, match="walk_list"):
+        tuning(128, "bm128,walk_list")
+    with pytest.raises(ValueError, match="smem_static takes at most"):
+        tuning(128, "bm128,smem_static")                  # (128 + 128) x 128 x 2 = 64 KiB
+    assert tuning(64, "bm128,smem_static").static_smem    # 32 KiB fits
+    with pytest.raises(ValueError, match="unknown knob 'full_maybe'"):
+        tuning(128, "full_maybe")
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
+def test_db8bc18_forms_compile_for_sm90_without_spills():
+    """All of issue 8's db8bc18 forms together, on the packed-document instance."""
+    from pigeon.runtime.build import compile_cuda
+    rk = render_attention_mma(_doc_inst(), f"default,{DB8BC18_FORMS}")
+    r = compile_cuda(rk.source, arch="sm_90", name=rk.name).resources[rk.name]
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
+def test_every_code_form_compiles_for_sm90_without_spills():
+    """Each of issue 8's knob settings on the packed-document and the causal instance (D=128, bf16),
+    and the 64-row forms at D=64 with an ALiBi modifier (row and head code)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pigeon.runtime.build import compile_cuda
+
+    def one(job):
+        inst, knobs = job
+        rk = render_attention_mma(inst, knobs)
+        return job, compile_cuda(rk.source, arch="sm_90", name=rk.name).resources[rk.name]
+    jobs = [(inst, k) for inst in (_doc_inst(), _inst("causal", d=128)) for k in FORM_KNOBS]
+    jobs += [(_inst("alibi_causal", d=64), k) for k in ("default,rows_elem", f"default,{DB8BC18_FORMS}")]
+    with ThreadPoolExecutor(2) as pool:
+        for (inst, knobs), r in pool.map(one, jobs):
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (inst.key(), knobs, r)
 
 
 def _spill_check(jobs):
@@ -280,6 +354,13 @@ CPU_MODEL_CASES = {
     "bm64_default_d64_softcap": dict(name="softcap_strided_mask", D=64),
     "bm64_plain_d128_causal": dict(name="causal", D=128, knobs=""),
     "bm64_mt2_topk": dict(name="dense", D=64, knobs="mt2,q_smem", Hq=4, Hk=2, pattern=_topk(1, 4, 3, 2, 6)),
+    # issue 8's code forms (FORM_KNOBS): packed causal documents (cu_seqlens) and causal over more keys than
+    # queries, each form alone and all of db8bc18's together; the per-element row code under ALiBi too
+    **{f"forms_{k.split(',', 1)[1].replace(',', '_')}_{v}": dict(
+        name="causal", D=128, knobs=k, **(dict(packed=[70, 1, 130, 0, 64], Hq=2, Hk=1) if v == "packed" else
+                                          dict(Sq=150, Skv=170, Hq=2, Hk=1)))
+       for k in FORM_KNOBS for v in ("packed", "causal")},
+    "forms_rows_elem_alibi_d64": dict(name="alibi_causal", D=64, knobs="default,rows_elem", Hq=4, Hk=2),
 }
 
 
