@@ -350,3 +350,48 @@ def test_a_call_autograd_would_not_record_skips_the_autograd_function(monkeypatc
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert layer(x).requires_grad and calls      # grad mode with weights that need grad: recorded
     assert ops._records_grad([x], [torch.nn.Parameter(x)]) and not ops._records_grad([x], [x])
+
+
+def test_params_are_read_in_place_and_replaced_params_recapture(fake_cuda, monkeypatch):
+    """Contiguous weights are not copied into a replay: an in-place update (an optimizer step) is
+    what the next replay reads, and a weight replaced by a new tensor makes a new key."""
+    g = load("tiny")
+    layer = pg.compile(rgcn, g, IN, out_dim=4)
+    x = torch.randn(g.num_nodes, IN)
+    with torch.no_grad():
+        for _ in range(3):                                    # plain, capture, replay
+            layer(x)
+        lp = ops.get_layer(layer.layer_id)
+        fwd = replay.replays_of(lp.backend(x.device), lp.forward)
+        rep = next(iter(fwd.replays.values()))
+        assert rep.copied_param_names == () and len(rep.in_place_params) == len(layer.weights)
+        name, w = next(iter(layer.weights.items()))
+        w.mul_(-3.0)                                          # in place: same address, same key
+        got = layer(x)
+        assert fwd.captures == 1
+        monkeypatch.setenv(replay.ENV, "0")
+        torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
+        monkeypatch.setenv(replay.ENV, "1")
+        layer.weights[name] = torch.nn.Parameter(w.detach().clone() + 1.0)   # a new tensor: a new key
+        outs = [layer(x) for _ in range(3)]
+        assert fwd.captures == 2
+        monkeypatch.setenv(replay.ENV, "0")
+        want = layer(x)
+        for o in outs:
+            torch.testing.assert_close(o, want, rtol=0, atol=0)
+
+
+def test_strided_params_are_copied_in(fake_cuda):
+    calls = []
+    rs = replay.ReplaySet("p")
+    ex = _counter_execute(calls)
+    dev = torch.device("cpu")
+    base = torch.ones(3, 2)
+    w = base[:, 0]                                            # a strided view
+    for i in range(3):
+        out = rs.run(("k",), ex, None, dev, {"x": torch.full((3,), float(i))}, {"w": w}, ("x",), ("w",))
+    rep = rs.replays[("k",)]
+    assert rep.copied_param_names == ("w",)
+    base.mul_(5.0)                                            # the copy-in reads the new values
+    out = rs.run(("k",), ex, None, dev, {"x": torch.zeros(3)}, {"w": w}, ("x",), ("w",))
+    torch.testing.assert_close(out["out"], torch.full((3,), 5.0))

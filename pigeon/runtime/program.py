@@ -187,12 +187,18 @@ class Executor:
         """What a captured graph is specific to; None when an input is missing (the plain path
         raises the error)."""
         parts = [id(kg), self.poison]
-        for table, decl in ((inputs, plan.input_names), (params, plan.param_names)):
-            for name in decl:
-                t = table.get(name)
-                if t is None:
-                    return None
-                parts.append((t.shape, t.dtype, t.device))
+        for name in plan.input_names:
+            t = inputs.get(name)
+            if t is None:
+                return None
+            parts.append((t.shape, t.dtype, t.device))
+        for name in plan.param_names:
+            t = params.get(name)
+            if t is None:
+                return None
+            # a contiguous param is read in place by the captured graph (replay.py): its address
+            # belongs to the key; a strided one is copied in like an input
+            parts.append((t.shape, t.dtype, t.device, t.data_ptr() if _replay._in_place(t) else None))
         return tuple(parts)
 
     def _execute(self, plan: _Plan, kg: KernelGraph, inputs: Mapping[str, torch.Tensor],

@@ -27,7 +27,8 @@ The rule (``use_replay``), checked on every call:
 How.  The first call of a key (the program, its kernel graph, the device, the shapes and dtypes of
 its inputs and weights, poisoning on or off) runs the plain executor: it builds and loads every
 kernel and fills the per-graph caches (tile schedules, graph data casts), so nothing is compiled or
-loaded during a capture.  The second call captures: static copies of the inputs and weights, one
+loaded during a capture.  The second call captures: static copies of the inputs (the weights are
+read where they lie when contiguous, their addresses part of the key; see below), one
 warm-up run on a side stream (as torch's CUDA-graph docs ask), then ``Executor`` runs inside
 ``torch.cuda.graph`` (its own memory pool; ``capture_error_mode="thread_local"``, as torch.compile's
 CUDA graphs use).  Every later call of the key copies the caller's tensors into the static ones
@@ -36,7 +37,15 @@ next replay overwrites the static outputs, and a result the caller holds, or tha
 for backward, must not change under it.  Strides are not part of the key: the executor makes every
 input contiguous anyway, and the copy into a contiguous static tensor does the same.
 
-Kept alive by a replay: its static tensors, every buffer of the captured run, the kernel graph,
+Weights in place.  A contiguous param is not copied: the graph's kernels read the param's own
+memory, and the key holds its address (``Executor._key``), so assigning a new tensor to it makes a
+new key (captured on its second call) while an in-place update (an optimizer step, ``copy_`` from a
+state dict) is read by the next replay, in stream order, exactly as a copy made at call time would
+have been.  That saves one fused copy of every weight per call.  A strided param is copied in
+like an input.
+
+Kept alive by a replay: its static tensors, the params it reads in place (a replaced param's old
+memory lives until its replay is evicted), every buffer of the captured run, the kernel graph,
 and every tensor a captured kernel received (pigeon/runtime/launch.py's ``keep_launch_args``), so
 no memory a graph reads is freed and reused while the graph lives (a tile schedule evicted from
 its cache, say).
@@ -205,6 +214,12 @@ class TorchCuda:
 CUDA = TorchCuda()
 
 
+def _in_place(t: torch.Tensor) -> bool:
+    """Whether a captured graph may read the param ``t`` where it lies (``Executor._key`` then
+    holds its address): contiguous, so the executor binds ``t`` itself, not a copy."""
+    return t.is_contiguous()
+
+
 def _copy_into(dst: list, src: list) -> None:
     """One fused copy for all (same dtype, device and shape by the key) where torch has it."""
     if not dst:
@@ -228,12 +243,20 @@ class ProgramReplay:
         from .launch import keep_launch_args
         self.name, self.kg, self.device = name, kg, device
         self.input_names, self.param_names = input_names, param_names
-        src = [inputs[n] for n in input_names] + [params[n] for n in param_names]
+        # inputs get static copies (a caller's next input is a new tensor, or the same memory with
+        # new data); contiguous params are read in place: their address is in the key
+        # (Executor._key), so a replaced param is a new key, and an in-place update (an optimizer
+        # step) is what the kernels read, as they would read a fresh copy made on the same stream
+        copied = [n for n in param_names if not _in_place(params[n])]
+        self.copied_param_names = tuple(copied)
+        self.in_place_params = tuple(params[n] for n in param_names if n not in copied)   # kept alive
+        src = [inputs[n] for n in input_names] + [params[n] for n in copied]
         with torch.no_grad():
             self.static = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in src]
             _copy_into(self.static, src)
         s_in = dict(zip(input_names, self.static[:len(input_names)]))
-        s_par = dict(zip(param_names, self.static[len(input_names):]))
+        s_par = dict(params)
+        s_par.update(zip(copied, self.static[len(input_names):]))
         CUDA.warmup(lambda: execute(s_in, s_par), device)
         with keep_launch_args() as kept:
             self.graph, (outputs, self.buffers) = CUDA.capture(lambda: execute(s_in, s_par), device)
@@ -268,7 +291,7 @@ class ProgramReplay:
                  needed: tuple[str, ...] | None = None) -> dict:
         """Copy in, replay, and return fresh copies of the outputs (only those ``needed`` names,
         when given): the next replay overwrites the static outputs."""
-        src = [inputs[n] for n in self.input_names] + [params[n] for n in self.param_names]
+        src = [inputs[n] for n in self.input_names] + [params[n] for n in self.copied_param_names]
         names, statics, where = self._selection(needed)
         with self.lock:
             handle = CUDA.stream_handle(self.device)
