@@ -12,8 +12,12 @@ Cases (``--quick``: the same kinds at tiny sizes):
 - ``attention``: the add attention core of AddAttention (binarized q, k; Bk^T V and Bq (Bk^T V) by the
   masked-accumulation kernel, packing the bits included) at 3136 and 784 tokens, batch 32, one head
   of dim 64; peer ``sdpa`` (F.scaled_dot_product_attention, bf16, same [B, 1, T, 64]).
-- ``moe``: MoEMLP (dense bf16 expert + shift expert, top-1 router) against the dense bf16 MLP
-  (fc - GELU - fc) of the same size, forward, bf16, 196 tokens x batch 32, dim 320, hidden 1280.
+- ``moe``: MoEMLP (dense bf16 expert + shift expert, top-1 router; routing, the generated dispatch
+  and combine kernels, no host sync) against the dense bf16 MLP (fc - GELU - fc) of the same size,
+  forward, bf16, 196 tokens x batch 32, dim 320, hidden 1280: ``moe`` exact (capacity T per expert:
+  nothing dropped, each expert computes T rows) and ``moe_cap`` (``capacity_factor`` MOE_CAPACITY:
+  ceil(1.25 T / 2) rows per expert, overflow tokens dropped Switch-style; its oracle is the float64
+  MoEMLP with the same capacity).
 
 Every implementation's first output is checked against a float64 oracle (relative Frobenius error;
 tolerances per path: shift 1e-4, packed/dense 2e-2, fp8 6e-2), then timed with
@@ -22,7 +26,8 @@ written to the kernel cache's measured table (paths.save_table) so ShiftLinear(p
 decides from them.  Without CUDA only the torch forms run (``kind`` says so): the quick CPU run
 checks the pipeline, not the kernels.  Summary keys of issue 9: ``shift_linear_small_batch_vs_bf16``,
 ``shift_linear_vit_vs_bf16`` (worst case over the shapes), ``shift_linear_vs_fp32`` (the shift
-kernel against cuBLAS fp32, worst case), ``add_attention_vs_sdpa``, ``moe_mlp_vs_dense_bf16``.
+kernel against cuBLAS fp32, worst case), ``add_attention_vs_sdpa``, ``moe_mlp_vs_dense_bf16`` (and
+``moe_mlp_capacity_vs_dense_bf16``, the ``moe_cap`` row's).
 Files in ``--out``: cases.json/.md, summary.json/.md, speedup.png.
 
     pigeon bench shiftadd --quick --device cpu --out /tmp/shiftadd
@@ -57,7 +62,8 @@ KEYS = ("gpu", "commit", "date", "command", "shift_linear_small_batch_vs_bf16", 
         "shift_linear_vs_fp32", "add_attention_vs_sdpa", "moe_mlp_vs_dense_bf16")
 META = ("gpu", "device", "torch", "pigeon", "commit", "date", "command")
 TOL = {"shift": 1e-4, "packed": 2e-2, "fp8": 6e-2, "auto": 6e-2, "dense": 2e-2, "fp32": 1e-4, "bf16": 2e-2,
-       "scaled_mm": 1e-1, "sdpa": None, "moe": 1e-1, "dense_mlp": None, "add": 1e-4}
+       "scaled_mm": 1e-1, "sdpa": None, "moe": 1e-1, "moe_cap": 1e-1, "dense_mlp": None, "add": 1e-4}
+MOE_CAPACITY = 1.25
 # moe: bf16 routing may send a near-tie token to the other expert than the float64 oracle does
 
 
@@ -188,22 +194,29 @@ def _moe_impls(tokens, dim, hidden, device, gen):
     for mod in moe.modules():
         if hasattr(mod, "backend") and not cuda:
             mod.backend = "torch"
+    cap = MoEMLP(dim, hidden, k=1, latencies=[6.0, 4.0], capacity_factor=MOE_CAPACITY).to(device, dt).eval()
+    cap.load_state_dict(moe.state_dict())
+    for mod in cap.modules():
+        if hasattr(mod, "backend") and not cuda:
+            mod.backend = "torch"
     dense = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, dim)).to(device, dt)
     x = torch.randn(tokens, dim, generator=gen, device=device).to(dt)
     ref = {}
 
-    def oracle():
-        if "y" not in ref:
-            m64 = MoEMLP(dim, hidden, k=1, latencies=[6.0, 4.0]).double()
+    def oracle(factor=None):
+        if factor not in ref:
+            m64 = MoEMLP(dim, hidden, k=1, latencies=[6.0, 4.0], capacity_factor=factor).double()
             m64.load_state_dict({n: p.double() for n, p in moe.state_dict().items()})
             for mod in m64.modules():
                 if hasattr(mod, "backend"):
                     mod.backend = "torch"
-            ref["y"] = m64(x.double().cpu())[0]
-        return ref["y"]
-    rows = [("moe", "pigeon" if cuda else "pigeon (torch forms on cpu)", lambda: moe(x)[0], None),
+            ref[factor] = m64(x.double().cpu())[0]
+        return ref[factor]
+    kind = "pigeon" if cuda else "pigeon (torch forms on cpu)"
+    rows = [("moe", kind, lambda: moe(x)[0], None),
+            ("moe_cap", f"{kind}, capacity_factor={MOE_CAPACITY}", lambda: cap(x)[0], None),
             ("dense_mlp", "peer", lambda: dense(x), None)]
-    return rows, oracle, {}
+    return rows, oracle, {"oracles": {"moe_cap": lambda: oracle(MOE_CAPACITY)}}
 
 
 def run_case(spec: tuple, cfg: ShiftAddConfig) -> dict:
@@ -233,9 +246,11 @@ def run_case(spec: tuple, cfg: ShiftAddConfig) -> dict:
                 checks[impl] = "n/a: another computation (no oracle)"
             else:
                 try:
-                    if "w" not in want:
-                        want["w"] = oracle()
-                    e = _rel(step.first, want["w"])
+                    own = extra.get("oracles", {}).get(impl)
+                    key = impl if own is not None else "w"
+                    if key not in want:
+                        want[key] = (own or oracle)()
+                    e = _rel(step.first, want[key])
                     checks[impl] = "ok" if e <= tol else f"FAILED: relative error {e:.3g} > {tol:g}"
                 except Exception as ex:
                     checks[impl] = f"not run: {failure(ex)}"
@@ -271,6 +286,8 @@ def finish_case(case: dict) -> dict:
                   if r["impl"] != pig and r.get("median_ms")}
     if case["kind"] == "linear":
         case["shift_vs_fp32"] = ratio(_ms(case, "fp32"), _ms(case, "shift"))
+    if case["kind"] == "moe":
+        case["cap_vs_peer"] = ratio(_ms(case, "dense_mlp"), _ms(case, "moe_cap"))
     return case
 
 
@@ -308,6 +325,9 @@ def build_summary(result: dict) -> dict:
          "add attention core (vs SDPA bf16)", ">= 2")
     _key(s, "moe_mlp_vs_dense_bf16", [c for c in cases if c["kind"] == "moe"], "vs_peer",
          "mixture MLP (vs the dense bf16 MLP; routing quality not compared)", ">= 1.3")
+    _key(s, "moe_mlp_capacity_vs_dense_bf16", [c for c in cases if c["kind"] == "moe"], "cap_vs_peer",
+         f"mixture MLP with capacity_factor={MOE_CAPACITY} (tokens past capacity dropped; vs the dense bf16 MLP)",
+         ">= 1.3")
     s["cases_total"] = len(cases)
     s["cases_check_failed"] = [f"{_label(c)}: {r['impl']} {r['check']}" for c in cases for r in c["impls"]
                                if str(r.get("check", "")).startswith("FAILED")]

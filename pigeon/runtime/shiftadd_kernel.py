@@ -395,3 +395,112 @@ def quantize_rows_e4m3(x: torch.Tensor, *, emulate: bool = False) -> tuple[torch
     e = _quant_entry(k, x.dtype, x.device, emulate)
     e.fn.launch(e.rk.grid(m), e.block, [q, scale, x, m, k, ldx, k], e.types)       # _QUANT_ORDER
     return q, scale
+
+
+# ---------------------------------------------------------------- MoE dispatch / combine (Jinja2)
+
+_DISPATCH_ORDER = ("buf", "x", "src", "scale", "R", "D", "k")
+
+
+def _moe_entry(kind: str, d: int, dtype: torch.dtype, scaled: bool, experts: int, device, emulate: bool) -> _Entry:
+    key = ("moe", kind, d, dtype, scaled, experts, device, emulate)
+    e = _ENTRIES.get(key)
+    if e is None:
+        from ..codegen.shiftadd_moe import config_for, render_moe
+        cfg = config_for(kind, d, _DTYPE_NAMES[dtype], scaled, experts)
+        rk = render_moe(cfg)
+        name_key = ("moe-fn", rk.name, device, emulate)        # one function per config, whatever D
+        fn = _ENTRIES.get(name_key)
+        if fn is None:
+            fn = _ENTRIES[name_key] = _loader(rk, device, emulate)
+        e = _ENTRIES[key] = _Entry(cfg, rk, fn)
+        want = _DISPATCH_ORDER if kind == "dispatch" else \
+            ("out",) + tuple(f"y{i}" for i in range(experts)) + ("slot", "gate", "T", "D", "C", "k")
+        if e.names != want:
+            raise ShiftAddKernelError(f"MoE {kind} kernel parameters {e.names} are not {want}")
+    return e
+
+
+def _moe_place(who: str, t: torch.Tensor, emulate: bool) -> None:
+    if emulate:
+        if t.device.type != "cpu":
+            raise ShiftAddKernelError(f"{who}: emulation runs on CPU tensors, got {t.device}")
+    elif not devinfo.on_gpu(t):
+        raise ShiftAddKernelError(f"the {who} kernel runs on CUDA tensors, got {t.device} (on a CPU: emulate=True "
+                                  "or pigeon/shiftadd/moe.py's torch reference)")
+
+
+def _moe_aligned(vec: int, *ts) -> bool:
+    return vec == 1 or all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+def moe_dispatch(x: torch.Tensor, src: torch.Tensor, k: int, scale: torch.Tensor | None = None, *,
+                 emulate: bool = False) -> torch.Tensor:
+    """``buf [R, D]``: row r is ``x[src[r] // k]`` (times ``scale.flatten()[src[r]]`` when given), 0 where
+    ``src[r] < 0``, in one launch of the generated gather (pigeon/codegen/shiftadd_moe.py); ``x
+    [T, D]`` bf16/fp16/fp32, ``src [R]`` int32, ``scale`` float32 with ``T * k`` elements.  The
+    indices are not range-checked here (that would read them on the host): pigeon/shiftadd/moe.py
+    makes them."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _DTYPE_NAMES:
+        raise ShiftAddKernelError(f"MoE dispatch: x must be a 2-d {'/'.join(_DTYPE_NAMES.values())} tensor, got "
+                                  f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _need("src", src, torch.int32, 1)
+    t, d = x.shape
+    if scale is not None:
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != t * k:
+            raise ShiftAddKernelError(f"MoE dispatch: scale must be float32 with T * k = {t * k} elements, got "
+                                      f"{(scale.dtype, tuple(scale.shape)) if isinstance(scale, torch.Tensor) else type(scale).__name__}")
+        scale = scale.contiguous()
+    _same_device(*[v for v in (x, src, scale) if v is not None])
+    _moe_place("MoE dispatch", x, emulate)
+    r = src.shape[0]
+    if max(r, t) * max(d, 1) >= _I32_MAX or t * k >= _I32_MAX:
+        raise ShiftAddKernelError("MoE dispatch: 2^31 or more elements")
+    x = x.contiguous()
+    src = src.contiguous()
+    buf = _poisoned((r, d), x.dtype, x.device)
+    if r == 0 or d == 0:
+        return buf
+    e = _moe_entry("dispatch", d, x.dtype, scale is not None, 1, x.device, emulate)
+    if not _moe_aligned(e.kernel.vec, x, buf):
+        e = _moe_entry("dispatch", 1, x.dtype, scale is not None, 1, x.device, emulate)    # (d=1: scalar rows)
+    e.fn.launch(e.rk.grid(r), e.block, [buf, x, src, scale, r, d, k], e.types)         # _DISPATCH_ORDER
+    return buf
+
+
+def moe_combine(ys, slot: torch.Tensor, gate: torch.Tensor | None = None, *, emulate: bool = False) -> torch.Tensor:
+    """``out [T, D]``: ``out[t] = sum_j gate[t, j] * ys[e][r]`` over the slots ``s = slot[t, j] = e * C + r``
+    with ``s >= 0`` (gate 1 when None), float32 accumulation, one launch of the generated gather (no
+    atomics); ``ys`` a list of E expert outputs ``[C, D]`` of one dtype, ``slot [T, k]`` int32, ``gate``
+    float32 ``[T, k]``."""
+    if not isinstance(ys, (list, tuple)) or not ys:
+        raise ShiftAddKernelError(f"MoE combine: ys must be a non-empty list of expert outputs, got {type(ys).__name__}")
+    y0 = ys[0]
+    for i, y in enumerate(ys):
+        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.dtype not in _DTYPE_NAMES or \
+                y.shape != y0.shape or y.dtype != y0.dtype:
+            raise ShiftAddKernelError(f"MoE combine: ys[{i}] must be a 2-d {'/'.join(_DTYPE_NAMES.values())} tensor "
+                                      f"of ys[0]'s shape and dtype, got "
+                                      f"{(y.dtype, tuple(y.shape)) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    _need("slot", slot, torch.int32, 2)
+    t, kk = slot.shape
+    c, d = y0.shape
+    if gate is not None:
+        if not isinstance(gate, torch.Tensor) or gate.dtype != torch.float32 or gate.shape != slot.shape:
+            raise ShiftAddKernelError(f"MoE combine: gate must be float32 {tuple(slot.shape)} (slot's shape), got "
+                                      f"{(gate.dtype, tuple(gate.shape)) if isinstance(gate, torch.Tensor) else type(gate).__name__}")
+        gate = gate.contiguous()
+    _same_device(*ys, slot, *([gate] if gate is not None else []))
+    _moe_place("MoE combine", y0, emulate)
+    if max(t, c * len(ys)) * max(d, 1) >= _I32_MAX or t * kk >= _I32_MAX:
+        raise ShiftAddKernelError("MoE combine: 2^31 or more elements")
+    ys = [y.contiguous() for y in ys]
+    slot = slot.contiguous()
+    out = _poisoned((t, d), y0.dtype, y0.device)
+    if t == 0 or d == 0:
+        return out
+    e = _moe_entry("combine", d, y0.dtype, gate is not None, len(ys), y0.device, emulate)
+    if not _moe_aligned(e.kernel.vec, out, *ys):
+        e = _moe_entry("combine", 1, y0.dtype, gate is not None, len(ys), y0.device, emulate)
+    e.fn.launch(e.rk.grid(t), e.block, [out, *ys, slot, gate, t, d, c, kk], e.types)
+    return out

@@ -5,8 +5,9 @@ latency-aware loss can enter the training loss with a coefficient.
 It lives here, not in pigeon/models/: that package holds DSL specs (``@pg.layer`` functions that
 ``pigeon.compile`` turns into modules over a graph; the CLI and ``pigeon bench`` iterate its
 ``MODELS``), and this block is a torch.nn.Module built from the ShiftAdd layers of layers.py.
-Nothing of it is compiled through the DSL/IR yet (no ShiftAdd ops in the IR, no generated
-dispatch/combine kernels, no generated backward); see layers.py for what each part runs.
+Nothing of it is compiled through the DSL/IR yet (no ShiftAdd ops in the IR); the MoE MLP's token
+dispatch and combine are generated kernels (pigeon/shiftadd/moe.py, shiftadd.moe.cu.jinja) with
+their backward through autograd; see layers.py for what each part runs.
 """
 from __future__ import annotations
 

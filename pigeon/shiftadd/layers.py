@@ -38,8 +38,12 @@ the float master weights; dB = V g^T) are torch matmuls.
   expansion 1 - arccos(x)/pi ~ 1/2 + x/pi of the angular kernel.
 - ``MoEMLP``: a router (a linear gate, softmax over all logits kept at each token's top k) over the experts
   {dense MLP, shift MLP} (fc - GELU - fc each; ShiftAddViT's PVT MLPs also hold a depthwise conv,
-  left out here).  Tokens are dispatched by index gather (``index_select``) and combined by
-  ``index_add_`` weighted by the gates.  The forward returns ``(y, balance_loss)`` with
+  left out here).  Routing, dispatch and combine are moe.py's: the layout of the expert-sorted,
+  fixed-capacity buffer from a few device ops (no host sync), then on CUDA one launch of the
+  generated dispatch kernel (row gather, 16-byte copies) and, after the experts ran on their
+  static-size slices of the buffer (the shift expert on ShiftLinear's chosen path), one launch of
+  the generated combine kernel (the gate-weighted gather back, one write per token); their
+  backward is the other kernel (autograd).  On a CPU the torch reference of moe.py.  The forward returns ``(y, balance_loss)`` with
   router.py's latency-aware loss; the latencies are given, or measured by
   ``measure_expert_latencies`` (wall-clock median of a few forward calls of each expert on a probe
   batch on the current device; on a CPU those are the torch float forms, not generated kernels).
@@ -63,6 +67,7 @@ from .packed import pad_words
 from .paths import CHOICES, Decision, applicable, choose
 from .quant import dequantize_shift
 from .router import moe_balance_loss
+from . import moe as _moe
 
 
 def _shape(t) -> str:
@@ -465,12 +470,108 @@ class AddAttention(torch.nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
+# ---------------------------------------------------------------- MoE dispatch / combine (moe.py's layout)
+
+def _moe_dispatch_impl(x, src, k, scale, impl):
+    if impl == "torch":
+        return _moe.dispatch_ref(x, src, k, scale)
+    return _kernels().moe_dispatch(x, src, k, None if scale is None else scale.float(), emulate=impl == "emulate")
+
+
+def _moe_combine_impl(ys, slot, gate, impl):
+    if impl == "torch":
+        return _moe.combine_ref(ys, slot, gate)
+    return _kernels().moe_combine(list(ys), slot, None if gate is None else gate.float(), emulate=impl == "emulate")
+
+
+def _moe_split(buf, experts, c):
+    return buf.view(experts, c, buf.shape[1]).unbind(0)
+
+
+class _MoEDispatch(torch.autograd.Function):
+    """buf = dispatch(x); backward: dx = the unscaled combine of dbuf (the same kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, slot, src, k, experts, c, impl):
+        ctx.save_for_backward(slot)
+        ctx.meta = (experts, c, impl)
+        return _moe_dispatch_impl(x, src, k, None, impl)
+
+    @staticmethod
+    def backward(ctx, g):
+        (slot,) = ctx.saved_tensors
+        experts, c, impl = ctx.meta
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = _moe_combine_impl(_moe_split(g.contiguous(), experts, c), slot, None, impl)
+        return gx, None, None, None, None, None, None
+
+
+class _MoECombine(torch.autograd.Function):
+    """out = combine(ys, gate); backward: dys = the dispatch of dout scaled by the gates (the same
+    kernels), dgate[t, j] = <dout[t], y[slot[t, j]]> (torch ops; 0 for a dropped slot)."""
+
+    @staticmethod
+    def forward(ctx, gate, slot, src, impl, *ys):
+        ctx.save_for_backward(gate, slot, src, *ys)
+        ctx.impl = impl
+        return _moe_combine_impl(ys, slot, gate, impl)
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, slot, src, *ys = ctx.saved_tensors
+        impl, (t, k), e, c = ctx.impl, slot.shape, len(ys), ys[0].shape[0]
+        g = g.contiguous()
+        ggate = None
+        if ctx.needs_input_grad[0]:
+            acc = _moe._acc_dtype(g.dtype)
+            y = torch.cat(ys) if e > 1 else ys[0]
+            rows = y.index_select(0, slot.reshape(-1).clamp_min(0).long()).view(t, k, -1).to(acc)
+            dots = (rows * g.to(acc).unsqueeze(1)).sum(-1)
+            ggate = torch.where(slot >= 0, dots, torch.zeros((), dtype=acc, device=g.device)).to(gate.dtype)
+        gys = [None] * e
+        if any(ctx.needs_input_grad[4:]):
+            gys = list(_moe_split(_moe_dispatch_impl(g, src, k, gate, impl), e, c))
+        return (ggate, None, None, None, *gys)
+
+
+def _moe_impl(t: torch.Tensor, backend: str) -> str:
+    if backend not in _moe.BACKENDS:
+        raise ValueError(f"MoE dispatch/combine: backend is one of {_moe.BACKENDS}, got {backend!r}")
+    if backend == "kernels":
+        return "kernels" if t.dtype != torch.float64 and devinfo.on_gpu(t) else "torch"
+    return backend
+
+
+def moe_dispatch(x: torch.Tensor, routing, backend: str = "kernels") -> torch.Tensor:
+    """The expert-sorted buffer ``[E * C, D]`` of ``x [T, D]`` for ``routing`` (moe.route);
+    differentiable in x (module doc of moe.py)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != routing.tokens:
+        raise _moe.MoERoutingError(f"dispatch: x must be [T={routing.tokens}, D], got {_moe._what(x)}")
+    return _MoEDispatch.apply(x, routing.slot, routing.src, routing.k, routing.experts, routing.capacity,
+                              _moe_impl(x, backend))
+
+
+def moe_combine(ys, routing, gates: torch.Tensor | None, backend: str = "kernels") -> torch.Tensor:
+    """``[T, D]`` from the E expert outputs ``ys`` (each ``[C, D]``) and ``gates [T, k]`` (None: 1)
+    for ``routing`` (moe.route); differentiable in ys and gates."""
+    if not isinstance(ys, (list, tuple)) or len(ys) != routing.experts or \
+            any(not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != routing.capacity for y in ys):
+        raise _moe.MoERoutingError(f"combine: ys must be {routing.experts} expert outputs [C={routing.capacity}, D], "
+                                   f"got {[_moe._what(y) for y in ys] if isinstance(ys, (list, tuple)) else _moe._what(ys)}")
+    if gates is not None and (not isinstance(gates, torch.Tensor) or not gates.is_floating_point() or
+                              gates.shape != routing.slot.shape or gates.device != routing.slot.device):
+        raise _moe.MoERoutingError(f"gates must be a floating-point [T, k] = {tuple(routing.slot.shape)} tensor on "
+                                   f"{routing.slot.device}, got {_moe._what(gates)}")
+    return _MoECombine.apply(gates, routing.slot, routing.src, _moe_impl(ys[0], backend), *ys)
+
+
 # ---------------------------------------------------------------- mixture of multiplication primitives
 
 class _MLP(torch.nn.Module):
-    def __init__(self, dim, hidden, shift: bool):
+    def __init__(self, dim, hidden, shift: bool, backend: str = "kernels"):
         super().__init__()
-        lin = ShiftLinear if shift else torch.nn.Linear
+        lin = (lambda i, o: ShiftLinear(i, o, backend=backend)) if shift else torch.nn.Linear
         self.fc1, self.fc2 = lin(dim, hidden), lin(hidden, dim)
 
     def forward(self, x):
@@ -502,18 +603,30 @@ def measure_expert_latencies(experts, dim: int, tokens: int = 256, reps: int = 5
 
 
 class MoEMLP(torch.nn.Module):
-    """Top-k router over experts {dense MLP, shift MLP}; forward(x [T, dim]) -> (y, balance_loss)."""
+    """Top-k router over experts {dense MLP, shift MLP}; forward(x [T, dim]) -> (y, balance_loss).
+
+    Per call (module doc): the gate GEMM, softmax, top-k; moe.route's few device ops; one dispatch
+    launch into the ``[E * C, dim]`` buffer; each expert on its ``C`` rows (a view: static shapes,
+    so the shift expert's path decision is made once per C); one combine launch.  No host sync.
+    ``capacity_factor`` None: C = T (exact: no token is dropped; each expert computes T rows, the
+    empty ones included); a number f: C = min(T, ceil(f * T * k / E)) rounded up to 8, tokens past
+    an expert's capacity (in token order) get no contribution from it (Switch-style dropping).
+    ``backend``: of the dispatch/combine kernels and the shift expert ("kernels" | "torch")."""
 
     EXPERTS = ("dense", "shift")
 
-    def __init__(self, dim: int, hidden: int, k: int = 1, latencies=None, experts=EXPERTS):
+    def __init__(self, dim: int, hidden: int, k: int = 1, latencies=None, experts=EXPERTS,
+                 capacity_factor: float | None = None, backend: str = "kernels"):
         super().__init__()
         if not experts or any(e not in self.EXPERTS for e in experts):
             raise ValueError(f"MoEMLP: experts come from {self.EXPERTS}, got {experts!r}")
         if not 0 < k <= len(experts):
             raise ValueError(f"MoEMLP: top-k needs 0 < k <= {len(experts)} experts, got k={k}")
-        self.dim, self.k = dim, k
-        self.experts = torch.nn.ModuleList(_MLP(dim, hidden, e == "shift") for e in experts)
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"MoEMLP: capacity_factor is None or > 0, got {capacity_factor!r}")
+        self.backend = _check_backend("MoEMLP", backend)
+        self.dim, self.k, self.capacity_factor = dim, k, capacity_factor
+        self.experts = torch.nn.ModuleList(_MLP(dim, hidden, e == "shift", backend) for e in experts)
         self.gate = torch.nn.Linear(dim, len(experts), bias=False)
         if latencies is None:
             latencies = measure_expert_latencies(self.experts, dim)
@@ -522,22 +635,36 @@ class MoEMLP(torch.nn.Module):
             raise ValueError(f"MoEMLP: latencies must be {len(experts)} positive numbers, got {latencies.tolist()}")
         self.register_buffer("latencies", latencies)
 
+    def capacity(self, tokens: int) -> int:
+        """Rows per expert in the dispatch buffer for ``tokens`` tokens."""
+        if self.capacity_factor is None:
+            return tokens
+        c = math.ceil(self.capacity_factor * tokens * self.k / len(self.experts))
+        return min(tokens, -(-c // 8) * 8)
+
+    def _topk(self, x):
+        prob = torch.softmax(self.gate(x), dim=1)
+        top, idx = prob.topk(self.k, dim=1)
+        return prob, top, idx
+
     def gates(self, x):
         """softmax over all experts' logits, zero outside each token's top k (Switch-style: with k = 1
         the softmax over the top k alone, as in Shazeer et al.'s gate, would be 1 and give the
         router no gradient)."""
-        prob = torch.softmax(self.gate(x), dim=1)
-        top, idx = prob.topk(self.k, dim=1)
+        prob, top, idx = self._topk(x)
         return torch.zeros_like(prob).scatter(1, idx, top)
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MoEMLP: x has shape {_shape(x)}, expected [T, {self.dim}]")
-        gates = self.gates(x)
-        y = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            idx = (gates[:, e] > 0).nonzero().squeeze(1)
-            if idx.numel():
-                ye = expert(x.index_select(0, idx)) * gates.index_select(0, idx)[:, e:e + 1]
-                y = y.index_add(0, idx, ye)
-        return y, moe_balance_loss(gates, self.latencies.to(x.dtype))
+        prob, top, idx = self._topk(x)
+        gates = torch.zeros_like(prob).scatter(1, idx, top)
+        loss = moe_balance_loss(gates, self.latencies.to(x.dtype))
+        t, e = x.shape[0], len(self.experts)
+        if t == 0:
+            return torch.zeros_like(x), loss
+        c = self.capacity(t)
+        r = _moe.route(idx, e, c)
+        buf = moe_dispatch(x, r, self.backend)
+        ys = [expert(buf[i * c:(i + 1) * c]) for i, expert in enumerate(self.experts)]
+        return moe_combine(ys, r, top, self.backend), loss

@@ -1,0 +1,116 @@
+"""Token dispatch and combine of the ShiftAdd mixture MLP (``shiftadd.moe.cu.jinja``): config -> CUDA source.
+
+One template family, two kinds (the template's head gives the exact semantics):
+
+- ``dispatch``: ``buf[r] = x[src[r] // k]`` (times ``scale[src[r]]`` when ``scaled``; 0 where
+  ``src[r] < 0``) for the rows r of the expert-sorted buffer, one launch;
+- ``combine``: ``out[t] = sum_j gate[t, j] * y_e[r]`` over the k slots ``s = slot[t, j] = e * C + r``
+  of token t (``scaled`` False: gate 1; ``s < 0``: skipped), float32 accumulation, each row written
+  once (a gather per token, no atomics), reading the ``experts`` expert outputs through one
+  pointer each.
+
+The backward of dispatch is an unscaled combine and the backward of combine a scaled dispatch
+(pigeon/shiftadd/moe.py).  :func:`config_for` picks 16-byte vectors when the row length allows
+(``D * itemsize % 16 == 0``), else scalar accesses.  The launch
+(pigeon/runtime/shiftadd_kernel.py ``moe_dispatch`` / ``moe_combine``): ``grid = ceil(rows / 8)``
+blocks of 256 threads, 32 threads per row.  No torch here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .expr_c import storage_type
+from .jinja import render
+from .kernel_source import KernelParam, RenderedKernel
+
+TEMPLATE = "shiftadd.moe.cu.jinja"
+KINDS = ("dispatch", "combine")
+DTYPES = ("bfloat16", "float16", "float32")
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+BLOCK, TPR = 256, 32
+MAX_EXPERTS = 16
+
+
+class MoeConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    kind: str
+    dtype: str
+    vec: int
+    scaled: bool
+    experts: int = 1
+    tpr: int = TPR
+    block: int = BLOCK
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise MoeConfigError(f"MoE kernel: kind is one of {KINDS}, got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise MoeConfigError(f"MoE {self.kind} kernel: dtype is one of {DTYPES}, got {self.dtype!r}")
+        if self.vec not in (1, 16 // ITEMSIZE[self.dtype]):
+            raise MoeConfigError(f"MoE {self.kind} kernel: vec is 1 or {16 // ITEMSIZE[self.dtype]} for {self.dtype}, "
+                                 f"got {self.vec!r}")
+        if not isinstance(self.experts, int) or not 1 <= self.experts <= MAX_EXPERTS or \
+                (self.kind == "dispatch" and self.experts != 1):
+            raise MoeConfigError(f"MoE {self.kind} kernel: experts is 1..{MAX_EXPERTS} (dispatch: 1), "
+                                 f"got {self.experts!r}")
+        if self.tpr != TPR or self.block != BLOCK:
+            raise MoeConfigError(f"MoE {self.kind} kernel: tpr {TPR} and block {BLOCK}, got {self.tpr}, {self.block}")
+
+    @property
+    def rows(self) -> int:
+        return self.block // self.tpr
+
+    @property
+    def name(self) -> str:
+        short = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}[self.dtype]
+        e = f"_e{self.experts}" if self.kind == "combine" else ""
+        return f"pigeon_moe_{self.kind}_{short}_v{self.vec}{'_scaled' if self.scaled else ''}{e}"
+
+
+def vec_for(d: int, dtype: str) -> int:
+    """16-byte vectors when a row of ``d`` elements is a whole number of them, else 1."""
+    return 16 // ITEMSIZE[dtype] if (d * ITEMSIZE[dtype]) % 16 == 0 else 1
+
+
+def config_for(kind: str, d: int, dtype: str, scaled: bool, experts: int = 1) -> MoeConfig:
+    if dtype not in DTYPES:
+        raise MoeConfigError(f"MoE {kind} kernel: dtype is one of {DTYPES}, got {dtype!r}")
+    return MoeConfig(kind, dtype, vec_for(d, dtype), bool(scaled), experts)
+
+
+def params(cfg: MoeConfig) -> tuple[KernelParam, ...]:
+    t = storage_type(cfg.dtype)
+    if cfg.kind == "dispatch":
+        return (KernelParam("buf", "ptr", f"{t}* __restrict__", "buffer:buf"),
+                KernelParam("x", "ptr", f"const {t}* __restrict__", "buffer:x"),
+                KernelParam("src", "ptr", "const int* __restrict__", "buffer:src"),
+                KernelParam("scale", "ptr", "const float* __restrict__", "buffer:scale"),
+                KernelParam("R", "int32", "int", "size:R"),
+                KernelParam("D", "int32", "int", "size:D"),
+                KernelParam("k", "int32", "int", "size:k"))
+    ys = tuple(KernelParam(f"y{e}", "ptr", f"const {t}* __restrict__", f"buffer:y{e}") for e in range(cfg.experts))
+    return ((KernelParam("out", "ptr", f"{t}* __restrict__", "buffer:out"),) + ys +
+            (KernelParam("slot", "ptr", "const int* __restrict__", "buffer:slot"),
+             KernelParam("gate", "ptr", "const float* __restrict__", "buffer:gate"),
+             KernelParam("T", "int32", "int", "size:T"),
+             KernelParam("D", "int32", "int", "size:D"),
+             KernelParam("C", "int32", "int", "size:C"),
+             KernelParam("k", "int32", "int", "size:k")))
+
+
+def render_moe(cfg: MoeConfig) -> RenderedKernel:
+    ps = params(cfg)
+    source = render(TEMPLATE, cfg, name=cfg.name, signature=", ".join(p.c for p in ps))
+    rows = cfg.rows
+    return RenderedKernel(name=cfg.name, source=source, params=ps, block=(cfg.block, 1, 1),
+                          grid=lambda n: (max(1, -(-int(n) // rows)), 1, 1), template=TEMPLATE,
+                          meta={"config": cfg.__dict__.copy()})
+
+
+def prebuild_configs(experts: int = 2) -> list[MoeConfig]:
+    """The configs the mixture MLP runs with vectorized rows: both kinds, scaled or not, three dtypes."""
+    return [MoeConfig(kind, d, 16 // ITEMSIZE[d], s, experts if kind == "combine" else 1)
+            for kind in KINDS for d in DTYPES for s in (False, True)]

@@ -1,0 +1,276 @@
+"""MoE token dispatch / combine (pigeon/shiftadd/moe.py, layers.moe_dispatch / moe_combine, shiftadd.moe.cu.jinja): the routing layout
+against a Python loop; the generated kernels' CUDA text run by the CPU emulator bit-exact against the
+torch reference on NaN-poisoned outputs (bf16/fp16/fp32, vector and scalar rows, k = 1..3, dropped
+slots), forward and backward; float64 gradchecks of the torch path; MoEMLP with capacity dropping
+against a dense reference; the steady-state MoEMLP forward free of host reads (it runs on the meta
+device, where any read raises); dispatch and combine one launch each; one-line errors; two nvcc
+sm_90 compiles (the rest under -m slow)."""
+import random
+
+import pytest
+import torch
+
+from pigeon.codegen.shiftadd_moe import MoeConfig, MoeConfigError, config_for, prebuild_configs, render_moe
+from pigeon.runtime import emulate, shiftadd_kernel as sk
+from pigeon.runtime.build import compile_cuda, nvcc_available
+from pigeon.shiftadd import moe
+from pigeon.shiftadd.layers import MoEMLP, moe_combine, moe_dispatch
+
+needs_cxx = pytest.mark.skipif(not emulate.available(), reason="needs a C++ compiler to emulate CUDA kernels")
+D64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv("PIGEON_POISON", "1")
+
+
+def _ids(g, t, k, e):
+    """top-k style ids: k distinct experts per token."""
+    return torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
+
+
+def _loop_route(ids, e, c):
+    t, k = ids.shape
+    slot = torch.full((t, k), -1, dtype=torch.int32)
+    src = torch.full((e * c,), -1, dtype=torch.int32)
+    fill = [0] * e
+    for i in range(t):
+        for j in range(k):
+            x = int(ids[i, j])
+            if fill[x] < c:
+                slot[i, j] = x * c + fill[x]
+                src[x * c + fill[x]] = i * k + j
+            fill[x] += 1
+    return slot, src, torch.tensor(fill)
+
+
+@pytest.mark.parametrize("t,k,e,c", [(1, 1, 2, None), (23, 1, 2, None), (23, 2, 2, None), (40, 2, 3, 9),
+                                     (17, 3, 4, 5), (30, 1, 2, 0)])
+def test_route_vs_loop(t, k, e, c):
+    g = torch.Generator().manual_seed(t * 7 + k)
+    ids = _ids(g, t, k, e)
+    for dt in (torch.int64, torch.int32):
+        r = moe.route(ids.to(dt), e, c)
+        slot, src, counts = _loop_route(ids, e, t if c is None else c)
+        assert torch.equal(r.slot, slot) and torch.equal(r.src, src) and torch.equal(r.counts.cpu(), counts)
+        assert r.slot.dtype == r.src.dtype == torch.int32 and r.capacity == (t if c is None else c)
+
+
+def _refs_loop(x, src, k, scale=None):
+    out = torch.zeros(src.shape[0], x.shape[1], dtype=x.dtype)
+    for r, s in enumerate(src.tolist()):
+        if s >= 0:
+            out[r] = x[s // k] if scale is None else (scale.reshape(-1)[s].double() * x[s // k].double()).to(x.dtype)
+    return out
+
+
+def test_refs_vs_loop():
+    g = torch.Generator().manual_seed(3)
+    ids = _ids(g, 13, 2, 3)
+    r = moe.route(ids, 3, 6)
+    x = torch.randn(13, 5, generator=g, dtype=D64)
+    gate = torch.rand(13, 2, generator=g, dtype=D64)
+    assert torch.equal(moe.dispatch_ref(x, r.src, 2), _refs_loop(x, r.src, 2))
+    assert torch.equal(moe.dispatch_ref(x, r.src, 2, gate), _refs_loop(x, r.src, 2, gate))
+    ys = list(torch.randn(3, 6, 5, generator=g, dtype=D64).unbind(0))
+    y = torch.cat(ys)
+    want = torch.zeros(13, 5, dtype=D64)
+    for t in range(13):
+        for j in range(2):
+            s = int(r.slot[t, j])
+            if s >= 0:
+                want[t] = want[t] + gate[t, j] * y[s]
+    torch.testing.assert_close(moe.combine_ref(ys, r.slot, gate), want, rtol=1e-15, atol=1e-15)
+
+
+def _bits(t):
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+def _case(g, t, k, e, c, d, dtype):
+    ids = _ids(g, t, k, e)
+    r = moe.route(ids, e, c)
+    x = (torch.randn(t, d, generator=g) * 3).to(dtype)
+    gate = torch.rand(t, k, generator=g)
+    ys = [(torch.randn(r.capacity, d, generator=g) * 3).to(dtype) for _ in range(e)]
+    return r, x, gate, ys
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_kernels_emulated_bit_exact(dtype):
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    for t, k, e, c, d in [(1, 1, 2, None, 8), (29, 1, 2, None, 64), (29, 2, 2, 11, 24), (37, 3, 3, 20, 7),
+                          (9, 2, 2, 3, 1), (8, 1, 2, None, 40)]:
+        r, x, gate, ys = _case(g, t, k, e, c, d, dtype)
+        for scale in (None, gate):
+            got = sk.moe_dispatch(x, r.src, k, scale, emulate=True)
+            assert torch.equal(_bits(got), _bits(moe.dispatch_ref(x, r.src, k, scale))), (t, k, e, c, d, seed)
+            got = sk.moe_combine(ys, r.slot, scale, emulate=True)
+            assert torch.equal(_bits(got), _bits(moe.combine_ref(ys, r.slot, scale))), (t, k, e, c, d, seed)
+    # a row start off the 16-byte grid takes the scalar kernel
+    r, x, gate, ys = _case(g, 10, 1, 2, None, 16, dtype)
+    xs = torch.randn(10 * 16 + 1, generator=g).to(dtype)[1:].view(10, 16)
+    assert torch.equal(_bits(sk.moe_dispatch(xs, r.src, 1, emulate=True)), _bits(moe.dispatch_ref(xs, r.src, 1)))
+
+
+def _pipeline(x, gate, r, ws, backend):
+    buf = moe_dispatch(x, r, backend)
+    c = r.capacity
+    ys = [torch.tanh(buf[i * c:(i + 1) * c] @ w) for i, w in enumerate(ws)]
+    return moe_combine(ys, r, gate, backend)
+
+
+@needs_cxx
+@pytest.mark.parametrize("k,c", [(1, None), (2, None), (2, 7)])
+def test_autograd_emulated_vs_torch(k, c):
+    g = torch.Generator().manual_seed(11 + k)
+    r, x, gate, _ = _case(g, 21, k, 2, c, 16, torch.float32)
+    ws = [torch.randn(16, 16, generator=g) * 0.3 for _ in range(2)]
+    grads = {}
+    for backend in ("emulate", "torch"):
+        xx, gg = x.clone().requires_grad_(), gate.clone().requires_grad_()
+        wws = [w.clone().requires_grad_() for w in ws]
+        y = _pipeline(xx, gg, r, wws, backend)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        grads[backend] = [y.detach(), xx.grad, gg.grad] + [w.grad for w in wws]
+    for a, b in zip(grads["emulate"], grads["torch"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k,c", [(1, None), (2, None), (2, 5)])
+def test_gradcheck_float64(k, c):
+    g = torch.Generator().manual_seed(5 + k)
+    r, x, gate, _ = _case(g, 9, k, 2, c, 4, D64)
+    ws = [torch.randn(4, 4, generator=g, dtype=D64) for _ in range(2)]
+    assert torch.autograd.gradcheck(lambda x, gate, *ws: _pipeline(x, gate, r, ws, "torch"),
+                                    (x.requires_grad_(), gate.double().requires_grad_(),
+                                     *[w.requires_grad_() for w in ws]))
+
+
+def test_moe_mlp_capacity_vs_dense_reference():
+    """Dropped tokens get nothing from the expert they overflowed; the rest is the dense reference."""
+    torch.manual_seed(2)
+    m = MoEMLP(8, 16, k=2, latencies=[6.0, 4.0], capacity_factor=0.5).double()
+    x = torch.randn(40, 8, dtype=D64)
+    c = m.capacity(40)
+    assert c == 24
+    y, _ = m(x)
+    gates = m.gates(x)
+    idx = gates.topk(2, dim=1).indices
+    slot, _, _ = _loop_route(idx, 2, c)
+    want = torch.zeros_like(x)
+    for e, ex in enumerate(m.experts):
+        kept = ((idx == e) & (slot >= 0)).any(1, keepdim=True).to(D64)
+        want = want + kept * gates[:, e:e + 1] * ex(x)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    assert MoEMLP(8, 16, latencies=[1.0, 1.0], capacity_factor=1.25).capacity(100) == 64
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_moe_mlp_forward_has_no_host_read(k):
+    """On the meta device every host read (.item(), nonzero, a tensor in an `if`) raises: the whole
+    forward (router, routing, dispatch, both experts, combine, balance loss) runs there."""
+    torch.manual_seed(0)
+    m = MoEMLP(16, 32, k=k, latencies=[6.0, 4.0], backend="torch").to("meta")
+    y, loss = m(torch.empty(24, 16, device="meta"))
+    assert y.shape == (24, 16) and y.device.type == "meta" and loss.shape == ()
+    m.train()
+    y, loss = m(torch.empty(24, 16, device="meta", requires_grad=True))
+    (y.sum() + loss).backward()
+
+
+def test_dispatch_combine_one_launch_each(monkeypatch):
+    """With the GPU mocked: moe.dispatch / moe.combine are one kernel launch each (arguments in the
+    kernel's order), backward one launch each too."""
+    from pigeon.shiftadd import devinfo
+    launches = []
+
+    class Fn:
+        def launch(self, grid, block, args, types=None, **kw):
+            launches.append((grid, block, args))
+    monkeypatch.setattr(devinfo, "on_gpu", lambda t: True)
+    prev = sk.set_loader(lambda rk, device, emulate: Fn())
+    try:
+        g = torch.Generator().manual_seed(0)
+        r, x, gate, ys = _case(g, 20, 1, 2, None, 64, torch.bfloat16)
+        buf = moe_dispatch(x, r)
+        (grid, block, args), = launches
+        assert grid == (5, 1, 1) and block == (256, 1, 1) and args[0] is buf and args[1] is x
+        assert args[2] is r.src and args[3] is None and args[4:] == [40, 64, 1]
+        launches.clear()
+        out = moe_combine(ys, r, gate)
+        (grid, block, args), = launches
+        assert grid == (3, 1, 1) and args[0] is out and args[1] is ys[0] and args[2] is ys[1] and args[3] is r.slot
+        assert args[4].dtype == torch.float32 and args[5:] == [20, 64, 20, 1]
+    finally:
+        sk.set_loader(prev)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"expert_ids must be an int32/int64 \[T=3, k\] tensor with 1 <= k <= 2, "
+                                         r"got torch.float32 \(3, 1\)"):
+        moe.route(torch.zeros(3, 1), 2)
+    with pytest.raises(ValueError, match=r"expert_ids must be an int32/int64 .* got torch.int64 \(3, 3\)"):
+        moe.route(torch.zeros(3, 3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"expert_ids must lie in \[0, 2\), got 0..2"):
+        moe.route(torch.tensor([[0], [2]]), 2)
+    r = moe.route(torch.tensor([[0], [1], [1]]), 2)
+    with pytest.raises(ValueError, match=r"gates must be a floating-point \[T, k\] = \(3, 1\) tensor on cpu, "
+                                         r"got torch.int64 \(3, 1\)"):
+        moe_combine([torch.zeros(3, 4)] * 2, r, torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"gates must be .* got torch.float32 \(3, 2\)"):
+        moe_combine([torch.zeros(3, 4)] * 2, r, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"combine: ys must be 2 expert outputs \[C=3, D\]"):
+        moe_combine([torch.zeros(2, 4)] * 2, r, torch.zeros(3, 1))
+    with pytest.raises(ValueError, match=r"dispatch: x must be \[T=3, D\], got torch.float32 \(4, 2\)"):
+        moe_dispatch(torch.zeros(4, 2), r)
+    with pytest.raises(sk.ShiftAddKernelError, match="src must be a 1-d torch.int32 tensor"):
+        sk.moe_dispatch(torch.zeros(3, 8), r.src.long(), 1, emulate=True)
+    with pytest.raises(sk.ShiftAddKernelError, match="MoE combine: gate must be float32"):
+        sk.moe_combine([torch.zeros(3, 8)] * 2, r.slot, torch.zeros(3, 1, dtype=D64), emulate=True)
+    with pytest.raises(sk.ShiftAddKernelError, match="the MoE dispatch kernel runs on CUDA tensors, got cpu"):
+        sk.moe_dispatch(torch.zeros(3, 8), r.src, 1)
+    with pytest.raises(MoeConfigError, match="vec is 1 or 8 for bfloat16"):
+        MoeConfig("dispatch", "bfloat16", 4, False)
+    with pytest.raises(ValueError, match="capacity_factor is None or > 0"):
+        MoEMLP(8, 16, latencies=[1.0, 1.0], capacity_factor=0)
+    assert config_for("combine", 7, "float32", True, 2).vec == 1 and config_for("combine", 8, "float32", True, 2).vec == 4
+    assert len({c.name for c in prebuild_configs()}) == 12
+
+
+def _compile(cfg):
+    rk = render_moe(cfg)
+    res = compile_cuda(rk.source, arch="sm_90", name=rk.name).resources[rk.name]
+    assert res["spill_stores"] == 0 and res["spill_loads"] == 0 and res["stack"] == 0, res
+
+
+DEFAULT_COMPILES = [MoeConfig("dispatch", "bfloat16", 8, False), MoeConfig("combine", "bfloat16", 8, True, 2)]
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
+@pytest.mark.parametrize("cfg", DEFAULT_COMPILES, ids=lambda c: c.name)
+def test_moe_kernels_compile_sm90(cfg):
+    _compile(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
+@pytest.mark.parametrize("cfg", [c for c in prebuild_configs() + [config_for("combine", 7, "float16", False, 3),
+                                                                  config_for("dispatch", 7, "float32", True)]
+                                 if c not in DEFAULT_COMPILES], ids=lambda c: c.name)
+def test_moe_kernels_compile_sm90_all(cfg):
+    _compile(cfg)
+
+
+def test_template_header_lists_every_field():
+    import dataclasses
+    import re
+    from pigeon.codegen import jinja as pj
+    from pigeon.codegen.shiftadd_moe import TEMPLATE
+    src, header = pj.template_source(TEMPLATE), pj.template_header(TEMPLATE)
+    fields = {f.name for f in dataclasses.fields(MoeConfig)}
+    assert set(re.findall(r"\bc\.([a-z_]+)", src[src.index("-#}"):])) <= fields
+    assert all(f"c.{f}" in header for f in fields)
