@@ -8,7 +8,9 @@ ones, which serve every instance and are the ones a CPU emulates.  ``PIGEON_ATTE
 SIMT kernels (A/B runs); ``=mma`` makes an instance the tensor-core template cannot take an error
 instead of a quiet SIMT run.  The tensor-core forward's schedule (64- or 128-row query tiles, ...)
 is pigeon/codegen/attention_mma.py ``tuning`` (per head dim, ``PIGEON_ATTN_MMA_TUNE``); every
-schedule takes the pattern's 64x64 lists, so the launcher binds them all the same way."""
+schedule takes the pattern's 64x64 lists, so the launcher binds them all the same way.
+``PIGEON_ATTN_FORWARD=wgmma`` (default ``mma``) runs the tensor-core forward on the Hopper wgmma
+template instead (pigeon/codegen/attention_wgmma.py, built for sm_90a; an error on other archs)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from ..codegen.attention import AttentionCodegenError, AttentionInstance, render_attention, render_attention_backward
-from ..codegen import attention_mma, attention_mma_bwd
+from ..codegen import attention_mma, attention_mma_bwd, attention_wgmma
 
 _MODULES: dict = {}      # (kernel name, device) -> loaded module
 VARIANTS = ("auto", "simt", "mma")
@@ -41,14 +43,21 @@ def kernel_variant(inst: AttentionInstance, emulate: bool, backward: bool = Fals
     return "simt"
 
 
-def _render(inst: AttentionInstance, variant: str, backward: bool):
+def _render(inst: AttentionInstance, variant: str, backward: bool, arch: str | None = None):
+    if variant == "mma" and not backward and attention_wgmma.forward_template(inst, arch) == "wgmma":
+        return attention_wgmma.render_attention_wgmma(inst)
     if variant == "mma":
         return (attention_mma_bwd.render_attention_mma_backward if backward else attention_mma.render_attention_mma)(inst)
     return (render_attention_backward if backward else render_attention)(inst)
 
 
 def _module(inst: AttentionInstance, device: torch.device, emulate: bool, backward: bool = False):
-    rk = _render(inst, kernel_variant(inst, emulate, backward), backward)
+    variant = kernel_variant(inst, emulate, backward)
+    arch = None
+    if not emulate:
+        from .build import device_arch
+        arch = device_arch(device)
+    rk = _render(inst, variant, backward, arch)
     key = (rk.name, str(device), emulate)
     mod = _MODULES.get(key)
     if mod is None:
@@ -56,9 +65,10 @@ def _module(inst: AttentionInstance, device: torch.device, emulate: bool, backwa
             from .emulate import EmulatedModule
             mod = EmulatedModule(rk)
         else:
-            from .build import build_kernel, device_arch
+            from .build import build_kernel
             from .launch import load_module
-            mod = load_module(build_kernel(rk.source, device_arch(device), name=rk.name), device)
+            # a kernel that needs the arch-specific target (the wgmma forward: sm_90a) names it in its meta
+            mod = load_module(build_kernel(rk.source, rk.meta.get("arch") or arch, name=rk.name), device)
         _MODULES[key] = mod
     return rk, mod
 

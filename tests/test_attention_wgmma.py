@@ -1,0 +1,170 @@
+"""The Hopper wgmma attention forward (attention.wgmma.cu.jinja): which instances take it, the
+PIGEON_ATTN_FORWARD knob and its arch check, renders that nvcc compiles for sm_90a without spills
+(a few in the default run, the rest of the pattern x head dim x dtype matrix under -m slow), and the
+wgmma accumulator layout the template's softmax relies on, checked on the host with CuTe (-m slow).
+Its numbers are checked on the GPU: tests/gpu/test_attention_wgmma_gpu.py."""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pigeon.attention as pa
+import pigeon.runtime.attention_kernel as ak
+from pigeon.attention.api import _plan
+from pigeon.codegen.attention import AttentionCodegenError
+from pigeon.codegen.attention_wgmma import (ARCH, forward_template, render_attention_wgmma, shared_bytes,
+                                            unsupported)
+from pigeon.runtime.toolchain import nvcc_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_attention_kernel import VARIANTS  # noqa: E402
+
+NAMES = ("dense", "causal", "window", "alibi_causal", "softcap_strided_mask")
+
+
+def _inst(name="alibi_causal", d=128, dtype=torch.bfloat16, dv=None, hkv=2):
+    kw = VARIANTS[name]
+    smod = pa.trace_score_mod(kw["score_mod"]) if "score_mod" in kw else None
+    mmod = pa.trace_mask_mod(kw["mask_mod"]) if "mask_mod" in kw else None
+    q = torch.empty(1, 8, 64, d, dtype=dtype)
+    k = torch.empty(1, hkv, 64, d, dtype=dtype)
+    v = torch.empty(1, hkv, 64, dv or d, dtype=dtype)
+    return _plan(q, k, v, smod, mmod, kw.get("pattern"), None)[0]
+
+
+def test_which_instances_take_wgmma():
+    assert unsupported(_inst()) is None and unsupported(_inst("dense", d=64, dtype=torch.float16, hkv=8)) is None
+    assert "dtype float32" in unsupported(_inst(dtype=torch.float32))
+    assert "head dims 96/96" in unsupported(_inst(d=96))
+    assert "head dims 64/128" in unsupported(_inst(d=64, dv=128))
+    assert "pattern blocks 16x16" in unsupported(_inst("s2"))
+
+
+def test_forward_knob(monkeypatch):
+    inst = _inst()
+    monkeypatch.delenv("PIGEON_ATTN_FORWARD", raising=False)
+    assert forward_template(inst, "sm_90") == "mma" and forward_template(inst, "sm_80") == "mma"
+    monkeypatch.setenv("PIGEON_ATTN_FORWARD", "mma")
+    assert forward_template(inst, "sm_90") == "mma"
+    monkeypatch.setenv("PIGEON_ATTN_FORWARD", "wgmma")
+    assert forward_template(inst, "sm_90") == "wgmma" and forward_template(inst, "sm_90a") == "wgmma"
+    assert forward_template(_inst(d=96), "sm_90") == "mma"          # the mma forward serves what wgmma cannot
+    with pytest.raises(AttentionCodegenError, match="needs an sm_90 .* this one is sm_80"):
+        forward_template(inst, "sm_80")
+    with pytest.raises(AttentionCodegenError, match="this one is sm_100"):
+        forward_template(inst, "sm_100")
+    monkeypatch.setenv("PIGEON_ATTN_FORWARD", "fast")
+    with pytest.raises(AttentionCodegenError, match="PIGEON_ATTN_FORWARD='fast': expected one of"):
+        forward_template(inst, "sm_90")
+
+
+def test_the_launcher_picks_the_wgmma_forward(monkeypatch):
+    inst = _inst("causal")
+    monkeypatch.delenv("PIGEON_ATTENTION_KERNEL", raising=False)
+    monkeypatch.setenv("PIGEON_ATTN_FORWARD", "wgmma")
+    rk = ak._render(inst, ak.kernel_variant(inst, False), False, "sm_90")
+    assert rk.meta["variant"] == "wgmma" and rk.meta["arch"] == ARCH == "sm_90a"
+    assert ak._render(inst, "mma", True, "sm_90").meta.get("variant") != "wgmma"     # the backward is mma's
+    with pytest.raises(AttentionCodegenError, match="this one is sm_80"):
+        ak._render(inst, "mma", False, "sm_80")
+    monkeypatch.setenv("PIGEON_ATTN_FORWARD", "mma")
+    assert ak._render(inst, "mma", False, "sm_90").meta["variant"] == "mma"
+    # the same parameters, bound by role the same way
+    assert [p.role for p in rk.params] == [p.role for p in ak._render(inst, "mma", False, "sm_90").params]
+
+
+def test_render():
+    rk = render_attention_wgmma(_inst("softcap_strided_mask", d=64))
+    assert "tanhf(" in rk.source and "SM90_64x64x16_F32BF16BF16_SS" in rk.source and "sm_90a" in rk.source
+    assert rk.grid({"max_q": 300, "heads": 8, "batch": 2}) == (5, 8, 2) and rk.block == (128, 1, 1)
+    assert rk.shared_mem == shared_bytes(64) == (64 * 64 * 5 + 64 * 64) * 2 + 1024
+    rk = render_attention_wgmma(_inst("dense", d=128, dtype=torch.float16))
+    assert "SM90_64x128x16_F32F16F16_SS" in rk.source and "cute::half_t" in rk.source
+    assert rk.shared_mem == (64 * 128 * 5 + 64 * 64) * 2 + 1024
+    assert "cu_seqlens[b]" in render_attention_wgmma(dataclasses.replace(_inst("causal"), packed=True)).source
+    with pytest.raises(ValueError, match="cannot use the wgmma forward"):
+        render_attention_wgmma(_inst(dtype=torch.float32))
+
+
+def _compile(jobs):
+    from concurrent.futures import ThreadPoolExecutor
+    from pigeon.runtime.build import compile_cuda
+
+    def one(job):
+        name, d, dtype, hkv, packed = job
+        inst = _inst(name, d=d, dtype=dtype, hkv=hkv)
+        if packed:
+            inst = dataclasses.replace(inst, packed=True)
+        rk = render_attention_wgmma(inst)
+        return job, compile_cuda(rk.source, arch=rk.meta["arch"], name=rk.name).resources[rk.name]
+    with ThreadPoolExecutor(2) as pool:
+        for job, r in pool.map(one, jobs):
+            assert r["arch"] == "sm_90a" and r["spill_stores"] == 0 and r["spill_loads"] == 0, (job, r)
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
+def test_wgmma_forward_compiles_for_sm90a():
+    # dense D128 bf16 without GQA; ALiBi + causal D64 fp16 (head code, pattern paths); mask_mod + softcap GQA
+    _compile([("dense", 128, torch.bfloat16, 8, False), ("alibi_causal", 64, torch.float16, 2, False),
+              ("softcap_strided_mask", 128, torch.bfloat16, 2, False)])
+
+
+DEFAULT_JOBS = {("dense", 128, torch.bfloat16), ("alibi_causal", 64, torch.float16),
+                ("softcap_strided_mask", 128, torch.bfloat16)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
+def test_wgmma_forward_compiles_for_sm90a_everywhere():
+    jobs = [(n, d, dt, 2, False) for n in NAMES for d in (64, 128) for dt in (torch.bfloat16, torch.float16)
+            if (n, d, dt) not in DEFAULT_JOBS]
+    _compile(jobs + [("causal", 128, torch.bfloat16, 2, True), ("window_bidirectional", 64, torch.bfloat16, 1, False)])
+
+
+LAYOUT_PROBE = r"""
+#include <cstdio>
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+using namespace cute;
+// the element -> (row, column) map of a 64 x N wgmma accumulator that attention.wgmma.cu.jinja's
+// softmax relies on: thread t, element i at row 16 (t / 32) + (t % 32) / 4 + 8 ((i / 2) % 2),
+// column 8 (i / 4) + 2 (t % 4) + i % 2 (a row in the 4 lanes of a quad)
+template <int N, class Mma>
+int check(Mma mma) {
+  int bad = 0;
+  for (int t = 0; t < 128; ++t) {
+    auto c = mma.get_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<N>>{}));
+    if (size(c) != 64 * N / 128) ++bad;
+    for (int i = 0; i < size(c); ++i) {
+      bad += get<0>(c(i)) != 16 * (t / 32) + (t % 32) / 4 + 8 * ((i >> 1) & 1);
+      bad += get<1>(c(i)) != 8 * (i / 4) + 2 * (t % 4) + (i & 1);
+    }
+  }
+  return bad;
+}
+int main() {
+  int bad = check<64>(make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}))
+          + check<64>(make_tiled_mma(SM90_64x64x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::MN>{}))
+          + check<128>(make_tiled_mma(SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{}));
+  printf("bad %d\n", bad);
+  return bad != 0;
+}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
+def test_wgmma_accumulator_layout_on_the_host(tmp_path):
+    from pigeon.codegen.cutlass_headers import NVCC_FLAGS, include_dir
+    from pigeon.runtime.toolchain import nvcc_path
+    src = tmp_path / "probe.cu"
+    src.write_text(LAYOUT_PROBE)
+    exe = tmp_path / "probe"
+    subprocess.run([nvcc_path(), "--std=c++17", "-I", include_dir(), *NVCC_FLAGS, str(src), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=600)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert out.returncode == 0 and "bad 0" in out.stdout, out.stdout
