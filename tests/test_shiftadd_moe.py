@@ -1,20 +1,21 @@
-"""MoE token dispatch / combine (pigeon/shiftadd/moe.py, layers.moe_dispatch / moe_combine, shiftadd.moe.cu.jinja): the routing layout
-against a Python loop; the generated kernels' CUDA text run by the CPU emulator bit-exact against the
-torch reference on NaN-poisoned outputs (bf16/fp16/fp32, vector and scalar rows, k = 1..3, dropped
-slots), forward and backward; float64 gradchecks of the torch path; MoEMLP with capacity dropping
-against a dense reference; the steady-state MoEMLP forward free of host reads (it runs on the meta
-device, where any read raises); dispatch and combine one launch each; one-line errors; two nvcc
-sm_90 compiles (the rest under -m slow)."""
+"""MoE routing, token dispatch and combine (pigeon/shiftadd/moe.py; layers.moe_route / moe_dispatch /
+moe_combine; shiftadd.moe.cu.jinja): the routing layout against a Python loop; the generated kernels'
+CUDA text run by the CPU emulator on NaN-poisoned outputs (the plan: moe.route's layout exactly;
+dispatch / combine bit-exact against the torch reference: bf16/fp16/fp32, vector and scalar rows,
+k = 1..3, dropped slots), forward and backward; float64 gradchecks of the torch path; MoEMLP with
+capacity dropping against a dense reference; the steady-state MoEMLP forward free of host reads
+(it runs on the meta device, where any read raises); plan, dispatch and combine one launch each;
+one-line errors; three nvcc sm_90 compiles (dispatch, combine, plan; the rest under -m slow)."""
 import random
 
 import pytest
 import torch
 
-from pigeon.codegen.shiftadd_moe import MoeConfig, MoeConfigError, config_for, prebuild_configs, render_moe
+from pigeon.codegen.shiftadd_moe import MoeConfig, MoeConfigError, config_for, plan_config, prebuild_configs, render_moe
 from pigeon.runtime import emulate, shiftadd_kernel as sk
 from pigeon.runtime.build import compile_cuda, nvcc_available
 from pigeon.shiftadd import moe
-from pigeon.shiftadd.layers import MoEMLP, moe_combine, moe_dispatch
+from pigeon.shiftadd.layers import MoEMLP, moe_combine, moe_dispatch, moe_route
 
 needs_cxx = pytest.mark.skipif(not emulate.available(), reason="needs a C++ compiler to emulate CUDA kernels")
 D64 = torch.float64
@@ -55,6 +56,22 @@ def test_route_vs_loop(t, k, e, c):
         slot, src, counts = _loop_route(ids, e, t if c is None else c)
         assert torch.equal(r.slot, slot) and torch.equal(r.src, src) and torch.equal(r.counts.cpu(), counts)
         assert r.slot.dtype == r.src.dtype == torch.int32 and r.capacity == (t if c is None else c)
+
+
+@needs_cxx
+@pytest.mark.parametrize("t,k,e,c", [(1, 1, 2, None), (23, 1, 2, None), (300, 2, 2, None), (600, 2, 3, 170),
+                                     (257, 3, 4, 50), (30, 1, 2, 0), (1000, 1, 2, 600)])
+def test_plan_kernel_emulated_vs_route(t, k, e, c):
+    """The plan kernel's text (one block, chunked counts and scan) gives moe.route's layout exactly."""
+    g = torch.Generator().manual_seed(t + k + e)
+    ids = _ids(g, t, k, e)
+    if t == 1000:
+        ids[:700] = 1                                 # an unbalanced split: expert 1 overflows
+    for dt in (torch.int64, torch.int32):
+        want = moe.route(ids.to(dt), e, c)
+        got = moe_route(ids.to(dt), e, c, backend="emulate")
+        assert torch.equal(got.slot, want.slot) and torch.equal(got.src, want.src), (t, k, e, c, dt)
+        assert torch.equal(got.counts, want.counts) and got.capacity == want.capacity and got.k == k
 
 
 def _refs_loop(x, src, k, scale=None):
@@ -183,8 +200,8 @@ def test_moe_mlp_forward_has_no_host_read(k):
 
 
 def test_dispatch_combine_one_launch_each(monkeypatch):
-    """With the GPU mocked: moe.dispatch / moe.combine are one kernel launch each (arguments in the
-    kernel's order), backward one launch each too."""
+    """With the GPU mocked: moe_route, moe_dispatch and moe_combine are one kernel launch each
+    (arguments in the kernel's order)."""
     from pigeon.shiftadd import devinfo
     launches = []
 
@@ -196,6 +213,12 @@ def test_dispatch_combine_one_launch_each(monkeypatch):
     try:
         g = torch.Generator().manual_seed(0)
         r, x, gate, ys = _case(g, 20, 1, 2, None, 64, torch.bfloat16)
+        ids = torch.zeros(20, 1, dtype=torch.long)
+        rp = moe_route(ids, 2, 20)
+        (grid, block, args), = launches
+        assert grid == (1, 1, 1) and block == (256, 1, 1) and args[:3] == [rp.slot, rp.src, rp.counts]
+        assert args[3] is ids and args[4:] == [20, 1, 20]
+        launches.clear()
         buf = moe_dispatch(x, r)
         (grid, block, args), = launches
         assert grid == (5, 1, 1) and block == (256, 1, 1) and args[0] is buf and args[1] is x
@@ -238,7 +261,11 @@ def test_errors():
     with pytest.raises(ValueError, match="capacity_factor is None or > 0"):
         MoEMLP(8, 16, latencies=[1.0, 1.0], capacity_factor=0)
     assert config_for("combine", 7, "float32", True, 2).vec == 1 and config_for("combine", 8, "float32", True, 2).vec == 4
-    assert len({c.name for c in prebuild_configs()}) == 12
+    assert len({c.name for c in prebuild_configs()}) == 14
+    with pytest.raises(MoeConfigError, match="index is one of"):
+        MoeConfig("plan", "float32", 1, False, 2, "int16")
+    with pytest.raises(sk.ShiftAddKernelError, match="MoE plan: expert_ids must be a 2-d int32/int64 tensor"):
+        sk.moe_plan(torch.zeros(3, 1), 2, 3, emulate=True)
 
 
 def _compile(cfg):
@@ -247,7 +274,8 @@ def _compile(cfg):
     assert res["spill_stores"] == 0 and res["spill_loads"] == 0 and res["stack"] == 0, res
 
 
-DEFAULT_COMPILES = [MoeConfig("dispatch", "bfloat16", 8, False), MoeConfig("combine", "bfloat16", 8, True, 2)]
+DEFAULT_COMPILES = [MoeConfig("dispatch", "bfloat16", 8, False), MoeConfig("combine", "bfloat16", 8, True, 2),
+                    plan_config(2)]
 
 
 @pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")

@@ -1,6 +1,6 @@
 """Token dispatch and combine of the ShiftAdd mixture MLP (``shiftadd.moe.cu.jinja``): config -> CUDA source.
 
-One template family, two kinds (the template's head gives the exact semantics):
+One template family, three kinds (the template's head gives the exact semantics):
 
 - ``dispatch``: ``buf[r] = x[src[r] // k]`` (times ``scale[src[r]]`` when ``scaled``; 0 where
   ``src[r] < 0``) for the rows r of the expert-sorted buffer, one launch;
@@ -8,6 +8,10 @@ One template family, two kinds (the template's head gives the exact semantics):
   of token t (``scaled`` False: gate 1; ``s < 0``: skipped), float32 accumulation, each row written
   once (a gather per token, no atomics), reading the ``experts`` expert outputs through one
   pointer each.
+
+- ``plan``: the layout itself from the expert ids ``[T, k]`` (pigeon/shiftadd/moe.py route's
+  ``slot``, ``src`` and the per-expert counts), one block of 256 threads (chunk counts, a scan over
+  the threads per expert, the ranks), so routing is one launch and no host read.
 
 The backward of dispatch is an unscaled combine and the backward of combine a scaled dispatch
 (pigeon/shiftadd/moe.py).  :func:`config_for` picks 16-byte vectors when the row length allows
@@ -23,7 +27,8 @@ from .jinja import render
 from .kernel_source import KernelParam, RenderedKernel
 
 TEMPLATE = "shiftadd.moe.cu.jinja"
-KINDS = ("dispatch", "combine")
+KINDS = ("dispatch", "combine", "plan")
+INDEX = ("int64", "int32")
 DTYPES = ("bfloat16", "float16", "float32")
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 BLOCK, TPR = 256, 32
@@ -41,6 +46,7 @@ class MoeConfig:
     vec: int
     scaled: bool
     experts: int = 1
+    index: str = "int64"
     tpr: int = TPR
     block: int = BLOCK
 
@@ -49,6 +55,10 @@ class MoeConfig:
             raise MoeConfigError(f"MoE kernel: kind is one of {KINDS}, got {self.kind!r}")
         if self.dtype not in DTYPES:
             raise MoeConfigError(f"MoE {self.kind} kernel: dtype is one of {DTYPES}, got {self.dtype!r}")
+        if self.index not in INDEX:
+            raise MoeConfigError(f"MoE {self.kind} kernel: index is one of {INDEX}, got {self.index!r}")
+        if self.kind == "plan" and (self.dtype, self.vec, self.scaled) != ("float32", 1, False):
+            raise MoeConfigError("MoE plan kernel: dtype float32, vec 1, scaled False (unused fields)")
         if self.vec not in (1, 16 // ITEMSIZE[self.dtype]):
             raise MoeConfigError(f"MoE {self.kind} kernel: vec is 1 or {16 // ITEMSIZE[self.dtype]} for {self.dtype}, "
                                  f"got {self.vec!r}")
@@ -66,6 +76,8 @@ class MoeConfig:
     @property
     def name(self) -> str:
         short = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}[self.dtype]
+        if self.kind == "plan":
+            return f"pigeon_moe_plan_{self.index}_e{self.experts}"
         e = f"_e{self.experts}" if self.kind == "combine" else ""
         return f"pigeon_moe_{self.kind}_{short}_v{self.vec}{'_scaled' if self.scaled else ''}{e}"
 
@@ -81,8 +93,20 @@ def config_for(kind: str, d: int, dtype: str, scaled: bool, experts: int = 1) ->
     return MoeConfig(kind, dtype, vec_for(d, dtype), bool(scaled), experts)
 
 
+def plan_config(experts: int, index: str = "int64") -> MoeConfig:
+    return MoeConfig("plan", "float32", 1, False, experts, index)
+
+
 def params(cfg: MoeConfig) -> tuple[KernelParam, ...]:
     t = storage_type(cfg.dtype)
+    if cfg.kind == "plan":
+        return (KernelParam("slot", "ptr", "int* __restrict__", "buffer:slot"),
+                KernelParam("src", "ptr", "int* __restrict__", "buffer:src"),
+                KernelParam("counts", "ptr", "int* __restrict__", "buffer:counts"),
+                KernelParam("ids", "ptr", f"const {storage_type(cfg.index)}* __restrict__", "buffer:ids"),
+                KernelParam("T", "int32", "int", "size:T"),
+                KernelParam("k", "int32", "int", "size:k"),
+                KernelParam("C", "int32", "int", "size:C"))
     if cfg.kind == "dispatch":
         return (KernelParam("buf", "ptr", f"{t}* __restrict__", "buffer:buf"),
                 KernelParam("x", "ptr", f"const {t}* __restrict__", "buffer:x"),
@@ -104,7 +128,7 @@ def params(cfg: MoeConfig) -> tuple[KernelParam, ...]:
 def render_moe(cfg: MoeConfig) -> RenderedKernel:
     ps = params(cfg)
     source = render(TEMPLATE, cfg, name=cfg.name, signature=", ".join(p.c for p in ps))
-    rows = cfg.rows
+    rows = cfg.rows if cfg.kind != "plan" else 1 << 62          # plan: one block
     return RenderedKernel(name=cfg.name, source=source, params=ps, block=(cfg.block, 1, 1),
                           grid=lambda n: (max(1, -(-int(n) // rows)), 1, 1), template=TEMPLATE,
                           meta={"config": cfg.__dict__.copy()})
@@ -113,4 +137,5 @@ def render_moe(cfg: MoeConfig) -> RenderedKernel:
 def prebuild_configs(experts: int = 2) -> list[MoeConfig]:
     """The configs the mixture MLP runs with vectorized rows: both kinds, scaled or not, three dtypes."""
     return [MoeConfig(kind, d, 16 // ITEMSIZE[d], s, experts if kind == "combine" else 1)
-            for kind in KINDS for d in DTYPES for s in (False, True)]
+            for kind in ("dispatch", "combine") for d in DTYPES for s in (False, True)] + \
+        [plan_config(experts, i) for i in INDEX]

@@ -504,3 +504,38 @@ def moe_combine(ys, slot: torch.Tensor, gate: torch.Tensor | None = None, *, emu
         e = _moe_entry("combine", 1, y0.dtype, gate is not None, len(ys), y0.device, emulate)
     e.fn.launch(e.rk.grid(t), e.block, [out, *ys, slot, gate, t, d, c, kk], e.types)
     return out
+
+
+_PLAN_ORDER = ("slot", "src", "counts", "ids", "T", "k", "C")
+
+
+def moe_plan(expert_ids: torch.Tensor, experts: int, capacity: int, *, emulate: bool = False):
+    """``(slot [T, k], src [E * C], counts [E])`` (int32) of pigeon/shiftadd/moe.py's ``route`` for
+    ``expert_ids [T, k]`` (int32/int64, values in [0, E): not checked here, that would read them on
+    the host) in one launch of the generated plan kernel (one block)."""
+    if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 2 or \
+            expert_ids.dtype not in (torch.int32, torch.int64):
+        raise ShiftAddKernelError(f"MoE plan: expert_ids must be a 2-d int32/int64 tensor, got "
+                                  f"{(expert_ids.dtype, tuple(expert_ids.shape)) if isinstance(expert_ids, torch.Tensor) else type(expert_ids).__name__}")
+    from ..codegen.shiftadd_moe import MAX_EXPERTS
+    if not isinstance(experts, int) or not 1 <= experts <= MAX_EXPERTS or not isinstance(capacity, int) or capacity < 0:
+        raise ShiftAddKernelError(f"MoE plan: experts is 1..{MAX_EXPERTS} and capacity >= 0, got {experts!r}, {capacity!r}")
+    _moe_place("MoE plan", expert_ids, emulate)
+    t, k = expert_ids.shape
+    if t * k >= _I32_MAX or experts * capacity >= _I32_MAX:
+        raise ShiftAddKernelError("MoE plan: 2^31 or more ids or buffer rows")
+    dev = expert_ids.device
+    slot = _poisoned((t, k), torch.int32, dev)
+    src = _poisoned((experts * capacity,), torch.int32, dev)
+    counts = _poisoned((experts,), torch.int32, dev)
+    key = ("moe-plan", experts, expert_ids.dtype, dev, emulate)
+    e = _ENTRIES.get(key)
+    if e is None:
+        from ..codegen.shiftadd_moe import plan_config, render_moe
+        cfg = plan_config(experts, "int64" if expert_ids.dtype == torch.int64 else "int32")
+        rk = render_moe(cfg)
+        e = _ENTRIES[key] = _Entry(cfg, rk, _loader(rk, dev, emulate))
+        if e.names != _PLAN_ORDER:
+            raise ShiftAddKernelError(f"MoE plan kernel parameters {e.names} are not {_PLAN_ORDER}")
+    e.fn.launch((1, 1, 1), e.block, [slot, src, counts, expert_ids.contiguous(), t, k, capacity], e.types)
+    return slot, src, counts

@@ -39,7 +39,7 @@ the float master weights; dB = V g^T) are torch matmuls.
 - ``MoEMLP``: a router (a linear gate, softmax over all logits kept at each token's top k) over the experts
   {dense MLP, shift MLP} (fc - GELU - fc each; ShiftAddViT's PVT MLPs also hold a depthwise conv,
   left out here).  Routing, dispatch and combine are moe.py's: the layout of the expert-sorted,
-  fixed-capacity buffer from a few device ops (no host sync), then on CUDA one launch of the
+  fixed-capacity buffer (on CUDA one launch of the generated plan kernel; no host sync), one launch of the
   generated dispatch kernel (row gather, 16-byte copies) and, after the experts ran on their
   static-size slices of the buffer (the shift expert on ShiftLinear's chosen path), one launch of
   the generated combine kernel (the gate-weighted gather back, one write per token); their
@@ -543,6 +543,21 @@ def _moe_impl(t: torch.Tensor, backend: str) -> str:
     return backend
 
 
+def moe_route(expert_ids: torch.Tensor, experts: int, capacity: int | None = None, backend: str = "kernels"):
+    """moe.route's layout (a moe.Routing): on CUDA (``backend="kernels"``) one launch of the generated
+    plan kernel, with ``"emulate"`` its text on the CPU, else moe.route's torch ops."""
+    impl = _moe_impl(expert_ids, backend) if isinstance(expert_ids, torch.Tensor) else "torch"
+    if impl == "torch":
+        return _moe.route(expert_ids, experts, capacity)
+    t = expert_ids.shape[0] if expert_ids.dim() == 2 else -1
+    _moe.check_routing(expert_ids, None, t, experts)
+    c = t if capacity is None else int(capacity)
+    if c < 0:
+        raise _moe.MoERoutingError(f"capacity must be >= 0, got {capacity}")
+    slot, src, counts = _kernels().moe_plan(expert_ids, experts, c, emulate=impl == "emulate")
+    return _moe.Routing(slot, src, counts, experts, c, expert_ids.shape[1])
+
+
 def moe_dispatch(x: torch.Tensor, routing, backend: str = "kernels") -> torch.Tensor:
     """The expert-sorted buffer ``[E * C, D]`` of ``x [T, D]`` for ``routing`` (moe.route);
     differentiable in x (module doc of moe.py)."""
@@ -605,7 +620,7 @@ def measure_expert_latencies(experts, dim: int, tokens: int = 256, reps: int = 5
 class MoEMLP(torch.nn.Module):
     """Top-k router over experts {dense MLP, shift MLP}; forward(x [T, dim]) -> (y, balance_loss).
 
-    Per call (module doc): the gate GEMM, softmax, top-k; moe.route's few device ops; one dispatch
+    Per call (module doc): the gate GEMM, softmax, top-k; one plan launch (moe.route's layout); one dispatch
     launch into the ``[E * C, dim]`` buffer; each expert on its ``C`` rows (a view: static shapes,
     so the shift expert's path decision is made once per C); one combine launch.  No host sync.
     ``capacity_factor`` None: C = T (exact: no token is dropped; each expert computes T rows, the
@@ -664,7 +679,7 @@ class MoEMLP(torch.nn.Module):
         if t == 0:
             return torch.zeros_like(x), loss
         c = self.capacity(t)
-        r = _moe.route(idx, e, c)
+        r = moe_route(idx, e, c, self.backend)
         buf = moe_dispatch(x, r, self.backend)
         ys = [expert(buf[i * c:(i + 1) * c]) for i, expert in enumerate(self.experts)]
         return moe_combine(ys, r, top, self.backend), loss

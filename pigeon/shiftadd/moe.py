@@ -87,7 +87,7 @@ def route(expert_ids: torch.Tensor, experts: int, capacity: int | None = None) -
     slot = torch.where(keep, flat * c + rank, -1)
     src = torch.full((experts * c + 1,), -1, dtype=torch.int32, device=dev)
     src.scatter_(0, torch.where(keep, slot, experts * c), torch.arange(t * k, dtype=torch.int32, device=dev))
-    return Routing(slot.to(torch.int32).reshape(t, k), src[:-1], hit.sum(0), experts, c, k)
+    return Routing(slot.to(torch.int32).reshape(t, k), src[:-1], hit.sum(0, dtype=torch.int32), experts, c, k)
 
 
 # ---------------------------------------------------------------- the torch reference (the kernels' oracle)

@@ -1,5 +1,5 @@
 """The MoE dispatch / combine kernels (shiftadd.moe.cu.jinja) on the GPU with NaN-poisoned outputs
-(PIGEON_POISON=1): bit-exact against the torch reference (pigeon/shiftadd/moe.py dispatch_ref /
+(PIGEON_POISON=1): the plan kernel giving moe.route's layout exactly; dispatch / combine bit-exact against the torch reference (pigeon/shiftadd/moe.py dispatch_ref /
 combine_ref, run on the same GPU) for bf16/fp16/fp32, vector and scalar rows, k = 1..3, dropped
 slots; forward and backward of dispatch -> experts -> combine against the torch path; MoEMLP on
 CUDA (bf16, both experts on their paths, exact and capacity-limited) against the float64 CPU torch
@@ -12,7 +12,7 @@ import torch
 
 from pigeon.runtime import shiftadd_kernel as sk
 from pigeon.shiftadd import moe
-from pigeon.shiftadd.layers import MoEMLP, moe_combine, moe_dispatch
+from pigeon.shiftadd.layers import MoEMLP, moe_combine, moe_dispatch, moe_route
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -29,6 +29,17 @@ def _bits(t):
 
 def _ids(g, t, k, e):
     return torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+
+
+@pytest.mark.parametrize("t,k,e,c", [(1, 1, 2, None), (300, 2, 2, None), (6272, 1, 2, 3920), (6272, 2, 4, 2000),
+                                     (100000, 1, 2, None)])
+def test_plan_kernel_vs_route(t, k, e, c):
+    g = torch.Generator().manual_seed(t + k)
+    ids = _ids(g, t, k, e).to(DEV)
+    for dt in (torch.int64, torch.int32):
+        want = moe.route(ids.to(dt), e, c)
+        got = moe_route(ids.to(dt), e, c)
+        assert torch.equal(got.slot, want.slot) and torch.equal(got.src, want.src) and torch.equal(got.counts, want.counts)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
