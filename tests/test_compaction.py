@@ -133,3 +133,149 @@ def test_compaction_changes_nothing_the_user_sees(monkeypatch):
     torch.testing.assert_close(res["0"][1], res["1"][1], rtol=1e-4, atol=1e-5)
     for k in res["0"][2]:
         torch.testing.assert_close(res["0"][2][k], res["1"][2][k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+# -- sinking edge-wise work into the compact domain (the sink_* rules) ----------------------------
+
+def _sink_rules_only():
+    return [r for r in RULES if r.name.startswith("sink_")]
+
+
+def test_sink_moves_rgat_source_score_onto_compact_rows():
+    """Before: dot(reshape(expand_compact(z)), a_src[etype on edges]) : edge[H].  After:
+    expand_compact(dot(reshape(z), a_src[etype on compact rows])): the dot runs once per pair."""
+    spec, hp, _ = MODELS["rgat"]
+    before = rewrite(spec.trace(IN, **hp), [r for r in RULES if r.name == "compact_src_linear"])
+    edge_dots = [op for op in before.ops() if op.kind is OpKind.DOT and op.type.domain.value == "edge"]
+    assert len(edge_dots) == 2          # a_src (on the gathered compact row) and a_dst (on dst rows)
+    changes = []
+    after = rewrite(before, _sink_rules_only(), changes=changes)
+    assert sorted(ch.rule for ch in changes) == ["sink_dot_into_compact", "sink_reshape_into_compact"]
+    dots = [op for op in after.ops() if op.kind is OpKind.DOT and op.type.domain.value != "weight"]
+    assert sorted(op.type.domain.value for op in dots) == ["compact", "edge"]
+    cdot = next(op for op in dots if op.type.domain.value == "compact")
+    ins = [after.op(i) for i in cdot.inputs]
+    assert [i.kind for i in ins] == [OpKind.RESHAPE, OpKind.TYPE_INDEX]
+    assert ins[1].attr("domain").value == "compact" and after.op(ins[1].inputs[0]).attr("name") == "a_src"
+    assert after.op(ins[0].inputs[0]).kind is OpKind.TYPED_LINEAR
+    assert [u.kind for u in after.users(cdot.key)] == [OpKind.EXPAND_COMPACT]
+    # the destination-side dot (on dst rows) stays edge-wise
+    edot = next(op for op in dots if op.type.domain.value == "edge")
+    assert {after.op(i).kind for i in edot.inputs} != {OpKind.EXPAND_COMPACT}
+    # the full rule set does both in one rewrite, and is a fixpoint
+    both = rewrite(spec.trace(IN, **hp), RULES)
+    assert both == after
+    assert rewrite(after, RULES) is after
+
+
+def test_sink_keeps_what_depends_on_more_than_the_pair():
+    """HGT's score reads the destination's query (not sinkable); RGCN's message is scaled by a
+    per-(dst, etype) degree (graph data on edges: not sinkable)."""
+    for model in ("hgt", "rgcn_mean"):
+        spec, hp, _ = MODELS[model]
+        changes = []
+        rewrite(spec.trace(IN, **hp), RULES, changes=changes)
+        assert not [ch for ch in changes if ch.rule.startswith("sink_")], model
+
+
+@pg.layer
+def _chain(g, x, *, heads: int = 2):
+    """A chain on the source side: leaky_relu(z * b[etype] + c) . a[etype], then softmax."""
+    W = pg.weight("W", (x.dim, x.dim), per=g.etype)
+    a = pg.weight("a", (heads, x.dim // heads), per=g.etype)
+    b = pg.weight("b", (x.dim,), per=g.etype)
+    c = pg.weight("c", (x.dim,), init="normal")
+    z = pg.typed_linear(g.src(x), W, by=g.etype)
+    s = pg.dot(pg.leaky_relu(z * b[g.etype] + c, 0.1).heads(heads), a[g.etype])    # [E, H]
+    alpha = pg.edge_softmax(g, s)
+    return pg.aggregate(g, alpha * z.heads(heads), "sum").flatten()
+
+
+def test_sink_moves_a_whole_chain():
+    ir = _chain.trace(IN)
+    changes = []
+    out = rewrite(ir, RULES, changes=changes)
+    rules = sorted({ch.rule for ch in changes})
+    assert rules == ["compact_src_linear", "sink_binary_into_compact", "sink_dot_into_compact",
+                     "sink_reshape_into_compact", "sink_unary_into_compact"]
+    # every elementwise op and the dot left the edge domain; the edges keep the softmax and the product
+    edge_ops = {op.kind for op in out.ops() if op.type.domain.value == "edge"}
+    assert edge_ops == {OpKind.EXPAND_COMPACT, OpKind.EDGE_SOFTMAX, OpKind.BINARY}
+    assert all(op.attr("domain").value == "compact" for op in out.of_kind(OpKind.TYPE_INDEX))
+
+
+def _edge_dots_reading_compact_rows(prog):
+    """(launch, dot width) for every edge-loop traversal whose expression takes a dot of a
+    compact row read through edge_to_compact."""
+    from pigeon.ir.expr import RowRef
+    from pigeon.ir.program import TraversalLaunch
+    hits = []
+    for l in prog.launches:
+        if not isinstance(l, TraversalLaunch) or l.inst.loop_rows != "edge":
+            continue
+        for n in l.inst.expr.toposort():
+            if n.op == "dot" and any(m.op == "load" and m.row is RowRef.COMPACT for a in n.args for m in a.toposort()):
+                hits.append((l.inst.loop, n.args[0].shape))
+    return hits
+
+
+def test_rgat_program_has_no_edge_dot_of_a_gathered_row(monkeypatch):
+    """The lowered RGAT programs (forward and backward) on a compacting graph: the source score is a
+    compact_map over pairs; no edge loop takes a dot of an H*D-wide compact row any more; the
+    gradient of a_src is a per-relation sum over compact rows."""
+    monkeypatch.setenv("PIGEON_COMPACT", "1")
+    from pigeon.models import rgat
+    g = random_graph(3, num_nodes=40, num_edges=600, num_etypes=3)
+    layer = pg.compile(rgat, g, 64, heads=4, out_dim=16)
+    for prog in (layer.forward_program, layer.backward_program):
+        assert _edge_dots_reading_compact_rows(prog) == [], prog.describe()
+    cmaps = [l.inst for l in layer.forward_program.launches
+             if hasattr(l, "inst") and getattr(l.inst, "loop", None) == "compact_map"]
+    assert [(i.out.shape, [n.op for n in i.expr.toposort()].count("dot")) for i in cmaps] == [((4,), 1)]
+    red = [l.inst for l in layer.backward_program.launches
+           if hasattr(l, "inst") and getattr(l.inst, "loop", None) == "type_reduce"]
+    assert [(i.rows, i.per) for i in red] == [("compact", "etype")]
+    # without the sink rules (compaction alone) the forward had that edge dot
+    from pigeon.passes import compact
+    monkeypatch.setattr(compact, "RULES", [r for r in compact.RULES if not r.name.startswith("sink_")])
+    import pigeon.passes.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "COMPACT_RULES", compact.RULES)
+    plain = pg.compile(rgat, g, 64, heads=4, out_dim=16)
+    assert _edge_dots_reading_compact_rows(plain.forward_program) == [("edge_map", (4, 16))]
+
+
+@pytest.mark.parametrize("executor", ["torch", "emulate"])
+def test_sunk_chain_equals_the_reference(executor, monkeypatch):
+    """The chain spec with compaction forced on (everything sunk) and off: kernels vs reference,
+    forward and backward, and the two compilations agree."""
+    if executor == "emulate":
+        from pigeon.runtime import emulate as cuda_emulate
+        if not cuda_emulate.available():
+            pytest.skip("no C++ compiler for the CUDA emulation")
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    monkeypatch.setenv("PIGEON_CPU_BACKEND", executor)
+    seed = random.randrange(1 << 30)
+    g = random_graph(seed, num_nodes=40, num_edges=600, num_etypes=3)
+    torch.manual_seed(seed)
+    x0 = torch.randn(g.num_nodes, IN)
+    up = torch.randn(g.num_nodes, IN)
+    res = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("PIGEON_COMPACT", mode)
+        layer = pg.compile(_chain, g, IN, seed=seed)
+        assert any(b.rows == "compact" for b in layer.forward_program.buffers) == (mode == "1")
+        x = x0.clone().requires_grad_(True)
+        params = {k: v.detach().clone().double().requires_grad_(True) for k, v in layer.weights.items()}
+        x64 = x0.double().requires_grad_(True)
+        out = layer(x)
+        grads = torch.autograd.grad((out * up).sum(), [x] + list(layer.weights.values()))
+        ref = run(layer.ir, g, {"x": x64}, params)["out"]
+        ref_grads = torch.autograd.grad((ref * up.double()).sum(), [x64] + list(params.values()))
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"seed {seed}: {m}")
+        for name, a, b in zip(["x"] + list(params), grads, ref_grads):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"mode {mode} grad {name}, seed {seed}: {m}")
+        res[mode] = (out.detach(), [a.detach() for a in grads])
+    torch.testing.assert_close(res["0"][0], res["1"][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(res["0"][1], res["1"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -78,11 +78,26 @@ def test_random_spec_emulated_cuda_kernels_equal_reference(steps, seed):
     check(steps, seed, EmulateBackend())
 
 
-def check(steps, seed, backend):
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(STEP, min_size=1, max_size=8), seed=st.integers(0, 2**20))
+def test_random_spec_compacted_program_equals_reference(steps, seed):
+    """Through the pass pipeline with compaction forced on (source linears on compact rows, edge-wise
+    work on them sunk into the compact domain): the kernels equal the reference of the compacted
+    graphs, and the compacted reference equals the traced one."""
+    check(steps, seed, TorchBackend(), compact=True)
+
+
+def check(steps, seed, backend, compact=False):
     spec = build_spec(steps)
     g = random_graph(seed, num_nodes=12, num_edges=40, num_etypes=3, num_ntypes=2)
     ir = spec.trace(D)
-    res = autodiff(ir)
+    if compact:
+        from pigeon.passes.pipeline import graph_stats_for, run_pipeline
+        c, _ = run_pipeline(ir, graph_stats=graph_stats_for(g), choices={"compaction": True})
+        res = c.autodiff
+        res = type(res)(c.forward, c.backward, res.saved, res.recomputed, res.grad_inputs, res.grads)
+    else:
+        res = autodiff(ir)
     fwd, bwd = lower(res.forward), lower(res.backward)
     kg = kernel_graph(g)
     gen = torch.Generator().manual_seed(seed)
@@ -92,6 +107,8 @@ def check(steps, seed, backend):
     want = run(res.forward, g, {"x": x}, params)
     got = Executor(fwd, backend, poison=True).run(kg, {"x": x.float()}, {k: v.float() for k, v in params.items()})
     torch.testing.assert_close(got["out"].double(), want["out"], rtol=1e-4, atol=1e-4)
+    if compact:
+        torch.testing.assert_close(want["out"], run(ir, g, {"x": x}, params)["out"], rtol=1e-9, atol=1e-9)
     up = torch.randn(want["out"].shape, generator=gen, dtype=torch.float64)
     saved_r = {s: want[s] for s in res.saved}
     want_b = run(res.backward, g, {"x": x, "grad_out": up} | saved_r, params)

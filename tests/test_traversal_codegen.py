@@ -68,6 +68,10 @@ def _extra_cases():
                                                rows="node", per="ntype")),
         ("type_reduce_none_edge_etype", _inst("type_reduce", sum_to(bin_("mul", fe, load(tbuf("w_t", H, D), RowRef.ETYPE)),
                                                                     (H,)), rows="edge", per="none")),
+        # the gradient of a per-relation weight read by compact rows: a sum per compact_etype
+        ("type_reduce_compact_etype", _inst("type_reduce", bin_("mul", load(Buffer("c_hd", "compact", (H, D)), RowRef.SELF),
+                                                                 load(tbuf("w_t", H, D), RowRef.ETYPE)),
+                                            rows="compact", per="etype")),
         ("sum_to_lead_and_trailing", _inst("edge_map", sum_to(reshape(fe, (2, H // 2, D)), (2, 1)))),
         ("reshape_of_sum_to", _inst("node_map", reshape(sum_to(load(x, RowRef.SELF), (1, D)), (2, D // 2)))),
         ("dot_broadcast_both", _inst("edge_map", dot(reshape(xs, (H, 1, D)), reshape(fe, (1, H, D))))),

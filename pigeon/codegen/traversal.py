@@ -82,6 +82,7 @@ class TraversalConfig:
     pass_code: tuple[str, ...] = ()
     pass_value: tuple[str, ...] = ()
     members: str = ""
+    type_array: str = "g_etype"     # type_reduce per etype: the row -> relation array (g_compact_etype for compact rows)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def check_instance(inst: TraversalInstance) -> None:
         raise TraversalCodegenError(f"{inst.loop}: output {out.name} has shape {list(out.shape)} but the "
                                     f"expression has shape {list(inst.expr.shape)}")
     if inst.loop == "type_reduce":
-        allowed = {"edge": ("etype", "none"), "node": ("ntype", "none")}
+        allowed = {"edge": ("etype", "none"), "node": ("ntype", "none"), "compact": ("etype", "none")}
         if inst.rows not in allowed or inst.per not in allowed[inst.rows]:
             raise TraversalCodegenError(f"type_reduce over {inst.rows} rows cannot reduce per {inst.per!r}")
     if inst.loop == "type_map" and inst.per not in ("etype", "ntype"):
@@ -228,11 +229,11 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         template = "traversal.edge.cu.jinja"
         grid = _Grid("items", W, block, size)
     elif loop == "type_reduce":
-        edge = inst.rows == "edge"
-        rows = _edge_rows("r") if edge else _node_rows("r")
+        rows = {"edge": _edge_rows, "node": _node_rows, "compact": _compact_rows}[inst.rows]("r")
+        type_array = "compact_etype" if inst.rows == "compact" else "etype"    # compact rows: sorted by etype
         if inst.per == "etype":
             rows[RowRef.ETYPE] = RowBinding("t", frozenset({"r"}))
-            graph.add("etype")
+            graph.add(type_array)
         elif inst.per == "ntype":
             rows[RowRef.NTYPE] = RowBinding("t", frozenset({"r"}))
             graph |= {"ntype", "ntype_perm"}
@@ -240,9 +241,9 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         item = root.child({"j"}, "item")
         row = item.child({"r"}, "row")
         val = em.eval(inst.expr, j, row)
-        size = "num_edges" if edge else "num_nodes"
+        size = {"edge": "num_edges", "node": "num_nodes", "compact": "num_compact"}[inst.rows]
         cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size,
-                   rows=inst.rows, per=inst.per, chunk=chunk)
+                   rows=inst.rows, per=inst.per, chunk=chunk, type_array=f"g_{type_array}")
         template = "traversal.edge.cu.jinja"
         grid = _Grid("chunks", W, block, size, chunk=chunk)
     elif loop == "aggregate" and inst.schedule == "edge_chunks":

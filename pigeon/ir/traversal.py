@@ -21,7 +21,8 @@ COMPACT    edge_to_compact[e] (a compact buffer)    -- not allowed
 NONE       -- (a global buffer: no row)             same
 =========  =======================================  ===============================
 
-Compact loops (``compact_map``, ``aggregate`` with side ``compact_src``) visit compact rows ``c``
+Compact loops (``compact_map``, ``aggregate`` with side ``compact_src``, ``type_reduce`` over
+compact rows) visit compact rows ``c``
 (one per unique (source node, edge type) pair, sorted by (etype, src)): SELF is ``c`` (a compact
 buffer), SRC ``compact_src[c]`` (a node buffer), ETYPE ``compact_etype[c]``.
 
@@ -56,8 +57,10 @@ Loops (one output buffer per instance; ``out_shape == expr.shape``)
   ``schedule`` changes only the thread mapping (and the order of float additions).
 * ``edge_softmax``: ``out[e, I] = exp(s(e, I) - m) / sum over e' with dst(e') == dst(e) of
   exp(s(e', I) - m)`` where ``s = expr`` and ``m`` the max of ``s`` over those edges.
-* ``type_reduce``:  ``out[t, I] = sum over rows r (edges or nodes, per ``rows``) with type(r) == t
-  of expr(r, I)``; ``per`` is ``etype``, ``ntype`` or ``none`` (``none``: one global sum).
+* ``type_reduce``:  ``out[t, I] = sum over rows r (edges, nodes or compact rows, per ``rows``) with
+  type(r) == t of expr(r, I)``; ``per`` is ``etype``, ``ntype`` or ``none`` (``none``: one global
+  sum); compact rows sum per ``etype`` by ``compact_etype`` (the gradient of a per-relation weight
+  read by compact rows).
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ class TraversalInstance:
     out: Buffer
     side: Literal["dst", "src", "compact", "compact_src"] = "dst"          # aggregate only
     reduce: Literal["sum", "mean", "max"] = "sum"  # aggregate only
-    rows: Literal["edge", "node"] = "edge"       # type_reduce only
+    rows: Literal["edge", "node", "compact"] = "edge"   # type_reduce only
     per: Literal["etype", "ntype", "none"] = "none"  # type_reduce; type_map (its rows)
     dtype: str = "float32"                       # storage dtype of float buffers; math is fp32
     # aggregate only: "node" (a lane group walks each node's edge list) or "edge_chunks" (fixed
@@ -96,7 +99,8 @@ class TraversalInstance:
     @property
     def loop_rows(self) -> str:
         """What the expression's loop row is: "edge", "node" or "compact"."""
-        if self.loop == "compact_map" or (self.loop == "aggregate" and self.side == "compact_src"):
+        if self.loop == "compact_map" or (self.loop == "aggregate" and self.side == "compact_src") or (
+                self.loop == "type_reduce" and self.rows == "compact"):
             return "compact"
         if self.loop == "type_map":
             return self.per

@@ -18,6 +18,25 @@ decision (``decide``) compacts when E / U reaches ``MIN_EDGES_PER_ROW``; FB15k-2
 edges per (source, relation) pair, ogbn-mag 6.8, ACM 27, while AM and BGS have 1.2, where the
 extra indirection costs about what the saved rows give back. ``PIGEON_COMPACT`` = ``auto``
 (default: the rule), ``1`` (always), ``0`` (never).
+
+Sinking edge-wise work into the compact domain (the ``sink_*`` rules, applied with the compaction
+rule in one rewrite): an edge-wise ``unary`` / ``binary`` / ``dot`` / ``reshape`` whose edge-wise
+operands are all ``expand_compact(c)`` or per-relation weights ``type_index(w, domain=edge)``
+(a compact row's relation is known: ``compact_etype``) depends only on the edge's (source,
+relation) pair too, so it is computed once per compact row and read per edge:
+
+    op(expand_compact(c), type_index(w, edge), g)  ->  expand_compact(op(c, type_index(w, compact), g))
+
+(``g``: global operands, kept).  At least one operand must be an ``expand_compact``.  Chains sink
+one op at a time (the engine rebuilds each op on its rewritten inputs).  What it buys is the
+``dot``: RGAT's source score ``dot(reshape(expand_compact(z)), a_src[etype])`` read a gathered
+H*D-wide compact row per edge and now reads H floats per edge (the dot runs in a ``compact_map``
+over U rows).  Sunk elementwise ops cost nothing per edge: the lowering inlines an
+``expand_compact`` of a fused compact expression into the edge kernel that reads it (its loads
+through ``edge_to_compact``), so nothing is materialized that was not before; an edge-wise use of
+the value (an ``edge_softmax``, an aggregate) reads the expanded value as it read the edge value.
+The gradient of the compact ``type_index`` is a per-relation sum over compact rows
+(``type_reduce`` over compact rows), of ``expand_compact`` a sum of each pair's edges.
 """
 from __future__ import annotations
 
@@ -32,6 +51,8 @@ MIN_EDGES_PER_ROW = 1.5
 ENV = "PIGEON_COMPACT"
 
 TL, GATHER, EXPAND = OpKind.TYPED_LINEAR, OpKind.GATHER, OpKind.EXPAND_COMPACT
+TYPE_INDEX = OpKind.TYPE_INDEX
+SINK_KINDS = (OpKind.UNARY, OpKind.BINARY, OpKind.DOT, OpKind.RESHAPE)
 
 
 class CompactionError(ValueError):
@@ -74,4 +95,28 @@ def _compact(m):
     return m.make(EXPAND, [z])
 
 
-RULES = [Rule("compact_src_linear", Pat.of(TL, Pat.of(GATHER, var("x"), side="src"), var("w")), _compact)]
+def _sink(m):
+    """op(expand_compact(c) | type_index(w, edge) | global, ...) -> expand_compact(op(c | type_index(w,
+    compact) | global, ...)), or None where an edge-wise operand depends on more than the pair."""
+    ins, expanded = [], False
+    for x in m.inputs():
+        if x.kind is EXPAND:
+            ins.append(m.inputs(x)[0])
+            expanded = True
+        elif x.kind is TYPE_INDEX and x.attr("domain") is Domain.EDGE and _per_etype(m.inputs(x)[0]):
+            ins.append(m.make(TYPE_INDEX, m.inputs(x), domain=Domain.COMPACT))
+        elif x.type.domain is Domain.GLOBAL:
+            ins.append(x)
+        else:
+            return None
+    if not expanded:
+        return None
+    return m.make(EXPAND, [m.make(m.op.kind, ins, **dict(m.op.attrs))])
+
+
+def _edge_wise(op) -> bool:
+    return op.type.domain is Domain.EDGE
+
+
+RULES = [Rule("compact_src_linear", Pat.of(TL, Pat.of(GATHER, var("x"), side="src"), var("w")), _compact)] + [
+    Rule(f"sink_{k.value}_into_compact", Pat.of(k, where=_edge_wise), _sink) for k in SINK_KINDS]

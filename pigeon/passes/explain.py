@@ -62,6 +62,28 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
             out.append(f"  {op.loc or 'typed_linear'}: GEMM on U rows: {_fmt(fe)} -> {_fmt(fu)} FLOP, writes "
                        f"{_fmt(E * n * heads * el)} -> {_fmt(U * n * heads * el)} B (+{_fmt(4 * E)} B of "
                        f"edge -> pair index)")
+        # edge-wise work sunk into the compact domain: a dot (or feature sum) on compact rows is
+        # computed once per pair (a compact_map) and read per edge through edge_to_compact; sunk
+        # elementwise ops are inlined where the edges read them (no change in cost)
+        sunk = [op for op in ir.ops() if op.type.domain is Domain.COMPACT
+                and op.kind in (OpKind.UNARY, OpKind.BINARY, OpKind.DOT, OpKind.RESHAPE)]
+        for op in sunk:
+            if op.kind is not OpKind.DOT:
+                continue
+            k = 1
+            for s in ir.op(op.inputs[0]).type.shape:
+                k *= s
+            n = 1
+            for s in op.type.shape:
+                n *= s
+            before, after = E * (k + 2 * n) * el, U * (k + n) * el + E * n * el
+            out.append(f"  sink: {op.loc or 'dot'}: dot on U compact rows instead of E edges (reads a {k}-wide "
+                       f"row per pair, not per edge): {_fmt(2 * E * k)} -> {_fmt(2 * U * k)} FLOP, "
+                       f"{_fmt(before)} -> {_fmt(after)} B (saves {_fmt(before - after)} B)")
+        rest = sum(op.kind is not OpKind.DOT for op in sunk)
+        if rest:
+            out.append(f"  sink: {rest} elementwise/reshape op(s) on compact rows, inlined into the edge "
+                       f"kernels that read them (through edge_to_compact)")
     # aggregation schedules
     for name, prog in programs.items():
         if prog is None:

@@ -36,6 +36,17 @@ _MAP_LOOP = {"node": "node_map", "edge": "edge_map", "compact": "compact_map"}
 _AGGREGATE_LOOP = {"dst": "edge", "src": "edge", "compact": "edge", "compact_src": "compact"}
 
 
+# an expand_compact read in an edge loop: compact rows through edge_to_compact, the pair's relation
+# is the edge's own
+_EXPAND = {RowRef.SELF: RowRef.COMPACT, RowRef.ETYPE: RowRef.ETYPE, RowRef.NONE: RowRef.NONE}
+
+
+def _remapped_rows(remap: dict[RowRef, RowRef]) -> str:
+    """The rows a remapped expression's own buffers have: compact rows under an expand_compact,
+    nodes under a gather."""
+    return "compact" if remap.get(RowRef.SELF) is RowRef.COMPACT else "node"
+
+
 def _gemm_rows(t) -> str:
     """The rows a GEMM loops over: nodes, edges, compact rows, or types (a linear on per-type rows)."""
     return t.per.value if t.domain is Domain.WEIGHT else _ROWS[t.domain]
@@ -60,6 +71,7 @@ class _Lowering:
         self.outputs = set(ir.outputs)
         self._expr_memo: dict = {}
         self._gather_memo: dict[str, bool] = {}
+        self._expand_memo: dict[str, bool] = {}
 
     def storage(self, dtype: str) -> str:
         """A buffer's storage dtype: its IR value's dtype, or the override for float values."""
@@ -92,7 +104,7 @@ class _Lowering:
         op = self.ir.op(key)
         if key in self.buffers:
             b = self.buffers[key]
-            own = loop if remap is None else "node"      # under a gather, rows are nodes
+            own = loop if remap is None else _remapped_rows(remap)   # under a gather, rows are nodes
             row = RowRef.SELF if b.rows == own else {
                 "etype": RowRef.ETYPE, "ntype": RowRef.NTYPE, "global": RowRef.NONE}.get(b.rows)
             if row is None:
@@ -117,12 +129,19 @@ class _Lowering:
         if k is OpKind.EXPAND_COMPACT:      # an edge reads its (src, etype) pair's compact row
             if loop != "edge" or remap is not None:
                 raise LoweringError(f"expand_compact inside a loop over {loop} rows")
-            return load(self.ensure_buffer(op.inputs[0]), RowRef.COMPACT)
+            inner = op.inputs[0]
+            if inner not in self.buffers and self._expandable(inner):
+                # a fused compact expression (work sunk into the compact domain): evaluated in the
+                # edge loop with its compact loads read through edge_to_compact, nothing materialized
+                return self.expr(inner, loop, _EXPAND)
+            return load(self.ensure_buffer(inner), RowRef.COMPACT)
         if k is OpKind.TYPE_INDEX:
             w = self.ensure_buffer(op.inputs[0])
             row = RowRef.ETYPE if w.rows == "etype" else RowRef.NTYPE
             if remap is not None:
-                raise LoweringError("a node-type-indexed weight read through a gather is not lowered yet")
+                if row not in remap:
+                    raise LoweringError("a node-type-indexed weight read through a gather is not lowered yet")
+                row = remap[row]
             return load(w, row)
         if k in (OpKind.DOT, OpKind.SUM_TO) and key not in self.buffers:
             self.materialize(key)
@@ -145,6 +164,25 @@ class _Lowering:
             hit = op.kind in (OpKind.UNARY, OpKind.BINARY, OpKind.RESHAPE) and all(
                 self._gatherable(i) for i in op.inputs)
             self._gather_memo[key] = hit
+        return hit
+
+    def _expandable(self, key: str) -> bool:
+        """Can a compact expression be evaluated in an edge loop by reading its compact loads
+        through edge_to_compact (and its per-relation loads by the edge's relation)?"""
+        if key in self.buffers:
+            return True
+        op = self.ir.op(key)
+        if op.type.domain in (Domain.GLOBAL, Domain.WEIGHT):
+            return True         # read without rows (global) or through the type index that reads it
+        if op.type.domain is not Domain.COMPACT:
+            return False
+        if op.kind in (OpKind.DOT, OpKind.SUM_TO):
+            return True         # always materialized (a compact_map), then read through edge_to_compact
+        hit = self._expand_memo.get(key)
+        if hit is None:
+            hit = op.kind in (OpKind.UNARY, OpKind.BINARY, OpKind.RESHAPE, OpKind.TYPE_INDEX) and all(
+                self._expandable(i) for i in op.inputs)
+            self._expand_memo[key] = hit
         return hit
 
     def materialize(self, key: str) -> str:
@@ -276,14 +314,12 @@ class _Lowering:
                 self.launches.append(TraversalLaunch(TraversalInstance("edge_softmax", e, out, dtype=out.dtype)))
             elif rule == "type_reduce":
                 src = ir.op(op.inputs[0])
-                if src.type.domain is Domain.COMPACT:
-                    raise LoweringError("a type reduction over compact rows is not lowered yet")
-                edge = src.type.domain is Domain.EDGE
-                e = self.expr(src.key, "edge" if edge else "node")
+                rows = _ROWS[src.type.domain]       # edges, nodes or compact rows (by compact_etype)
+                e = self.expr(src.key, rows)
                 out = self.new_buffer(op)
                 per = op.attr("per")
                 self.launches.append(TraversalLaunch(TraversalInstance(
-                    "type_reduce", e, out, rows="edge" if edge else "node",
+                    "type_reduce", e, out, rows=rows,
                     per=per.value if per is not None else "none", dtype=out.dtype)))
             elif rule == "host_index":      # shared weights (type -> group map)
                 x = self.weight_buffer(op.inputs[0])

@@ -117,7 +117,9 @@ def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
     changes: list[Change] = []
     out = verify(rewrite(c.ir, COMPACT_RULES, changes=changes))
     rec.changes.extend(("ir", ch) for ch in changes)
-    rec.note = f"applied: {d.why}" if changes else f"nothing to compact ({d.why})"
+    sunk = sum(ch.rule.startswith("sink_") for ch in changes)
+    rec.note = (f"applied: {d.why}" + (f"; {sunk} edge-wise op(s) sunk into the compact domain" if sunk else "")
+                if changes else f"nothing to compact ({d.why})")
     return replace(c, ir=out)
 
 

@@ -90,6 +90,14 @@ class Match:
     def make(self, kind: OpKind, inputs: list[Op], **attrs) -> Op:
         return self.builder.make(kind, inputs, loc=self.op.loc, **attrs)
 
+    def lookup(self, key: str) -> Op:
+        """The op of a key (an input of a matched op, or one a replacement made)."""
+        return self.builder.table[key]
+
+    def inputs(self, op: Op | None = None) -> list[Op]:
+        """The input ops of ``op`` (default: the matched op)."""
+        return [self.lookup(k) for k in (op or self.op).inputs]
+
 
 @dataclass
 class Change:

@@ -81,7 +81,8 @@ def run_traversal_reference(inst: TraversalInstance, kg: KernelGraph,
     if inst.loop == "type_reduce":
         if inst.per == "none":
             return v.sum(0).reshape(shape)
-        types = (kg.etype if inst.per == "etype" else kg.ntype).long()
+        etype = kg.compact_etype if inst.rows == "compact" else kg.etype
+        types = (etype if inst.per == "etype" else kg.ntype).long()
         n = kg.num_etypes if inst.per == "etype" else kg.num_ntypes
         return v.new_zeros((n,) + shape).index_add(0, types, v)
     raise ValueError(f"unknown loop {inst.loop!r}")
