@@ -1,6 +1,7 @@
 """GPU probe of the Hopper wgmma attention forward (pigeon/codegen/attention_wgmma.py, issue 8):
 per case (B4 H32 S4096, D128 and D64, bf16: dense, causal, ALiBi + causal) check the wgmma forward
-against SDPA (max abs error; ALiBi against the mma forward), then time the wgmma forward, the mma
+against SDPA (max abs error; ALiBi against the mma forward), then time the wgmma forward (P through
+shared memory: ``wgmma``; P in registers, PIGEON_ATTN_WGMMA_TUNE=p_regs: ``wgmma_rs``), the mma
 forward and SDPA (CUDA events, median of ``--iters``) and print a table with TFLOP/s; JSON to
 ``--out``.  Every compile / launch / check error is caught and printed per case, so one run shows
 everything (each case runs in a child process: a sticky CUDA fault, say an illegal address, ends
@@ -33,20 +34,26 @@ def _time(fn, iters: int) -> float:
     return statistics.median(times)
 
 
+FORMS = {"wgmma": ("wgmma", "p_smem"), "wgmma_rs": ("wgmma", "p_regs"), "mma": ("mma", "")}
+
+
 def _resources(forward: str, q, kw) -> dict:
-    """Registers, spills and shared memory of the forward kernel of ``q`` (from a fresh build report)."""
+    """Registers, spills, shared memory and nvcc seconds of the forward kernel of ``q`` (the ptxas report
+    of the disk cache's entry: the kernel that ran, no second build)."""
     try:
         from pigeon.attention.api import _plan
         from pigeon.codegen import attention_mma, attention_wgmma
-        from pigeon.runtime.build import compile_cuda
+        from pigeon.runtime.build import build_kernel, device_arch
         smod = kw.get("score_mod")
         import pigeon.attention as pa
         inst = _plan(q, q, q, pa.trace_score_mod(smod) if smod else None, None, kw.get("pattern"), None)[0]
-        rk = attention_wgmma.render_attention_wgmma(inst) if forward == "wgmma" else attention_mma.render_attention_mma(inst)
-        res = compile_cuda(rk.source, arch=rk.meta.get("arch", "sm_90"), name=rk.name)
-        r = res.resources[rk.name]
-        return {"registers": r.get("registers"), "spill_bytes": r.get("spill_stores", 0) + r.get("spill_loads", 0),
-                "smem_dynamic": rk.shared_mem, "nvcc_s": round(res.elapsed_s, 1)}
+        fwd, knobs = FORMS[forward]
+        rk = attention_wgmma.render_attention_wgmma(inst, knobs) if fwd == "wgmma" else attention_mma.render_attention_mma(inst)
+        entry = build_kernel(rk.source, rk.meta.get("arch") or device_arch(), name=rk.name)
+        r = entry.resources.get(rk.name, {})
+        return {"kernel": rk.name, "registers": r.get("registers"),
+                "spill_bytes": (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0),
+                "smem_dynamic": rk.shared_mem, "nvcc_s": entry.meta.get("build_seconds")}
     except Exception as e:  # noqa: BLE001
         return {"resources_error": f"{type(e).__name__}: {e}"}
 
@@ -54,10 +61,48 @@ def _resources(forward: str, q, kw) -> dict:
 CASES = ("dense", "causal", "alibi_causal")
 
 
+def _prebuild(head_dims) -> None:
+    """Build every kernel the children run, in parallel, into the disk cache (a wgmma kernel is ~15 s of
+    nvcc); a failure here is reported by the child that needs the kernel."""
+    from concurrent.futures import ThreadPoolExecutor
+    import time
+    import torch
+    import pigeon.attention as pa
+    from pigeon.attention.api import _plan
+    from pigeon.codegen import attention_mma, attention_wgmma
+    from pigeon.runtime.build import build_kernel, device_arch
+    arch = device_arch()
+    alibi = pa.trace_score_mod(lambda s, b, h, q, kv: s + pa.exp((h + 1) * -0.5) * (kv - q))
+    jobs = []
+    for d in head_dims:
+        q = torch.empty(1, 2, 64, int(d), dtype=torch.bfloat16)
+        for smod, pat in ((None, None), (None, pa.Causal()), (alibi, pa.Causal())):
+            inst = _plan(q, q, q, smod, None, pat, None)[0]
+            jobs += [attention_wgmma.render_attention_wgmma(inst, "p_smem"),
+                     attention_wgmma.render_attention_wgmma(inst, "p_regs"), attention_mma.render_attention_mma(inst)]
+
+    def one(rk):
+        try:
+            build_kernel(rk.source, rk.meta.get("arch") or arch, name=rk.name)
+            return None
+        except Exception as e:  # noqa: BLE001
+            return f"{rk.name}: {type(e).__name__}: {str(e)[:1500]}"
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, min(len(jobs), (os.cpu_count() or 2) - 1))) as pool:
+        fails = [f for f in pool.map(one, jobs) if f]
+    print(f"prebuilt {len(jobs) - len(fails)}/{len(jobs)} kernels in {time.perf_counter() - t0:.0f} s", flush=True)
+    for f in fails:
+        print("BUILD FAILED", f, flush=True)
+
+
 def _parent(args) -> int:
     import subprocess
     import tempfile
     rows = []
+    try:
+        _prebuild(args.head_dims.split(","))
+    except Exception as e:  # noqa: BLE001
+        print(f"prebuild: {type(e).__name__}: {e}", flush=True)
     print(f"B,H,S {args.shape} bf16 (one child process per case)", flush=True)
     for d in args.head_dims.split(","):
         for name in CASES:
@@ -70,6 +115,10 @@ def _parent(args) -> int:
                 sys.stdout.write(proc.stdout)
                 if proc.returncode != 0:
                     print(f"D{d} {name}: child exit {proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
+                    if os.path.getsize(path) == 0:
+                        rows.append({"head_dim": int(d), "variant": name, "error": f"child exit {proc.returncode}",
+                                     "stderr_tail": proc.stderr[-3000:]})
+                        continue
                 with open(path) as f:
                     rows.extend(json.load(f))
             except Exception as e:  # noqa: BLE001
@@ -115,13 +164,13 @@ def main(argv=None) -> int:
             flops = 4 * B * H * S * S * d * ((S + 1) / (2 * S) if causal else 1.0)
 
             def pigeon_fwd(form, kw=kw):
-                os.environ["PIGEON_ATTN_FORWARD"] = form
+                os.environ["PIGEON_ATTN_FORWARD"], os.environ["PIGEON_ATTN_WGMMA_TUNE"] = FORMS[form]
                 return pa.attention(q, k, v, **kw)
 
             def sdpa():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             outs = {}
-            for form in ("wgmma", "mma"):
+            for form in FORMS:
                 try:
                     outs[form] = pigeon_fwd(form)
                     torch.cuda.synchronize()
@@ -138,8 +187,8 @@ def main(argv=None) -> int:
                     row["reference"] = "sdpa" if "score_mod" not in kw else "mma forward"
             except Exception as e:  # noqa: BLE001
                 row["check_error"] = f"{type(e).__name__}: {e}"[:2000]
-            for impl, fn in (("wgmma", lambda: pigeon_fwd("wgmma")), ("mma", lambda: pigeon_fwd("mma")), ("sdpa", sdpa)):
-                if impl in ("wgmma", "mma") and impl not in outs:
+            for impl, fn in [(f, lambda f=f: pigeon_fwd(f)) for f in FORMS] + [("sdpa", sdpa)]:
+                if impl in FORMS and impl not in outs:
                     continue
                 if impl == "sdpa" and "score_mod" in kw:
                     continue
@@ -150,15 +199,16 @@ def main(argv=None) -> int:
                 except Exception as e:  # noqa: BLE001
                     row[f"{impl}_time_error"] = f"{type(e).__name__}: {e}"[:2000]
             if not args.no_resources:
-                for form in ("wgmma", "mma"):
+                for form in FORMS:
                     row[f"{form}_resources"] = _resources(form, q, kw)
             rows.append(row)
             fmt = lambda key: f"{row[key]:7.1f}" if key in row else "    -  "       # noqa: E731
-            err = row.get("wgmma_max_abs_err")
-            print(f"D{d:<4} {name:<13} wgmma {fmt('wgmma_tflops')}  mma {fmt('mma_tflops')}  sdpa {fmt('sdpa_tflops')} "
-                  f"TFLOP/s  wgmma err {err if err is None else f'{err:.2e}'}  "
-                  f"{row.get('wgmma_error', '')[:300]}", flush=True)
+            errs = " ".join(f"{f} err {row[f + '_max_abs_err']:.2e}" for f in FORMS if f + "_max_abs_err" in row)
+            fails = " ".join(f"{f}: {row[f + '_error'][:300]}" for f in FORMS if f + "_error" in row)
+            print(f"D{d:<4} {name:<13} wgmma {fmt('wgmma_tflops')}  wgmma_rs {fmt('wgmma_rs_tflops')}  mma {fmt('mma_tflops')}"
+                  f"  sdpa {fmt('sdpa_tflops')} TFLOP/s  {errs}  {fails}", flush=True)
     os.environ.pop("PIGEON_ATTN_FORWARD", None)
+    os.environ.pop("PIGEON_ATTN_WGMMA_TUNE", None)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     return 0

@@ -16,8 +16,8 @@ import pigeon.attention as pa
 import pigeon.runtime.attention_kernel as ak
 from pigeon.attention.api import _plan
 from pigeon.codegen.attention import AttentionCodegenError
-from pigeon.codegen.attention_wgmma import (ARCH, forward_template, render_attention_wgmma, shared_bytes,
-                                            unsupported)
+from pigeon.codegen.attention_wgmma import (ARCH, Schedule, forward_template, render_attention_wgmma,
+                                            shared_bytes, tuning, unsupported)
 from pigeon.runtime.toolchain import nvcc_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,16 +90,34 @@ def test_render():
         render_attention_wgmma(_inst(dtype=torch.float32))
 
 
+def test_schedule_knobs(monkeypatch):
+    monkeypatch.delenv("PIGEON_ATTN_WGMMA_TUNE", raising=False)
+    assert tuning() == Schedule() == Schedule(False, 2) and tuning("p_regs,minb3") == Schedule(True, 3)
+    assert tuning(Schedule(True, 1).tag()) == Schedule(True, 1)
+    with pytest.raises(ValueError, match="unknown knob 'p_tmem'"):
+        tuning("p_tmem")
+    inst = _inst("causal", d=64)
+    smem = render_attention_wgmma(inst)
+    monkeypatch.setenv("PIGEON_ATTN_WGMMA_TUNE", "p_regs")          # the environment, read per render
+    regs = render_attention_wgmma(inst)
+    assert regs.meta["schedule"] == "p_regs,minb2" and smem.meta["schedule"] == "p_smem,minb2"
+    assert regs.name != smem.name and regs.shared_mem == shared_bytes(64, True) == smem.shared_mem - 64 * 64 * 2
+    assert "SM90_64x64x16_F32BF16BF16_RS" in regs.source and "_RS" not in smem.source
+    assert "fence_view_async_shared();\n        __syncthreads();\n        wg_gemm(mma_o" in smem.source
+    assert "recast<uint32_t>(tOrP)" in regs.source and "recast<uint32_t>(tOrP)" not in smem.source
+    assert "__launch_bounds__(THREADS, 3)" in render_attention_wgmma(inst, "minb3").source
+
+
 def _compile(jobs):
     from concurrent.futures import ThreadPoolExecutor
     from pigeon.runtime.build import compile_cuda
 
     def one(job):
-        name, d, dtype, hkv, packed = job
+        name, d, dtype, hkv, packed, knobs = job
         inst = _inst(name, d=d, dtype=dtype, hkv=hkv)
         if packed:
             inst = dataclasses.replace(inst, packed=True)
-        rk = render_attention_wgmma(inst)
+        rk = render_attention_wgmma(inst, knobs)
         return job, compile_cuda(rk.source, arch=rk.meta["arch"], name=rk.name).resources[rk.name]
     with ThreadPoolExecutor(2) as pool:
         for job, r in pool.map(one, jobs):
@@ -108,9 +126,10 @@ def _compile(jobs):
 
 @pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
 def test_wgmma_forward_compiles_for_sm90a():
-    # dense D128 bf16 without GQA; ALiBi + causal D64 fp16 (head code, pattern paths); mask_mod + softcap GQA
-    _compile([("dense", 128, torch.bfloat16, 8, False), ("alibi_causal", 64, torch.float16, 2, False),
-              ("softcap_strided_mask", 128, torch.bfloat16, 2, False)])
+    # dense D128 bf16 without GQA; ALiBi + causal D64 fp16 (head code, pattern paths); mask_mod + softcap
+    # GQA with P in registers (RS)
+    _compile([("dense", 128, torch.bfloat16, 8, False, ""), ("alibi_causal", 64, torch.float16, 2, False, ""),
+              ("softcap_strided_mask", 128, torch.bfloat16, 2, False, "p_regs")])
 
 
 DEFAULT_JOBS = {("dense", 128, torch.bfloat16), ("alibi_causal", 64, torch.float16),
@@ -120,9 +139,11 @@ DEFAULT_JOBS = {("dense", 128, torch.bfloat16), ("alibi_causal", 64, torch.float
 @pytest.mark.slow
 @pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
 def test_wgmma_forward_compiles_for_sm90a_everywhere():
-    jobs = [(n, d, dt, 2, False) for n in NAMES for d in (64, 128) for dt in (torch.bfloat16, torch.float16)
+    jobs = [(n, d, dt, 2, False, "") for n in NAMES for d in (64, 128) for dt in (torch.bfloat16, torch.float16)
             if (n, d, dt) not in DEFAULT_JOBS]
-    _compile(jobs + [("causal", 128, torch.bfloat16, 2, True), ("window_bidirectional", 64, torch.bfloat16, 1, False)])
+    jobs += [(n, d, torch.bfloat16, 2, False, "p_regs") for n in ("alibi_causal", "dense") for d in (64, 128)]
+    _compile(jobs + [("causal", 128, torch.bfloat16, 2, True, ""), ("window_bidirectional", 64, torch.bfloat16, 1,
+                                                                    False, "p_regs,minb3")])
 
 
 LAYOUT_PROBE = r"""
@@ -132,7 +153,9 @@ LAYOUT_PROBE = r"""
 using namespace cute;
 // the element -> (row, column) map of a 64 x N wgmma accumulator that attention.wgmma.cu.jinja's
 // softmax relies on: thread t, element i at row 16 (t / 32) + (t % 32) / 4 + 8 ((i / 2) % 2),
-// column 8 (i / 4) + 2 (t % 4) + i % 2 (a row in the 4 lanes of a quad)
+// column 8 (i / 4) + 2 (t % 4) + i % 2 (a row in the 4 lanes of a quad); and with P in registers, that
+// element j of the RS A fragment of O = P V is at the (row, column) of element j of S's accumulator
+// fragment, in a compact fragment (the template converts S to P elementwise in order)
 template <int N, class Mma>
 int check(Mma mma) {
   int bad = 0;
@@ -146,10 +169,27 @@ int check(Mma mma) {
   }
   return bad;
 }
+template <class MS, class MO>
+int check_rs(MS ms, MO mo) {
+  int bad = 0;
+  for (int t = 0; t < 128; ++t) {
+    auto cs = ms.get_slice(t).partition_C(make_identity_tensor(Shape<_64, _64>{}));
+    auto ca = mo.get_slice(t).partition_A(make_identity_tensor(Shape<_64, _64>{}));
+    auto fa = mo.get_slice(t).partition_fragment_A(make_tensor(make_smem_ptr((cute::bfloat16_t*)nullptr),
+                                                               Shape<_64, _64>{}));
+    if (size(ca) != size(cs) || size(fa) != size(cs)) ++bad;
+    for (int j = 0; j < size(ca); ++j) bad += !(ca(j) == cs(j)) + (fa.layout()(j) != j);
+  }
+  return bad;
+}
 int main() {
   int bad = check<64>(make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}))
           + check<64>(make_tiled_mma(SM90_64x64x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::MN>{}))
-          + check<128>(make_tiled_mma(SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{}));
+          + check<128>(make_tiled_mma(SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{}))
+          + check_rs(make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}),
+                     make_tiled_mma(SM90_64x64x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>{}))
+          + check_rs(make_tiled_mma(SM90_64x64x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>{}),
+                     make_tiled_mma(SM90_64x128x16_F32F16F16_RS<GMMA::Major::K, GMMA::Major::MN>{}));
   printf("bad %d\n", bad);
   return bad != 0;
 }

@@ -12,7 +12,11 @@ Selection (pigeon/runtime/attention_kernel.py, where the tensor-core forward is 
 mma forward); on any other arch it is an error naming the arch (:func:`forward_template`).
 
 Version 1 (see the template's header): 64 x 64 steps, K/V double-buffered by cp.async, S = Q K^T
-and O = P V as SS wgmmas with P written to shared memory in between.
+as an SS wgmma, O = P V as an SS wgmma with P written to shared memory in between (default) or as an
+RS wgmma with P in registers.  Schedule knobs (:class:`Schedule`, :func:`tuning`), for GPU A/B runs:
+``PIGEON_ATTN_WGMMA_TUNE`` (or ``render_attention_wgmma(inst, knobs=...)``), comma-separated
+``p_smem`` / ``p_regs`` (how P reaches the second GEMM) and ``minb<N>`` (``__launch_bounds__``
+minimum CTAs per SM, default 2).
 """
 from __future__ import annotations
 
@@ -31,14 +35,53 @@ from .kernel_source import KernelParam, RenderedKernel
 TEMPLATE = "attention.wgmma.cu.jinja"
 ARCH = "sm_90a"                       # what the kernel is compiled for (RenderedKernel.meta["arch"])
 THREADS = 128                         # one warpgroup
-MIN_BLOCKS = 2
 FORWARDS = ("mma", "wgmma")
 ENV = "PIGEON_ATTN_FORWARD"
-# dtype -> (CuTe element type, S atom (64x64x16), O atom prefix, pack intrinsic, packed pair type)
-ATOMS = {"bfloat16": ("cute::bfloat16_t", "SM90_64x64x16_F32BF16BF16_SS", "SM90_64x{D}x16_F32BF16BF16_SS",
+TUNE_ENV = "PIGEON_ATTN_WGMMA_TUNE"
+# dtype -> (CuTe element type, S atom (64x64x16), O atom (64xDx16, SS or RS), pack intrinsic, packed pair type)
+ATOMS = {"bfloat16": ("cute::bfloat16_t", "SM90_64x64x16_F32BF16BF16_SS", "SM90_64x{D}x16_F32BF16BF16_{AB}",
                       "__floats2bfloat162_rn", "__nv_bfloat162"),
-         "float16": ("cute::half_t", "SM90_64x64x16_F32F16F16_SS", "SM90_64x{D}x16_F32F16F16_SS",
+         "float16": ("cute::half_t", "SM90_64x64x16_F32F16F16_SS", "SM90_64x{D}x16_F32F16F16_{AB}",
                      "__floats2half2_rn", "__half2")}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The wgmma forward's knobs: P in registers (RS wgmma) or through shared memory (SS), and the
+    ``__launch_bounds__`` minimum CTAs per SM."""
+    p_in_registers: bool = False
+    min_blocks: int = 2
+
+    def __post_init__(self):
+        if self.min_blocks < 1:
+            raise ValueError(f"attention wgmma schedule {self}: min_blocks >= 1")
+
+    def code(self) -> str:
+        """A C-identifier suffix naming the schedule (kernel names differ per schedule)."""
+        return f"m64n64{'r' if self.p_in_registers else 's'}b{self.min_blocks}"
+
+    def tag(self) -> str:
+        return f"{'p_regs' if self.p_in_registers else 'p_smem'},minb{self.min_blocks}"
+
+
+KNOBS = ("p_smem", "p_regs", "minb<N>")
+
+
+def tuning(knobs: str | None = None) -> Schedule:
+    """The schedule for ``knobs`` (default: ``PIGEON_ATTN_WGMMA_TUNE``; unset: :class:`Schedule()`)."""
+    if knobs is None:
+        knobs = os.environ.get(TUNE_ENV, "")
+    kw = {}
+    for w in (w.strip() for w in knobs.split(",")):
+        if not w:
+            continue
+        if w in ("p_smem", "p_regs"):
+            kw["p_in_registers"] = w == "p_regs"
+        elif w.startswith("minb") and w[4:].isdigit():
+            kw["min_blocks"] = int(w[4:])
+        else:
+            raise ValueError(f"{TUNE_ENV}: unknown knob {w!r} in {knobs!r} (knobs: {', '.join(KNOBS)})")
+    return Schedule(**kw)
 
 
 @dataclass(frozen=True)
@@ -46,7 +89,8 @@ class AttentionWgmmaConfig(MmaTemplateConfig):
     cute_type: str = ""
     mma_s: str = ""
     mma_o: str = ""
-    min_blocks: int = MIN_BLOCKS
+    min_blocks: int = 2
+    p_in_registers: bool = False
 
 
 def unsupported(inst: AttentionInstance) -> str | None:
@@ -59,10 +103,10 @@ def unsupported(inst: AttentionInstance) -> str | None:
     return None
 
 
-def shared_bytes(head_dim: int) -> int:
-    """Dynamic shared memory: Q [64][D], K and V [64][D] x 2 stages, P [64][64] (2-byte elements), and
-    1 KiB to align the base to the swizzle atoms' 1024-byte period."""
-    return (BLOCK_M * head_dim + 4 * BLOCK_N * head_dim + BLOCK_M * BLOCK_N) * 2 + 1024
+def shared_bytes(head_dim: int, p_in_registers: bool = False) -> int:
+    """Dynamic shared memory: Q [64][D], K and V [64][D] x 2 stages, P [64][64] unless P stays in
+    registers (2-byte elements), and 1 KiB to align the base to the swizzle atoms' 1024-byte period."""
+    return (BLOCK_M * head_dim + 4 * BLOCK_N * head_dim + (0 if p_in_registers else BLOCK_M * BLOCK_N)) * 2 + 1024
 
 
 def requested() -> str:
@@ -88,27 +132,29 @@ def _grid(sizes) -> tuple[int, int, int]:
     return (max(1, -(-int(sizes["max_q"]) // BLOCK_M)), int(sizes["heads"]), int(sizes["batch"]))
 
 
-def render_attention_wgmma(inst: AttentionInstance) -> RenderedKernel:
-    """The wgmma forward kernel of ``inst`` (cached per instance); ``meta["arch"]`` is sm_90a."""
+def render_attention_wgmma(inst: AttentionInstance, knobs: str | None = None) -> RenderedKernel:
+    """The wgmma forward kernel of ``inst`` under :func:`tuning` of ``knobs`` (default:
+    ``PIGEON_ATTN_WGMMA_TUNE``), cached per (instance, schedule); ``meta["arch"]`` is sm_90a."""
     why = unsupported(inst)
     if why is not None:
         raise ValueError(f"attention instance {inst.key()} cannot use the wgmma forward: {why}")
-    return _render(inst)
+    return _render(inst, tuning(knobs))
 
 
 @functools.lru_cache(maxsize=512)
-def _render(inst: AttentionInstance) -> RenderedKernel:
+def _render(inst: AttentionInstance, sched: Schedule) -> RenderedKernel:
     mc = modifier_code(inst, backward=False, indent=(4, 16, 24, 20, 24), head_indent=4)
     T = storage_type(inst.dtype)
     params = tuple(KernelParam(n, ct, decl.format(T=T), role) for n, ct, decl, role in PARAMS)
     cute_t, mma_s, mma_o, pack, vec2 = ATOMS[inst.dtype]
-    name = kernel_name(inst) + "_wgmma_m64n64"
+    name = kernel_name(inst) + "_wgmma_" + sched.code()
     cfg = AttentionWgmmaConfig(name=name, signature=", ".join(p.c for p in params), dtype=T, mma=mma_s, pack=pack,
                                vec2=vec2, head_dim=inst.head_dim, block_m=BLOCK_M, block_n=BLOCK_N, group=inst.group,
                                packed=inst.packed, mods=mc, cutlass_tag=source_tag(), cute_type=cute_t, mma_s=mma_s,
-                               mma_o=mma_o.format(D=inst.head_dim))
+                               mma_o=mma_o.format(D=inst.head_dim, AB="RS" if sched.p_in_registers else "SS"),
+                               min_blocks=sched.min_blocks, p_in_registers=sched.p_in_registers)
     return RenderedKernel(name=name, source=render_template(TEMPLATE, cfg), params=params, block=(THREADS, 1, 1),
-                          grid=_grid, shared_mem=shared_bytes(inst.head_dim), template=TEMPLATE,
+                          grid=_grid, shared_mem=shared_bytes(inst.head_dim, sched.p_in_registers), template=TEMPLATE,
                           meta={"instance_key": inst.key(), "backward": False, "variant": "wgmma", "arch": ARCH,
-                                "schedule": "m64n64"})
+                                "schedule": sched.tag()})
 

@@ -1,7 +1,10 @@
 """The Hopper wgmma attention forward (PIGEON_ATTN_FORWARD=wgmma) on an sm_90 GPU: dense, causal,
 windows, ALiBi, softcap, a mask_mod, GQA and MHA, head dims 64 and 128, bf16 and fp16, block lists
-and packed documents, against the float64 reference (bf16 tolerance) with NaN-poisoned outputs; each
-test checks that the wgmma kernel is the one that ran."""
+and packed documents, against the float64 reference (bf16 tolerance) with NaN-poisoned outputs, with P
+through shared memory (the default, p_smem) and in registers (p_regs, PIGEON_ATTN_WGMMA_TUNE); each
+test checks that the wgmma kernel is the one that ran.  The module first builds every kernel it needs
+in parallel (a wgmma kernel takes ~15 s of nvcc), so the tests find them in the disk cache."""
+import os
 import random
 import sys
 from pathlib import Path
@@ -27,6 +30,42 @@ CASES = {
 }
 
 
+# (case, head dim, dtype, kv heads, knobs) of the main test; GQA 4 everywhere, MHA and fp16 on a subset
+MAIN = ([(n, d, torch.bfloat16, 2, "p_smem") for n in sorted(CASES) for d in (64, 128)]
+        + [(n, d, torch.float16, 2, "p_smem") for n in ("dense", "causal", "alibi_causal", "softcap_strided_mask")
+           for d in (64, 128)]
+        + [(n, d, torch.bfloat16, 8, "p_smem") for n in ("dense", "causal") for d in (64, 128)]
+        + [(n, d, torch.bfloat16, 2, "p_regs") for n in ("dense", "causal", "window", "alibi_causal",
+                                                            "softcap_strided_mask") for d in (64, 128)]
+        + [("causal", 128, torch.float16, 8, "p_regs")])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prebuild():
+    """Build the main test's kernels in parallel (the disk cache then serves the tests)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    from pigeon.attention.api import _plan
+    from pigeon.codegen.attention_wgmma import render_attention_wgmma
+    from pigeon.runtime.build import build_kernel
+
+    def one(job):
+        name, d, dtype, hkv, knobs = job
+        kw = CASES[name]
+        smod = pa.trace_score_mod(kw["score_mod"]) if "score_mod" in kw else None
+        mmod = pa.trace_mask_mod(kw["mask_mod"]) if "mask_mod" in kw else None
+        q = torch.empty(1, 8, 64, d, dtype=dtype)
+        kv = torch.empty(1, hkv, 64, d, dtype=dtype)
+        rk = render_attention_wgmma(_plan(q, kv, kv, smod, mmod, kw.get("pattern"), None)[0], knobs)
+        try:
+            build_kernel(rk.source, rk.meta["arch"], name=rk.name)
+        except Exception:  # noqa: BLE001 - the test that needs it reports the failure
+            pass
+    with ThreadPoolExecutor(max(1, min(16, (os.cpu_count() or 2) - 1))) as pool:
+        list(pool.map(one, MAIN))
+
+
 @pytest.fixture(autouse=True)
 def _wgmma(monkeypatch):
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
@@ -50,12 +89,10 @@ def _check(out, lse, ref, ref_lse, what):
     assert (out[~finite] == 0).all(), f"{what}: a row with no kept key must be zero"
 
 
-@pytest.mark.parametrize("hkv", [2, 8])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_wgmma_forward_equals_the_reference(name, head_dim, dtype, hkv):
+@pytest.mark.parametrize("name,head_dim,dtype,hkv,knobs", MAIN)
+def test_wgmma_forward_equals_the_reference(name, head_dim, dtype, hkv, knobs, monkeypatch):
     """GQA 4 (hkv 2) and MHA (hkv 8), lengths off the 64-tiles (6 key blocks: both K/V stages)."""
+    monkeypatch.setenv("PIGEON_ATTN_WGMMA_TUNE", knobs)
     ak._MODULES.clear()
     seed = random.randrange(1 << 30)
     g = torch.Generator().manual_seed(seed)
@@ -68,12 +105,14 @@ def test_wgmma_forward_equals_the_reference(name, head_dim, dtype, hkv):
     assert _ran_wgmma()
     ref, ref_lse = pa.attention(q.double(), k.double(), v.double(), enable_gqa=True, return_lse=True,
                                 backend="reference", **kw)
-    _check(out, lse, ref, ref_lse, f"{name} d{head_dim} {dtype} hkv{hkv} seed {seed}")
+    _check(out, lse, ref, ref_lse, f"{name} d{head_dim} {dtype} hkv{hkv} {knobs} seed {seed}")
 
 
+@pytest.mark.parametrize("knobs", ["p_smem", "p_regs"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_wgmma_forward_long_sequence(head_dim):
+def test_wgmma_forward_long_sequence(head_dim, knobs, monkeypatch):
     """2048 keys (32 blocks, many stage swaps), causal, scores of a large scale (online-softmax rescales)."""
+    monkeypatch.setenv("PIGEON_ATTN_WGMMA_TUNE", knobs)
     ak._MODULES.clear()
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 4, 2048, head_dim, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
@@ -84,8 +123,10 @@ def test_wgmma_forward_long_sequence(head_dim):
     assert _ran_wgmma()
 
 
-def test_wgmma_forward_block_lists_and_documents():
+@pytest.mark.parametrize("knobs", ["p_smem", "p_regs"])
+def test_wgmma_forward_block_lists_and_documents(knobs, monkeypatch):
     """Top-k (GQA-shared, empty selections), per-head block lists and packed documents."""
+    monkeypatch.setenv("PIGEON_ATTN_WGMMA_TUNE", knobs)
     ak._MODULES.clear()
     g = torch.Generator().manual_seed(7)
     S, nq = 333, 6
