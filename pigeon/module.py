@@ -129,6 +129,8 @@ class CompiledLayer(torch.nn.Module):
         stats = self.kgraph.degree_stats
         if any(b.rows == "compact" for prog in (fwd, bwd) if prog is not None for b in prog.buffers):
             stats = {**stats, **self.kgraph.compact_stats}
+        if any(b.rows == "compact_dst" for prog in (fwd, bwd) if prog is not None for b in prog.buffers):
+            stats = {**stats, **self.kgraph.compact_dst_stats}
         self.schedule_stats = stats
         self.lowered = (fwd, bwd)          # before the schedules: what --tune's decision points read
         choices = c.choices or {}
@@ -208,7 +210,7 @@ def tune_stats(graph) -> tuple[dict, dict]:
     kg = layer_kgraph(graph)
     gs = {**graph_stats_for(graph), "num_nodes": graph.num_nodes, "num_etypes": graph.num_etypes,
           "num_ntypes": graph.num_ntypes}
-    return gs, {**kg.degree_stats, **kg.compact_stats}
+    return gs, {**kg.degree_stats, **kg.compact_stats, **kg.compact_dst_stats}
 
 
 def tune_layer(spec: Layer, graph, in_dim=None, *, ir: IRGraph | None = None, dtype: str = "float32",

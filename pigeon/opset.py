@@ -24,7 +24,7 @@ import torch
 
 from .ir import expr as ex
 from .ir.fns import get_fn
-from .ir.ops import (AGGREGATE_SIDES, GATHER_SIDES, GRAPH_DATA, REDUCES, OpKind, SignatureError, _broadcast,
+from .ir.ops import (AGGREGATE_SIDES, EXPAND_GRAD_SIDE, GATHER_SIDES, GRAPH_DATA, REDUCES, OpKind, SignatureError, _broadcast,
                      _fn, _need, _per_type_result, _rows_domain)
 from .ir.registry import GradientError, OpDef, register_op
 from .ir.types import Domain, TypeAxis, ValueType, dtype_class
@@ -88,7 +88,9 @@ def _grad_gather(b, y, dy, ins):
 
 def _ref_gather(op, args, arg_types, graph, dtype):
     side = op.attr("side")
-    index = graph.src if side == "src" else graph.dst if side == "dst" else graph.compact().src
+    index = {"src": graph.src, "dst": graph.dst}.get(side)
+    if index is None:
+        index = (graph.compact() if side == "compact_src" else graph.compact_dst()).src
     return args[0][index]
 
 
@@ -101,17 +103,18 @@ register_op(OpDef(OpKind.GATHER, _type_gather, grad=_grad_gather, reference=_ref
 def _type_expand_compact(kind, attrs, ins):
     what = kind.value
     _need(1, ins, what)
-    if ins[0].domain is not Domain.COMPACT:
-        raise SignatureError(f"expand_compact needs a compact value, got {ins[0]}")
+    if ins[0].domain not in EXPAND_GRAD_SIDE:
+        raise SignatureError(f"expand_compact needs a compact (or compact_dst) value, got {ins[0]}")
     return ValueType(Domain.EDGE, ins[0].shape, ins[0].dtype)
 
 
 def _ref_expand_compact(op, args, arg_types, graph, dtype):
-    return args[0][graph.compact().edge_to_compact]
+    cmap = graph.compact() if arg_types[0].domain is Domain.COMPACT else graph.compact_dst()
+    return args[0][cmap.edge_to_compact]
 
 
 def _grad_expand_compact(b, y, dy, ins):
-    return [(0, b.make(OpKind.AGGREGATE, [dy], reduce="sum", side="compact"))]
+    return [(0, b.make(OpKind.AGGREGATE, [dy], reduce="sum", side=EXPAND_GRAD_SIDE[ins[0].type.domain]))]
 
 
 register_op(OpDef(OpKind.EXPAND_COMPACT, _type_expand_compact, grad=_grad_expand_compact,
@@ -126,7 +129,7 @@ def _type_type_index(kind, attrs, ins):
     w, dom = ins[0], attrs["domain"]
     if w.domain is not Domain.WEIGHT:
         raise SignatureError(f"only per-type weights can be indexed by a type, got {w}")
-    ok = {TypeAxis.ETYPE: (Domain.EDGE, Domain.COMPACT), TypeAxis.NTYPE: (Domain.NODE,)}[w.per]
+    ok = {TypeAxis.ETYPE: (Domain.EDGE, Domain.COMPACT, Domain.COMPACT_DST), TypeAxis.NTYPE: (Domain.NODE,)}[w.per]
     if dom not in ok:
         raise SignatureError(f"a weight per {w.per.value} can be indexed on "
                              f"{[d.value for d in ok]} rows, not {dom.value}")
@@ -155,7 +158,7 @@ def _type_typed_linear(kind, attrs, ins):
         raise SignatureError(f"typed_linear input must be node/edge/compact rows (or per-type rows with an "
                              f"untyped weight), got {x}")
     if w.domain is Domain.WEIGHT:
-        ok = {TypeAxis.ETYPE: (Domain.EDGE, Domain.COMPACT), TypeAxis.NTYPE: (Domain.NODE,)}[w.per]
+        ok = {TypeAxis.ETYPE: (Domain.EDGE, Domain.COMPACT, Domain.COMPACT_DST), TypeAxis.NTYPE: (Domain.NODE,)}[w.per]
         if x.domain not in ok:
             raise SignatureError(f"a weight per {w.per.value} applies to {[d.value for d in ok]} "
                                  f"rows; x is {x.domain.value}-wise")
@@ -416,7 +419,7 @@ def _type_aggregate(kind, attrs, ins):
     src_dom, dst_dom = AGGREGATE_SIDES[side]
     if ins[0].domain is not src_dom:
         raise SignatureError(f"aggregate ({side}) needs a {src_dom.value}-wise value, got {ins[0]}")
-    if src_dom is Domain.COMPACT or dst_dom is Domain.COMPACT:
+    if {src_dom, dst_dom} & {Domain.COMPACT, Domain.COMPACT_DST}:
         if attrs["reduce"] != "sum":
             raise SignatureError(f"aggregate side {side!r} sums (reduce='sum'), got {attrs['reduce']!r}")
     return ValueType(dst_dom, ins[0].shape, ins[0].dtype)
@@ -424,7 +427,7 @@ def _type_aggregate(kind, attrs, ins):
 
 def _grad_aggregate(b, y, dy, ins):
     side, red = y.attr("side", "dst"), y.attr("reduce")
-    if red == "sum" and side == "compact":
+    if red == "sum" and side in ("compact", "dcompact"):
         return [(0, b.make(OpKind.EXPAND_COMPACT, [dy]))]
     if red == "sum":
         return [(0, b.make(OpKind.GATHER, [dy], side=side))]
@@ -437,12 +440,14 @@ def _grad_aggregate(b, y, dy, ins):
 
 def _ref_aggregate(op, args, arg_types, graph, dtype):
     side = op.attr("side", "dst")
-    if side == "compact":
-        c = graph.compact()
+    if side in ("compact", "dcompact"):
+        c = graph.compact() if side == "compact" else graph.compact_dst()
         return aggregate(args[0], c.edge_to_compact, c.num_rows, "sum")
     index = {"src": graph.src, "dst": graph.dst}.get(side)
     if side == "compact_src":
         index = graph.compact().src
+    if side == "compact_dst":
+        index = graph.compact_dst().src
     return aggregate(args[0], index, graph.num_nodes, op.attr("reduce"))
 
 

@@ -17,6 +17,8 @@ def rows_of(graph, domain: Domain) -> int:
         return graph.num_edges
     if domain is Domain.COMPACT:
         return graph.compact().num_rows
+    if domain is Domain.COMPACT_DST:
+        return graph.compact_dst().num_rows
     raise ValueError(domain)
 
 
@@ -29,6 +31,8 @@ def types_of_rows(graph, domain: Domain, axis: TypeAxis) -> torch.Tensor:
         return graph.ntype
     if domain is Domain.EDGE:
         return graph.etype
+    if domain is Domain.COMPACT_DST:
+        return graph.compact_dst().etype
     return graph.compact().etype
 
 

@@ -279,3 +279,151 @@ def test_sunk_chain_equals_the_reference(executor, monkeypatch):
     torch.testing.assert_close(res["0"][0], res["1"][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(res["0"][1], res["1"][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- destination-side compaction (compact_dst_linear, decide_dst) --------------------------------
+
+from pigeon.passes.compact import DST_RULES, decide_dst
+from pigeon.passes.reorder import linear_reorder
+
+
+def test_dst_rule_moves_destination_typed_linear_onto_dst_pairs():
+    """Before: typed_linear(gather[dst](x), W_r a_r) : edge[H] (RGAT's destination score after the
+    reordering).  After: expand_compact(typed_linear(gather[compact_dst](x), W_r a_r)) on compact_dst rows."""
+    spec, hp, _ = MODELS["rgat"]
+    before = linear_reorder(spec.trace(IN, **hp), [])
+    tl = [op for op in before.ops() if op.kind is OpKind.TYPED_LINEAR]
+    assert [(op.type.domain.value, before.op(op.inputs[0]).attr("side")) for op in tl] == [("edge", "src"), ("edge", "dst")]
+    changes = []
+    after = rewrite(before, DST_RULES, changes=changes)
+    assert [ch.rule for ch in changes] == ["compact_dst_linear"]
+    tl = {op.type.domain.value: op for op in after.ops() if op.kind is OpKind.TYPED_LINEAR}
+    assert set(tl) == {"edge", "compact_dst"}
+    d = tl["compact_dst"]
+    assert after.op(d.inputs[0]).attr("side") == "compact_dst" and after.op(d.inputs[1]).kind is OpKind.DOT
+    assert [u.kind for u in after.users(d.key)] == [OpKind.EXPAND_COMPACT]
+    assert after.users(d.key)[0].type.domain.value == "edge"
+    assert rewrite(after, DST_RULES) is after
+    # the source-side rules leave it alone, and the sink rules do not sink onto dst pairs
+    both = rewrite(after, RULES)
+    assert any(op.type.domain.value == "compact_dst" for op in both.ops())
+    assert not any(op.kind is not OpKind.TYPED_LINEAR and op.kind is not OpKind.GATHER
+                   and op.type.domain.value == "compact_dst" for op in both.ops())
+    # HGT gathers node-typed linears (no typed linear of destination rows): nothing to do
+    hgt_ir = MODELS["hgt"][0].trace(IN, **MODELS["hgt"][1])
+    assert rewrite(hgt_ir, DST_RULES) is hgt_ir
+
+
+def test_dst_decision_rule_and_override(monkeypatch):
+    monkeypatch.delenv("PIGEON_COMPACT_DST", raising=False)
+    assert decide_dst({"num_edges": 300, "compact_dst_rows": 100}).compact
+    d = decide_dst({"num_edges": 120, "compact_dst_rows": 100})
+    assert not d.compact and "(dst, etype)" in d.why
+    assert not decide_dst(None).compact
+    monkeypatch.setenv("PIGEON_COMPACT_DST", "1")
+    assert decide_dst({"num_edges": 100, "compact_dst_rows": 100}).compact
+    monkeypatch.setenv("PIGEON_COMPACT_DST", "0")
+    assert not decide_dst({"num_edges": 1000, "compact_dst_rows": 10}).compact
+    monkeypatch.setenv("PIGEON_COMPACT_DST", "x")
+    with pytest.raises(CompactionError, match="PIGEON_COMPACT_DST='x'"):
+        decide_dst({"num_edges": 1, "compact_dst_rows": 1})
+
+
+def test_dst_pipeline_record_and_layout(monkeypatch):
+    monkeypatch.delenv("PIGEON_COMPACT_DST", raising=False)
+    spec, hp, _ = MODELS["rgat"]
+    dense = random_graph(1, num_nodes=20, num_edges=400, num_etypes=2)
+    c, recs = run_pipeline(spec.trace(IN, **hp), graph_stats=graph_stats_for(dense))
+    rec = next(r for r in recs if r.name == "compaction_dst")
+    assert rec.note.startswith("applied") and [ch.rule for _, ch in rec.changes] == ["compact_dst_linear"]
+    sides = {op.attr("side") for op in c.backward.ops() if op.kind is OpKind.AGGREGATE}
+    assert {"dcompact", "compact_dst"} <= sides
+    c, recs = run_pipeline(spec.trace(IN, **hp), graph_stats={"num_edges": 100, "compact_rows": 100,
+                                                              "compact_dst_rows": 90})
+    rec = next(r for r in recs if r.name == "compaction_dst")
+    assert rec.note.startswith("not applied")
+    assert not any(op.type.domain.value == "compact_dst" for op in c.forward.ops())
+    # the kernel layout: every edge's pair has its destination and relation; pairs sorted by (etype, dst)
+    from pigeon.graph.kernel_graph import kernel_graph
+    kg = kernel_graph(dense)
+    e2p = kg.edge_to_compact_dst.long()
+    assert torch.equal(kg.compact_dst_node.long()[e2p], kg.dst.long())
+    assert torch.equal(kg.compact_dst_etype.long()[e2p], kg.etype.long())
+    key = kg.compact_dst_etype.long() * kg.num_nodes + kg.compact_dst_node.long()
+    assert bool((key[1:] > key[:-1]).all()) and kg.num_compact_dst == dense.compact_dst().num_rows
+    assert torch.equal(e2p[kg.dcmp_eid.long()], torch.repeat_interleave(
+        torch.arange(kg.num_compact_dst), (kg.dcmp_ptr[1:] - kg.dcmp_ptr[:-1]).long()))
+
+
+def test_rgat_program_has_no_edge_gemm_of_destination_rows(monkeypatch):
+    """With both sides compacted, RGAT's forward has no GEMM over E rows: the destination score
+    runs on Ud (dst, etype) pairs and the edge softmax reads it through edge_to_compact_dst."""
+    from pigeon.ir.expr import RowRef
+    from pigeon.ir.program import GemmLaunch, TraversalLaunch
+    from pigeon.models import rgat
+    monkeypatch.setenv("PIGEON_COMPACT", "1")
+    monkeypatch.setenv("PIGEON_COMPACT_DST", "1")
+    g = random_graph(3, num_nodes=40, num_edges=600, num_etypes=3)
+    layer = pg.compile(rgat, g, 64, heads=4, out_dim=16)
+    gemms = [(l.rows, l.gather) for l in layer.forward_program.launches if isinstance(l, GemmLaunch)]
+    assert gemms == [("compact", "compact_src"), ("compact_dst", "compact_dst")]
+    assert all(l.rows != "edge" for l in layer.backward_program.launches if isinstance(l, GemmLaunch))
+    refs = {n.row for l in layer.forward_program.launches if isinstance(l, TraversalLaunch)
+            for n in l.inst.expr.toposort() if n.op == "load"}
+    assert RowRef.COMPACT_DST in refs
+    monkeypatch.setenv("PIGEON_COMPACT_DST", "0")
+    plain = pg.compile(rgat, g, 64, heads=4, out_dim=16)
+    gemms = [(l.rows, l.gather) for l in plain.forward_program.launches if isinstance(l, GemmLaunch)]
+    assert gemms == [("compact", "compact_src"), ("edge", "dst")]
+
+
+@pytest.mark.parametrize("executor,schedule", [("torch", "node"), ("emulate", "node"), ("emulate", "edge_chunks")])
+@pytest.mark.parametrize("model", ["rgat", "gated_rgat", "rgcn_mean"])
+def test_dst_compacted_kernels_equal_the_reference(model, executor, schedule, monkeypatch):
+    """Both sides compacted (forced), kernels vs the reference in float64, forward and backward."""
+    monkeypatch.setenv("PIGEON_COMPACT", "1")
+    monkeypatch.setenv("PIGEON_COMPACT_DST", "1")
+    monkeypatch.setenv("PIGEON_POISON", "1")
+    monkeypatch.setenv("PIGEON_CPU_BACKEND", executor)
+    monkeypatch.setenv("PIGEON_AGGREGATE_SCHEDULE", schedule)
+    seed = random.randrange(1 << 30)
+    spec, hp, _ = MODELS[model]
+    g = random_graph(seed, num_nodes=40, num_edges=600, num_etypes=3)
+    layer = pg.compile(spec, g, IN, seed=seed, **hp)
+    if model != "rgcn_mean":
+        assert any(b.rows == "compact_dst" for b in layer.forward_program.buffers), "the pass did not fire"
+    torch.manual_seed(seed)
+    x = torch.randn(g.num_nodes, IN, requires_grad=True)
+    params = {k: v.detach().clone().double().requires_grad_(True) for k, v in layer.weights.items()}
+    x64 = x.detach().double().requires_grad_(True)
+    out = layer(x)
+    up = torch.randn_like(out)
+    grads = torch.autograd.grad((out * up).sum(), [x] + list(layer.weights.values()))
+    ref = run(layer.ir, g, {"x": x64}, params)["out"]
+    ref_grads = torch.autograd.grad((ref * up.double()).sum(), [x64] + list(params.values()))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"seed {seed}: {m}")
+    for name, a, b in zip(["x"] + list(params), grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}, seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("model", ["rgat", "gated_rgat"])
+def test_dst_compaction_changes_nothing_the_user_sees(model, monkeypatch):
+    """The same layer with destination-side compaction forced on and off: equal outputs and gradients."""
+    seed = random.randrange(1 << 30)
+    spec, hp, _ = MODELS[model]
+    g = random_graph(seed, num_nodes=30, num_edges=300, num_etypes=3)
+    torch.manual_seed(seed)
+    x0 = torch.randn(g.num_nodes, IN)
+    res = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("PIGEON_COMPACT_DST", mode)
+        layer = pg.compile(spec, g, IN, seed=seed, **hp)
+        assert any(b.rows == "compact_dst" for b in layer.forward_program.buffers) == (mode == "1")
+        x = x0.clone().requires_grad_(True)
+        out = layer(x)
+        (out * out).sum().backward()
+        res[mode] = (out.detach(), x.grad, {k: v.grad for k, v in layer.weights.items()})
+    torch.testing.assert_close(res["0"][0], res["1"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res["0"][1], res["1"][1], rtol=1e-4, atol=1e-5)
+    for k in res["0"][2]:
+        torch.testing.assert_close(res["0"][2][k], res["1"][2][k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")

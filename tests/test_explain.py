@@ -14,6 +14,7 @@ def _run(capsys, *args):
 
 def test_explain_names_reordering_compaction_and_schedules(capsys, monkeypatch):
     monkeypatch.delenv("PIGEON_COMPACT", raising=False)
+    monkeypatch.setenv("PIGEON_COMPACT_DST", "0")       # the reordered linear on E rows (below: on Ud)
     monkeypatch.delenv("PIGEON_CUDA_GRAPHS", raising=False)
     code, lines, err = _run(capsys, "compile", "rgat", "--in-dim", 8, "--set", "heads=2", "--set", "out_dim=4",
                             "--explain")
@@ -41,3 +42,27 @@ def test_explain_says_when_compaction_is_not_applied(capsys, monkeypatch):
     assert code == 0, err
     assert any(l.startswith("compaction: not applied: PIGEON_COMPACT=0") for l in lines)
     assert not any("GEMM on U rows" in l for l in lines)
+
+
+def test_explain_names_the_sunk_score_and_destination_compaction(capsys, monkeypatch):
+    """RGAT on the tiny graph: the source score sunk onto U pairs, the reordered destination linear
+    on Ud (dst, etype) pairs, with the graph's numbers."""
+    monkeypatch.delenv("PIGEON_COMPACT", raising=False)
+    monkeypatch.delenv("PIGEON_COMPACT_DST", raising=False)
+    code, lines, err = _run(capsys, "compile", "rgat", "--in-dim", 8, "--set", "heads=2", "--set", "out_dim=4",
+                            "--explain")
+    assert code == 0, err
+    g = tiny_graph()
+    E, U, Ud = g.num_edges, g.compact().num_rows, g.compact_dst().num_rows
+    sink = next(l for l in lines if l.startswith("  sink:") and "dot on U compact rows" in l)
+    assert f"{2 * E * 8:,} -> {2 * U * 8:,} FLOP" in sink
+    assert f"{E * (8 + 2 * 2) * 4:,} -> {U * (8 + 2) * 4 + E * 2 * 4:,} B" in sink
+    comp = next(l for l in lines if l.startswith("compaction_dst:"))
+    assert comp.startswith("compaction_dst: applied") and f"E/Ud = {E / Ud:.2f}" in comp
+    gemm = next(l for l in lines if "GEMM on Ud rows" in l)
+    assert f"{2 * E * 8 * 2:,} -> {2 * Ud * 8 * 2:,} FLOP" in gemm
+    assert any("aggregate sum/dcompact" in l for l in lines if l.startswith("schedule:"))
+    monkeypatch.setenv("PIGEON_COMPACT_DST", "0")
+    code, lines, err = _run(capsys, "compile", "rgat", "--in-dim", 8, "--explain")
+    assert any(l.startswith("compaction_dst: not applied: PIGEON_COMPACT_DST=0") for l in lines)
+    assert not any("GEMM on Ud rows" in l for l in lines)

@@ -82,8 +82,9 @@ def test_random_spec_emulated_cuda_kernels_equal_reference(steps, seed):
 @given(steps=st.lists(STEP, min_size=1, max_size=8), seed=st.integers(0, 2**20))
 def test_random_spec_compacted_program_equals_reference(steps, seed):
     """Through the pass pipeline with compaction forced on (source linears on compact rows, edge-wise
-    work on them sunk into the compact domain): the kernels equal the reference of the compacted
-    graphs, and the compacted reference equals the traced one."""
+    work on them sunk into the compact domain, destination linears on (dst, etype) pairs): the
+    kernels equal the reference of the compacted graphs, and the compacted reference equals the
+    traced one."""
     check(steps, seed, TorchBackend(), compact=True)
 
 
@@ -93,7 +94,7 @@ def check(steps, seed, backend, compact=False):
     ir = spec.trace(D)
     if compact:
         from pigeon.passes.pipeline import graph_stats_for, run_pipeline
-        c, _ = run_pipeline(ir, graph_stats=graph_stats_for(g), choices={"compaction": True})
+        c, _ = run_pipeline(ir, graph_stats=graph_stats_for(g), choices={"compaction": True, "compaction_dst": True})
         res = c.autodiff
         res = type(res)(c.forward, c.backward, res.saved, res.recomputed, res.grad_inputs, res.grads)
     else:

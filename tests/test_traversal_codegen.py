@@ -72,6 +72,18 @@ def _extra_cases():
         ("type_reduce_compact_etype", _inst("type_reduce", bin_("mul", load(Buffer("c_hd", "compact", (H, D)), RowRef.SELF),
                                                                  load(tbuf("w_t", H, D), RowRef.ETYPE)),
                                             rows="compact", per="etype")),
+        # destination-side compact rows: edges summed into their (dst, etype) pair, pairs into their node
+        ("aggregate_dcompact", TraversalInstance("aggregate", bin_("mul", fe, load(tbuf("w_t", H, D), RowRef.ETYPE)),
+                                                 Buffer("out0", "compact_dst", (H, D)), side="dcompact")),
+        ("aggregate_compact_dst", _inst("aggregate", bin_("mul", load(Buffer("cd_hd", "compact_dst", (H, D)), RowRef.SELF),
+                                                          load(x, RowRef.DST)), side="compact_dst")),
+        ("aggregate_dcompact_edge_chunks", TraversalInstance(
+            "aggregate", bin_("mul", fe, load(tbuf("w_t", H, D), RowRef.ETYPE)), Buffer("out0", "compact_dst", (H, D)),
+            side="dcompact", schedule="edge_chunks")),
+        ("aggregate_compact_dst_edge_chunks", _inst("aggregate", load(Buffer("cd_hd", "compact_dst", (H, D)), RowRef.SELF),
+                                                    side="compact_dst", schedule="edge_chunks")),
+        ("edge_map_reads_compact_dst", _inst("edge_map", bin_("add", load(Buffer("cd_h", "compact_dst", (H,)),
+                                                                          RowRef.COMPACT_DST), ae))),
         ("sum_to_lead_and_trailing", _inst("edge_map", sum_to(reshape(fe, (2, H // 2, D)), (2, 1)))),
         ("reshape_of_sum_to", _inst("node_map", reshape(sum_to(load(x, RowRef.SELF), (1, D)), (2, D // 2)))),
         ("dot_broadcast_both", _inst("edge_map", dot(reshape(xs, (H, 1, D)), reshape(fe, (1, H, D))))),

@@ -234,7 +234,7 @@ def case_graphs(device="cpu") -> list[tuple[str, KernelGraph]]:
 
 def rows_of(kind: str, kg: KernelGraph) -> int:
     return {"node": kg.num_nodes, "edge": kg.num_edges, "etype": kg.num_etypes, "ntype": kg.num_ntypes,
-            "compact": kg.num_compact, "global": 1}[kind]
+            "compact": kg.num_compact, "compact_dst": kg.num_compact_dst, "global": 1}[kind]
 
 
 def out_rows(inst: TraversalInstance, kg: KernelGraph) -> int:

@@ -34,17 +34,29 @@ MIN_BLOCKS = 4      # __launch_bounds__(BLOCK, MIN_BLOCKS): >= 1024 resident thr
 CHUNK = 64
 MAX_GRID = 1 << 16
 GRAPH_ARRAYS = ("src", "dst", "etype", "ntype", "ntype_perm", "csc_ptr", "csc_eid", "csr_ptr", "csr_eid",
-                "edge_to_compact", "compact_src", "compact_etype", "cmp_ptr", "cmp_eid", "csrc_ptr", "csrc_id")
+                "edge_to_compact", "compact_src", "compact_etype", "cmp_ptr", "cmp_eid", "csrc_ptr", "csrc_id",
+                "edge_to_compact_dst", "compact_dst_node", "compact_dst_etype", "dcmp_ptr", "dcmp_eid", "cdst_ptr",
+                "cdst_id")
 _BUFFER_ROWS_OF_REF = {RowRef.SRC: "node", RowRef.DST: "node", RowRef.ETYPE: "etype", RowRef.NTYPE: "ntype",
-                       RowRef.COMPACT: "compact", RowRef.NONE: "global"}
+                       RowRef.COMPACT: "compact", RowRef.COMPACT_DST: "compact_dst", RowRef.NONE: "global"}
 # aggregate side -> (member list pointer, member ids, output row count, what the members are)
 AGGREGATE_LISTS = {"dst": ("csc_ptr", "csc_eid", "num_nodes", "incoming edges"),
                    "src": ("csr_ptr", "csr_eid", "num_nodes", "outgoing edges"),
                    "compact": ("cmp_ptr", "cmp_eid", "num_compact", "the edges of each (src, etype) pair"),
-                   "compact_src": ("csrc_ptr", "csrc_id", "num_nodes", "the (src, etype) pairs of each node")}
+                   "compact_src": ("csrc_ptr", "csrc_id", "num_nodes", "the (src, etype) pairs of each node"),
+                   "dcompact": ("dcmp_ptr", "dcmp_eid", "num_compact_dst", "the edges of each (dst, etype) pair"),
+                   "compact_dst": ("cdst_ptr", "cdst_id", "num_nodes", "the (dst, etype) pairs of each node")}
 # edge_chunks: the row reference naming a member's output row, and the array giving it
 CHUNK_KEYS = {"dst": (RowRef.DST, "dst"), "src": (RowRef.SRC, "src"), "compact": (RowRef.COMPACT, "edge_to_compact"),
-              "compact_src": (RowRef.SRC, "compact_src")}
+              "compact_src": (RowRef.SRC, "compact_src"),
+              "dcompact": (RowRef.COMPACT_DST, "edge_to_compact_dst"), "compact_dst": (RowRef.DST, "compact_dst_node")}
+# aggregate side -> the rows its members are (edges unless listed), the count of members and the
+# row reference naming a member's output row in the node-schedule template
+_MEMBER_ROWS = {"compact_src": "compact", "compact_dst": "compact_dst"}
+_MEMBER_COUNT = {"compact_src": "num_compact", "compact_dst": "num_compact_dst"}
+_OWNER = {"dst": RowRef.DST, "src": RowRef.SRC, "compact": RowRef.COMPACT, "compact_src": RowRef.SRC,
+          "dcompact": RowRef.COMPACT_DST, "compact_dst": RowRef.DST}
+_COMPACT_SIDES = ("compact", "compact_src", "dcompact", "compact_dst")
 
 
 class TraversalCodegenError(ExprCodegenError):
@@ -133,7 +145,7 @@ def check_instance(inst: TraversalInstance) -> None:
     want = inst.out_rows
     if inst.loop == "aggregate" and (inst.side not in AGGREGATE_LISTS or inst.reduce not in ("sum", "mean", "max")):
         raise TraversalCodegenError(f"aggregate with side {inst.side!r} / reduce {inst.reduce!r}")
-    if inst.loop == "aggregate" and inst.side.startswith("compact") and inst.reduce != "sum":
+    if inst.loop == "aggregate" and inst.side in _COMPACT_SIDES and inst.reduce != "sum":
         raise TraversalCodegenError(f"aggregate side {inst.side!r} sums; got reduce {inst.reduce!r}")
     if inst.schedule not in ("node", "edge_chunks"):
         raise TraversalCodegenError(f"unknown schedule {inst.schedule!r}")
@@ -167,7 +179,8 @@ def _edge_rows(row: str) -> dict[RowRef, RowBinding]:
     v = frozenset({row})
     return {RowRef.SELF: RowBinding(row, v), RowRef.SRC: RowBinding(row, v, "src"),
             RowRef.DST: RowBinding(row, v, "dst"), RowRef.ETYPE: RowBinding(row, v, "etype"),
-            RowRef.COMPACT: RowBinding(row, v, "edge_to_compact")}
+            RowRef.COMPACT: RowBinding(row, v, "edge_to_compact"),
+            RowRef.COMPACT_DST: RowBinding(row, v, "edge_to_compact_dst")}
 
 
 def _type_rows(row: str) -> dict[RowRef, RowBinding]:
@@ -178,6 +191,16 @@ def _compact_rows(row: str) -> dict[RowRef, RowBinding]:
     v = frozenset({row})
     return {RowRef.SELF: RowBinding(row, v), RowRef.SRC: RowBinding(row, v, "compact_src"),
             RowRef.ETYPE: RowBinding(row, v, "compact_etype")}
+
+
+def _compact_dst_rows(row: str) -> dict[RowRef, RowBinding]:
+    v = frozenset({row})
+    return {RowRef.SELF: RowBinding(row, v), RowRef.DST: RowBinding(row, v, "compact_dst_node"),
+            RowRef.ETYPE: RowBinding(row, v, "compact_dst_etype")}
+
+
+def _member_rows(side: str, row: str) -> dict[RowRef, RowBinding]:
+    return {"compact": _compact_rows, "compact_dst": _compact_dst_rows}.get(_MEMBER_ROWS.get(side), _edge_rows)(row)
 
 
 def _node_rows(row: str) -> dict[RowRef, RowBinding]:
@@ -249,7 +272,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
     elif loop == "aggregate" and inst.schedule == "edge_chunks":
         side = inst.side
         _, ids, _, members = AGGREGATE_LISTS[side]
-        rows = _compact_rows("e") if side == "compact_src" else _edge_rows("e")
+        rows = _member_rows(side, "e")
         owner, key = CHUNK_KEYS[side]
         rows[owner] = RowBinding("v", frozenset({"e"}))
         em = ExprEmitter(rows, f"aggregate over chunks of {members}")
@@ -257,7 +280,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         row = item.child({"e"}, "edge")
         val = em.eval(inst.expr, j, row)
         graph |= {ids, key}
-        size = "num_compact" if side == "compact_src" else "num_edges"     # the members chunked
+        size = _MEMBER_COUNT.get(side, "num_edges")     # the members chunked
         cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size, chunk=chunk,
                    eid=f"g_{ids}", ptr=f"g_{key}", reduce=inst.reduce)
         template = "traversal.edge.cu.jinja"
@@ -266,8 +289,8 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         side = "dst" if loop == "edge_softmax" else inst.side
         ptr, ids, size, members = AGGREGATE_LISTS[side]
         # the member rows (edges, or compact rows for compact_src) and what the group row is to them
-        rows = _compact_rows("e") if side == "compact_src" else _edge_rows("e")
-        owner = {"dst": RowRef.DST, "src": RowRef.SRC, "compact": RowRef.COMPACT, "compact_src": RowRef.SRC}[side]
+        rows = _member_rows(side, "e")
+        owner = _OWNER[side]
         rows[owner] = RowBinding("v", frozenset({"v"}))
         em = ExprEmitter(rows, f"{loop} over {members}")
         node = root.child({"v"}, "node")

@@ -198,6 +198,12 @@ class HeteroGraph:
         return self._cached("compact", lambda: L.build_compact(self.src, self.etype, self.num_nodes,
                                                                self.num_etypes))
 
+    def compact_dst(self) -> L.CompactMap:
+        """The unique (dst, etype) pairs, sorted by (etype, dst) (``CompactMap.src`` holds the
+        destination node of each pair)."""
+        return self._cached("compact_dst", lambda: L.build_compact(self.dst, self.etype, self.num_nodes,
+                                                                   self.num_etypes))
+
     def in_degree(self) -> torch.Tensor:
         """Float32 [N]: in-degree of each node."""
         return self._cached("in_deg", lambda: L.in_degree(self.dst, self.num_nodes))

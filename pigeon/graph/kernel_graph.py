@@ -107,6 +107,34 @@ class KernelGraph:
                 "cmp_ptr": _ptr(inverse, U), "cmp_eid": torch.argsort(inverse, stable=True).int(),
                 "csrc_ptr": _ptr(c_src, self.num_nodes), "csrc_id": torch.argsort(c_src, stable=True).int()}
 
+    # -- destination-side compact rows: one per unique (dst, etype) pair, sorted by (etype, dst) -----
+    @functools.cached_property
+    def _compact_dst(self) -> dict:
+        N = max(self.num_nodes, 1)
+        key = self.etype.long() * N + self.dst.long()
+        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        c_etype, c_dst = torch.div(uniq, N, rounding_mode="floor"), uniq % N
+        U = int(uniq.numel())
+        return {"num_compact_dst": U, "compact_dst_node": c_dst.int(), "compact_dst_etype": c_etype.int(),
+                "compact_dst_etype_ptr": _ptr(c_etype, self.num_etypes), "edge_to_compact_dst": inverse.int(),
+                # a pair's edges (kernel-order ids), and a node's pairs
+                "dcmp_ptr": _ptr(inverse, U), "dcmp_eid": torch.argsort(inverse, stable=True).int(),
+                "cdst_ptr": _ptr(c_dst, self.num_nodes), "cdst_id": torch.argsort(c_dst, stable=True).int()}
+
+    @functools.cached_property
+    def compact_dst_stats(self) -> dict:
+        """Destination-side compact statistics the schedule choice reads (plain ints)."""
+        per_row = self.dcmp_ptr[1:] - self.dcmp_ptr[:-1]
+        per_node = self.cdst_ptr[1:] - self.cdst_ptr[:-1]
+        return {"num_compact_dst": self.num_compact_dst,
+                "max_compact_dst_edges": int(per_row.max()) if per_row.numel() else 0,
+                "max_node_compact_dsts": int(per_node.max()) if per_node.numel() else 0}
+
+    @functools.cached_property
+    def all_compact_dst_ptr(self) -> torch.Tensor:
+        """[0, Ud]: one segment holding every destination-side compact row."""
+        return torch.tensor([0, self.num_compact_dst], dtype=torch.int32, device=self.device)
+
     @functools.cached_property
     def compact_stats(self) -> dict:
         """Compact-row statistics the schedule choice reads (plain ints)."""
@@ -140,6 +168,21 @@ COMPACT_FIELDS = {
 }
 for _name, _doc in COMPACT_FIELDS.items():
     setattr(KernelGraph, _name, property(lambda self, _n=_name: self._compact[_n], doc=_doc))
+
+# the destination-side compact arrays (unique (dst, etype) pairs, sorted by (etype, dst))
+COMPACT_DST_FIELDS = {
+    "num_compact_dst": "Ud, the number of unique (dst, etype) pairs (destination-side compact rows)",
+    "compact_dst_node": "[Ud] destination node of each destination-side compact row (int32)",
+    "compact_dst_etype": "[Ud] edge type of each destination-side compact row (int32); rows are sorted by it",
+    "compact_dst_etype_ptr": "[R+1] the destination-side compact rows of each relation",
+    "edge_to_compact_dst": "[E] destination-side compact row of each kernel-order edge",
+    "dcmp_ptr": "[Ud+1] into dcmp_eid: the edges of each (dst, etype) pair",
+    "dcmp_eid": "[E] kernel-order edge ids grouped by (dst, etype) pair",
+    "cdst_ptr": "[N+1] into cdst_id: the (dst, etype) pairs of each node",
+    "cdst_id": "[Ud] destination-side compact row ids grouped by node",
+}
+for _name, _doc in COMPACT_DST_FIELDS.items():
+    setattr(KernelGraph, _name, property(lambda self, _n=_name: self._compact_dst[_n], doc=_doc))
 
 
 def _ptr(sorted_keys: torch.Tensor, n: int) -> torch.Tensor:

@@ -119,7 +119,8 @@ def build_coo_by_etype(src, dst, etype, num_etypes: int) -> EtypeCOO:
 
 
 def build_compact(src, etype, num_nodes: int, num_etypes: int) -> CompactMap:
-    """Unique (src, etype) pairs (see :class:`CompactMap`)."""
+    """Unique (src, etype) pairs (see :class:`CompactMap`); given the destinations, the unique
+    (dst, etype) pairs (``HeteroGraph.compact_dst``)."""
     key = etype * num_nodes + src
     uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
     u_etype = torch.div(uniq, num_nodes, rounding_mode="floor")

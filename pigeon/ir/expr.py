@@ -58,6 +58,7 @@ class RowRef(enum.Enum):
     ETYPE = "etype"
     NTYPE = "ntype"
     COMPACT = "compact"    # edge loop: the edge's (src, etype) compact row (see Domain.COMPACT)
+    COMPACT_DST = "compact_dst"    # edge loop: the edge's (dst, etype) row (see Domain.COMPACT_DST)
     NONE = "none"
 
 
@@ -65,7 +66,7 @@ class RowRef(enum.Enum):
 class Buffer:
     """A kernel argument: ``rows`` says what indexes its leading axis."""
     name: str                       # C identifier chosen by the lowering, never a user string
-    rows: str                       # "node" | "edge" | "compact" | "etype" | "ntype" | "global"
+    rows: str                       # "node" | "edge" | "compact" | "compact_dst" | "etype" | "ntype" | "global"
     shape: tuple[int, ...]
     dtype: str = "float32"          # storage dtype
 

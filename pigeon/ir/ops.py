@@ -20,7 +20,7 @@ class OpKind(enum.Enum):
     PARAM = "param"                 # a learned weight, per type or global
     GRAPH_DATA = "graph_data"       # a value derived from the graph structure alone (e.g. 1/degree)
     GATHER = "gather"               # node value -> edge (src|dst) or compact (compact_src) rows
-    EXPAND_COMPACT = "expand_compact"   # compact rows -> edge rows (edge -> its (src, etype) row)
+    EXPAND_COMPACT = "expand_compact"   # compact rows -> edge rows (edge -> its (src|dst, etype) row)
     TYPE_INDEX = "type_index"       # per-type weight W -> rows, W[type of row]
     TYPED_LINEAR = "typed_linear"   # x @ W[type of row] (or x @ W for a global W)
     UNARY = "unary"                 # elementwise fn(x[, c])
@@ -47,10 +47,15 @@ GRAPH_DATA = {
 # side -> (input rows, output rows): dst/src sum edges into their destination/source node;
 # compact sums edges into their (src, etype) compact row; compact_src sums compact rows into
 # their source node (the gradients of expand_compact and of the compact_src gather)
+# (compact_dst rows: the same on the destination side: dcompact sums edges into their (dst, etype)
+# pair, compact_dst sums pairs into their destination node)
 AGGREGATE_SIDES = {"dst": (Domain.EDGE, Domain.NODE), "src": (Domain.EDGE, Domain.NODE),
-                   "compact": (Domain.EDGE, Domain.COMPACT), "compact_src": (Domain.COMPACT, Domain.NODE)}
+                   "compact": (Domain.EDGE, Domain.COMPACT), "compact_src": (Domain.COMPACT, Domain.NODE),
+                   "dcompact": (Domain.EDGE, Domain.COMPACT_DST), "compact_dst": (Domain.COMPACT_DST, Domain.NODE)}
 GATHER_SIDES = {"src": (Domain.NODE, Domain.EDGE), "dst": (Domain.NODE, Domain.EDGE),
-                "compact_src": (Domain.NODE, Domain.COMPACT)}
+                "compact_src": (Domain.NODE, Domain.COMPACT), "compact_dst": (Domain.NODE, Domain.COMPACT_DST)}
+# the compact domains: what expand_compact reads, and the aggregate side of its gradient
+EXPAND_GRAD_SIDE = {Domain.COMPACT: "compact", Domain.COMPACT_DST: "dcompact"}
 INITS = ("glorot", "zeros", "ones", "normal")
 
 
@@ -152,7 +157,7 @@ def infer_type(kind: OpKind, attrs: dict[str, Any], ins: list[ValueType]) -> Val
 def _per_type_result(x: ValueType, per, shape, what: str) -> ValueType:
     if per is None:
         return ValueType(Domain.GLOBAL, tuple(shape), x.dtype)
-    ok = {TypeAxis.ETYPE: (Domain.EDGE, Domain.COMPACT), TypeAxis.NTYPE: (Domain.NODE,)}[per]
+    ok = {TypeAxis.ETYPE: (Domain.EDGE, Domain.COMPACT, Domain.COMPACT_DST), TypeAxis.NTYPE: (Domain.NODE,)}[per]
     if x.domain not in ok:
         raise SignatureError(f"{what}: rows of {x.domain.value} have no {per.value}")
     return ValueType(Domain.WEIGHT, tuple(shape), x.dtype, per)

@@ -24,9 +24,10 @@ class GemmLaunch:
     x: str                  # buffer names; the weight_grad form reads x and y and writes w (dW)
     w: str
     y: str
-    rows: Literal["edge", "node", "compact", "etype", "ntype"]    # which rows the instance loops over (M)
+    rows: Literal["edge", "node", "compact", "compact_dst", "etype", "ntype"]    # which rows the instance loops over (M)
     seg: Literal["etype", "ntype", "all"]
-    gather: str | None = None        # graph index array: "src", "dst", "ntype_perm", "compact_src", "edge_to_compact"
+    gather: str | None = None        # graph index array: "src", "dst", "ntype_perm", "compact_src", "edge_to_compact",
+                                     # "compact_dst", "edge_to_compact_dst"
     scatter: str | None = None       # rows form: output index; weight_grad form: dY index
 
     def reads(self) -> tuple[str, ...]:

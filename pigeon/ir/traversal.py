@@ -18,13 +18,16 @@ DST        dst[e]       (a node buffer)             -- not allowed
 ETYPE      etype[e]     (a per-edge-type buffer)    -- not allowed
 NTYPE      -- not allowed                           ntype[v] (a per-node-type buffer)
 COMPACT    edge_to_compact[e] (a compact buffer)    -- not allowed
+COMPACT_DST edge_to_compact_dst[e] (compact_dst)   -- not allowed
 NONE       -- (a global buffer: no row)             same
 =========  =======================================  ===============================
 
 Compact loops (``compact_map``, ``aggregate`` with side ``compact_src``, ``type_reduce`` over
 compact rows) visit compact rows ``c``
 (one per unique (source node, edge type) pair, sorted by (etype, src)): SELF is ``c`` (a compact
-buffer), SRC ``compact_src[c]`` (a node buffer), ETYPE ``compact_etype[c]``.
+buffer), SRC ``compact_src[c]`` (a node buffer), ETYPE ``compact_etype[c]``.  Destination-side
+compact loops (``aggregate`` with side ``compact_dst``) visit the unique (dst, etype) pairs: SELF a
+compact_dst buffer, DST ``compact_dst_node[c]``, ETYPE ``compact_dst_etype[c]``.
 
 Element expressions
 -------------------
@@ -54,6 +57,8 @@ Loops (one output buffer per instance; ``out_shape == expr.shape``)
   ``dst`` or ``src``; ``reduce`` is ``sum``, ``mean`` (sum / count) or ``max``; 0 where no edge.
   Side ``compact``: ``out[c, I] = sum over edges e of pair c``; side ``compact_src``:
   ``out[v, I] = sum over compact rows c with compact_src[c] == v of expr(c, I)`` (sum only).
+  The destination side: ``dcompact`` sums each (dst, etype) pair's edges, ``compact_dst`` sums
+  those pairs into their destination node.
   ``schedule`` changes only the thread mapping (and the order of float additions).
 * ``edge_softmax``: ``out[e, I] = exp(s(e, I) - m) / sum over e' with dst(e') == dst(e) of
   exp(s(e', I) - m)`` where ``s = expr`` and ``m`` the max of ``s`` over those edges.
@@ -79,7 +84,7 @@ class TraversalInstance:
     loop: Literal["edge_map", "node_map", "compact_map", "type_map", "aggregate", "edge_softmax", "type_reduce"]
     expr: Expr
     out: Buffer
-    side: Literal["dst", "src", "compact", "compact_src"] = "dst"          # aggregate only
+    side: Literal["dst", "src", "compact", "compact_src", "dcompact", "compact_dst"] = "dst"   # aggregate only
     reduce: Literal["sum", "mean", "max"] = "sum"  # aggregate only
     rows: Literal["edge", "node", "compact"] = "edge"   # type_reduce only
     per: Literal["etype", "ntype", "none"] = "none"  # type_reduce; type_map (its rows)
@@ -102,6 +107,8 @@ class TraversalInstance:
         if self.loop == "compact_map" or (self.loop == "aggregate" and self.side == "compact_src") or (
                 self.loop == "type_reduce" and self.rows == "compact"):
             return "compact"
+        if self.loop == "aggregate" and self.side == "compact_dst":
+            return "compact_dst"
         if self.loop == "type_map":
             return self.per
         if self.loop in ("edge_map", "aggregate", "edge_softmax") or (
@@ -115,7 +122,7 @@ class TraversalInstance:
         if self.loop in ("type_reduce", "type_map"):
             return {"etype": "etype", "ntype": "ntype", "none": "global"}[self.per]
         if self.loop == "aggregate":
-            return "compact" if self.side == "compact" else "node"
+            return {"compact": "compact", "dcompact": "compact_dst"}.get(self.side, "node")
         return {"edge_map": "edge", "node_map": "node", "compact_map": "compact", "edge_softmax": "edge"}[self.loop]
 
     @property

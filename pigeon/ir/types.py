@@ -13,6 +13,7 @@ class Domain(enum.Enum):
     NODE = "node"          # one row per node (all node types share one id space)
     EDGE = "edge"          # one row per edge
     COMPACT = "compact"    # one row per unique (source node, edge type) pair
+    COMPACT_DST = "compact_dst"    # one row per unique (destination node, edge type) pair
     WEIGHT = "weight"      # one row per type (edge type or node type): per-type weights
     GLOBAL = "global"      # no rows: one tensor shared by all rows (untyped weights, biases)
 
@@ -22,7 +23,7 @@ class TypeAxis(enum.Enum):
     NTYPE = "ntype"
 
 
-ROW_DOMAINS = (Domain.NODE, Domain.EDGE, Domain.COMPACT)
+ROW_DOMAINS = (Domain.NODE, Domain.EDGE, Domain.COMPACT, Domain.COMPACT_DST)
 # every dtype the IR knows; value types of the inter-operator IR are the float ones today, the
 # others type buffers and expressions of the integer / bitwise / fp8 families (ShiftAdd, fp8 GEMM)
 FLOAT_DTYPES = ("float32", "float64", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")

@@ -109,7 +109,9 @@ def schedule_points(programs: Iterable[KernelProgram | None], stats: dict) -> li
 
 
 _SIDE_KEYS = {"dst": ("max_in_degree", "num_edges"), "src": ("max_out_degree", "num_edges"),
-              "compact": ("max_compact_edges", "num_edges"), "compact_src": ("max_node_compacts", "num_compact")}
+              "compact": ("max_compact_edges", "num_edges"), "compact_src": ("max_node_compacts", "num_compact"),
+              "dcompact": ("max_compact_dst_edges", "num_edges"),
+              "compact_dst": ("max_node_compact_dsts", "num_compact_dst")}
 
 
 # ---------------------------------------------------------------------------------------- candidates
@@ -193,6 +195,7 @@ def estimate(programs: Iterable[KernelProgram | None], stats: dict, dtype: str =
     el = ELEMENT_BYTES.get(dtype, 4)
     rows = {"edge": stats.get("num_edges", 0), "node": stats.get("num_nodes", 0),
             "compact": stats.get("num_compact", stats.get("num_edges", 0)),
+            "compact_dst": stats.get("num_compact_dst", stats.get("num_edges", 0)),
             "etype": stats.get("num_etypes", 1), "ntype": stats.get("num_ntypes", 1)}
     est = Estimate()
     for prog in programs:

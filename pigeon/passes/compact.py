@@ -37,6 +37,21 @@ through ``edge_to_compact``), so nothing is materialized that was not before; an
 the value (an ``edge_softmax``, an aggregate) reads the expanded value as it read the edge value.
 The gradient of the compact ``type_index`` is a per-relation sum over compact rows
 (``type_reduce`` over compact rows), of ``expand_compact`` a sum of each pair's edges.
+
+Destination-side compaction (``DST_RULES``, its own decision ``decide_dst``): a typed linear of
+destination rows, ``x[dst] @ W[etype]``, depends only on the edge's (destination node, relation)
+pair, so it is computed once per unique pair (``Domain.COMPACT_DST``, Ud rows sorted by (etype,
+dst)) and read per edge through ``edge_to_compact_dst``:
+
+    typed_linear(gather[dst](x), W per etype)
+        -> expand_compact(typed_linear(gather[compact_dst](x), W per etype))
+
+RGAT's destination score (after the linear reordering folded a_dst into W, an E x K GEMM with
+n = heads) becomes a GEMM over Ud rows.  Backward mirrors the source side: the gradient of the
+expand sums each pair's edges (``aggregate side=dcompact``), of the gather sums pairs into their
+destination node (``aggregate side=compact_dst``).  It compacts when E / Ud reaches
+``MIN_EDGES_PER_ROW`` (ogbn-mag: 21.1M edges, about 1.3M (dst, relation) pairs); ``PIGEON_COMPACT_DST``
+= ``auto`` | ``1`` | ``0``.  Nothing is sunk on this side (the sink rules read source-side rows only).
 """
 from __future__ import annotations
 
@@ -49,6 +64,7 @@ from .rewrite import Pat, Rule, var
 
 MIN_EDGES_PER_ROW = 1.5
 ENV = "PIGEON_COMPACT"
+ENV_DST = "PIGEON_COMPACT_DST"
 
 TL, GATHER, EXPAND = OpKind.TYPED_LINEAR, OpKind.GATHER, OpKind.EXPAND_COMPACT
 TYPE_INDEX = OpKind.TYPE_INDEX
@@ -65,21 +81,27 @@ class Decision:
     why: str
 
 
-def decide(stats: dict | None) -> Decision:
-    """Compact or not, from the graph's ``stats()`` (``num_edges``, ``compact_rows``)."""
-    mode = os.environ.get(ENV, "auto").strip().lower()
+def decide(stats: dict | None, *, env: str = ENV, rows: str = "compact_rows", side: str = "src") -> Decision:
+    """Compact or not, from the graph's ``stats()`` (``num_edges``, ``compact_rows``; the
+    destination side: ``decide_dst``)."""
+    mode = os.environ.get(env, "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
-        raise CompactionError(f"{ENV}={mode!r}: expected 'auto', '1' or '0'")
+        raise CompactionError(f"{env}={mode!r}: expected 'auto', '1' or '0'")
     if mode == "1":
-        return Decision(True, f"{ENV}=1")
+        return Decision(True, f"{env}=1")
     if mode == "0":
-        return Decision(False, f"{ENV}=0")
-    if not stats or not stats.get("compact_rows"):
+        return Decision(False, f"{env}=0")
+    if not stats or not stats.get(rows):
         return Decision(False, "no graph statistics (compiled without a graph)")
-    ratio = stats["num_edges"] / stats["compact_rows"]
+    ratio = stats["num_edges"] / stats[rows]
     if ratio >= MIN_EDGES_PER_ROW:
-        return Decision(True, f"{ratio:.2f} edges per (src, etype) pair >= {MIN_EDGES_PER_ROW}")
-    return Decision(False, f"{ratio:.2f} edges per (src, etype) pair < {MIN_EDGES_PER_ROW}")
+        return Decision(True, f"{ratio:.2f} edges per ({side}, etype) pair >= {MIN_EDGES_PER_ROW}")
+    return Decision(False, f"{ratio:.2f} edges per ({side}, etype) pair < {MIN_EDGES_PER_ROW}")
+
+
+def decide_dst(stats: dict | None) -> Decision:
+    """Destination-side compaction or not: E / Ud against the same threshold (``compact_dst_rows``)."""
+    return decide(stats, env=ENV_DST, rows="compact_dst_rows", side="dst")
 
 
 def _per_etype(op) -> bool:
@@ -100,7 +122,7 @@ def _sink(m):
     compact) | global, ...)), or None where an edge-wise operand depends on more than the pair."""
     ins, expanded = [], False
     for x in m.inputs():
-        if x.kind is EXPAND:
+        if x.kind is EXPAND and m.inputs(x)[0].type.domain is Domain.COMPACT:
             ins.append(m.inputs(x)[0])
             expanded = True
         elif x.kind is TYPE_INDEX and x.attr("domain") is Domain.EDGE and _per_etype(m.inputs(x)[0]):
@@ -112,6 +134,18 @@ def _sink(m):
     if not expanded:
         return None
     return m.make(EXPAND, [m.make(m.op.kind, ins, **dict(m.op.attrs))])
+
+
+def _compact_dst(m):
+    x, w = m["x"], m["w"]
+    if x.type.domain is not Domain.NODE or not _per_etype(w):
+        return None
+    rows = m.make(GATHER, [x], side="compact_dst")
+    z = m.make(TL, [rows, w], **dict(m.op.attrs))
+    return m.make(EXPAND, [z])
+
+
+DST_RULES = [Rule("compact_dst_linear", Pat.of(TL, Pat.of(GATHER, var("x"), side="dst"), var("w")), _compact_dst)]
 
 
 def _edge_wise(op) -> bool:

@@ -21,6 +21,7 @@ def _fmt(n: float) -> str:
 
 def _rows(domain: Domain, stats: dict) -> int:
     return {Domain.EDGE: stats["num_edges"], Domain.COMPACT: stats["compact_rows"],
+            Domain.COMPACT_DST: stats.get("compact_dst_rows", stats["num_edges"]),
             Domain.NODE: stats["num_nodes"]}.get(domain, stats.get("num_types", 1))
 
 
@@ -84,6 +85,24 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
         if rest:
             out.append(f"  sink: {rest} elementwise/reshape op(s) on compact rows, inlined into the edge "
                        f"kernels that read them (through edge_to_compact)")
+    # destination-side compaction
+    r = rec.get("compaction_dst")
+    if r is not None:
+        Ud = stats.get("compact_dst_rows", 0)
+        out.append(f"compaction_dst: {r.note} (E = {_fmt(E)} edges, Ud = {_fmt(Ud)} (dst, etype) pairs, "
+                   f"E/Ud = {E / max(Ud, 1):.2f}, threshold {MIN_EDGES_PER_ROW})")
+        for op in ir.of_kind(OpKind.TYPED_LINEAR):
+            if op.type.domain is not Domain.COMPACT_DST:
+                continue
+            w = ir.op(op.inputs[1]).type.shape
+            k, n = w[-2], w[-1]
+            heads = w[0] if len(w) == 3 else 1
+            fe, fu = 2 * E * k * n * heads, 2 * Ud * k * n * heads
+            # the GEMM reads a gathered K-wide destination row per GEMM row and writes n per row
+            be, bu = E * (k + n * heads) * el, Ud * (k + n * heads) * el
+            out.append(f"  {op.loc or 'typed_linear'}: GEMM on Ud rows: {_fmt(fe)} -> {_fmt(fu)} FLOP, reads + "
+                       f"writes {_fmt(be)} -> {_fmt(bu)} B (saves {_fmt(be - bu)} B; +{_fmt(4 * E)} B of "
+                       f"edge -> pair index)")
     # aggregation schedules
     for name, prog in programs.items():
         if prog is None:
@@ -94,7 +113,9 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
             inst = launch.inst
             d_key, n_key = {"dst": ("max_in_degree", "num_edges"), "src": ("max_out_degree", "num_edges"),
                             "compact": ("max_compact_edges", "num_edges"),
-                            "compact_src": ("max_node_compacts", "num_compact")}[inst.side]
+                            "compact_src": ("max_node_compacts", "num_compact"),
+                            "dcompact": ("max_compact_dst_edges", "num_edges"),
+                            "compact_dst": ("max_node_compact_dsts", "num_compact_dst")}[inst.side]
             width = inst.out.width
             group = 1 << max(0, (min(max(width, 1), 32) - 1).bit_length())
             if d_key in stats:

@@ -30,10 +30,13 @@ class LoweringError(NotImplementedError):
     pass
 
 
-_ROWS = {Domain.NODE: "node", Domain.EDGE: "edge", Domain.COMPACT: "compact"}
+_ROWS = {Domain.NODE: "node", Domain.EDGE: "edge", Domain.COMPACT: "compact", Domain.COMPACT_DST: "compact_dst"}
 _MAP_LOOP = {"node": "node_map", "edge": "edge_map", "compact": "compact_map"}
 # the loop rows of an aggregation's input, per side (ir/ops.py AGGREGATE_SIDES)
-_AGGREGATE_LOOP = {"dst": "edge", "src": "edge", "compact": "edge", "compact_src": "compact"}
+_AGGREGATE_LOOP = {"dst": "edge", "src": "edge", "compact": "edge", "compact_src": "compact",
+                   "dcompact": "edge", "compact_dst": "compact_dst"}
+# gathers of node values into compact rows: the loop rows, and how a compact row reads its node
+_COMPACT_GATHER = {"compact_src": ("compact", RowRef.SRC), "compact_dst": ("compact_dst", RowRef.DST)}
 
 
 # an expand_compact read in an edge loop: compact rows through edge_to_compact, the pair's relation
@@ -118,11 +121,11 @@ class _Lowering:
         k = op.kind
         if k is OpKind.GATHER:
             side = op.attr("side")
-            want = "compact" if side == "compact_src" else "edge"
+            want, ref = _COMPACT_GATHER.get(side, ("edge", RowRef.DST if side == "dst" else RowRef.SRC))
             if loop != want or remap is not None:
                 raise LoweringError(f"gather {side} inside a loop over {loop} rows")
             inner = self.ir.op(op.inputs[0])
-            sub = {RowRef.SELF: RowRef.DST if side == "dst" else RowRef.SRC, RowRef.NONE: RowRef.NONE}
+            sub = {RowRef.SELF: ref, RowRef.NONE: RowRef.NONE}
             if not self._gatherable(inner.key):
                 self.materialize(inner.key)
             return self.expr(inner.key, loop, sub)
@@ -130,6 +133,8 @@ class _Lowering:
             if loop != "edge" or remap is not None:
                 raise LoweringError(f"expand_compact inside a loop over {loop} rows")
             inner = op.inputs[0]
+            if self.ir.op(inner).type.domain is Domain.COMPACT_DST:     # an edge's (dst, etype) pair
+                return load(self.ensure_buffer(inner), RowRef.COMPACT_DST)
             if inner not in self.buffers and self._expandable(inner):
                 # a fused compact expression (work sunk into the compact domain): evaluated in the
                 # edge loop with its compact loads read through edge_to_compact, nothing materialized
@@ -193,6 +198,9 @@ class _Lowering:
         op = self.ir.op(key)
         if op.type.domain is Domain.GLOBAL:
             raise LoweringError(f"elementwise {op.kind.value} on global weights is not lowered to kernels")
+        if op.type.domain is Domain.COMPACT_DST:
+            raise LoweringError(f"elementwise {op.kind.value} on destination-side compact rows is not lowered "
+                                "to kernels (only typed linears and sums live there)")
         loop = op.type.per.value if op.type.domain is Domain.WEIGHT else _ROWS[op.type.domain]
         if op.kind in (OpKind.DOT, OpKind.SUM_TO):
             args = tuple(self.expr(i, loop) for i in op.inputs)
@@ -223,7 +231,9 @@ class _Lowering:
             inner = self.ir.op(op.inputs[0])
             while inner.kind is OpKind.RESHAPE and inner.key not in self.buffers:
                 inner = self.ir.op(inner.inputs[0])
-            index = "edge_to_compact" if op.kind is OpKind.EXPAND_COMPACT else op.attr("side")
+            index = op.attr("side")
+            if op.kind is OpKind.EXPAND_COMPACT:
+                index = "edge_to_compact_dst" if inner.type.domain is Domain.COMPACT_DST else "edge_to_compact"
             return self.ensure_buffer(inner.key), index
         return self.ensure_buffer(op.key), None
 

@@ -10,7 +10,7 @@ with what it changed (``pigeon compile --dump`` prints the records).
 ``choices`` (``run_pipeline(..., choices=)``, kept in ``Compilation.choices``) takes the
 graph-dependent decisions explicitly instead of by their cost rules: ``"linear_reorder": False``
 skips the reordering pass, ``"compaction": True | False`` compacts or not whatever the E/U rule
-says, and ``"schedule:..."`` entries are read after lowering (pigeon/passes/schedule.py).  The
+says (``"compaction_dst"`` the same for the destination side), and ``"schedule:..."`` entries are read after lowering (pigeon/passes/schedule.py).  The
 decision points and their options are listed by pigeon/passes/choices.py; ``pigeon compile
 --tune`` measures them.
 """
@@ -22,7 +22,8 @@ from typing import Callable
 from ..ir.graph import IRGraph
 from ..ir.verify import verify
 from .autodiff import AutodiffError, AutodiffResult, autodiff
-from .compact import RULES as COMPACT_RULES, Decision as CompactDecision, decide as decide_compaction
+from .compact import DST_RULES as COMPACT_DST_RULES, RULES as COMPACT_RULES, Decision as CompactDecision
+from .compact import decide as decide_compaction, decide_dst as decide_compaction_dst
 from .reorder import linear_reorder
 from .rewrite import Change, Rule, rewrite
 from .simplify import RULES as SIMPLIFY_RULES
@@ -123,13 +124,30 @@ def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
     return replace(c, ir=out)
 
 
+def _compaction_dst(c: Compilation, rec: PassRecord) -> Compilation:
+    """Destination-side compaction (typed linears of destination rows on unique (dst, etype)
+    pairs) where E / Ud says it pays (pigeon/passes/compact.py ``decide_dst``)."""
+    given = (c.choices or {}).get("compaction_dst")
+    d = decide_compaction_dst(c.graph_stats) if given is None else \
+        CompactDecision(bool(given), f"chosen explicitly (compaction_dst={bool(given)})")
+    if not d.compact:
+        rec.note = f"not applied: {d.why}"
+        return c
+    changes: list[Change] = []
+    out = verify(rewrite(c.ir, COMPACT_DST_RULES, changes=changes))
+    rec.changes.extend(("ir", ch) for ch in changes)
+    rec.note = f"applied: {d.why}" if changes else f"nothing to compact ({d.why})"
+    return replace(c, ir=out)
+
+
 SIMPLIFY = rules_pass("simplify", SIMPLIFY_RULES)
 DEAD_OPS = GraphPass("remove_dead_ops", _dead_ops)
 LINEAR_REORDER = GraphPass("linear_reorder", linear_reorder)
 COMPACTION = StagePass("compaction", _compaction)
+COMPACTION_DST = StagePass("compaction_dst", _compaction_dst)
 AUTODIFF = StagePass("autodiff", _autodiff)
 
-PIPELINE: tuple = (SIMPLIFY, DEAD_OPS, LINEAR_REORDER, COMPACTION, AUTODIFF, SIMPLIFY, DEAD_OPS)
+PIPELINE: tuple = (SIMPLIFY, DEAD_OPS, LINEAR_REORDER, COMPACTION, COMPACTION_DST, AUTODIFF, SIMPLIFY, DEAD_OPS)
 FORWARD_ONLY: tuple = (SIMPLIFY, DEAD_OPS)
 
 
@@ -183,7 +201,8 @@ def run_pipeline(ir: IRGraph, pipeline=PIPELINE, *, graph_stats: dict | None = N
 
 def graph_stats_for(graph) -> dict:
     """The statistics the graph-dependent passes read (cheap: the compact map is cached)."""
-    return {"num_edges": graph.num_edges, "compact_rows": graph.compact().num_rows}
+    return {"num_edges": graph.num_edges, "compact_rows": graph.compact().num_rows,
+            "compact_dst_rows": graph.compact_dst().num_rows}
 
 
 def _user_view(c: Compilation) -> IRGraph:

@@ -52,7 +52,9 @@ def aggregate_schedule(width: int, stats: dict, side: str = "dst") -> str:
     # the largest member list of one output row, and how many members there are in all
     d_key, n_key = {"dst": ("max_in_degree", "num_edges"), "src": ("max_out_degree", "num_edges"),
                     "compact": ("max_compact_edges", "num_edges"),
-                    "compact_src": ("max_node_compacts", "num_compact")}[side]
+                    "compact_src": ("max_node_compacts", "num_compact"),
+                    "dcompact": ("max_compact_dst_edges", "num_edges"),
+                    "compact_dst": ("max_node_compact_dsts", "num_compact_dst")}[side]
     if d_key not in stats:
         return "node"
     d_max = stats[d_key]

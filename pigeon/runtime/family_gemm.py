@@ -374,18 +374,20 @@ def gemm_operands(launch: GemmLaunch, kg: Any) -> dict[str, Any]:
     """Graph arrays of a GEMM launch: segment pointers, gather/scatter index lists, row count."""
     rows = launch.rows
     M = {"edge": kg.num_edges, "node": kg.num_nodes, "compact": kg.num_compact, "etype": kg.num_etypes,
-         "ntype": kg.num_ntypes}[rows]
+         "ntype": kg.num_ntypes, "compact_dst": kg.num_compact_dst}[rows]
     if launch.seg == "etype" and rows in ("etype", "ntype"):
         raise GemmLaunchError("a GEMM over per-type rows is untyped (seg 'all')")
     if launch.seg == "etype":
-        seg = kg.compact_etype_ptr if rows == "compact" else kg.etype_ptr
+        seg = {"compact": kg.compact_etype_ptr, "compact_dst": kg.compact_dst_etype_ptr}.get(rows, kg.etype_ptr)
     elif launch.seg == "ntype":
         seg = kg.ntype_ptr
     else:
         seg = {"edge": kg.all_edges_ptr, "node": kg.all_nodes_ptr, "compact": kg.all_compact_ptr,
+               "compact_dst": kg.all_compact_dst_ptr,
                "etype": kg.all_etypes_ptr, "ntype": kg.all_ntypes_ptr}[rows]
     index = {"src": kg.src, "dst": kg.dst, "ntype_perm": kg.ntype_perm, "compact_src": kg.compact_src,
-             "edge_to_compact": kg.edge_to_compact, None: None}
+             "edge_to_compact": kg.edge_to_compact, "compact_dst": kg.compact_dst_node,
+             "edge_to_compact_dst": kg.edge_to_compact_dst, None: None}
     return {"M": M, "seg_ptr": seg, "gather": index[launch.gather], "scatter": index[launch.scatter]}
 
 

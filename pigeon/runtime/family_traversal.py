@@ -30,9 +30,11 @@ def row_index(kg: KernelGraph, row: RowRef, loop_rows: str) -> torch.Tensor | No
         return None
     if loop_rows == "edge":
         table = {RowRef.SELF: None, RowRef.SRC: kg.src, RowRef.DST: kg.dst, RowRef.ETYPE: kg.etype,
-                 RowRef.COMPACT: kg.edge_to_compact}
+                 RowRef.COMPACT: kg.edge_to_compact, RowRef.COMPACT_DST: kg.edge_to_compact_dst}
     elif loop_rows == "compact":
         table = {RowRef.SELF: None, RowRef.SRC: kg.compact_src, RowRef.ETYPE: kg.compact_etype}
+    elif loop_rows == "compact_dst":
+        table = {RowRef.SELF: None, RowRef.DST: kg.compact_dst_node, RowRef.ETYPE: kg.compact_dst_etype}
     elif loop_rows in ("etype", "ntype"):
         table = {RowRef.SELF: None}
     else:
@@ -43,7 +45,8 @@ def row_index(kg: KernelGraph, row: RowRef, loop_rows: str) -> torch.Tensor | No
 
 
 def loop_row_count(kg: KernelGraph, loop_rows: str) -> int:
-    return {"edge": kg.num_edges, "node": kg.num_nodes, "compact": kg.num_compact, "etype": kg.num_etypes,
+    return {"edge": kg.num_edges, "node": kg.num_nodes, "compact": kg.num_compact,
+            "compact_dst": kg.num_compact_dst, "etype": kg.num_etypes,
             "ntype": kg.num_ntypes}[loop_rows]
 
 
@@ -74,7 +77,9 @@ def run_traversal_reference(inst: TraversalInstance, kg: KernelGraph,
     if inst.loop == "aggregate":
         idx, n = {"dst": (kg.dst, kg.num_nodes), "src": (kg.src, kg.num_nodes),
                   "compact": (kg.edge_to_compact, kg.num_compact),
-                  "compact_src": (kg.compact_src, kg.num_nodes)}[inst.side]
+                  "compact_src": (kg.compact_src, kg.num_nodes),
+                  "dcompact": (kg.edge_to_compact_dst, kg.num_compact_dst),
+                  "compact_dst": (kg.compact_dst_node, kg.num_nodes)}[inst.side]
         return aggregate(v, idx.long(), n, inst.reduce)
     if inst.loop == "edge_softmax":
         return edge_softmax(v, kg.dst.long(), kg.num_nodes)
@@ -92,6 +97,7 @@ def run_traversal_reference(inst: TraversalInstance, kg: KernelGraph,
 
 def _rows_of(b: Buffer, kg: KernelGraph) -> tuple[int, ...]:
     return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "compact": (kg.num_compact,),
+            "compact_dst": (kg.num_compact_dst,),
             "etype": (kg.num_etypes,), "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
 
 

@@ -37,6 +37,7 @@ class ProgramError(ValueError):
 
 def buffer_rows(b: Buffer, kg: KernelGraph) -> tuple[int, ...]:
     return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "compact": (kg.num_compact,),
+            "compact_dst": (kg.num_compact_dst,),
             "etype": (kg.num_etypes,), "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
 
 
