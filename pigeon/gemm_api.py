@@ -46,6 +46,7 @@ from typing import Callable
 
 import torch
 
+from . import trace_cache
 from .ir import expr as ex
 from .ir.expr_trace import Sym, TraceError, _lift
 from .ir.kernel import GemmInstance
@@ -152,81 +153,14 @@ def _row_segments(M: int, device: torch.device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- instance texts
 # Tracing an epilogue and serializing the instance cost ~100 us per call, as much as a 4096^3 GEMM on
-# the H200; the text is therefore kept per (epilogue, sizes).  An epilogue function is identified by
-# its code and by the values it can read (closure cells, defaults, the module globals its code
-# names), so a lambda re-created each call hits, and one whose captured scale changed misses.  A
-# function reading anything but numbers, strings, None, functions and modules is traced every call.
+# the H200; the text is therefore kept per (epilogue, sizes): pigeon/trace_cache.py says how an
+# epilogue function is identified.
 
-_TEXTS: dict = {}
-_PLAIN = (int, float, bool, str, bytes, type(None))
-
-
-_STABLE_MODULES = ("pigeon", "math", "torch", "operator", "numpy")
-
-
-def _value_key(v, depth: int):
-    import types
-    if isinstance(v, float):
-        return (float, repr(v))      # repr: -0.0 and 0.0 (equal as floats) trace differently
-    if isinstance(v, _PLAIN):
-        return (type(v), v)
-    if isinstance(v, types.FunctionType):
-        return ("fn", _function_key(v, depth + 1))     # a helper the epilogue calls: its values count too
-    if isinstance(v, (types.BuiltinFunctionType, type)):
-        return ("id", id(v))
-    if isinstance(v, types.ModuleType) and v.__name__.split(".")[0] in _STABLE_MODULES:
-        return ("id", id(v))        # pigeon's activations, math: their attributes do not change
-    raise TypeError
-
-
-def _function_key(fn, depth: int = 0):
-    if depth > 4:
-        raise TypeError
-    code = fn.__code__
-    cells = tuple(_value_key(c.cell_contents, depth) for c in (fn.__closure__ or ()))
-    defaults = tuple(_value_key(d, depth) for d in (fn.__defaults__ or ()))
-    kwdefaults = tuple(sorted((k, _value_key(v, depth)) for k, v in (fn.__kwdefaults__ or {}).items()))
-    g = fn.__globals__
-    globs = tuple((n, _value_key(g[n], depth)) for n in _global_names(code) if n in g)
-    return code, cells, defaults, kwdefaults, globs
-
-
-def epilogue_key(fn):
-    """A hashable key under which ``fn``'s trace may be reused, or None when it must be traced."""
-    import types
-    if fn is None:
-        return ()
-    if not isinstance(fn, types.FunctionType):
-        return None
-    try:
-        return _function_key(fn)
-    except (TypeError, ValueError):       # a value of another kind, or an empty cell
-        return None
-
-
-@functools.lru_cache(maxsize=1024)
-def _global_names(code) -> tuple:
-    """Names a function's code (and its nested functions') may read as globals."""
-    names = set(code.co_names)
-    for c in code.co_consts:
-        if hasattr(c, "co_names"):
-            names.update(_global_names(c))
-    return tuple(sorted(names))
+epilogue_key = trace_cache.function_key
 
 
 def _cached_text(kind: str, epilogue, make, *sizes) -> str:
-    if torch.compiler.is_compiling():
-        return make()
-    ek = epilogue_key(epilogue)
-    if ek is None:
-        return make()
-    key = (kind, ek) + sizes
-    text = _TEXTS.get(key)
-    if text is None:
-        if len(_TEXTS) >= 1024:
-            _TEXTS.clear()
-        text = _TEXTS[key] = make()
-    return text
+    return trace_cache.cached_text(kind, (epilogue,), make, *sizes)
 
 
 @torch.compiler.assume_constant_result

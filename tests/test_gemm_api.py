@@ -122,16 +122,16 @@ def test_grouped_op_passes_opcheck_and_bad_offsets_are_named():
 # ------------------------------------------------------------------ the host path's caches and direct call
 
 def test_epilogue_trace_is_reused_only_while_what_it_reads_is_unchanged():
-    from pigeon import gemm_api
+    from pigeon import gemm_api, trace_cache
     a = torch.randn(8, 16, dtype=torch.bfloat16)
     b = torch.randn(16, 8, dtype=torch.bfloat16)
     scale = 2.0
     f = lambda acc: acc * scale  # noqa: E731
     r2 = pg.gemm(a, b, epilogue=f)
-    n = len(gemm_api._TEXTS)
+    n = len(trace_cache._TEXTS)
     for _ in range(3):     # re-created lambdas of the same code and values hit the cache
         pg.gemm(a, b, epilogue=lambda acc: acc * scale)
-    assert len(gemm_api._TEXTS) <= n + 1
+    assert len(trace_cache._TEXTS) <= n + 1
     scale = 3.0            # the captured value changed: a new trace, a new result
     r3 = pg.gemm(a, b, epilogue=f)
     torch.testing.assert_close(r3.float(), r2.float() * 1.5, rtol=2e-2, atol=2e-2)
@@ -143,7 +143,7 @@ class _Cfg:
 
 
 def test_epilogue_reading_an_object_is_traced_every_call():
-    from pigeon import gemm_api
+    from pigeon import gemm_api, trace_cache
     cfg = _Cfg()
     f = lambda acc: acc * cfg.scale  # noqa: E731
     assert gemm_api.epilogue_key(f) is None
@@ -162,7 +162,7 @@ HELPER_SCALE = 2.0
 
 
 def test_epilogue_calling_a_helper_keys_on_the_helpers_globals():
-    from pigeon import gemm_api
+    from pigeon import gemm_api, trace_cache
     global HELPER_SCALE
     k2 = gemm_api.epilogue_key(lambda acc: _helper_scale(acc))
     HELPER_SCALE = 3.0

@@ -20,10 +20,13 @@ problem, before anything runs.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Callable
 
 import torch
 
+from .. import trace_cache
 from .mods import trace_mask_mod, trace_score_mod
 from .patterns import PATTERNS, S2, BlockList, Causal, SlidingWindow, TopK, all_blocks, block_lists, mask_expr
 from .reference import attention_reference
@@ -130,12 +133,18 @@ def _instance_text(score_mod, mask_mod, pattern, head_dim: int, value_dim: int, 
     constant under torch.compile: dynamo runs it once, eagerly, instead of tracing the tracer;
     ``pattern``: a closed-form pattern or None (a block-list / top-k pattern has no mask
     expression)."""
-    from ..codegen.attention import AttentionInstance
-    from .ops import instance_text
-    smod = trace_score_mod(score_mod) if score_mod is not None else None
-    mmod = trace_mask_mod(mask_mod) if mask_mod is not None else None
-    pm = mask_expr(pattern) if pattern is not None else None
-    return instance_text(AttentionInstance(head_dim, value_dim, dtype, group, packed, block_m, block_n, smod, mmod, pm))
+    def make() -> str:
+        from ..codegen.attention import AttentionInstance
+        from .ops import instance_text
+        smod = trace_score_mod(score_mod) if score_mod is not None else None
+        mmod = trace_mask_mod(mask_mod) if mask_mod is not None else None
+        pm = mask_expr(pattern) if pattern is not None else None
+        return instance_text(AttentionInstance(head_dim, value_dim, dtype, group, packed, block_m, block_n,
+                                               smod, mmod, pm))
+    # tracing and serializing cost 0.2-0.8 ms per call on the host: kept per (modifiers, pattern,
+    # sizes) as pigeon/trace_cache.py identifies functions (a closed-form pattern is a frozen value)
+    return trace_cache.cached_text("attention", (score_mod, mask_mod), make, pattern, head_dim, value_dim, dtype,
+                                   group, packed, block_m, block_n)
 
 
 @torch.compiler.assume_constant_result
@@ -169,6 +178,39 @@ def _call_shape(q, k, pattern, cu_seqlens) -> tuple:
     return packed, hq, hk, bm, bn, dtype, batch, sq, skv
 
 
+# The block lists of no pattern or a closed-form one depend only on the call shape: an eager call
+# reuses them (building them is a dozen small torch ops per call: ~0.3 ms of host time for causal
+# on the CPU machine).  The kernels only read them; at most MAX_LISTS shapes are kept, least
+# recently used first out (S 32k causal lists are ~2 MB).
+MAX_LISTS = 64
+_LISTS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_lists_lock = threading.Lock()
+
+
+def _closed_lists(closed, batch: int, hq: int, sq: int, skv: int, bm: int, bn: int, device) -> tuple:
+    """(ptr, col, full, shape) of no pattern (``closed`` None) or a closed-form pattern, cached."""
+    key = (closed, batch, hq, sq, skv, bm, bn, device)
+    got = _LISTS.get(key)
+    if got is not None:
+        with _lists_lock:
+            if key in _LISTS:
+                _LISTS.move_to_end(key)
+        return got
+    if closed is None:
+        lists = all_blocks(sq, skv, bm, bn, device)
+        got = (lists.ptr, lists.col, lists.full, tuple(lists.shape))
+    else:
+        from . import ops
+        ptr, col, full = ops.attention_block_lists(_pattern_text(closed), torch.empty(0, device=device), batch, hq,
+                                                   sq, skv, bm, bn)
+        got = (ptr, col, full, ops._list_rows(closed, hq, sq, bm))
+    with _lists_lock:
+        _LISTS[key] = got
+        while len(_LISTS) > MAX_LISTS:
+            _LISTS.popitem(last=False)
+    return got
+
+
 def _op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens) -> tuple:
     """pigeon::attention_fwd's arguments for a checked call: the instance text, q, k, v, the
     block lists (computed for this call), list_shape, cu_seqlens, scale."""
@@ -176,13 +218,16 @@ def _op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens) -> tuple:
     packed, hq, hk, bm, bn, dtype, batch, sq, skv = _call_shape(q, k, pattern, cu_seqlens)
     closed = pattern if isinstance(pattern, CLOSED_FORM) else None
     text = _instance_text(score_mod, mask_mod, closed, q.shape[-1], v.shape[-1], dtype, hq // hk, packed, bm, bn)
-    if pattern is None:
-        lists = all_blocks(sq, skv, bm, bn, q.device)
-        ptr, col, full, shape = lists.ptr, lists.col, lists.full, tuple(lists.shape)
-    elif closed is not None:        # an op: under torch.compile the lists' data-dependent length stays in the graph
-        ptr, col, full = torch.ops.pigeon.attention_block_lists(_pattern_text(closed), q.new_empty(0), batch, hq, sq,
-                                                                skv, bm, bn)
-        shape = ops._list_rows(closed, hq, sq, bm)
+    if pattern is None or closed is not None:
+        if not torch.compiler.is_compiling():      # eager: one list per call shape, made once
+            ptr, col, full, shape = _closed_lists(closed, batch, hq, sq, skv, bm, bn, q.device)
+        elif pattern is None:
+            lists = all_blocks(sq, skv, bm, bn, q.device)
+            ptr, col, full, shape = lists.ptr, lists.col, lists.full, tuple(lists.shape)
+        else:                       # an op: under torch.compile the lists' data-dependent length stays in the graph
+            ptr, col, full = torch.ops.pigeon.attention_block_lists(_pattern_text(closed), q.new_empty(0), batch, hq,
+                                                                    sq, skv, bm, bn)
+            shape = ops._list_rows(closed, hq, sq, bm)
     else:                           # block-list / top-k patterns: their given tensors
         lists = block_lists(pattern, batch, hq, sq, skv, bm, bn, q.device)
         ptr, col, full, shape = lists.ptr, lists.col, lists.full, tuple(lists.shape)
