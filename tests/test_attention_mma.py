@@ -93,10 +93,11 @@ def test_tensor_core_forward_compiles_for_sm90_without_spills():
 def test_schedule_knobs(monkeypatch):
     monkeypatch.delenv("PIGEON_ATTN_MMA_TUNE", raising=False)
     assert tuning(64) == DEFAULTS[64] == Schedule(64, 1, False, 3)
-    assert tuning(128) == DEFAULTS[128] == Schedule()      # the 128-row form lost on the H200 (0797018)
+    # the 128-row form lost on the H200 (0797018); the one-path pattern check won (c43ced9)
+    assert tuning(128) == DEFAULTS[128] == Schedule(full_branch="inline")
     assert tuning(128, "") == Schedule() and Schedule().threads == 128            # the plain 64-row form
     assert tuning(128, "bm128") == Schedule(128, 2) and tuning(64, "bm128,mt1,minb1").threads == 256
-    assert tuning(64, "mt2").threads == 64 and tuning(128, "default,bm64") == Schedule()
+    assert tuning(64, "mt2").threads == 64 and tuning(128, "default,bm64") == Schedule(full_branch="inline")
     assert tuning(128, "default,ks64").key_step == 64 and tuning(64, "q_smem,minb3") == DEFAULTS[64]
     assert tuning(128, DEFAULTS[128].tag()) == DEFAULTS[128]
     with pytest.raises(ValueError, match="unknown knob 'bm96'"):
@@ -119,8 +120,12 @@ def _doc_inst(d=128):
 
 def test_code_form_knobs(monkeypatch):
     """Issue 8's knobs: parsed, named (the defaults add nothing: today's kernel names and sources), the
-    forms they select in the rendered text, and the schedules that cannot be refused."""
+    forms they select in the rendered text, and the schedules that cannot be refused.  Checked from
+    the split-path form (the D=128 default before c43ced9's A/B made it full_inline)."""
     monkeypatch.delenv("PIGEON_ATTN_MMA_TUNE", raising=False)
+    import pigeon.codegen.attention_mma as am
+    assert am.DEFAULTS[128] == Schedule(full_branch="inline")
+    monkeypatch.setitem(am.DEFAULTS, 128, Schedule())
     s = tuning(128, "default," + DB8BC18_FORMS)
     assert (s.full_branch, s.static_smem, s.plain_walk, s.row_addr, s.row_elem) == ("inline", True, True, True, True)
     assert tuning(128, s.tag()) == s and s.tag().endswith("ks64," + DB8BC18_FORMS)

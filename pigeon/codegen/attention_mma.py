@@ -153,7 +153,11 @@ class Schedule:
 # form ran 230 / 142 TFLOP/s dense / causal against the plain 64-row form's 245 / 163 (the 32-key
 # steps' extra rescales and 246-255 registers), so D=128 stays on the plain 64-row form; the
 # 128-row schedule is kept as the ``bm128`` knob.
-DEFAULTS = {64: Schedule(64, 1, False, 3), 128: Schedule()}
+# D=128 takes the one-path pattern check (full_inline): measured on the H200 at c43ced9
+# (benchmarks/results/attention_doc_ab_h200_c43ced9.md, B4 H32 S4096 bf16) packed documents 2.108 ->
+# 1.981 ms and causal 3.323 -> 3.242 ms against the split full/partial paths (14 KB less code); D=64
+# was not measured and keeps the split paths.
+DEFAULTS = {64: Schedule(64, 1, False, 3), 128: Schedule(full_branch="inline")}
 # The code-form knobs (word -> (Schedule field, value)); the first word of each field is today's form.
 # Issue 8 (the packed-document forward 2.09 ms at db8bc18 -> 2.77 at 77791a9 on the H200): each of the
 # others reverts one part of the template's rework to its db8bc18 form, so an A/B of one process per
