@@ -381,6 +381,23 @@ def test_params_are_read_in_place_and_replaced_params_recapture(fake_cuda, monke
             torch.testing.assert_close(o, want, rtol=0, atol=0)
 
 
+def test_bf16_layer_casts_are_copied_in_and_replayed(fake_cuda, monkeypatch):
+    """A 16-bit layer's weights reach the executor as per-call casts of float32 masters: new tensors
+    each call, copied in (not keyed by address), so the layer is captured once and replayed."""
+    g = load("tiny")
+    layer = pg.compile(rgat, g, IN, out_dim=3, heads=2, dtype="bfloat16")
+    x = torch.randn(g.num_nodes, IN)
+    with torch.no_grad():
+        outs = [layer(x) for _ in range(4)]
+        lp = ops.get_layer(layer.layer_id)
+        fwd = replay.replays_of(lp.backend(x.device), lp.forward)
+        assert fwd.captures == 1 and next(iter(fwd.replays.values())).replays >= 2
+        monkeypatch.setenv(replay.ENV, "0")
+        want = layer(x)
+    for o in outs:
+        torch.testing.assert_close(o.float(), want.float(), rtol=0, atol=0)
+
+
 def test_strided_params_are_copied_in(fake_cuda):
     calls = []
     rs = replay.ReplaySet("p")
@@ -392,6 +409,7 @@ def test_strided_params_are_copied_in(fake_cuda):
         out = rs.run(("k",), ex, None, dev, {"x": torch.full((3,), float(i))}, {"w": w}, ("x",), ("w",))
     rep = rs.replays[("k",)]
     assert rep.copied_param_names == ("w",)
+    assert not replay._in_place(torch.ones(3)) and replay._in_place(torch.nn.Parameter(torch.ones(3)))
     base.mul_(5.0)                                            # the copy-in reads the new values
     out = rs.run(("k",), ex, None, dev, {"x": torch.zeros(3)}, {"w": w}, ("x",), ("w",))
     torch.testing.assert_close(out["out"], torch.full((3,), 5.0))

@@ -197,8 +197,8 @@ class Executor:
             t = params.get(name)
             if t is None:
                 return None
-            # a contiguous param is read in place by the captured graph (replay.py): its address
-            # belongs to the key; a strided one is copied in like an input
+            # a contiguous Parameter is read in place by the captured graph (replay.py): its address
+            # belongs to the key; any other param is copied in like an input
             parts.append((t.shape, t.dtype, t.device, t.data_ptr() if _replay._in_place(t) else None))
         return tuple(parts)
 

@@ -37,12 +37,13 @@ next replay overwrites the static outputs, and a result the caller holds, or tha
 for backward, must not change under it.  Strides are not part of the key: the executor makes every
 input contiguous anyway, and the copy into a contiguous static tensor does the same.
 
-Weights in place.  A contiguous param is not copied: the graph's kernels read the param's own
+Weights in place.  A contiguous ``torch.nn.Parameter`` is not copied: the graph's kernels read the param's own
 memory, and the key holds its address (``Executor._key``), so assigning a new tensor to it makes a
 new key (captured on its second call) while an in-place update (an optimizer step, ``copy_`` from a
 state dict) is read by the next replay, in stream order, exactly as a copy made at call time would
-have been.  That saves one fused copy of every weight per call.  A strided param is copied in
-like an input.
+have been.  That saves one fused copy of every weight per call.  Any other param (strided, or a
+plain tensor such as a 16-bit layer's per-call cast of its float32 master weight) is copied in like
+an input.
 
 Kept alive by a replay: its static tensors, the params it reads in place (a replaced param's old
 memory lives until its replay is evicted), every buffer of the captured run, the kernel graph,
@@ -216,8 +217,11 @@ CUDA = TorchCuda()
 
 def _in_place(t: torch.Tensor) -> bool:
     """Whether a captured graph may read the param ``t`` where it lies (``Executor._key`` then
-    holds its address): contiguous, so the executor binds ``t`` itself, not a copy."""
-    return t.is_contiguous()
+    holds its address): a ``torch.nn.Parameter`` (it outlives the call: a plain tensor, such as the
+    per-call bf16 cast of a 16-bit layer's float32 master weight, has a new address every call and
+    would make every call a new key, never replayed; H200 test_bf16_layer_replays at 4bbab3d), and
+    contiguous, so the executor binds ``t`` itself, not a copy."""
+    return type(t) is torch.nn.Parameter and t.is_contiguous()
 
 
 def _copy_into(dst: list, src: list) -> None:
