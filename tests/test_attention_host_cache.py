@@ -51,3 +51,19 @@ def test_block_lists_are_reused_per_shape_and_equal_fresh_ones():
     q2, k2, v2 = _qkv(s=256)                                  # another shape: other lists
     c = api._op_args(q2, k2, v2, None, None, Causal(), 0.1, None)
     assert c[4].numel() == 256 // 64 + 1
+
+
+def test_backward_key_major_lists_are_kept_per_list_tensors_and_versions():
+    import pigeon.runtime.attention_kernel as ak
+    from pigeon.attention.patterns import BlockLists
+    lists = block_lists(Causal(), 1, 2, 256, 256, 64, 64)
+    a = ak._transposed(lists, 4, torch.device("cpu"))
+    assert ak._transposed(lists, 4, torch.device("cpu")) is a          # kept
+    t = lists.transposed(4)
+    for got, want in zip(a, (t.ptr, t.col, t.full)):
+        assert got.dtype == torch.int32 and torch.equal(got.long(), want.long())
+    lists.full[0] = not bool(lists.full[0])                              # in place: a new version, recomputed
+    b = ak._transposed(lists, 4, torch.device("cpu"))
+    assert b is not a and torch.equal(b[2].long(), lists.transposed(4).full.long())
+    other = BlockLists(lists.shape, lists.ptr.clone(), lists.col.clone(), lists.full.clone())
+    assert ak._transposed(other, 4, torch.device("cpu")) is not b       # other tensors: their own entry

@@ -198,12 +198,14 @@ def _closed_lists(closed, batch: int, hq: int, sq: int, skv: int, bm: int, bn: i
         return got
     if closed is None:
         lists = all_blocks(sq, skv, bm, bn, device)
-        got = (lists.ptr, lists.col, lists.full, tuple(lists.shape))
+        ptr, col, full, shape = lists.ptr, lists.col, lists.full, tuple(lists.shape)
     else:
         from . import ops
         ptr, col, full = ops.attention_block_lists(_pattern_text(closed), torch.empty(0, device=device), batch, hq,
                                                    sq, skv, bm, bn)
-        got = (ptr, col, full, ops._list_rows(closed, hq, sq, bm))
+        shape = ops._list_rows(closed, hq, sq, bm)
+    # int32, as the kernels bind them (pigeon/runtime/attention_kernel.py: its casts are then no-ops)
+    got = tuple(t.to(torch.int32).contiguous() for t in (ptr, col, full)) + (shape,)
     with _lists_lock:
         _LISTS[key] = got
         while len(_LISTS) > MAX_LISTS:

@@ -14,6 +14,7 @@ template instead (pigeon/codegen/attention_wgmma.py, built for sm_90a; an error 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -124,10 +125,8 @@ def _run_mma_backward(inst, q, k, v, out, lse, grad_out, lists, scale, cu_seqlen
         dv.fill_(float("nan"))
     sizes, strides, arrays = _layout(inst, q, k, v, out, lse, lists, cu_seqlens)
     nk = -(-int(sizes["seq_kv"]) // attention_mma_bwd.BLOCK_N)
-    t = lists.transposed(nk)
     sizes["list_kblocks"] = nk
-    arrays.update({n: x.to(device=q.device, dtype=torch.int32) for n, x in (("tptr", t.ptr), ("trow", t.col),
-                                                                            ("tfull", t.full))})
+    arrays.update(zip(("tptr", "trow", "tfull"), _transposed(lists, nk, q.device)))
     if arrays["trow"].numel() == 0:
         arrays["trow"] = arrays["tfull"] = torch.zeros(1, dtype=torch.int32, device=q.device)
     tensors = {"dQ": dq, "dK": dk, "dV": dv, "Q": q, "K": k, "V": v, "dO": g, "LSE": lse, "Di": di}
@@ -136,6 +135,30 @@ def _run_mma_backward(inst, q, k, v, out, lse, grad_out, lists, scale, cu_seqlen
         dk.zero_()
         dv.zero_()
     return dq.to(q.dtype), dk, dv
+
+
+# The backward's key-major lists (a sort and a search per call, ~8 torch ops) of the same list
+# tensors: kept per (their identities and versions, nk); the entry holds the source tensors, so an
+# identity is not reused while it lives, and an in-place change bumps a version.  An eager attention
+# call passes the same list tensors for a call shape (pigeon/attention/api.py caches them).
+MAX_TRANSPOSED = 16
+_TRANSPOSED: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _transposed(lists: Any, nk: int, device) -> tuple:
+    src = (lists.ptr, lists.col, lists.full)
+    key = tuple((id(t), t._version) for t in src) + (nk, str(device))
+    got = _TRANSPOSED.get(key)
+    if got is not None and all(a is b for a, b in zip(got[0], src)):
+        _TRANSPOSED.move_to_end(key)
+        return got[1]
+    t = lists.transposed(nk)
+    arrays = tuple(x.to(device=device, dtype=torch.int32) for x in (t.ptr, t.col, t.full))
+    if not torch.compiler.is_compiling():
+        _TRANSPOSED[key] = (src, arrays)
+        while len(_TRANSPOSED) > MAX_TRANSPOSED:
+            _TRANSPOSED.popitem(last=False)
+    return arrays
 
 
 def _aligned16(t: torch.Tensor) -> torch.Tensor:
@@ -147,6 +170,17 @@ def _lse_like(inst: AttentionInstance, q: torch.Tensor) -> torch.Tensor:
     if inst.packed:
         return torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     return torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32, device=q.device)
+
+
+_UNUSED_CU: dict = {}
+
+
+def _unused_cu(dev) -> torch.Tensor:
+    """A valid int32 pointer for the dense kernels' cu_seqlens parameter (never read): one per device."""
+    t = _UNUSED_CU.get(dev)
+    if t is None:
+        t = _UNUSED_CU[dev] = torch.zeros(1, dtype=torch.int32, device=dev)
+    return t
 
 
 def _layout(inst, q, k, v, out, lse, lists, cu_seqlens):
@@ -165,7 +199,7 @@ def _layout(inst, q, k, v, out, lse, lists, cu_seqlens):
         sizes = {"batch": B, "heads": H, "max_q": Sq, "seq_kv": k.shape[2]}
         strides = {n: (t.stride(0), t.stride(2), t.stride(1)) for n, t in (("q", q), ("k", k), ("v", v), ("o", out))}
         strides["lse"] = (lse.stride(0), lse.stride(1))
-        cu = torch.zeros(1, dtype=torch.int32, device=dev)      # unused by the dense kernel
+        cu = _unused_cu(dev)                                    # unused by the dense kernel
     LB, LH, nq = lists.shape
     sizes.update(list_batch=LB, list_heads=LH, list_qblocks=nq)
     arrays = {"ptr": lists.ptr.to(device=dev, dtype=torch.int32), "col": lists.col.to(device=dev, dtype=torch.int32),
