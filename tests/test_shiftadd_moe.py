@@ -302,3 +302,196 @@ def test_template_header_lists_every_field():
     fields = {f.name for f in dataclasses.fields(MoeConfig)}
     assert set(re.findall(r"\bc\.([a-z_]+)", src[src.index("-#}"):])) <= fields
     assert all(f"c.{f}" in header for f in fields)
+
+
+# ---------------------------------------------------------------- CUDA-graph replay of the no-grad forward
+
+class _FakeGraph:
+    """A stand-in for a CUDA graph (tests/test_replay.py's pattern): each replay re-runs the captured
+    function and writes its outputs into the first run's tensors in place, as a real graph does."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.result = fn()
+
+    def replay(self):
+        outputs, _ = self.fn()
+        for name, t in self.result[0].items():
+            t.copy_(outputs[name])
+
+
+class _FakeCuda:
+    def __init__(self, fail=None):
+        self.fail, self.captures, self.warmups = fail, 0, 0
+
+    def capturing(self):
+        return False
+
+    def stream_handle(self, device):
+        return 0
+
+    def order_after(self, handle, device):
+        pass
+
+    def warmup(self, fn, device):
+        self.warmups += 1
+        fn()
+
+    def capture(self, fn, device):
+        if self.fail is not None:
+            raise self.fail
+        self.captures += 1
+        g = _FakeGraph(fn)
+        return g, g.result
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """MoEMLP's replay path on the CPU: CPU tensors may be captured, CUDA graphs are _FakeGraphs."""
+    from pigeon.runtime import replay
+    fake = _FakeCuda()
+    monkeypatch.setattr(replay, "CUDA", fake)
+    monkeypatch.setattr(replay, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(MoEMLP, "_REPLAY_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setenv(replay.ENV, "1")
+    for name in replay.DEBUG_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    return fake
+
+
+def _moe(k=1, factor=None, seed=0):
+    torch.manual_seed(seed)
+    return MoEMLP(16, 32, k=k, latencies=[6.0, 4.0], capacity_factor=factor, backend="torch").eval()
+
+
+def _plain(m, x, monkeypatch):
+    from pigeon.runtime import replay
+    monkeypatch.setenv(replay.ENV, "0")
+    try:
+        with torch.no_grad():
+            return m(x)
+    finally:
+        monkeypatch.setenv(replay.ENV, "1")
+
+
+def _same(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("k,factor", [(1, None), (2, None), (1, 1.25)])
+def test_moe_mlp_replay_captured_once_equals_plain(fake_cuda, monkeypatch, k, factor):
+    m = _moe(k, factor)
+    xs = [torch.randn(40, 16) * (i + 1) for i in range(5)]
+    want = [_plain(m, x, monkeypatch) for x in xs]
+    with torch.no_grad():
+        got = [m(x) for x in xs]                       # plain, capture, replays
+    rs = m._replays
+    assert fake_cuda.captures == 1 and fake_cuda.warmups == 1 and len(rs) == 1 and not rs.failed
+    rep = next(iter(rs.replays.values()))
+    assert rep.replays == 4                            # the capturing call and three more
+    for (y, loss), (wy, wloss) in zip(got, want):      # results held across later replays kept their values
+        _same(y, wy)
+        _same(loss, wloss)
+        assert y.data_ptr() != rep.out_static[0].data_ptr()
+    assert loss.shape == () and not loss.requires_grad
+    with torch.no_grad():                              # a new shape is a new key: plain, then captured
+        m(torch.randn(24, 16))
+        y, _ = m(xs[0][:24].contiguous())
+    _same(y, _plain(m, xs[0][:24].contiguous(), monkeypatch)[0])
+    assert fake_cuda.captures == 2 and len(rs) == 2
+
+
+def test_moe_mlp_replay_sees_weights_updated_in_place(fake_cuda, monkeypatch):
+    m = _moe()
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        m(x), m(x)
+        before = m(x)[0]
+        assert fake_cuda.captures == 1
+        m.experts[0].fc1.weight.mul_(-1.5)             # the dense expert: read in place by the replay
+        m.gate.weight.add_(0.3)
+        y = m(x)[0]
+    assert fake_cuda.captures == 1 and not torch.equal(y, before)
+    _same(y, _plain(m, x, monkeypatch)[0])
+    with torch.no_grad():
+        m.experts[1].fc2.weight.mul_(0.5)              # a shift layer: its cached weight forms change,
+        y1 = m(x)[0]                                   # so a new key (plain), captured on its next call
+        y2 = m(x)[0]
+    want = _plain(m, x, monkeypatch)[0]
+    _same(y1, want)
+    _same(y2, want)
+    assert fake_cuda.captures == 2
+    with torch.no_grad():                              # a replaced Parameter: a new address, a new key
+        m.experts[0].fc2.weight = torch.nn.Parameter(m.experts[0].fc2.weight * 2)
+        ys = [m(x)[0] for _ in range(3)]
+    want = _plain(m, x, monkeypatch)[0]
+    for y in ys:
+        _same(y, want)
+    assert fake_cuda.captures == 3
+
+
+def test_moe_mlp_training_never_replays(fake_cuda, monkeypatch):
+    m = _moe().train()
+    x = torch.randn(40, 16)
+    want = _plain(m, x, monkeypatch)
+    for _ in range(3):                                 # weights require grad: autograd records the plain ops
+        y, loss = m(x)
+        assert y.requires_grad and loss.requires_grad
+        _same(y.detach(), want[0])
+        (y.sum() + loss).backward()
+    assert fake_cuda.captures == 0 and "_replays" not in m.__dict__
+    assert m.experts[1].fc1.weight.grad is not None
+    xg = x.clone().requires_grad_()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for _ in range(3):                                 # only x requires grad: still plain
+        assert m(xg)[0].requires_grad
+    assert fake_cuda.captures == 0
+    for _ in range(3):                                 # grad enabled, nothing requires it: replayed
+        y, _ = m(x)
+        assert not y.requires_grad
+        _same(y, want[0])
+    assert fake_cuda.captures == 1
+
+
+def test_moe_mlp_replay_switched_off(fake_cuda, monkeypatch):
+    from pigeon.runtime import replay
+    m = _moe()
+    x = torch.randn(40, 16)
+    monkeypatch.setenv(replay.ENV, "0")
+    with torch.no_grad():
+        for _ in range(4):
+            m(x)
+    assert fake_cuda.captures == 0 and "_replays" not in m.__dict__
+    monkeypatch.setenv(replay.ENV, "1")
+    for name in replay.DEBUG_ENVS:                     # host checks at every launch: never captured
+        monkeypatch.setenv(name, "1")
+        with torch.no_grad():
+            for _ in range(3):
+                m(x)
+        monkeypatch.delenv(name)
+    assert fake_cuda.captures == 0
+    with torch.no_grad():                              # non-contiguous x: plain
+        xt = torch.randn(16, 40).T
+        for _ in range(3):
+            _same(m(xt)[0], _plain(m, xt, monkeypatch)[0])
+    assert fake_cuda.captures == 0
+
+
+def test_moe_mlp_capture_failure_falls_back(fake_cuda, monkeypatch):
+    import copy
+    import warnings
+    fake_cuda.fail = RuntimeError("operation not permitted when stream is capturing")
+    m = _moe()
+    x = torch.randn(40, 16)
+    want = _plain(m, x, monkeypatch)[0]
+    with torch.no_grad():
+        _same(m(x)[0], want)
+        with pytest.warns(RuntimeWarning, match=r"CUDA-graph capture of kernel program 'MoEMLP.*' failed"):
+            _same(m(x)[0], want)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _same(m(x)[0], want)
+    assert len(m._replays) == 0 and len(m._replays.failed) == 1
+    m2 = copy.deepcopy(m)                              # the replays (graphs, a lock) are not copied
+    assert "_replays" not in m2.__dict__ and "_replays" in m.__dict__

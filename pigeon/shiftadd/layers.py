@@ -672,9 +672,17 @@ class MoEMLP(torch.nn.Module):
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MoEMLP: x has shape {_shape(x)}, expected [T, {self.dim}]")
+        if x.device.type in self._REPLAY_DEVICES:
+            out = self._replayed(x)
+            if out is not None:
+                return out
+        return self._forward(x, self._buffers["latencies"])
+
+    def _forward(self, x, latencies):
+        """The plain forward (routing, dispatch, experts, combine, balance loss)."""
         prob, top, idx = self._topk(x)
         gates = torch.zeros_like(prob).scatter(1, idx, top)
-        loss = moe_balance_loss(gates, self.latencies.to(x.dtype))
+        loss = moe_balance_loss(gates, latencies.to(x.dtype))
         t, e = x.shape[0], len(self.experts)
         if t == 0:
             return torch.zeros_like(x), loss
@@ -683,3 +691,110 @@ class MoEMLP(torch.nn.Module):
         buf = moe_dispatch(x, r, self.backend)
         ys = [expert(buf[i * c:(i + 1) * c]) for i, expert in enumerate(self.experts)]
         return moe_combine(ys, r, top, self.backend), loss
+
+    # -- CUDA-graph replay of the steady-state no-grad forward (pigeon/runtime/replay.py)
+    #
+    # Host-bound without it (H200 at 4bbab3d, T=6272, dim 320, hidden 1280, bf16: 0.80 ms of wall
+    # time per call for 0.17 ms of kernels; ~50 small torch ops and 3 generated launches).  The
+    # forward has static shapes and no host read, so one CUDA graph per key replays all of it.
+    # Only when: the device is a CUDA one, no autograd graph would be recorded (grad off, or nothing
+    # requires grad), x contiguous, not under autocast, every weight a contiguous Parameter of the
+    # modules __init__ built (no hooks on them), and replay.use_replay's rule (PIGEON_CUDA_GRAPHS,
+    # not compiling / capturing, not under PIGEON_SYNC_LAUNCH / PIGEON_CHECK_INDICES, the size rule).
+    # The key holds everything the captured work depends on: x's shape, dtype and device, the
+    # capacity C, k, the backends, inference mode, PIGEON_POISON, each weight's address (read
+    # in place), and per ShiftLinear expert layer the path it takes for C rows (ShiftLinear._plan:
+    # decided here, before any capture) and its weight / bias versions (its weight forms -- codes,
+    # e5m2, dequantized -- are cached host-side per weight state, so an in-place update makes a new
+    # key: one plain call, captured on the next; a plain Linear's in-place update is read by the
+    # replay itself).  The latencies buffer is copied in with x (one fused copy); y and the
+    # balance loss come back as clones.
+
+    _REPLAY_DEVICES = ("cuda",)          # the CPU tests add "cpu" (with a stand-in for CUDA graphs)
+    _rt = None                           # pigeon.runtime.replay, imported on the first CUDA call
+    _PARAM_NAMES: dict = {}              # number of weights -> their names in the ReplaySet call
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_replays", None)      # captured graphs (and a lock) neither pickle nor copy
+        return state
+
+    def _replay_leaves(self):
+        """[gate, expert 0 fc1, fc2, expert 1 fc1, fc2, ...], or None when the structure is not the
+        one __init__ built or a hook is set on one of them (hooks run Python a replay would skip)."""
+        mods = self._modules
+        gate = mods.get("gate")
+        if type(gate) is not torch.nn.Linear:
+            return None
+        leaves = [gate]
+        for e in mods["experts"]._modules.values():
+            if type(e) is not _MLP or e._forward_hooks or e._forward_pre_hooks:
+                return None
+            leaves.append(e._modules["fc1"])
+            leaves.append(e._modules["fc2"])
+        for m in leaves:
+            if type(m) not in (torch.nn.Linear, ShiftLinear) or m._modules or m._forward_hooks or \
+                    m._forward_pre_hooks:
+                return None
+        return leaves
+
+    def _replay_execute(self, inputs, params):
+        y, loss = self._forward(inputs["x"], params["latencies"])
+        return {"y": y, "loss": loss}, None
+
+    def _replayed(self, x):
+        """(y, balance_loss) through the module's ReplaySet (a key's first call plain, its second
+        captured, later ones replayed), or None: the plain forward."""
+        rt = MoEMLP._rt
+        if rt is None:
+            from ..runtime import replay as rt
+            MoEMLP._rt = rt
+        if not x.is_contiguous() or torch.is_autocast_enabled(x.device.type):
+            return None
+        t = x.shape[0]
+        leaves = self._replay_leaves()
+        if t == 0 or leaves is None:
+            return None
+        params = []
+        for m in leaves:
+            for p in m._parameters.values():
+                if p is not None:
+                    params.append(p)
+        grad = torch.is_grad_enabled()
+        if grad and (x.requires_grad or any(p.requires_grad for p in params)):
+            return None                   # training: autograd records the plain ops
+        for p in params:
+            if not rt._in_place(p):
+                return None
+        c = self.capacity(t)
+        e = len(leaves) // 2
+        hidden = leaves[1].out_features
+        # buffers touched once: x, y, the dispatch buffer, each expert's hidden (float32 at worst)
+        # and output rows
+        buffer_bytes = 4 * (3 * t * self.dim + e * c * (2 * self.dim + 2 * hidden))
+        if not rt.use_replay("cuda", x.device, 3 + 4 * e, buffer_bytes, [x] + params):
+            return None
+        lat = self._buffers["latencies"]
+        key = [tuple(x.shape), x.dtype, x.device, c, self.k, self.backend,
+               torch.is_inference_mode_enabled(), rt.getenv("PIGEON_POISON") == "1", lat.dtype, tuple(lat.shape)]
+        gpu = None
+        for m in leaves:
+            for p in m._parameters.values():
+                key.append(None if p is None else (p.data_ptr(), p.shape, p.dtype))
+            if type(m) is ShiftLinear:
+                w, b = m._parameters["weight"], m._parameters.get("bias")
+                if gpu is None:
+                    gpu = devinfo.on_gpu(x)
+                path = m._plan(c, x.dtype, x.device).path if m.quantize and m.backend == "kernels" and gpu else None
+                key.append((m.quantize, m.backend, path, w._version, None if b is None else b._version))
+        rs = self.__dict__.get("_replays")
+        if rs is None:
+            rs = self.__dict__["_replays"] = rt.ReplaySet(f"MoEMLP(dim={self.dim}, hidden={hidden}, k={self.k})")
+        names = self._PARAM_NAMES.get(len(params))
+        if names is None:
+            names = self._PARAM_NAMES[len(params)] = tuple(f"p{i}" for i in range(len(params)))
+        par = dict(zip(names, params))
+        par["latencies"] = lat
+        out = rs.run(tuple(key), self._replay_execute, None, x.device, {"x": x}, par, ("x",),
+                     names + ("latencies",))
+        return None if out is None else (out["y"], out["loss"])
