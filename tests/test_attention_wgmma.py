@@ -106,6 +106,16 @@ def test_schedule_knobs(monkeypatch):
     assert "fence_view_async_shared();\n        __syncthreads();\n        wg_gemm(mma_o" in smem.source
     assert "recast<uint32_t>(tOrP)" in regs.source and "recast<uint32_t>(tOrP)" not in smem.source
     assert "__launch_bounds__(THREADS, 3)" in render_attention_wgmma(inst, "minb3").source
+    strict = render_attention_wgmma(inst, "p_smem,strict")
+    assert tuning("strict") == Schedule(strict=True) and tuning(Schedule(True, 2, True).tag()) == Schedule(True, 2, True)
+    assert strict.meta["schedule"] == "p_smem,minb2,strict" and strict.name != smem.name
+    assert "cp_async_wait<0>();             // strict" in strict.source and "// strict" not in smem.source
+    # the generic-proxy writes use the element-offset (position-independent) swizzle, never the atom's
+    # byte-address swizzle applied to element offsets (the first version's bug)
+    for src in (smem.source, regs.source, strict.source):
+        assert "as_position_independent_swizzle_layout(LayoutV{})" in src
+        assert "lq(r, col)" not in src and "lv(col, r" not in src and "lk(r, col" not in src
+    assert "p_smem + op_(" in smem.source and "p_smem + lp(" not in smem.source
 
 
 def _compile(jobs):
@@ -208,3 +218,93 @@ def test_wgmma_accumulator_layout_on_the_host(tmp_path):
                    check=True, capture_output=True, timeout=600)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert out.returncode == 0 and "bad 0" in out.stdout, out.stdout
+
+
+OFFSETS_PROBE = r"""
+#include <cstdio>
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+using namespace cute;
+// For every element of Q, K (2 stages), V (2 stages) and P: the byte address the wgmma reads it at --
+// the descriptors of CuTe's partition of each tile (make_fragment_A/B, per k-block), interpreted by
+// make_gmma_desc's canonical B128 forms (uint128 units; K-major ((8,n),2):((8,SBO),1), MN-major
+// ((8,n),(8,k)):((1,LBO),(8,SBO)); Swizzle<3,4,3> on the byte address) -- against the byte address
+// attention.wgmma.cu.jinja's cp.async / P stores write it at (2 * the element offset of
+// as_position_independent_swizzle_layout).  "old" counts the mismatches of the first version's
+// offsets (the atom's layout called on (row, col): byte swizzle on element offsets) -- nonzero.
+template <class T> struct Probe {
+static uint32_t sw128(uint32_t b) { return b ^ ((b & 0x380u) >> 3); }
+static uint32_t hw_addr(GmmaDescriptor d, bool mn_major, int mn, int kk) {
+  uint32_t start = d.bitfield.start_address_, lbo = d.bitfield.leading_byte_offset_, sbo = d.bitfield.stride_byte_offset_;
+  uint32_t chunk, byte;
+  if (!mn_major) { chunk = start + 8 * (mn % 8) + sbo * (mn / 8) + kk / 8; byte = chunk * 16 + 2 * (kk % 8); }
+  else { chunk = start + (mn % 64) / 8 + lbo * (mn / 64) + 8 * (kk % 8) + sbo * (kk / 8); byte = chunk * 16 + 2 * (mn % 8); }
+  return sw128(byte);
+}
+template <bool MN, class Frag, class Off>
+static int check(Frag const& frag, int mns, Off off) {
+  int bad = 0;
+  for (int kb = 0; kb < size<2>(frag); ++kb) {
+    GmmaDescriptor d = frag(0, 0, kb);
+    bad += d.bitfield.layout_type_ != 1;            // B128
+    for (int mn = 0; mn < mns; ++mn)
+      for (int kk = 0; kk < 16; ++kk) bad += hw_addr(d, MN, mn, kk) != 2u * off(mn, 16 * kb + kk);
+  }
+  return bad;
+}
+template <int D, class MO>
+static void run(MO mo, int& bad_new, int& bad_old) {
+  using LayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<_64, Int<D>>{}));
+  using LayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<_64, Int<D>, _2>{}));
+  using LayoutV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{}, Shape<Int<D>, _64, _2>{}));
+  using LayoutP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<_64, _64>{}));
+  LayoutQ lq; LayoutK lk; LayoutV lv; LayoutP lp;
+  auto oq = as_position_independent_swizzle_layout(lq);
+  auto ok = as_position_independent_swizzle_layout(lk);
+  auto ov = as_position_independent_swizzle_layout(lv);
+  auto op = as_position_independent_swizzle_layout(lp);
+  T* base = reinterpret_cast<T*>(0);          // on the host the descriptors' base address is 0 (1024-aligned)
+  auto ms = make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{});
+  auto ts = ms.get_slice(0);
+  auto to = mo.get_slice(0);
+  auto fQ = ts.make_fragment_A(ts.partition_A(make_tensor(make_smem_ptr(base), lq)));
+  auto fK = ts.make_fragment_B(ts.partition_B(make_tensor(make_smem_ptr(base), lk)));
+  auto fV = to.make_fragment_B(to.partition_B(make_tensor(make_smem_ptr(base), lv)));
+  auto fP = to.make_fragment_A(to.partition_A(make_tensor(make_smem_ptr(base), lp)));
+  bad_new += check<false>(fQ, 64, [&](int r, int c) { return oq(r, c); });
+  bad_old += check<false>(fQ, 64, [&](int r, int c) { return lq(r, c); }) != 0;
+  for (int s = 0; s < 2; ++s) {
+    bad_new += check<false>(fK(_, _, _, s), 64, [&](int r, int c) { return ok(r, c, s); });
+    bad_new += check<true>(fV(_, _, _, s), D, [&](int d, int key) { return ov(d, key, s); });
+    bad_old += check<false>(fK(_, _, _, s), 64, [&](int r, int c) { return lk(r, c, s); }) != 0;
+    bad_old += check<true>(fV(_, _, _, s), D, [&](int d, int key) { return lv(d, key, s); }) != 0;
+  }
+  bad_new += check<false>(fP, 64, [&](int r, int c) { return op(r, c); });
+  bad_old += check<false>(fP, 64, [&](int r, int c) { return lp(r, c); }) != 0;
+}
+};
+int main() {
+  int bad_new = 0, bad_old = 0;
+  Probe<cute::bfloat16_t>::run<64>(make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{}), bad_new, bad_old);
+  Probe<cute::bfloat16_t>::run<128>(make_tiled_mma(SM90_64x128x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{}), bad_new, bad_old);
+  printf("\nbad %d old_tiles_wrong %d\n", bad_new, bad_old);
+  return bad_new != 0;
+}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not nvcc_available(), reason="needs nvcc")
+def test_wgmma_smem_offsets_match_the_descriptors_on_the_host(tmp_path):
+    """The template's cp.async / P-store element offsets put every element where the partitioned GMMA
+    descriptors read it (Q, K, V, P; D 64 and 128; both stages); the first version's offsets (the atom
+    layout's byte swizzle applied to element offsets) misplace all 12 tiles checked (16-bit types: fp16 tiles are the same)."""
+    from pigeon.codegen.cutlass_headers import NVCC_FLAGS, include_dir
+    from pigeon.runtime.toolchain import nvcc_path
+    src = tmp_path / "offsets.cu"
+    src.write_text(OFFSETS_PROBE)
+    exe = tmp_path / "offsets"
+    subprocess.run([nvcc_path(), "--std=c++17", "-I", include_dir(), *NVCC_FLAGS, str(src), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=600)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "bad 0 old_tiles_wrong 12" in out.stdout, out.stdout[-2000:]

@@ -15,8 +15,10 @@ Version 1 (see the template's header): 64 x 64 steps, K/V double-buffered by cp.
 as an SS wgmma, O = P V as an SS wgmma with P written to shared memory in between (default) or as an
 RS wgmma with P in registers.  Schedule knobs (:class:`Schedule`, :func:`tuning`), for GPU A/B runs:
 ``PIGEON_ATTN_WGMMA_TUNE`` (or ``render_attention_wgmma(inst, knobs=...)``), comma-separated
-``p_smem`` / ``p_regs`` (how P reaches the second GEMM) and ``minb<N>`` (``__launch_bounds__``
-minimum CTAs per SM, default 2).
+``p_smem`` / ``p_regs`` (how P reaches the second GEMM), ``minb<N>`` (``__launch_bounds__``
+minimum CTAs per SM, default 2) and ``strict`` (a diagnostic: every cp.async group waited for before
+each step, a barrier before the P stores, an async-proxy fence before the end-of-step barrier; same
+results, for telling a race from a layout bug on the GPU: benchmarks/debug_attention_wgmma.py).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class Schedule:
     ``__launch_bounds__`` minimum CTAs per SM."""
     p_in_registers: bool = False
     min_blocks: int = 2
+    strict: bool = False
 
     def __post_init__(self):
         if self.min_blocks < 1:
@@ -58,13 +61,13 @@ class Schedule:
 
     def code(self) -> str:
         """A C-identifier suffix naming the schedule (kernel names differ per schedule)."""
-        return f"m64n64{'r' if self.p_in_registers else 's'}b{self.min_blocks}"
+        return f"m64n64{'r' if self.p_in_registers else 's'}b{self.min_blocks}{'x' if self.strict else ''}"
 
     def tag(self) -> str:
-        return f"{'p_regs' if self.p_in_registers else 'p_smem'},minb{self.min_blocks}"
+        return f"{'p_regs' if self.p_in_registers else 'p_smem'},minb{self.min_blocks}{',strict' if self.strict else ''}"
 
 
-KNOBS = ("p_smem", "p_regs", "minb<N>")
+KNOBS = ("p_smem", "p_regs", "minb<N>", "strict")
 
 
 def tuning(knobs: str | None = None) -> Schedule:
@@ -77,6 +80,8 @@ def tuning(knobs: str | None = None) -> Schedule:
             continue
         if w in ("p_smem", "p_regs"):
             kw["p_in_registers"] = w == "p_regs"
+        elif w == "strict":
+            kw["strict"] = True
         elif w.startswith("minb") and w[4:].isdigit():
             kw["min_blocks"] = int(w[4:])
         else:
@@ -91,6 +96,7 @@ class AttentionWgmmaConfig(MmaTemplateConfig):
     mma_o: str = ""
     min_blocks: int = 2
     p_in_registers: bool = False
+    strict: bool = False
 
 
 def unsupported(inst: AttentionInstance) -> str | None:
@@ -152,7 +158,8 @@ def _render(inst: AttentionInstance, sched: Schedule) -> RenderedKernel:
                                vec2=vec2, head_dim=inst.head_dim, block_m=BLOCK_M, block_n=BLOCK_N, group=inst.group,
                                packed=inst.packed, mods=mc, cutlass_tag=source_tag(), cute_type=cute_t, mma_s=mma_s,
                                mma_o=mma_o.format(D=inst.head_dim, AB="RS" if sched.p_in_registers else "SS"),
-                               min_blocks=sched.min_blocks, p_in_registers=sched.p_in_registers)
+                               min_blocks=sched.min_blocks, p_in_registers=sched.p_in_registers,
+                               strict=sched.strict)
     return RenderedKernel(name=name, source=render_template(TEMPLATE, cfg), params=params, block=(THREADS, 1, 1),
                           grid=_grid, shared_mem=shared_bytes(inst.head_dim, sched.p_in_registers), template=TEMPLATE,
                           meta={"instance_key": inst.key(), "backward": False, "variant": "wgmma", "arch": ARCH,
