@@ -167,6 +167,13 @@ class ArtifactLayer(torch.nn.Module):
         self.forward_program = from_json(manifest["forward"])
         self.backward_program = from_json(manifest["backward"]) if manifest["backward"] else None
         self.kgraph = layer_kgraph(graph)
+        # the compact layouts the programs read, made now: not on a first call torch.compile traces
+        rows = {b.rows for prog in (self.forward_program, self.backward_program) if prog is not None
+                for b in prog.buffers}
+        if "compact" in rows:
+            self.kgraph.compact_stats  # noqa: B018
+        if "compact_dst" in rows:
+            self.kgraph.compact_dst_stats  # noqa: B018
         backends = {}
         if modules is not None:       # the cubins; without them (cpu=True) CPU tensors use the CPU backends
             backend = CudaBackend(arch=manifest["arch"])

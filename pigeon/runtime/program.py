@@ -35,10 +35,16 @@ class ProgramError(ValueError):
     pass
 
 
+_ROW_COUNTS = {"node": "num_nodes", "edge": "num_edges", "compact": "num_compact",
+               "compact_dst": "num_compact_dst", "etype": "num_etypes", "ntype": "num_ntypes"}
+
+
 def buffer_rows(b: Buffer, kg: KernelGraph) -> tuple[int, ...]:
-    return {"node": (kg.num_nodes,), "edge": (kg.num_edges,), "compact": (kg.num_compact,),
-            "compact_dst": (kg.num_compact_dst,),
-            "etype": (kg.num_etypes,), "ntype": (kg.num_ntypes,), "global": ()}[b.rows]
+    # only the buffer's own row count is read: the compact counts are lazily computed graph arrays
+    # (torch.unique over the edges), which a fake-tensor trace (torch.compile) cannot compute
+    if b.rows == "global":
+        return ()
+    return (getattr(kg, _ROW_COUNTS[b.rows]),)
 
 
 class TorchBackend:
