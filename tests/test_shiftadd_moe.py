@@ -58,9 +58,16 @@ def test_route_vs_loop(t, k, e, c):
         assert r.slot.dtype == r.src.dtype == torch.int32 and r.capacity == (t if c is None else c)
 
 
+# (each case compiles and runs the emulated plan kernel, ~3 s on the CPU machine: the default run keeps
+# one token, dropping with k=3, and zero capacity; the rest under -m slow)
+_SLOW = pytest.mark.slow
+
+
 @needs_cxx
-@pytest.mark.parametrize("t,k,e,c", [(1, 1, 2, None), (23, 1, 2, None), (300, 2, 2, None), (600, 2, 3, 170),
-                                     (257, 3, 4, 50), (30, 1, 2, 0), (1000, 1, 2, 600)])
+@pytest.mark.parametrize("t,k,e,c", [(1, 1, 2, None), pytest.param(23, 1, 2, None, marks=_SLOW),
+                                     pytest.param(300, 2, 2, None, marks=_SLOW),
+                                     pytest.param(600, 2, 3, 170, marks=_SLOW), (257, 3, 4, 50), (30, 1, 2, 0),
+                                     pytest.param(1000, 1, 2, 600, marks=_SLOW)])
 def test_plan_kernel_emulated_vs_route(t, k, e, c):
     """The plan kernel's text (one block, chunked counts and scan) gives moe.route's layout exactly."""
     g = torch.Generator().manual_seed(t + k + e)
@@ -115,7 +122,8 @@ def _case(g, t, k, e, c, d, dtype):
 
 
 @needs_cxx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=_SLOW),
+                                   pytest.param(torch.float32, marks=_SLOW)], ids=str)
 def test_kernels_emulated_bit_exact(dtype):
     seed = random.randrange(1 << 30)
     g = torch.Generator().manual_seed(seed)
