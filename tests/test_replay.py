@@ -14,6 +14,8 @@ from pigeon.runtime import ops, program, replay
 from pigeon.runtime.family import family_of
 from pigeon.runtime.program import Executor, TorchBackend
 
+from fake_cuda import FakeCuda, FakeGraph  # noqa: E402,F401
+
 IN = 8
 CUDA = torch.device("cuda")
 
@@ -94,45 +96,6 @@ def test_cpu_executor_never_reaches_replay(monkeypatch):
 
 
 # ---------------------------------------------------------------- a stand-in for torch's CUDA graphs
-
-class FakeGraph:
-    """Runs the captured function again at each replay and writes its outputs into the first run's
-    tensors in place: what a CUDA graph does to its static outputs."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.result = fn()
-
-    def replay(self):
-        outputs, _ = self.fn()
-        for name, t in self.result[0].items():
-            t.copy_(outputs[name])
-
-
-class FakeCuda:
-    def __init__(self, fail=None):
-        self.fail, self.captures, self.warmups = fail, 0, 0
-
-    def capturing(self):
-        return False
-
-    def stream_handle(self, device):
-        return 0
-
-    def order_after(self, handle, device):
-        pass
-
-    def warmup(self, fn, device):
-        self.warmups += 1
-        fn()
-
-    def capture(self, fn, device):
-        if self.fail is not None:
-            raise self.fail
-        self.captures += 1
-        g = FakeGraph(fn)
-        return g, g.result
-
 
 @pytest.fixture
 def fake_cuda(monkeypatch):

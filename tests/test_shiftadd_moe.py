@@ -17,6 +17,8 @@ from pigeon.runtime.build import compile_cuda, nvcc_available
 from pigeon.shiftadd import moe
 from pigeon.shiftadd.layers import MoEMLP, moe_combine, moe_dispatch, moe_route
 
+from fake_cuda import FakeCuda  # noqa: E402
+
 needs_cxx = pytest.mark.skipif(not emulate.available(), reason="needs a C++ compiler to emulate CUDA kernels")
 D64 = torch.float64
 
@@ -314,50 +316,11 @@ def test_template_header_lists_every_field():
 
 # ---------------------------------------------------------------- CUDA-graph replay of the no-grad forward
 
-class _FakeGraph:
-    """A stand-in for a CUDA graph (tests/test_replay.py's pattern): each replay re-runs the captured
-    function and writes its outputs into the first run's tensors in place, as a real graph does."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.result = fn()
-
-    def replay(self):
-        outputs, _ = self.fn()
-        for name, t in self.result[0].items():
-            t.copy_(outputs[name])
-
-
-class _FakeCuda:
-    def __init__(self, fail=None):
-        self.fail, self.captures, self.warmups = fail, 0, 0
-
-    def capturing(self):
-        return False
-
-    def stream_handle(self, device):
-        return 0
-
-    def order_after(self, handle, device):
-        pass
-
-    def warmup(self, fn, device):
-        self.warmups += 1
-        fn()
-
-    def capture(self, fn, device):
-        if self.fail is not None:
-            raise self.fail
-        self.captures += 1
-        g = _FakeGraph(fn)
-        return g, g.result
-
-
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """MoEMLP's replay path on the CPU: CPU tensors may be captured, CUDA graphs are _FakeGraphs."""
+    """MoEMLP's replay path on the CPU: CPU tensors may be captured, CUDA graphs are FakeGraphs (tests/fake_cuda.py)."""
     from pigeon.runtime import replay
-    fake = _FakeCuda()
+    fake = FakeCuda()
     monkeypatch.setattr(replay, "CUDA", fake)
     monkeypatch.setattr(replay, "DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(MoEMLP, "_REPLAY_DEVICES", ("cuda", "cpu"))
