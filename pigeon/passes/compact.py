@@ -109,13 +109,20 @@ def _per_etype(op) -> bool:
     return op.type.domain is Domain.WEIGHT and op.type.per is TypeAxis.ETYPE
 
 
-def _compact(m):
-    x, w = m["x"], m["w"]
-    if x.type.domain is not Domain.NODE or not _per_etype(w):
-        return None
-    rows = m.make(GATHER, [x], side="compact_src")
-    z = m.make(TL, [rows, w], **dict(m.op.attrs))
-    return m.make(EXPAND, [z])
+def _compact_on(side: str):
+    """The rewrite of ``typed_linear(gather(x), W per etype)`` onto the unique (node, etype) pairs
+    of ``side`` (``compact_src`` or ``compact_dst``), read per edge through ``expand_compact``."""
+    def rewrite(m):
+        x, w = m["x"], m["w"]
+        if x.type.domain is not Domain.NODE or not _per_etype(w):
+            return None
+        rows = m.make(GATHER, [x], side=side)
+        z = m.make(TL, [rows, w], **dict(m.op.attrs))
+        return m.make(EXPAND, [z])
+    return rewrite
+
+
+_compact = _compact_on("compact_src")
 
 
 def _sink(m):
@@ -137,13 +144,7 @@ def _sink(m):
     return m.make(EXPAND, [m.make(m.op.kind, ins, **dict(m.op.attrs))])
 
 
-def _compact_dst(m):
-    x, w = m["x"], m["w"]
-    if x.type.domain is not Domain.NODE or not _per_etype(w):
-        return None
-    rows = m.make(GATHER, [x], side="compact_dst")
-    z = m.make(TL, [rows, w], **dict(m.op.attrs))
-    return m.make(EXPAND, [z])
+_compact_dst = _compact_on("compact_dst")
 
 
 DST_RULES = [Rule("compact_dst_linear", Pat.of(TL, Pat.of(GATHER, var("x"), side="dst"), var("w")), _compact_dst)]
