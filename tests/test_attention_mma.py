@@ -302,6 +302,7 @@ def _check(errs, what=""):
     assert rel < 1e-2 and lse_err < 1e-3, (what, errs)
 
 
+@pytest.mark.slow          # the 128-row schedule is the bm128 knob, not a default (0797018's A/B)
 @pytest.mark.skipif(not _cpu_model_available(), reason="no C++ compiler for the CPU model")
 def test_128_row_forward_on_the_cpu_model(monkeypatch):
     """The D=128 default (128-row tiles, two 32-key softmax steps): a causal ALiBi instance, GQA 2,
