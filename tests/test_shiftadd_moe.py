@@ -466,3 +466,17 @@ def test_moe_mlp_capture_failure_falls_back(fake_cuda, monkeypatch):
     assert len(m._replays) == 0 and len(m._replays.failed) == 1
     m2 = copy.deepcopy(m)                              # the replays (graphs, a lock) are not copied
     assert "_replays" not in m2.__dict__ and "_replays" in m.__dict__
+
+
+@needs_cxx
+def test_plan_kernel_drops_out_of_range_ids_without_writing_and_the_check_names_them(monkeypatch):
+    """An expert id outside [0, E) is never an index in the plan kernel (no out-of-bounds shared-memory
+    write): its choice is dropped (slot -2); PIGEON_CHECK_INDICES=1 raises naming the first one."""
+    monkeypatch.delenv("PIGEON_CHECK_INDICES", raising=False)
+    ids = torch.tensor([[0], [5], [1], [-1], [0]], dtype=torch.int64)
+    slot, src, counts = sk.moe_plan(ids, 2, 5, emulate=True)
+    assert slot.flatten().tolist() == [0, sk.INVALID_SLOT, 5, sk.INVALID_SLOT, 1]
+    assert counts.tolist() == [2, 1] and src.tolist() == [0, 4, -1, -1, -1, 2, -1, -1, -1, -1]
+    monkeypatch.setenv("PIGEON_CHECK_INDICES", "1")
+    with pytest.raises(sk.ShiftAddKernelError, match=r"expert_ids\[1, 0\] = 5 is outside \[0, 2\) \(2 such ids\)"):
+        sk.moe_plan(ids, 2, 5, emulate=True)

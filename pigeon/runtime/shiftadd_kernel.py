@@ -509,10 +509,15 @@ def moe_combine(ys, slot: torch.Tensor, gate: torch.Tensor | None = None, *, emu
 _PLAN_ORDER = ("slot", "src", "counts", "ids", "T", "k", "C")
 
 
+INVALID_SLOT = -2      # the plan kernel's slot of an expert id outside [0, E) (dropped)
+
+
 def moe_plan(expert_ids: torch.Tensor, experts: int, capacity: int, *, emulate: bool = False):
     """``(slot [T, k], src [E * C], counts [E])`` (int32) of pigeon/shiftadd/moe.py's ``route`` for
-    ``expert_ids [T, k]`` (int32/int64, values in [0, E): not checked here, that would read them on
-    the host) in one launch of the generated plan kernel (one block)."""
+    ``expert_ids [T, k]`` (int32/int64) in one launch of the generated plan kernel (one block).  An
+    id outside [0, E) is not an index in the kernel (no out-of-bounds write): its choice gets slot
+    ``INVALID_SLOT`` (dropped); checking the values would read them on the host, so that happens
+    only under ``PIGEON_CHECK_INDICES=1``, which raises naming the first such id."""
     if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 2 or \
             expert_ids.dtype not in (torch.int32, torch.int64):
         raise ShiftAddKernelError(f"MoE plan: expert_ids must be a 2-d int32/int64 tensor, got "
@@ -538,4 +543,10 @@ def moe_plan(expert_ids: torch.Tensor, experts: int, capacity: int, *, emulate: 
         if e.names != _PLAN_ORDER:
             raise ShiftAddKernelError(f"MoE plan kernel parameters {e.names} are not {_PLAN_ORDER}")
     e.fn.launch((1, 1, 1), e.block, [slot, src, counts, expert_ids.contiguous(), t, k, capacity], e.types)
+    if os.environ.get("PIGEON_CHECK_INDICES", "") not in ("", "0"):      # reads the slots on the host (a sync)
+        bad = (slot == INVALID_SLOT).nonzero()
+        if bad.numel():
+            t0, j0 = (int(v) for v in bad[0])
+            raise ShiftAddKernelError(f"MoE plan: expert_ids[{t0}, {j0}] = {int(expert_ids[t0, j0])} is outside "
+                                      f"[0, {experts}) ({bad.shape[0]} such ids)")
     return slot, src, counts
