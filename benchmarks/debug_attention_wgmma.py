@@ -33,12 +33,11 @@ BIG = (4, 32, 4096, 128)
 
 
 def _prebuild(variants) -> None:
-    from concurrent.futures import ThreadPoolExecutor
     import torch
     import pigeon.attention as pa
     from pigeon.attention.api import _plan
     from pigeon.codegen import attention_mma, attention_wgmma
-    from pigeon.runtime.build import build_kernel, device_arch
+    from pigeon.runtime.build import build_kernels, device_arch
     arch = device_arch()
     jobs = []
     for d in (64, 128):
@@ -49,15 +48,8 @@ def _prebuild(variants) -> None:
             if d == BIG[3]:
                 jobs.append(attention_mma.render_attention_mma(inst))
 
-    def one(rk):
-        try:
-            build_kernel(rk.source, rk.meta.get("arch") or arch, name=rk.name)
-            return None
-        except Exception as e:  # noqa: BLE001
-            return f"{rk.name}: {type(e).__name__}: {str(e)[:1500]}"
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(1, min(len(jobs), (os.cpu_count() or 2) - 1))) as pool:
-        fails = [f for f in pool.map(one, jobs) if f]
+    fails = build_kernels(jobs, arch)
     print(f"prebuilt {len(jobs) - len(fails)}/{len(jobs)} kernels in {time.perf_counter() - t0:.0f} s", flush=True)
     for f in fails:
         print("BUILD FAILED", f, flush=True)

@@ -64,13 +64,12 @@ CASES = ("dense", "causal", "alibi_causal")
 def _prebuild(head_dims) -> None:
     """Build every kernel the children run, in parallel, into the disk cache (a wgmma kernel is ~15 s of
     nvcc); a failure here is reported by the child that needs the kernel."""
-    from concurrent.futures import ThreadPoolExecutor
     import time
     import torch
     import pigeon.attention as pa
     from pigeon.attention.api import _plan
     from pigeon.codegen import attention_mma, attention_wgmma
-    from pigeon.runtime.build import build_kernel, device_arch
+    from pigeon.runtime.build import build_kernels, device_arch
     arch = device_arch()
     alibi = pa.trace_score_mod(lambda s, b, h, q, kv: s + pa.exp((h + 1) * -0.5) * (kv - q))
     jobs = []
@@ -81,15 +80,8 @@ def _prebuild(head_dims) -> None:
             jobs += [attention_wgmma.render_attention_wgmma(inst, "p_smem"),
                      attention_wgmma.render_attention_wgmma(inst, "p_regs"), attention_mma.render_attention_mma(inst)]
 
-    def one(rk):
-        try:
-            build_kernel(rk.source, rk.meta.get("arch") or arch, name=rk.name)
-            return None
-        except Exception as e:  # noqa: BLE001
-            return f"{rk.name}: {type(e).__name__}: {str(e)[:1500]}"
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(1, min(len(jobs), (os.cpu_count() or 2) - 1))) as pool:
-        fails = [f for f in pool.map(one, jobs) if f]
+    fails = build_kernels(jobs, arch)
     print(f"prebuilt {len(jobs) - len(fails)}/{len(jobs)} kernels in {time.perf_counter() - t0:.0f} s", flush=True)
     for f in fails:
         print("BUILD FAILED", f, flush=True)

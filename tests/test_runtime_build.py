@@ -282,3 +282,15 @@ def test_launch_module_imports_without_gpu_and_packs_scalars(monkeypatch):
     for on, expect in (("1", True), ("0", False), ("off", False), ("yes", True)):
         monkeypatch.setenv("PIGEON_SYNC_LAUNCH", on)
         assert L.sync_launch_enabled() is expect
+
+
+@needs_nvcc
+def test_build_kernels_builds_in_parallel_and_reports_each_failure_in_one_line(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setenv("PIGEON_CACHE_DIR", str(tmp_path))
+    ok = SimpleNamespace(name="pg_ok", meta={}, source='extern "C" __global__ void pg_ok(float* x) { x[0] = 1.0f; }')
+    bad = SimpleNamespace(name="pg_bad", meta={"arch": "sm_90"},
+                          source='extern "C" __global__ void pg_bad(float* x) { x[0] = undefined_name; }')
+    fails = B.build_kernels([ok, bad], arch="sm_90", jobs=2)
+    assert len(fails) == 1 and fails[0].startswith("pg_bad: KernelBuildError") and "\n" not in fails[0].split(":")[0]
+    assert B.build_kernels([ok], arch="sm_90") == [] and B.build_kernels([], arch="sm_90") == []

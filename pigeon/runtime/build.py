@@ -407,3 +407,24 @@ def build_kernel(
         return {CUBIN_NAME: res.cubin, SOURCE_NAME: source.encode("utf-8")}, res.meta()
 
     return cache.get_or_build(source, arch, flags, build, compiler=compiler)
+
+
+def build_kernels(rendered: Sequence[Any], arch: str | None = None, jobs: int | None = None) -> list[str]:
+    """Build many rendered kernels (``.source``, ``.name``, ``.meta``: a RenderedKernel) into the
+    disk cache in parallel (threads: nvcc runs in subprocesses), each for ``rk.meta["arch"]`` when
+    it names one (the wgmma forward: sm_90a), else ``arch``.  Returns one line per failed build
+    (name, error) instead of raising, so a tool can build everything, then report; ``jobs``
+    defaults to the CPU count less one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(rk) -> str | None:
+        try:
+            build_kernel(rk.source, rk.meta.get("arch") or arch, name=rk.name)
+            return None
+        except Exception as e:  # noqa: BLE001 - reported to the caller, one line per kernel
+            return f"{rk.name}: {type(e).__name__}: {str(e)[:1500]}"
+    if not rendered:
+        return []
+    n = jobs if jobs is not None else max(1, (os.cpu_count() or 2) - 1)
+    with ThreadPoolExecutor(max(1, min(len(rendered), n))) as pool:
+        return [f for f in pool.map(one, rendered) if f]
