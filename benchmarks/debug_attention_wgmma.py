@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -56,18 +55,10 @@ def _prebuild(variants) -> None:
 
 
 def _time(fn, iters=10) -> float:
+    """Median ms of ``fn`` over ``iters`` CUDA-event-timed calls after one warm-up (pigeon/timing.py)."""
     import torch
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    from pigeon.timing import median_ms
+    return median_ms(fn, torch.device("cuda"), warmup=1, reps=iters)[0]
 
 
 def _ref(q, k, v, causal, scale=None):

@@ -14,24 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import traceback
 
 
 def _time(fn, iters: int) -> float:
+    """Median ms of ``fn`` over ``iters`` CUDA-event-timed calls after one warm-up (pigeon/timing.py)."""
     import torch
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    from pigeon.timing import median_ms
+    return median_ms(fn, torch.device("cuda"), warmup=1, reps=iters)[0]
 
 
 FORMS = {"wgmma": ("wgmma", "p_smem"), "wgmma_rs": ("wgmma", "p_regs"), "mma": ("mma", "")}
