@@ -106,12 +106,17 @@ def _autodiff(c: Compilation, rec: PassRecord) -> Compilation:
     return replace(c, forward=res.forward, backward=res.backward, autodiff=res)
 
 
+def _compact_decision(c: Compilation, choice: str, decide) -> CompactDecision:
+    """``choices[choice]`` when given (--tune's candidates), else ``decide`` on the graph's statistics."""
+    given = (c.choices or {}).get(choice)
+    return decide(c.graph_stats) if given is None else \
+        CompactDecision(bool(given), f"chosen explicitly ({choice}={bool(given)})")
+
+
 def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
     """Compact materialization where the graph's statistics say it pays (pigeon/passes/compact.py).
     Before autodiff, so the backward graph is built on the compact rows."""
-    given = (c.choices or {}).get("compaction")
-    d = decide_compaction(c.graph_stats) if given is None else \
-        CompactDecision(bool(given), f"chosen explicitly (compaction={bool(given)})")
+    d = _compact_decision(c, "compaction", decide_compaction)
     if not d.compact:
         rec.note = f"not applied: {d.why}"
         return c
@@ -127,9 +132,7 @@ def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
 def _compaction_dst(c: Compilation, rec: PassRecord) -> Compilation:
     """Destination-side compaction (typed linears of destination rows on unique (dst, etype)
     pairs) where E / Ud says it pays (pigeon/passes/compact.py ``decide_dst``)."""
-    given = (c.choices or {}).get("compaction_dst")
-    d = decide_compaction_dst(c.graph_stats) if given is None else \
-        CompactDecision(bool(given), f"chosen explicitly (compaction_dst={bool(given)})")
+    d = _compact_decision(c, "compaction_dst", decide_compaction_dst)
     if not d.compact:
         rec.note = f"not applied: {d.why}"
         return c
