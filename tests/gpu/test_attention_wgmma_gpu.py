@@ -57,7 +57,19 @@ def _prebuild():
         q = torch.empty(1, 8, 64, d, dtype=dtype)
         kv = torch.empty(1, hkv, 64, d, dtype=dtype)
         return render_attention_wgmma(_plan(q, kv, kv, smod, mmod, kw.get("pattern"), None)[0], knobs)
-    build_kernels([rendered(j) for j in MAIN], jobs=16)     # a failure is reported by the test that needs it
+    # under pytest-xdist every worker runs this fixture: the first to take the lock builds with all the
+    # cores, the others wait and then find the kernels in the disk cache (without the lock each worker
+    # started 16 nvcc processes: 8 workers oversubscribed a 16-core machine past its time limit)
+    import fcntl
+    from pigeon.runtime.cache import default_cache_root
+    lock = default_cache_root() / "wgmma_gpu_tests.prebuild.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            build_kernels([rendered(j) for j in MAIN], jobs=os.cpu_count())   # a failure: the test that needs it
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)
