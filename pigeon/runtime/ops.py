@@ -18,6 +18,7 @@ import torch
 
 from ..graph.kernel_graph import KernelGraph
 from ..ir.program import KernelProgram
+from . import fast_replay as _fast
 from . import kernel_ops  # noqa: F401  (registers pigeon::gemm and pigeon::traversal)
 from .program import TORCH_DTYPES, Executor, buffer_rows
 from .replay import getenv as _replay_getenv
@@ -36,6 +37,7 @@ class LayerPrograms:
     backends: dict = field(default_factory=dict)  # device type -> Backend
     backward_error: str | None = None             # why there is no backward program, if it failed
     layer_id: str | None = None                   # set by register_layer
+    fast_replays: dict = field(default_factory=dict)  # pigeon/runtime/fast_replay.py's entries
 
     def __post_init__(self):
         # What pigeon::layer_forward returns. A value can be a user output and saved for backward
@@ -296,10 +298,20 @@ def run_layer_forward(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, input
 
 
 def call_layer(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, args: tuple, kwargs: dict, weights):
-    """``forward(*args, **kwargs)`` of a kernels-backend layer (compiled or loaded)."""
+    """``forward(*args, **kwargs)`` of a kernels-backend layer (compiled or loaded). A no-grad call
+    like one already checked and replayed goes straight to its replay (pigeon/runtime/fast_replay.py)."""
+    # first the compile check: dynamo must trace none of this (the registry is a weak dictionary)
+    single = not torch.compiler.is_compiling() and len(args) == 1 and not kwargs
+    if single:
+        out = _fast.try_call(get_layer(layer_id), glue, args[0], weights)
+        if out is not None:
+            return layer_result(out)
     inputs = bind_inputs(glue, args, kwargs, weights, kgraph.num_nodes, kgraph.num_edges,
                          (kgraph.num_etypes, kgraph.num_ntypes))
-    return layer_result(run_layer_forward(layer_id, glue, kgraph, inputs, weights))
+    result = layer_result(run_layer_forward(layer_id, glue, kgraph, inputs, weights))
+    if single:
+        _fast.learn(get_layer(layer_id), glue, args[0], weights)
+    return result
 
 
 def _device(tensors) -> torch.device:
