@@ -214,3 +214,109 @@ def test_representative_sm90_library_compiles_for_sm90a(tmp_path):
 @pytest.mark.parametrize("name", ["dense_fp16", "grouped", "fp8", "fp8_block"])
 def test_sm90_library_compiles(name, tmp_path):
     _compile(name, tmp_path)
+
+
+# ------------------------------------------------------------------------------ tile overrides (PIGEON_SM90_TILES)
+
+def test_default_keys_are_the_hash_of_the_old_repr():
+    import hashlib
+    for g in INSTANCES.values():
+        old = hashlib.sha256(repr((g.kind, g.dtype, g.out_dtype, g.epilogue)).encode()).hexdigest()[:16]
+        assert g.key() == old and g.tile is None and g.schedule is None
+    from pigeon.codegen.gemm_sm90 import TILES
+    g = INSTANCES["fp8"]
+    spelled = Sm90Gemm("fp8", g.dtype, g.out_dtype, None, TILES["fp8"], "cooperative")
+    assert spelled == g and spelled.key() == g.key()       # the default, spelled out, is the default
+    keys = {g.key(), Sm90Gemm("fp8", g.dtype, g.out_dtype, None, (128, 192, 128, 1, 1)).key(),
+            Sm90Gemm("fp8", g.dtype, g.out_dtype, None, None, "pingpong").key(),
+            Sm90Gemm("fp8", g.dtype, g.out_dtype, None, (128, 192, 128, 1, 1), "pingpong").key()}
+    assert len(keys) == 4
+
+
+def test_tile_knob_parses():
+    from pigeon.codegen.gemm_sm90 import env_tiles, parse_tiles
+    got = parse_tiles("fp8=128x192x128x1x1:pingpong, fp8_block=128x128x128x1x1,dense=128x256x64x2x1,grouped=default")
+    assert got == {"fp8": ((128, 192, 128, 1, 1), "pingpong"), "fp8_block": ((128, 128, 128, 1, 1), None),
+                   "dense": ((128, 256, 64, 2, 1), None), "grouped": (None, None)}
+    assert parse_tiles("") == {}
+    assert env_tiles("fp8", "dense=128x128x64x1x1") == (None, None)
+    assert env_tiles("dense", "dense=128x128x64x1x1") == ((128, 128, 64, 1, 1), None)
+
+
+def test_tile_knob_reads_the_environment(monkeypatch):
+    from pigeon.codegen.gemm_sm90 import env_tiles
+    monkeypatch.delenv("PIGEON_SM90_TILES", raising=False)
+    assert env_tiles("fp8") == (None, None)
+    monkeypatch.setenv("PIGEON_SM90_TILES", "fp8=64x128x128x1x1:pingpong")
+    assert env_tiles("fp8") == ((64, 128, 128, 1, 1), "pingpong")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("fp9=128x128x128x1x1", "'fp9=128x128x128x1x1' is not kind="),
+    ("fp8", "'fp8' is not kind="),
+    ("fp8=128x128x128x1", "'128x128x128x1' is not MxNxKxCMxCN"),
+    ("fp8=128x128x128x1x1:zigzag", "unknown schedule 'zigzag'"),
+    ("fp8=64x128x128x1x1", "tile m must be one of \\(128, 256\\) for the cooperative"),
+    ("fp8=256x128x128x1x1:pingpong", "tile m must be one of \\(64, 128\\) for the pingpong"),
+    ("fp8=128x120x128x1x1", "tile n must be a multiple of 16"),
+    ("fp8=128x128x64x1x1", "tile k must be one of \\(128,\\) for float8_e4m3fn"),
+    ("dense=128x128x256x1x1", "tile k must be one of \\(64, 128\\) for bfloat16"),
+    ("fp8=128x128x128x4x1", "cluster m and n must be 1 or 2"),
+    ("fp8_block=128x192x128x1x1", "multiple of 128"),
+    ("fp8_block=128x128x128x1x1:pingpong", "schedule 'pingpong' is for kind\\(s\\) fp8 only"),
+    ("dense=128x128x64x1x1:cooperative_fastaccum", "for kind\\(s\\) fp8 only"),
+    ("fp8=default,fp8=128x128x128x1x1", "kind fp8 given twice"),
+])
+def test_tile_knob_errors_are_one_line_naming_the_knob(text, match):
+    from pigeon.codegen.gemm_sm90 import Sm90CodegenError, parse_tiles
+    with pytest.raises(Sm90CodegenError, match=match) as e:
+        parse_tiles(text)
+    assert "\n" not in str(e.value) and str(e.value).startswith("PIGEON_SM90_TILES: ")
+
+
+def test_bad_tile_on_the_instance_is_one_line():
+    from pigeon.codegen.gemm_sm90 import Sm90CodegenError
+    for tile, sched in [((128, 128, 128, 1), None), ((64, 128, 128, 1, 1), None), (None, "pingpong_x"),
+                        ((128, 128, 128, 1, 1), "pingpong"), ((128, 128, 128, 1, 3), None)]:
+        kind = "dense" if sched == "pingpong" else "fp8"
+        dtype = "bfloat16" if kind == "dense" else "float8_e4m3fn"
+        with pytest.raises(Sm90CodegenError) as e:
+            Sm90Gemm(kind, dtype, "bfloat16", None, tile, sched)
+        assert "\n" not in str(e.value)
+
+
+def test_tile_variant_renders_its_schedule_and_shape():
+    base = render_sm90(INSTANCES["fp8"])
+    assert "KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;" in base
+    assert "EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;" in base
+    assert "Pingpong" not in base and "FastAccum" not in base and "schedule=" not in base
+    pp = render_sm90(Sm90Gemm("fp8", "float8_e4m3fn", "bfloat16", None, (64, 192, 128, 1, 2), "pingpong"))
+    assert "using KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;" in pp
+    assert "using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;" in pp
+    assert "using TileShape = Shape<_64, _192, _128>;" in pp and "using ClusterShape = Shape<_1, _2, _1>;" in pp
+    assert "FastAccum" not in pp and "schedule=pingpong" in pp
+    fa = render_sm90(Sm90Gemm("fp8", "float8_e4m3fn", "bfloat16", None, None, "cooperative_fastaccum"))
+    assert "KernelTmaWarpSpecializedCooperativeFP8FastAccum;" in fa
+    blk = render_sm90(Sm90Gemm("fp8_block", "float8_e4m3fn", "bfloat16", None, (128, 256, 128, 2, 1)))
+    assert "KernelTmaWarpSpecializedCooperativeFP8BlockScaledAccum;" in blk and "Shape<_128, _256, _128>" in blk
+    grp = render_sm90(Sm90Gemm("grouped", "bfloat16", "bfloat16", None, (256, 128, 64, 2, 1)))
+    assert "KernelPtrArrayTmaWarpSpecializedCooperative;" in grp and "PtrArrayTmaWarpSpecializedCooperative;" in grp
+
+
+def test_tile_variant_round_trips_through_the_op_text():
+    from pigeon.runtime.gemm_fused import parse
+    g = Sm90Gemm("fp8", "float8_e4m3fn", "bfloat16", None, (128, 192, 128, 1, 1), "pingpong")
+    back = parse(to_text(g))
+    assert back == g and back.key() == g.key()
+    assert parse(to_text(INSTANCES["fp8"])).key() == INSTANCES["fp8"].key()
+
+
+@needs_cutlass
+@pytest.mark.slow
+def test_pingpong_fp8_variant_compiles_for_sm90a(tmp_path):
+    # minutes of nvcc: the one representative tile variant (benchmarks/probe_gemm_tiles.py builds the rest)
+    INSTANCES["fp8_pingpong_64x128"] = Sm90Gemm("fp8", "float8_e4m3fn", "bfloat16", None, (64, 128, 128, 1, 1), "pingpong")
+    try:
+        _compile("fp8_pingpong_64x128", tmp_path)
+    finally:
+        INSTANCES.pop("fp8_pingpong_64x128")

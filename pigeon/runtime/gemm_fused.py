@@ -14,7 +14,8 @@ Where they run: on CPU tensors the semantics below (the reference: float32 accum
 epilogue in float32, one rounding to the output dtype).  On CUDA: the sm90 CUTLASS library
 (pigeon/codegen/gemm_sm90.py) when :func:`sm90_reason` finds nothing against it; else, for
 ``gemm_fused`` without operands, the older GEMM templates (pigeon::gemm's kernels); else the
-semantics on the GPU (correct, not fast).  ``PIGEON_SM90=0`` turns the sm90 path off.
+semantics on the GPU (correct, not fast).  ``PIGEON_SM90=0`` turns the sm90 path off;
+``PIGEON_SM90_TILES`` overrides a kind's tile / cluster / schedule (pigeon/codegen/gemm_sm90.py).
 
 The backward of gemm_fused (pigeon::gemm_fused_backward): the epilogue differentiated by torch.func at
 the float32 accumulator recomputed (cuBLAS tensor cores with a float32 output on a GPU), then d a = d acc @ b^T and d b = a^T @ d acc as torch
@@ -31,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from ..codegen.gemm_sm90 import Sm90Gemm, operands_of, render_sm90
+from ..codegen.gemm_sm90 import TILES_ENV, Sm90Gemm, env_tiles, operands_of, render_sm90
 from ..fp8_scales import BLOCK, dequantize
 from ..ir.kernel import GemmInstance
 from ..ir.serialize import from_json, register_serializable, to_json
@@ -177,13 +178,20 @@ def _workspace_bytes(lib, sizes: tuple) -> int:
     return lib.workspace(sizes)
 
 
-@functools.lru_cache(maxsize=256)
 def _library_for(kind: str, text: str):
-    """The library running instance ``text`` (a GemmInstance or Sm90Gemm JSON) as ``kind``, keyed by
-    the text, whose hash Python keeps: making the Sm90Gemm walks its epilogue (~20 us a call)."""
+    """The library running instance ``text`` (a GemmInstance or Sm90Gemm JSON) as ``kind``, with the
+    tile / schedule override of PIGEON_SM90_TILES for ``kind`` (pigeon/codegen/gemm_sm90.py; read
+    each call, so a probe may switch variants in one process)."""
+    return _library_for_tiles(kind, text, os.environ.get(TILES_ENV, ""))
+
+
+@functools.lru_cache(maxsize=256)
+def _library_for_tiles(kind: str, text: str, tiles: str):
+    """Keyed by the text, whose hash Python keeps: making the Sm90Gemm walks its epilogue (~20 us a call)."""
     obj = parse(text)
     out_dtype = obj.out_dtype if isinstance(obj, Sm90Gemm) else obj.dtype
-    return _library(Sm90Gemm(kind, obj.dtype, out_dtype, obj.epilogue))
+    tile, schedule = env_tiles(kind, tiles)
+    return _library(Sm90Gemm(kind, obj.dtype, out_dtype, obj.epilogue, tile, schedule))
 
 
 def _launch(lib, ptrs, M: int, N: int, K: int, G: int, like: torch.Tensor) -> None:
