@@ -271,6 +271,21 @@ def test_bad_calls_are_refused_before_anything_runs():
     _bad(r"unknown pattern", q, k, k, enable_gqa=True, pattern="causal")
 
 
+def test_cu_seqlens_are_read_once_per_tensor_and_version():
+    """The host copy of cu_seqlens is kept per tensor and in-place version: a cu_seqlens changed in
+    place after a good call is checked again (and refused), and a call's longest document follows it."""
+    from pigeon.attention import api
+    packed = torch.randn(10, 2, 64)
+    cu = torch.tensor([0, 4, 10])
+    pa.attention(packed, packed, packed, cu_seqlens=cu, backend="reference")
+    assert api.cu_values(cu) == [0, 4, 10]
+    assert api._call_shape(packed, packed, None, cu)[7] == 6
+    cu[1] = 12                                    # in place: a new version
+    _bad(r"cu_seqlens decreases at index 2", packed, packed, packed, cu_seqlens=cu)
+    cu[1] = 1
+    assert api._call_shape(packed, packed, None, cu)[7] == 9
+
+
 def test_score_mod_derivatives_equal_torch_autograd():
     from pigeon.attention.reference import _eval_mod
     from pigeon.ir.expr_grad import derivative

@@ -21,6 +21,7 @@ problem, before anything runs.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Callable
 
@@ -45,52 +46,85 @@ def _check(cond: bool, msg: str) -> None:
         raise AttentionInputError(msg)
 
 
+_CU_VALUES: dict = {}      # id(cu_seqlens) -> (weak reference, _version, its values)
+_CU_VALUES_MAX = 64
+
+
+def cu_values(c: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` on the host: one device-to-host copy per tensor and version, instead of a
+    device sync for each of the checks and the longest document on every call.  The entry is the
+    tensor itself (a weak reference) at its in-place version: a new tensor or an in-place change
+    reads the values again."""
+    if torch.compiler.is_compiling():
+        return c.tolist()
+    ent = _CU_VALUES.get(id(c))
+    if ent is not None and ent[0]() is c and ent[1] == c._version:
+        return ent[2]
+    vals = [int(x) for x in c.tolist()]
+    if len(_CU_VALUES) >= _CU_VALUES_MAX:
+        _CU_VALUES.clear()
+    _CU_VALUES[id(c)] = (weakref.ref(c), c._version, vals)
+    return vals
+
+
 def check_inputs(q, k, v, *, enable_gqa: bool, cu_seqlens, pattern, backend: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(isinstance(t, torch.Tensor), f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.is_floating_point(), f"attention: {name} must be a floating-point tensor, got {t.dtype}")
+    # every message is formatted only when its check fails: formatting them all (shapes as lists)
+    # cost ~35 us of host time per call
     packed = cu_seqlens is not None
     want = 3 if packed else 4
-    layout = "[T, heads, head_dim] (packed, with cu_seqlens)" if packed else "[batch, heads, seq, head_dim]"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(t.dim() == want, f"attention: {name} must be {layout}, got shape {list(t.shape)}")
-    _check(q.dtype == k.dtype == v.dtype, f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    _check(q.device == k.device == v.device, f"attention: q, k, v are on different devices "
-                                             f"({q.device}, {k.device}, {v.device})")
+        if not isinstance(t, torch.Tensor):
+            raise AttentionInputError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise AttentionInputError(f"attention: {name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            layout = "[T, heads, head_dim] (packed, with cu_seqlens)" if packed else "[batch, heads, seq, head_dim]"
+            raise AttentionInputError(f"attention: {name} must be {layout}, got shape {list(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise AttentionInputError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise AttentionInputError(f"attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     hq, hk, hv = (t.shape[-2] if packed else t.shape[1] for t in (q, k, v))
-    _check(k.shape == v.shape[:-1] + (k.shape[-1],) and hk == hv,
-           f"attention: k {list(k.shape)} and v {list(v.shape)} must agree but for the last axis")
-    _check(q.shape[-1] == k.shape[-1], f"attention: q's head_dim {q.shape[-1]} != k's {k.shape[-1]}")
-    if packed:
-        _check(q.shape[0] == k.shape[0], f"attention: packed q has {q.shape[0]} tokens, k {k.shape[0]}; "
-                                         "cu_seqlens describes both")
-    else:
-        _check(q.shape[0] == k.shape[0], f"attention: q has batch {q.shape[0]}, k batch {k.shape[0]}")
+    if not (k.shape == v.shape[:-1] + (k.shape[-1],) and hk == hv):
+        raise AttentionInputError(f"attention: k {list(k.shape)} and v {list(v.shape)} must agree but for the last axis")
+    if q.shape[-1] != k.shape[-1]:
+        raise AttentionInputError(f"attention: q's head_dim {q.shape[-1]} != k's {k.shape[-1]}")
+    if q.shape[0] != k.shape[0]:
+        raise AttentionInputError(f"attention: packed q has {q.shape[0]} tokens, k {k.shape[0]}; cu_seqlens describes both"
+                                  if packed else f"attention: q has batch {q.shape[0]}, k batch {k.shape[0]}")
     if enable_gqa:
-        _check(hq % hk == 0, f"attention: {hq} query heads are not a multiple of {hk} key/value heads (GQA)")
-    else:
-        _check(hq == hk, f"attention: {hq} query heads but {hk} key/value heads; pass enable_gqa=True for GQA/MQA")
+        if hq % hk != 0:
+            raise AttentionInputError(f"attention: {hq} query heads are not a multiple of {hk} key/value heads (GQA)")
+    elif hq != hk:
+        raise AttentionInputError(f"attention: {hq} query heads but {hk} key/value heads; pass enable_gqa=True for GQA/MQA")
     if packed:
         c = cu_seqlens
         _check(isinstance(c, torch.Tensor) and c.dim() == 1 and c.numel() >= 2 and not c.is_floating_point(),
                "attention: cu_seqlens must be a 1-D integer tensor [documents + 1]")
-        _check(int(c[0]) == 0, f"attention: cu_seqlens must start at 0, got {int(c[0])}")
-        d = c[1:] - c[:-1]
-        bad = (d < 0).nonzero()
-        _check(bad.numel() == 0, f"attention: cu_seqlens decreases at index {int(bad[0]) + 1 if bad.numel() else 0}")
-        _check(int(c[-1]) == q.shape[0], f"attention: cu_seqlens ends at {int(c[-1])} but q has {q.shape[0]} tokens")
+        vals = cu_values(c)
+        if vals[0] != 0:
+            raise AttentionInputError(f"attention: cu_seqlens must start at 0, got {vals[0]}")
+        for i in range(1, len(vals)):
+            if vals[i] < vals[i - 1]:
+                raise AttentionInputError(f"attention: cu_seqlens decreases at index {i}")
+        if vals[-1] != q.shape[0]:
+            raise AttentionInputError(f"attention: cu_seqlens ends at {vals[-1]} but q has {q.shape[0]} tokens")
     if pattern is not None:
         if not isinstance(pattern, PATTERNS):       # the message only then: repr() is not traceable by dynamo
             raise AttentionInputError(f"attention: unknown pattern {pattern!r}; known: "
                                       f"{[p.__name__ for p in PATTERNS]}")
-        if isinstance(pattern, (BlockList, TopK)):
-            _check(not packed, "attention: block-list and top-k patterns take the dense layout, not cu_seqlens")
+        if packed and isinstance(pattern, (BlockList, TopK)):
+            raise AttentionInputError("attention: block-list and top-k patterns take the dense layout, not cu_seqlens")
     if backend == "kernels":
-        _check(q.shape[-1] in KERNEL_HEAD_DIMS, f"attention: head_dim {q.shape[-1]} is not supported by the "
-                                                f"kernels (supported: {KERNEL_HEAD_DIMS})")
-        _check(q.dtype in KERNEL_DTYPES, f"attention: the kernels take bfloat16 or float16, got {q.dtype}")
+        if q.shape[-1] not in KERNEL_HEAD_DIMS:
+            raise AttentionInputError(f"attention: head_dim {q.shape[-1]} is not supported by the kernels "
+                                      f"(supported: {KERNEL_HEAD_DIMS})")
+        if q.dtype not in KERNEL_DTYPES:
+            raise AttentionInputError(f"attention: the kernels take bfloat16 or float16, got {q.dtype}")
         for name, t in (("q", q), ("k", k), ("v", v)):
-            _check(t.stride(-1) == 1, f"attention: {name}'s last axis must be contiguous (stride {t.stride(-1)})")
+            if t.stride(-1) != 1:
+                raise AttentionInputError(f"attention: {name}'s last axis must be contiguous (stride {t.stride(-1)})")
 
 
 def attention(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callable | None = None, pattern=None,
@@ -170,8 +204,8 @@ def _call_shape(q, k, pattern, cu_seqlens) -> tuple:
     bm, bn = _blocks(pattern)
     dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[q.dtype]
     if packed:
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        sq = skv = int(lens.max()) if lens.numel() else 0
+        vals = cu_values(cu_seqlens)
+        sq = skv = max((b - a for a, b in zip(vals, vals[1:])), default=0)
         batch = 1
     else:
         batch, sq, skv = q.shape[0], q.shape[2], k.shape[2]
