@@ -111,6 +111,41 @@ def test_outputs_and_gradients_equal_the_reference(name, monkeypatch):
         assert _rel_err(got, want) < 1e-2, f"{name} d{n}: rel err {_rel_err(got, want):.2e}"
 
 
+@pytest.mark.parametrize("name", ["causal", "packed_causal_alibi", "topk"])
+def test_eager_path_equals_the_op_path(name, monkeypatch):
+    """The eager path (no op dispatch: ops.EagerAttention, or the forward alone without grad) gives
+    the op path's outputs and gradients bit for bit, and takes the op only when told to."""
+    from pigeon.attention import ops
+    monkeypatch.setenv("PIGEON_CPU_BACKEND", "torch")
+    q, k, v, kw = _inputs(CASES[name], seed=7)
+    gqa = q.shape[-2 if "cu_seqlens" in kw else 1] != k.shape[-2 if "cu_seqlens" in kw else 1]
+    up = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(3)).bfloat16()
+    calls = {"op": 0}
+    real = torch.ops.pigeon.attention_fwd
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "attention_fwd":
+                calls["op"] += 1
+                return real
+            return getattr(torch.ops.pigeon, name)
+    monkeypatch.setattr(ops, "OPS", Spy())
+    results = []
+    for fastpath in ("1", "0"):
+        monkeypatch.setenv("PIGEON_EAGER_FASTPATH", fastpath)
+        before = calls["op"]
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = pa.attention(*leaves, enable_gqa=gqa, return_lse=True, **kw)
+        grads = torch.autograd.grad((out * up).sum(), leaves)
+        with torch.no_grad():
+            plain = pa.attention(q, k, v, enable_gqa=gqa, **kw)
+        assert (calls["op"] - before == 0) == (fastpath == "1")
+        results.append((out, lse, plain, grads))
+    (o1, l1, p1, g1), (o0, l0, p0, g0) = results
+    for a, b in [(o1, o0), (l1, l0), (p1, p0), *zip(g1, g0)]:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_semantics_backward_equals_the_vjp_in_float64(name):
     """The bwd op's formulas against torch.func.vjp of the forward semantics (float64)."""

@@ -190,9 +190,20 @@ def _pattern_text(pattern) -> str:
 
 
 def _run_ops(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens):
-    """pigeon::attention_fwd of a checked call (autograd: pigeon::attention_bwd)."""
-    from .ops import OPS    # registers the pigeon::attention_* ops
-    return OPS.attention_fwd(*_op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens))
+    """pigeon::attention_fwd of a checked call (autograd: pigeon::attention_bwd).  In eager mode on
+    plain tensors the same implementations run without the op's dispatch (~40 us a call):
+    ``EagerAttention`` when autograd records the call, the forward alone when it does not;
+    torch.compile, opcheck, fake tensors, dispatch modes, functorch transforms and
+    ``PIGEON_EAGER_FASTPATH=0`` take the op."""
+    from ..runtime.ops import _eager
+    from .ops import OPS, EagerAttention, forward_impl    # registers the pigeon::attention_* ops
+    args = _op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens)
+    tensors = [t for t in args[1:7]] + ([cu_seqlens] if cu_seqlens is not None else [])
+    if not _eager(tensors, ()):
+        return OPS.attention_fwd(*args)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return EagerAttention.apply(*args)
+    return forward_impl(*args)
 
 
 def _call_shape(q, k, pattern, cu_seqlens) -> tuple:

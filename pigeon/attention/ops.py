@@ -238,10 +238,10 @@ def _out_shapes(inst, q, v):
     return out, lse
 
 
-@torch.library.custom_op("pigeon::attention_fwd", mutates_args=())
-def attention_fwd(instance: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_ptr: torch.Tensor,
-                  blk_col: torch.Tensor, blk_full: torch.Tensor, list_shape: list[int],
-                  cu_seqlens: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_impl(instance: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk_ptr: torch.Tensor,
+                 blk_col: torch.Tensor, blk_full: torch.Tensor, list_shape: list[int],
+                 cu_seqlens: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What pigeon::attention_fwd computes (the op's body, and the eager path's: ``EagerAttention``)."""
     inst = parse(instance)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     w = where(q.device)
@@ -253,6 +253,9 @@ def attention_fwd(instance: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                 emulate=w == "emulate")
 
 
+attention_fwd = torch.library.custom_op("pigeon::attention_fwd", mutates_args=())(forward_impl)
+
+
 @attention_fwd.register_fake
 def _(instance, q, k, v, blk_ptr, blk_col, blk_full, list_shape, cu_seqlens, scale):
     inst = parse(instance)
@@ -260,12 +263,11 @@ def _(instance, q, k, v, blk_ptr, blk_col, blk_full, list_shape, cu_seqlens, sca
     return q.new_empty(out), q.new_empty(lse, dtype=torch.float32)
 
 
-@torch.library.custom_op("pigeon::attention_bwd", mutates_args=())
-def attention_bwd(instance: str, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def backward_impl(instance: str, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, blk_ptr: torch.Tensor, blk_col: torch.Tensor,
                   blk_full: torch.Tensor, list_shape: list[int], cu_seqlens: Optional[torch.Tensor],
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of pigeon::attention_fwd's ``out`` for ``grad_out``."""
+    """(dq, dk, dv) of pigeon::attention_fwd's ``out`` for ``grad_out`` (pigeon::attention_bwd's body)."""
     inst = parse(instance)
     q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
     w = where(q.device)
@@ -278,6 +280,9 @@ def attention_bwd(instance: str, grad_out: torch.Tensor, q: torch.Tensor, k: tor
                                             _lists(blk_ptr, blk_col, blk_full, list_shape), scale, cu_seqlens,
                                             emulate=w == "emulate")
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+attention_bwd = torch.library.custom_op("pigeon::attention_bwd", mutates_args=())(backward_impl)
 
 
 @attention_bwd.register_fake
@@ -304,3 +309,30 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("pigeon::attention_fwd", _backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------------------ the eager path
+
+class EagerAttention(torch.autograd.Function):
+    """pigeon::attention_fwd and its autograd formula without the op's dispatch (its Python wrappers
+    cost ~40 us a call on the CPU machine, more with autograd): the same ``forward_impl``, the same
+    saved tensors, ``backward_impl`` for the gradients.  Only in eager mode on plain tensors
+    (pigeon/attention/api.py ``_eager``); a backward that must itself be differentiable
+    (create_graph) calls the op, as the op path does."""
+
+    @staticmethod
+    def forward(ctx, instance, q, k, v, blk_ptr, blk_col, blk_full, list_shape, cu_seqlens, scale):
+        out, lse = forward_impl(instance, q, k, v, blk_ptr, blk_col, blk_full, list_shape, cu_seqlens, scale)
+        _setup(ctx, (instance, q, k, v, blk_ptr, blk_col, blk_full, list_shape, cu_seqlens, scale), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        if torch.is_grad_enabled():           # create_graph: the op's (non-differentiable) backward, as the op path
+            return _backward(ctx, grad_out, grad_lse)
+        if grad_out is None:
+            return (None,) * 10
+        q, k, v, out, lse, blk_ptr, blk_col, blk_full, *cu = ctx.saved_tensors
+        dq, dk, dv = backward_impl(ctx.instance, grad_out, q, k, v, out, lse, blk_ptr, blk_col, blk_full,
+                                   ctx.list_shape, cu[0] if ctx.packed else None, ctx.scale)
+        return None, dq, dk, dv, None, None, None, None, None, None
