@@ -5,7 +5,11 @@ dispatch / combine bit-exact against the torch reference: bf16/fp16/fp32, vector
 k = 1..3, dropped slots), forward and backward; float64 gradchecks of the torch path; MoEMLP with
 capacity dropping against a dense reference; the steady-state MoEMLP forward free of host reads
 (it runs on the meta device, where any read raises); plan, dispatch and combine one launch each;
-one-line errors; three nvcc sm_90 compiles (dispatch, combine, plan; the rest under -m slow)."""
+one-line errors; three nvcc sm_90 compiles (dispatch, combine, plan; the rest under -m slow).
+The compact layout: its rows the capacity layout's packed (drops, empty experts), the compact plan
+kernel emulated exactly, dispatch / combine bit-exact on it, MoEMLP compact == capacity (float64
+reference path; float32 grouped path through _grouped_mm's CPU kernel), forward and gradients, and
+the grouped path free of host reads on the meta device."""
 import random
 
 import pytest
@@ -271,7 +275,7 @@ def test_errors():
     with pytest.raises(ValueError, match="capacity_factor is None or > 0"):
         MoEMLP(8, 16, latencies=[1.0, 1.0], capacity_factor=0)
     assert config_for("combine", 7, "float32", True, 2).vec == 1 and config_for("combine", 8, "float32", True, 2).vec == 4
-    assert len({c.name for c in prebuild_configs()}) == 14
+    assert len({c.name for c in prebuild_configs()}) == len(prebuild_configs()) == 22
     with pytest.raises(MoeConfigError, match="index is one of"):
         MoeConfig("plan", "float32", 1, False, 2, "int16")
     with pytest.raises(sk.ShiftAddKernelError, match="MoE plan: expert_ids must be a 2-d int32/int64 tensor"):
@@ -480,3 +484,155 @@ def test_plan_kernel_drops_out_of_range_ids_without_writing_and_the_check_names_
     monkeypatch.setenv("PIGEON_CHECK_INDICES", "1")
     with pytest.raises(sk.ShiftAddKernelError, match=r"expert_ids\[1, 0\] = 5 is outside \[0, 2\) \(2 such ids\)"):
         sk.moe_plan(ids, 2, 5, emulate=True)
+
+
+# ---------------------------------------------------------------- the compact layout (no padding rows)
+
+def _compact_from_capacity(ids, e, c):
+    """The compact layout derived from the capacity one: expert e's kept rows e*C + q -> base[e] + q."""
+    r = moe.route(ids, e, c)
+    used = r.counts.clamp_max(r.capacity)
+    ends = used.cumsum(0)
+    base = ends - used
+    t, k = ids.shape
+    rows = min(t * k, e * r.capacity)
+    src = torch.full((rows,), -1, dtype=torch.int32)
+    for x in range(e):
+        n = int(used[x])
+        src[int(base[x]):int(base[x]) + n] = r.src[x * r.capacity:x * r.capacity + n]
+    s = r.slot.long()
+    cap = max(r.capacity, 1)
+    slot = torch.where(s >= 0, base[s.clamp_min(0) // cap] + s.clamp_min(0) % cap, -1).to(torch.int32)
+    return slot, src, r.counts, ends.to(torch.int32)
+
+
+_COMPACT_CASES = [(1, 1, 2, None), (23, 2, 2, None), (40, 2, 3, 9), (17, 3, 4, 5), (30, 1, 2, 0), (50, 1, 4, 20),
+                  (64, 2, 4, 7)]
+
+
+def _routed(t, k, e, empty=False):
+    g = torch.Generator().manual_seed(t * 13 + k + e)
+    ids = _ids(g, t, k, e)
+    if empty and e >= 3 and k < e - 1:                 # expert e-1 gets nothing
+        ids = torch.stack([torch.randperm(e - 1, generator=g)[:k] for _ in range(t)])
+    return ids
+
+
+@pytest.mark.parametrize("t,k,e,c", _COMPACT_CASES)
+def test_compact_route_is_the_capacity_layout_packed(t, k, e, c):
+    """Same kept / dropped choices, same order; rows packed by expert, group ends on the device."""
+    for empty in (False, True):
+        ids = _routed(t, k, e, empty)
+        for dt in (torch.int64, torch.int32):
+            r = moe.route(ids.to(dt), e, c, layout="compact")
+            slot, src, counts, ends = _compact_from_capacity(ids, e, t if c is None else c)
+            assert torch.equal(r.slot, slot) and torch.equal(r.src, src), (t, k, e, c, empty)
+            assert torch.equal(r.counts, counts) and torch.equal(r.ends, ends) and r.ends.dtype == torch.int32
+            assert r.groups() == (1, r.rows) and r.rows == min(t * k, e * r.capacity)
+            grp = moe.row_groups(r.ends, r.rows)
+            kept = r.slot >= 0
+            assert torch.equal(grp[r.slot[kept].long()], ids.to(dt)[kept].long())     # each row in its expert's group
+
+
+@needs_cxx
+@pytest.mark.parametrize("t,k,e,c,empty", [(257, 3, 4, 50, False), pytest.param(64, 1, 4, 7, True, marks=_SLOW),
+                                           pytest.param(600, 2, 3, 170, False, marks=_SLOW),
+                                           pytest.param(30, 1, 2, 0, False, marks=_SLOW)])
+def test_plan_kernel_emulated_compact_vs_route(t, k, e, c, empty):
+    ids = _routed(t, k, e, empty)
+    for dt in (torch.int64,) if not empty else (torch.int64, torch.int32):
+        want = moe.route(ids.to(dt), e, c, layout="compact")
+        got = moe_route(ids.to(dt), e, c, backend="emulate", layout="compact")
+        assert got.layout == "compact" and got.rows == want.rows
+        for a in ("slot", "src", "counts", "ends"):
+            assert torch.equal(getattr(got, a), getattr(want, a)), (a, t, k, e, c, dt)
+
+
+@needs_cxx
+def test_kernels_emulated_bit_exact_compact():
+    """The dispatch / combine kernels (layout-agnostic) on compact src / slot: combine over one [R, D] output."""
+    g = torch.Generator().manual_seed(7)
+    for t, k, e, c, d in [(29, 2, 3, 11, 24), (40, 1, 2, None, 64)]:
+        r = moe.route(_ids(g, t, k, e), e, c, layout="compact")
+        x = (torch.randn(t, d, generator=g) * 3).to(torch.bfloat16)
+        gate = torch.rand(t, k, generator=g)
+        y = (torch.randn(r.rows, d, generator=g) * 3).to(torch.bfloat16)
+        for scale in (None, gate):
+            got = sk.moe_dispatch(x, r.src, k, scale, emulate=True)
+            assert torch.equal(_bits(got), _bits(moe.dispatch_ref(x, r.src, k, scale)))
+            got = sk.moe_combine([y], r.slot, scale, emulate=True)
+            assert torch.equal(_bits(got), _bits(moe.combine_ref([y], r.slot, scale)))
+
+
+def _mlp_pair(k, factor, dtype, seed=4, dim=16, hidden=32):
+    torch.manual_seed(seed)
+    m = MoEMLP(dim, hidden, k=k, latencies=[6.0, 4.0], capacity_factor=factor, backend="torch").to(dtype)
+    mc = MoEMLP(dim, hidden, k=k, latencies=[6.0, 4.0], capacity_factor=factor, backend="torch",
+                layout="capacity").to(dtype)
+    mc.load_state_dict(m.state_dict())
+    return m, mc
+
+
+def _fwd_bwd(m, x, gy):
+    xx = x.clone().requires_grad_()
+    y, loss = m(xx)
+    ((y * gy).sum() + loss).backward()
+    return [y.detach(), loss.detach(), xx.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("k,factor", [(1, None), (2, None), (2, 0.5), (1, 0.6)])
+def test_moe_mlp_compact_equals_capacity_float64(k, factor):
+    """The CPU reference of the compact layout: outputs and every gradient as the capacity layout's."""
+    m, mc = _mlp_pair(k, factor, D64)
+    x = torch.randn(40, 16, dtype=D64)
+    gy = torch.randn(40, 16, dtype=D64)
+    assert m.compact_plan(x, m.capacity(40)) == "reference"
+    for a, b in zip(_fwd_bwd(m, x, gy), _fwd_bwd(mc, x, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,factor", [(1, None), (2, None), (2, 0.5), (1, 0.6)])
+def test_moe_mlp_grouped_equals_capacity_float32(monkeypatch, k, factor):
+    """The grouped path (torch._grouped_mm over the compact rows, stacked weights, the shift
+    weights' STE) through _grouped_mm's CPU kernel, float32: outputs and gradients as the capacity
+    layout's (per-expert F.linear) to within float32 rounding."""
+    monkeypatch.setattr(MoEMLP, "_GROUPED_DEVICES", ("cuda", "cpu"))
+    m, mc = _mlp_pair(k, factor, torch.float32)
+    x = torch.randn(40, 16)
+    gy = torch.randn(40, 16)
+    assert m.compact_plan(x, m.capacity(40)) == "grouped"
+    m.__dict__.pop("_gemms")
+    got, want = _fwd_bwd(m, x, gy), _fwd_bwd(mc, x, gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0], mc(x)[0], rtol=1e-5, atol=1e-5)
+    mc.experts[0].fc1.register_forward_hook(lambda *a: None)     # a hook: the module calls (capacity layout)
+    assert mc.compact_plan(x, 40) is None
+
+
+@pytest.mark.parametrize("layout", ["compact", "capacity"])
+def test_moe_mlp_grouped_forward_has_no_host_read(monkeypatch, layout):
+    """The grouped path (bf16 on the meta device, where _grouped_mm has a meta kernel) forward and
+    backward with no host read."""
+    monkeypatch.setattr(MoEMLP, "_GROUPED_DEVICES", ("cuda", "meta"))
+    m = MoEMLP(16, 32, k=2, latencies=[6.0, 4.0], backend="torch", layout=layout).to("meta", torch.bfloat16)
+    x = torch.empty(24, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    if layout == "compact":
+        assert m.compact_plan(x, 24) == "grouped"
+        m.__dict__.pop("_gemms")
+    y, loss = m(x)
+    (y.sum() + loss).backward()
+    assert y.shape == (24, 16) and x.grad.shape == (24, 16)
+
+
+def test_compact_errors():
+    with pytest.raises(ValueError, match="layout is one of"):
+        MoEMLP(8, 16, latencies=[1.0, 1.0], layout="sorted")
+    with pytest.raises(ValueError, match="layout is one of"):
+        moe.route(torch.zeros(3, 1, dtype=torch.long), 2, layout="x")
+    r = moe.route(torch.tensor([[0], [1], [1]]), 2, layout="compact")
+    with pytest.raises(ValueError, match=r"combine: ys must be one output \[R=3, D\] \(the compact layout\)"):
+        moe_combine([torch.zeros(3, 4)] * 2, r, torch.zeros(3, 1))
+    with pytest.raises(MoeConfigError, match="layout is one of"):
+        MoeConfig("combine", "bfloat16", 8, False, 1, layout="compact")

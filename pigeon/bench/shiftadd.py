@@ -15,7 +15,8 @@ Cases (``--quick``: the same kinds at tiny sizes):
 - ``moe``: MoEMLP (dense bf16 expert + shift expert, top-1 router; routing, the generated dispatch
   and combine kernels, no host sync) against the dense bf16 MLP (fc - GELU - fc) of the same size,
   forward, bf16, 196 tokens x batch 32, dim 320, hidden 1280: ``moe`` exact (capacity T per expert:
-  nothing dropped, each expert computes T rows) and ``moe_cap`` (``capacity_factor`` MOE_CAPACITY:
+  nothing dropped; MoEMLP's default compact layout, each expert over its routed rows -- one
+  torch._grouped_mm per linear when the shift expert takes its dense path) and ``moe_cap`` (``capacity_factor`` MOE_CAPACITY:
   ceil(1.25 T / 2) rows per expert, overflow tokens dropped Switch-style; its oracle is the float64
   MoEMLP with the same capacity).
 

@@ -11,7 +11,11 @@ One template family, three kinds (the template's head gives the exact semantics)
 
 - ``plan``: the layout itself from the expert ids ``[T, k]`` (pigeon/shiftadd/moe.py route's
   ``slot``, ``src`` and the per-expert counts), one block of 256 threads (chunk counts, a scan over
-  the threads per expert, the ranks), so routing is one launch and no host read.
+  the threads per expert, the ranks), so routing is one launch and no host read.  ``layout``
+  "compact" (plan only): the kept rows packed by expert with no padding (row base[e] + rank) and
+  one more output ``ends [E]``, the group ends ``torch._grouped_mm`` takes (moe.route's compact
+  layout); dispatch and combine serve both layouts unchanged (they read src / slot only; the
+  compact combine takes one output of R rows, ``experts`` 1).
 
 The backward of dispatch is an unscaled combine and the backward of combine a scaled dispatch
 (pigeon/shiftadd/moe.py).  :func:`config_for` picks 16-byte vectors when the row length allows
@@ -28,6 +32,7 @@ from .kernel_source import KernelParam, RenderedKernel
 
 TEMPLATE = "shiftadd.moe.cu.jinja"
 KINDS = ("dispatch", "combine", "plan")
+LAYOUTS = ("capacity", "compact")
 INDEX = ("int64", "int32")
 DTYPES = ("bfloat16", "float16", "float32")
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -47,6 +52,7 @@ class MoeConfig:
     scaled: bool
     experts: int = 1
     index: str = "int64"
+    layout: str = "capacity"
     tpr: int = TPR
     block: int = BLOCK
 
@@ -57,6 +63,9 @@ class MoeConfig:
             raise MoeConfigError(f"MoE {self.kind} kernel: dtype is one of {DTYPES}, got {self.dtype!r}")
         if self.index not in INDEX:
             raise MoeConfigError(f"MoE {self.kind} kernel: index is one of {INDEX}, got {self.index!r}")
+        if self.layout not in LAYOUTS or (self.kind != "plan" and self.layout != "capacity"):
+            raise MoeConfigError(f"MoE {self.kind} kernel: layout is one of {LAYOUTS} (plan) or 'capacity' "
+                                 f"(dispatch / combine read the layout through src / slot), got {self.layout!r}")
         if self.kind == "plan" and (self.dtype, self.vec, self.scaled) != ("float32", 1, False):
             raise MoeConfigError("MoE plan kernel: dtype float32, vec 1, scaled False (unused fields)")
         if self.vec not in (1, 16 // ITEMSIZE[self.dtype]):
@@ -77,7 +86,7 @@ class MoeConfig:
     def name(self) -> str:
         short = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}[self.dtype]
         if self.kind == "plan":
-            return f"pigeon_moe_plan_{self.index}_e{self.experts}"
+            return f"pigeon_moe_plan_{self.index}_e{self.experts}{'_compact' if self.layout == 'compact' else ''}"
         e = f"_e{self.experts}" if self.kind == "combine" else ""
         return f"pigeon_moe_{self.kind}_{short}_v{self.vec}{'_scaled' if self.scaled else ''}{e}"
 
@@ -93,17 +102,18 @@ def config_for(kind: str, d: int, dtype: str, scaled: bool, experts: int = 1) ->
     return MoeConfig(kind, dtype, vec_for(d, dtype), bool(scaled), experts)
 
 
-def plan_config(experts: int, index: str = "int64") -> MoeConfig:
-    return MoeConfig("plan", "float32", 1, False, experts, index)
+def plan_config(experts: int, index: str = "int64", layout: str = "capacity") -> MoeConfig:
+    return MoeConfig("plan", "float32", 1, False, experts, index, layout)
 
 
 def params(cfg: MoeConfig) -> tuple[KernelParam, ...]:
     t = storage_type(cfg.dtype)
     if cfg.kind == "plan":
+        ends = (KernelParam("ends", "ptr", "int* __restrict__", "buffer:ends"),) if cfg.layout == "compact" else ()
         return (KernelParam("slot", "ptr", "int* __restrict__", "buffer:slot"),
                 KernelParam("src", "ptr", "int* __restrict__", "buffer:src"),
-                KernelParam("counts", "ptr", "int* __restrict__", "buffer:counts"),
-                KernelParam("ids", "ptr", f"const {storage_type(cfg.index)}* __restrict__", "buffer:ids"),
+                KernelParam("counts", "ptr", "int* __restrict__", "buffer:counts")) + ends + \
+               (KernelParam("ids", "ptr", f"const {storage_type(cfg.index)}* __restrict__", "buffer:ids"),
                 KernelParam("T", "int32", "int", "size:T"),
                 KernelParam("k", "int32", "int", "size:k"),
                 KernelParam("C", "int32", "int", "size:C"))
@@ -135,7 +145,9 @@ def render_moe(cfg: MoeConfig) -> RenderedKernel:
 
 
 def prebuild_configs(experts: int = 2) -> list[MoeConfig]:
-    """The configs the mixture MLP runs with vectorized rows: both kinds, scaled or not, three dtypes."""
-    return [MoeConfig(kind, d, 16 // ITEMSIZE[d], s, experts if kind == "combine" else 1)
-            for kind in ("dispatch", "combine") for d in DTYPES for s in (False, True)] + \
-        [plan_config(experts, i) for i in INDEX]
+    """The configs the mixture MLP runs with vectorized rows: both kinds, scaled or not, three dtypes
+    (combine over E outputs for the capacity layout, over 1 for the compact one), the plans of both layouts."""
+    return [MoeConfig(kind, d, 16 // ITEMSIZE[d], s, n)
+            for kind in ("dispatch", "combine") for d in DTYPES for s in (False, True)
+            for n in ((1,) if kind == "dispatch" else (experts, 1))] + \
+        [plan_config(experts, i, lay) for i in INDEX for lay in LAYOUTS]

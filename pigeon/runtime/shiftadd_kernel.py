@@ -512,9 +512,12 @@ _PLAN_ORDER = ("slot", "src", "counts", "ids", "T", "k", "C")
 INVALID_SLOT = -2      # the plan kernel's slot of an expert id outside [0, E) (dropped)
 
 
-def moe_plan(expert_ids: torch.Tensor, experts: int, capacity: int, *, emulate: bool = False):
+def moe_plan(expert_ids: torch.Tensor, experts: int, capacity: int, *, emulate: bool = False,
+             layout: str = "capacity"):
     """``(slot [T, k], src [E * C], counts [E])`` (int32) of pigeon/shiftadd/moe.py's ``route`` for
-    ``expert_ids [T, k]`` (int32/int64) in one launch of the generated plan kernel (one block).  An
+    ``expert_ids [T, k]`` (int32/int64) in one launch of the generated plan kernel (one block);
+    ``layout="compact"``: ``(slot, src [min(T * k, E * C)], counts, ends [E])``, route's compact
+    layout (the same launch, one more output: the group ends).  An
     id outside [0, E) is not an index in the kernel (no out-of-bounds write): its choice gets slot
     ``INVALID_SLOT`` (dropped); checking the values would read them on the host, so that happens
     only under ``PIGEON_CHECK_INDICES=1``, which raises naming the first such id."""
@@ -529,24 +532,30 @@ def moe_plan(expert_ids: torch.Tensor, experts: int, capacity: int, *, emulate: 
     t, k = expert_ids.shape
     if t * k >= _I32_MAX or experts * capacity >= _I32_MAX:
         raise ShiftAddKernelError("MoE plan: 2^31 or more ids or buffer rows")
+    if layout not in ("capacity", "compact"):
+        raise ShiftAddKernelError(f"MoE plan: layout is 'capacity' or 'compact', got {layout!r}")
+    compact = layout == "compact"
     dev = expert_ids.device
     slot = _poisoned((t, k), torch.int32, dev)
-    src = _poisoned((experts * capacity,), torch.int32, dev)
+    src = _poisoned((min(t * k, experts * capacity) if compact else experts * capacity,), torch.int32, dev)
     counts = _poisoned((experts,), torch.int32, dev)
-    key = ("moe-plan", experts, expert_ids.dtype, dev, emulate)
+    ends = _poisoned((experts,), torch.int32, dev) if compact else None
+    key = ("moe-plan", experts, expert_ids.dtype, dev, emulate, layout)
     e = _ENTRIES.get(key)
     if e is None:
         from ..codegen.shiftadd_moe import plan_config, render_moe
-        cfg = plan_config(experts, "int64" if expert_ids.dtype == torch.int64 else "int32")
+        cfg = plan_config(experts, "int64" if expert_ids.dtype == torch.int64 else "int32", layout)
         rk = render_moe(cfg)
         e = _ENTRIES[key] = _Entry(cfg, rk, _loader(rk, dev, emulate))
-        if e.names != _PLAN_ORDER:
-            raise ShiftAddKernelError(f"MoE plan kernel parameters {e.names} are not {_PLAN_ORDER}")
-    e.fn.launch((1, 1, 1), e.block, [slot, src, counts, expert_ids.contiguous(), t, k, capacity], e.types)
+        want = _PLAN_ORDER[:3] + ("ends",) + _PLAN_ORDER[3:] if compact else _PLAN_ORDER
+        if e.names != want:
+            raise ShiftAddKernelError(f"MoE plan kernel parameters {e.names} are not {want}")
+    outs = [slot, src, counts] + ([ends] if compact else [])
+    e.fn.launch((1, 1, 1), e.block, outs + [expert_ids.contiguous(), t, k, capacity], e.types)
     if os.environ.get("PIGEON_CHECK_INDICES", "") not in ("", "0"):      # reads the slots on the host (a sync)
         bad = (slot == INVALID_SLOT).nonzero()
         if bad.numel():
             t0, j0 = (int(v) for v in bad[0])
             raise ShiftAddKernelError(f"MoE plan: expert_ids[{t0}, {j0}] = {int(expert_ids[t0, j0])} is outside "
                                       f"[0, {experts}) ({bad.shape[0]} such ids)")
-    return slot, src, counts
+    return tuple(outs)

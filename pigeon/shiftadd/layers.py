@@ -39,9 +39,11 @@ the float master weights; dB = V g^T) are torch matmuls.
 - ``MoEMLP``: a router (a linear gate, softmax over all logits kept at each token's top k) over the experts
   {dense MLP, shift MLP} (fc - GELU - fc each; ShiftAddViT's PVT MLPs also hold a depthwise conv,
   left out here).  Routing, dispatch and combine are moe.py's: the layout of the expert-sorted,
-  fixed-capacity buffer (on CUDA one launch of the generated plan kernel; no host sync), one launch of the
+  buffer -- compact by default (the kept rows packed by expert, device group ends; the experts as
+  one torch._grouped_mm per linear when all are dense GEMMs: MoEMLP's doc) or fixed-capacity -- (on
+  CUDA one launch of the generated plan kernel; no host sync), one launch of the
   generated dispatch kernel (row gather, 16-byte copies) and, after the experts ran on their
-  static-size slices of the buffer (the shift expert on ShiftLinear's chosen path), one launch of
+  rows of the buffer (the shift expert on ShiftLinear's chosen path), one launch of
   the generated combine kernel (the gate-weighted gather back, one write per token); their
   backward is the other kernel (autograd).  On a CPU the torch reference of moe.py.  The forward returns ``(y, balance_loss)`` with
   router.py's latency-aware loss; the latencies are given, or measured by
@@ -543,36 +545,44 @@ def _moe_impl(t: torch.Tensor, backend: str) -> str:
     return backend
 
 
-def moe_route(expert_ids: torch.Tensor, experts: int, capacity: int | None = None, backend: str = "kernels"):
-    """moe.route's layout (a moe.Routing): on CUDA (``backend="kernels"``) one launch of the generated
-    plan kernel, with ``"emulate"`` its text on the CPU, else moe.route's torch ops."""
+def moe_route(expert_ids: torch.Tensor, experts: int, capacity: int | None = None, backend: str = "kernels",
+              layout: str = "capacity"):
+    """moe.route's layout (a moe.Routing; ``layout`` "capacity" | "compact"): on CUDA
+    (``backend="kernels"``) one launch of the generated plan kernel, with ``"emulate"`` its text on
+    the CPU, else moe.route's torch ops."""
+    if layout not in _moe.LAYOUTS:
+        raise _moe.MoERoutingError(f"layout is one of {_moe.LAYOUTS}, got {layout!r}")
     impl = _moe_impl(expert_ids, backend) if isinstance(expert_ids, torch.Tensor) else "torch"
     if impl == "torch":
-        return _moe.route(expert_ids, experts, capacity)
+        return _moe.route(expert_ids, experts, capacity, layout)
     t = expert_ids.shape[0] if expert_ids.dim() == 2 else -1
     _moe.check_routing(expert_ids, None, t, experts)
     c = t if capacity is None else int(capacity)
     if c < 0:
         raise _moe.MoERoutingError(f"capacity must be >= 0, got {capacity}")
-    slot, src, counts = _kernels().moe_plan(expert_ids, experts, c, emulate=impl == "emulate")
-    return _moe.Routing(slot, src, counts, experts, c, expert_ids.shape[1])
+    out = _kernels().moe_plan(expert_ids, experts, c, emulate=impl == "emulate", layout=layout)
+    return _moe.Routing(*out[:3], experts, c, expert_ids.shape[1], layout, out[3] if len(out) > 3 else None)
 
 
 def moe_dispatch(x: torch.Tensor, routing, backend: str = "kernels") -> torch.Tensor:
-    """The expert-sorted buffer ``[E * C, D]`` of ``x [T, D]`` for ``routing`` (moe.route);
-    differentiable in x (module doc of moe.py)."""
+    """The expert-sorted buffer ``[R, D]`` of ``x [T, D]`` for ``routing`` (moe.route; R = E * C, or
+    the compact layout's min(T * k, E * C)); differentiable in x (module doc of moe.py)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != routing.tokens:
         raise _moe.MoERoutingError(f"dispatch: x must be [T={routing.tokens}, D], got {_moe._what(x)}")
-    return _MoEDispatch.apply(x, routing.slot, routing.src, routing.k, routing.experts, routing.capacity,
-                              _moe_impl(x, backend))
+    n, rows = routing.groups()
+    return _MoEDispatch.apply(x, routing.slot, routing.src, routing.k, n, rows, _moe_impl(x, backend))
 
 
 def moe_combine(ys, routing, gates: torch.Tensor | None, backend: str = "kernels") -> torch.Tensor:
-    """``[T, D]`` from the E expert outputs ``ys`` (each ``[C, D]``) and ``gates [T, k]`` (None: 1)
-    for ``routing`` (moe.route); differentiable in ys and gates."""
-    if not isinstance(ys, (list, tuple)) or len(ys) != routing.experts or \
-            any(not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != routing.capacity for y in ys):
-        raise _moe.MoERoutingError(f"combine: ys must be {routing.experts} expert outputs [C={routing.capacity}, D], "
+    """``[T, D]`` from the E expert outputs ``ys`` (each ``[C, D]``; the compact layout: one ``[R, D]``,
+    all experts' rows) and ``gates [T, k]`` (None: 1) for ``routing`` (moe.route); differentiable
+    in ys and gates."""
+    n, rows = routing.groups()
+    if not isinstance(ys, (list, tuple)) or len(ys) != n or \
+            any(not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != rows for y in ys):
+        what = f"{n} expert outputs [C={rows}, D]" if routing.layout == "capacity" else \
+            f"one output [R={rows}, D] (the compact layout)"
+        raise _moe.MoERoutingError(f"combine: ys must be {what}, "
                                    f"got {[_moe._what(y) for y in ys] if isinstance(ys, (list, tuple)) else _moe._what(ys)}")
     if gates is not None and (not isinstance(gates, torch.Tensor) or not gates.is_floating_point() or
                               gates.shape != routing.slot.shape or gates.device != routing.slot.device):
@@ -617,6 +627,62 @@ def measure_expert_latencies(experts, dim: int, tokens: int = 256, reps: int = 5
     return torch.tensor(out, dtype=torch.float64)
 
 
+class _ShiftSTE(torch.autograd.Function):
+    """The dequantized shift weights ``wq`` (ShiftLinear's cached "dense" form) as a function of the
+    master weights ``w``: forward wq, backward the clipped STE (where |w| <= 2^p_max, else 0), the
+    gradient _ShiftLinearFn gives w."""
+
+    @staticmethod
+    def forward(ctx, w, wq, clip):
+        ctx.save_for_backward(clip)
+        return wq
+
+    @staticmethod
+    def backward(ctx, g):
+        (clip,) = ctx.saved_tensors
+        return torch.where(clip, g, 0.0).to(g.dtype), None, None
+
+
+def _gemm_weights(lin, x, rows: int):
+    """(w [N, K], b [N] or None) in x's dtype when ``lin`` computes x w^T + b as one plain GEMM on
+    ``rows`` rows of x (a torch.nn.Linear; a ShiftLinear unquantized, on the torch backend, or whose
+    path for ``rows`` rows is "dense": its dequantized sign * 2^p, exact in bf16/fp16), else None.
+    The shift weights keep their gradient (the clipped STE)."""
+    if lin._forward_hooks or lin._forward_pre_hooks:
+        return None
+    params = lin._parameters
+    w, b = params["weight"], params.get("bias")
+    if type(lin) is ShiftLinear and lin.quantize:
+        if lin.backend == "kernels":
+            d = lin._plan(rows, x.dtype, x.device)
+            if d.path != "dense":
+                return None
+            if lin.__dict__["last_decision"] is not d:
+                lin.__dict__["last_path"], lin.__dict__["last_decision"] = d.path, d
+        forms = lin._forms()
+        wq = lin._form(forms, "dense", x.dtype)
+        if torch.is_grad_enabled() and w.requires_grad:
+            wq = _ShiftSTE.apply(w, wq, lin._form(forms, "clip"))
+        w = wq
+    elif type(lin) not in (torch.nn.Linear, ShiftLinear):
+        return None
+    if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+        return None
+    return w, b
+
+
+def _grouped_linear(h, ws, bs, ends, groups):
+    """h [R, K] times each expert's w^T over its rows (ends: the group ends), one torch._grouped_mm;
+    the biases added per row (the row's expert, ``groups``).  Rows past ends[E - 1] are left
+    unwritten by _grouped_mm (never read: no slot points there)."""
+    y = torch._grouped_mm(h, torch.stack(ws).transpose(1, 2), offs=ends)
+    if any(b is not None for b in bs):
+        zero = next(b for b in bs if b is not None).new_zeros(())
+        bias = torch.stack([b if b is not None else zero.expand(ws[0].shape[0]) for b in bs])
+        y = y + bias.index_select(0, groups)
+    return y
+
+
 class MoEMLP(torch.nn.Module):
     """Top-k router over experts {dense MLP, shift MLP}; forward(x [T, dim]) -> (y, balance_loss).
 
@@ -626,13 +692,39 @@ class MoEMLP(torch.nn.Module):
     ``capacity_factor`` None: C = T (exact: no token is dropped; each expert computes T rows, the
     empty ones included); a number f: C = min(T, ceil(f * T * k / E)) rounded up to 8, tokens past
     an expert's capacity (in token order) get no contribution from it (Switch-style dropping).
-    ``backend``: of the dispatch/combine kernels and the shift expert ("kernels" | "torch")."""
+    ``backend``: of the dispatch/combine kernels and the shift expert ("kernels" | "torch").
+
+    ``layout`` "compact" (the default) packs the kept rows by expert with no padding (moe.py's
+    compact layout: ``R = min(T * k, E * C)`` rows, the group ends ``ends`` on the device), so each
+    expert computes only its routed rows:
+
+    - on CUDA in bf16, when every expert linear is one plain GEMM (a torch.nn.Linear, or a
+      ShiftLinear whose path for C rows is "dense": its dequantized weights, exact in bf16), each of
+      the MLP's two linears for all experts is ONE ``torch._grouped_mm`` over the compact rows with
+      the experts' weights stacked ``[E, K, N]`` (a copy per call, ~E*K*N elements: a CUDA-graph
+      replay then reads in-place weight updates, as it does for the capacity layout), the GELU
+      elementwise between them; autograd through _grouped_mm's own backward (and the clipped STE
+      of the shift weights);
+    - on other devices (CPU, meta) the torch reference: every expert over all R rows, each row
+      keeping its own expert's result (E times the work; the oracle of the grouped path, no host read);
+    - on CUDA otherwise (a shift linear on its shift / packed / fp8 kernel, fp16 / fp32, no
+      _grouped_mm, rows not 16-byte multiples, hooks on the expert modules): the capacity layout's
+      forward, so still no host sync (no per-expert row count is read on the host anywhere).
+
+    ``layout="capacity"``: the fixed-capacity buffer ``[E * C, dim]`` (each expert on all C rows,
+    padding included; the previous formulation, kept as the reference).  Both layouts keep and drop
+    the same choices and give the same outputs to within float rounding."""
 
     EXPERTS = ("dense", "shift")
+    LAYOUTS = _moe.LAYOUTS
+    _GROUPED_DEVICES = ("cuda",)         # the CPU tests add "cpu" (torch._grouped_mm's CPU kernel, float32)
 
     def __init__(self, dim: int, hidden: int, k: int = 1, latencies=None, experts=EXPERTS,
-                 capacity_factor: float | None = None, backend: str = "kernels"):
+                 capacity_factor: float | None = None, backend: str = "kernels", layout: str = "compact"):
         super().__init__()
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"MoEMLP: layout is one of {self.LAYOUTS}, got {layout!r}")
+        self.layout = layout
         if not experts or any(e not in self.EXPERTS for e in experts):
             raise ValueError(f"MoEMLP: experts come from {self.EXPERTS}, got {experts!r}")
         if not 0 < k <= len(experts):
@@ -687,10 +779,51 @@ class MoEMLP(torch.nn.Module):
         if t == 0:
             return torch.zeros_like(x), loss
         c = self.capacity(t)
-        r = moe_route(idx, e, c, self.backend)
+        how = self.compact_plan(x, c) if self.layout == "compact" else None
+        if how is None:
+            r = moe_route(idx, e, c, self.backend)
+            buf = moe_dispatch(x, r, self.backend)
+            ys = [expert(buf[i * c:(i + 1) * c]) for i, expert in enumerate(self.experts)]
+            return moe_combine(ys, r, top, self.backend), loss
+        r = moe_route(idx, e, c, self.backend, layout="compact")
         buf = moe_dispatch(x, r, self.backend)
-        ys = [expert(buf[i * c:(i + 1) * c]) for i, expert in enumerate(self.experts)]
-        return moe_combine(ys, r, top, self.backend), loss
+        groups = _moe.row_groups(r.ends, r.rows)
+        if how == "grouped":
+            w1, w2 = self.__dict__.pop("_gemms")
+            h = F.gelu(_grouped_linear(buf, [w for w, _ in w1], [b for _, b in w1], r.ends, groups))
+            y = _grouped_linear(h, [w for w, _ in w2], [b for _, b in w2], r.ends, groups)
+        else:
+            y = None
+            for i, expert in enumerate(self.experts):
+                ye = expert(buf)
+                y = ye if y is None else torch.where((groups == i).unsqueeze(1), ye, y)
+        return moe_combine([y], r, top, self.backend), loss
+
+    def compact_plan(self, x, c: int):
+        """How the compact layout computes the experts for x with capacity c: "grouped"
+        (torch._grouped_mm; the GEMM weights left in ``_gemms`` for the forward), "reference" (not a
+        CUDA device), or None: the capacity layout (class doc).  Host-side only (no tensor read)."""
+        dev = x.device.type
+        if dev not in self._GROUPED_DEVICES:
+            return "reference" if dev != "cuda" else None
+        if not hasattr(torch, "_grouped_mm") or x.dim() != 2 or (x.shape[1] * x.element_size()) % 16:
+            return None
+        if dev == "cuda":
+            if x.dtype != torch.bfloat16 or not devinfo.on_gpu(x) or devinfo.props(x.device)[0] < (9, 0):
+                return None
+        elif x.dtype not in (torch.float32, torch.bfloat16):
+            return "reference"
+        w1, w2 = [], []
+        for ex in self.experts:
+            if type(ex) is not _MLP or ex._forward_hooks or ex._forward_pre_hooks:
+                return None
+            a, b = _gemm_weights(ex.fc1, x, c), _gemm_weights(ex.fc2, x, c)
+            if a is None or b is None or (a[0].shape[0] * x.element_size()) % 16:
+                return None
+            w1.append(a)
+            w2.append(b)
+        self.__dict__["_gemms"] = (w1, w2)
+        return "grouped"
 
     # -- CUDA-graph replay of the steady-state no-grad forward (pigeon/runtime/replay.py)
     #
@@ -775,7 +908,7 @@ class MoEMLP(torch.nn.Module):
         if not rt.use_replay("cuda", x.device, 3 + 4 * e, buffer_bytes, [x] + params):
             return None
         lat = self._buffers["latencies"]
-        key = [tuple(x.shape), x.dtype, x.device, c, self.k, self.backend,
+        key = [tuple(x.shape), x.dtype, x.device, c, self.k, self.backend, self.layout,
                torch.is_inference_mode_enabled(), rt.getenv("PIGEON_POISON") == "1", lat.dtype, tuple(lat.shape)]
         gpu = None
         for m in leaves:

@@ -9,6 +9,14 @@ Given each token's top-k expert ids ``expert_ids [T, k]`` and gates ``gates [T, 
   ``src[r] = t * k + j`` (-1: an empty row).  ``C`` is a host number fixed by the shape
   (MoEMLP: T, so nothing is ever dropped, or ``capacity_factor * T * k / E``), so every expert GEMM
   has a static row count and no per-expert count is read on the host;
+- the compact layout (``layout="compact"``, MoEMLP's default): the same ranks and the same
+  kept / dropped choices, but the kept rows packed by expert with no padding: ``slot[t, j] =
+  base[e] + rank`` with ``base`` the exclusive cumulative sum of ``min(counts, C)`` (on the device),
+  ``src`` of ``R = min(T * k, E * C)`` rows (the rows past ``ends[E - 1]`` empty: -1) and ``ends
+  [E]`` (int32, device) the inclusive sums, the group ends ``torch._grouped_mm``'s ``offs`` takes.
+  Expert e owns rows ``ends[e] - min(counts[e], C) .. ends[e] - 1``; a capacity row e*C + q is
+  compact row base[e] + q.  The dispatch and combine kernels read the layout through src / slot
+  only, so they serve both layouts (combine with one "expert" output of R rows);
 - dispatch (layers.moe_dispatch): ``buf[r] = x[src[r] // k]`` (0 for an empty row);
 - combine (layers.moe_combine): ``out[t] = sum_j gates[t, j] * y_e[r]`` over token t's kept slots, float32
   accumulation (float64 on the float64 torch path), in j order, rounded once.
@@ -28,6 +36,7 @@ from __future__ import annotations
 import torch
 
 BACKENDS = ("kernels", "emulate", "torch")
+LAYOUTS = ("capacity", "compact")
 
 
 class MoERoutingError(ValueError):
@@ -57,22 +66,49 @@ def check_routing(expert_ids, gates, tokens: int, experts: int) -> None:
 
 
 class Routing:
-    """The buffer layout of one call: ``slot [T, k]``, ``src [E * C]`` (int32), ``counts [E]`` (the
-    tokens routed to each expert before the capacity cut, on the device), ``experts``, ``capacity``, ``k``."""
-    __slots__ = ("slot", "src", "counts", "experts", "capacity", "k")
+    """The buffer layout of one call: ``slot [T, k]``, ``src [R]`` (int32; R = E * C, or min(T * k, E * C)
+    compact), ``counts [E]`` (the tokens routed to each expert before the capacity cut, on the
+    device), ``experts``, ``capacity``, ``k``, ``layout`` and (compact only, else None) ``ends [E]``
+    (int32, device: the end row of each expert's group)."""
+    __slots__ = ("slot", "src", "counts", "experts", "capacity", "k", "layout", "ends")
 
-    def __init__(self, slot, src, counts, experts, capacity, k):
+    def __init__(self, slot, src, counts, experts, capacity, k, layout="capacity", ends=None):
         self.slot, self.src, self.counts = slot, src, counts
         self.experts, self.capacity, self.k = experts, capacity, k
+        self.layout, self.ends = layout, ends
 
     @property
     def tokens(self) -> int:
         return self.slot.shape[0]
 
+    @property
+    def rows(self) -> int:
+        """Rows of the dispatch buffer (host number, from the shapes)."""
+        return self.src.shape[0]
 
-def route(expert_ids: torch.Tensor, experts: int, capacity: int | None = None) -> Routing:
+    def groups(self) -> tuple[int, int]:
+        """(number of expert outputs combine takes, rows of each): (E, C), or (1, R) compact."""
+        return (self.experts, self.capacity) if self.layout == "capacity" else (1, self.rows)
+
+
+def compact_rows(tokens: int, k: int, experts: int, capacity: int) -> int:
+    """R of the compact layout: no more kept choices than T * k, nor than E * C."""
+    return min(tokens * k, experts * capacity)
+
+
+def row_groups(ends: torch.Tensor, rows: int) -> torch.Tensor:
+    """The expert of each compact row ``[rows]`` (int64, on ends' device, no host read): e with
+    ends[e-1] <= r < ends[e]; rows past ends[E-1] (never read) get E - 1."""
+    r = torch.arange(rows, device=ends.device, dtype=ends.dtype)
+    return torch.bucketize(r, ends, right=True).clamp_max(ends.shape[0] - 1)
+
+
+def route(expert_ids: torch.Tensor, experts: int, capacity: int | None = None, layout: str = "capacity") -> Routing:
     """The expert-sorted layout for ``expert_ids [T, k]`` (module doc); ``capacity`` rows per expert
-    (default T: each token picks an expert at most once, so nothing is dropped)."""
+    (default T: each token picks an expert at most once, so nothing is dropped); ``layout``
+    "capacity" (row e*C + rank) or "compact" (row base[e] + rank, no padding rows)."""
+    if layout not in LAYOUTS:
+        raise MoERoutingError(f"layout is one of {LAYOUTS}, got {layout!r}")
     t = expert_ids.shape[0] if isinstance(expert_ids, torch.Tensor) and expert_ids.dim() == 2 else -1
     check_routing(expert_ids, None, t, experts)
     k = expert_ids.shape[1]
@@ -84,10 +120,18 @@ def route(expert_ids: torch.Tensor, experts: int, capacity: int | None = None) -
     hit = flat.unsqueeze(1) == torch.arange(experts, device=dev)                     # [T*k, E]
     rank = hit.cumsum(0, dtype=torch.int32).gather(1, flat.unsqueeze(1)).squeeze(1) - 1
     keep = rank < c
-    slot = torch.where(keep, flat * c + rank, -1)
-    src = torch.full((experts * c + 1,), -1, dtype=torch.int32, device=dev)
-    src.scatter_(0, torch.where(keep, slot, experts * c), torch.arange(t * k, dtype=torch.int32, device=dev))
-    return Routing(slot.to(torch.int32).reshape(t, k), src[:-1], hit.sum(0, dtype=torch.int32), experts, c, k)
+    counts = hit.sum(0, dtype=torch.int32)
+    if layout == "capacity":
+        slot = torch.where(keep, flat * c + rank, -1)
+        rows, ends = experts * c, None
+    else:
+        ends = counts.clamp_max(c).cumsum(0, dtype=torch.int32)
+        base = ends - counts.clamp_max(c)
+        slot = torch.where(keep, base.index_select(0, flat) + rank, -1)
+        rows = compact_rows(t, k, experts, c)
+    src = torch.full((rows + 1,), -1, dtype=torch.int32, device=dev)
+    src.scatter_(0, torch.where(keep, slot, rows).long(), torch.arange(t * k, dtype=torch.int32, device=dev))
+    return Routing(slot.to(torch.int32).reshape(t, k), src[:-1], counts, experts, c, k, layout, ends)
 
 
 # ---------------------------------------------------------------- the torch reference (the kernels' oracle)

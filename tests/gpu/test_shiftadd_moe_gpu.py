@@ -152,3 +152,75 @@ def test_moe_mlp_replay_equals_plain(factor, monkeypatch):
         monkeypatch.setenv(replay.ENV, "0")
         wy = m(xs[0])[0]
     assert rs.captures == 1 and torch.equal(y, wy)
+
+
+# ---------------------------------------------------------------- the compact layout (grouped expert GEMMs)
+
+@pytest.mark.parametrize("t,k,e,c", [(6272, 1, 2, None), (6272, 2, 4, 2000), (300, 3, 4, 60)])
+def test_plan_kernel_compact_vs_route(t, k, e, c):
+    g = torch.Generator().manual_seed(t + 3 * k)
+    ids = _ids(g, t, k, e).to(DEV)
+    want = moe.route(ids, e, c, layout="compact")
+    got = moe_route(ids, e, c, layout="compact")
+    for a in ("slot", "src", "counts", "ends"):
+        assert torch.equal(getattr(got, a), getattr(want, a)), a
+
+
+def _pair(k, factor, path="dense"):
+    torch.manual_seed(7)
+    m = MoEMLP(320, 1280, k=k, latencies=[6.0, 4.0], capacity_factor=factor)
+    mc = MoEMLP(320, 1280, k=k, latencies=[6.0, 4.0], capacity_factor=factor, layout="capacity")
+    mc.load_state_dict(m.state_dict())
+    for mm in (m, mc):
+        for lin in (mm.experts[1].fc1, mm.experts[1].fc2):
+            lin.path = path
+    return m.to(DEV, torch.bfloat16), mc.to(DEV, torch.bfloat16)
+
+
+@pytest.mark.parametrize("k,factor", [(1, None), (2, None), (1, 1.25)])
+def test_moe_mlp_compact_vs_capacity_bf16(k, factor):
+    """At the bench's shape: the compact layout through torch._grouped_mm (the shift expert on its
+    dense path) against the capacity layout (per-expert cuBLAS over C rows), forward and backward,
+    bf16 (rounding differs: _grouped_mm vs cuBLAS, the bias added after the GEMM)."""
+    m, mc = _pair(k, factor)
+    x0 = torch.randn(6272, 320, device=DEV, dtype=torch.bfloat16)
+    assert m.compact_plan(x0, m.capacity(6272)) == "grouped"
+    m.__dict__.pop("_gemms")
+    gy = torch.randn(6272, 320, device=DEV, dtype=torch.bfloat16)
+    res = []
+    for mm in (m, mc):
+        x = x0.clone().requires_grad_()
+        y, loss = mm(x)
+        ((y.float() * gy.float()).sum() + loss.float()).backward()
+        res.append([y.detach(), x.grad] + [p.grad for p in mm.parameters()])
+    for i, (a, b) in enumerate(zip(*res)):
+        assert not a.isnan().any(), i
+        err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)
+        assert err < 2e-2, (i, err.item())
+
+
+def test_moe_mlp_compact_shift_kernel_path_falls_back_to_capacity():
+    """A shift linear on its shift kernel path: the compact layout runs the capacity forward."""
+    m, mc = _pair(1, None, path="shift")
+    x = torch.randn(6272, 320, device=DEV, dtype=torch.bfloat16)
+    assert m.compact_plan(x, 6272) is None
+    with torch.no_grad():
+        assert torch.equal(m(x)[0], mc(x)[0])
+
+
+@pytest.mark.parametrize("factor", [None, 1.25])
+def test_moe_mlp_compact_forward_no_host_sync(factor):
+    m, _ = _pair(1, factor)
+    m.eval()
+    x = torch.randn(6272, 320, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        m(x)
+        torch.cuda.synchronize()
+        assert m.compact_plan(x, m.capacity(6272)) == "grouped"
+        m.__dict__.pop("_gemms")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y, _ = m(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert not y.isnan().any()
