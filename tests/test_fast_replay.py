@@ -65,6 +65,15 @@ def _warm(layer, x):
             layer(x)
 
 
+def _call_counts(layer, x, hits, kind, monkeypatch):
+    """One no-grad call: it counts one ``kind`` ("hit" / "miss") and equals the full path's result."""
+    before = hits[kind]
+    with torch.no_grad():
+        got = layer(x)
+    assert hits[kind] == before + 1, kind
+    torch.testing.assert_close(got, _plain(layer, x, monkeypatch), rtol=0, atol=0)
+
+
 def test_in_place_weight_updates_are_read_and_replaced_weights_miss(fake_cuda, hits, monkeypatch):  # noqa: F811
     g = load("tiny")
     layer = pg.compile(rgcn, g, IN, out_dim=4)
@@ -73,21 +82,12 @@ def test_in_place_weight_updates_are_read_and_replaced_weights_miss(fake_cuda, h
     name, w = next(iter(layer.weights.items()))
     with torch.no_grad():
         w.mul_(-2.0)                                   # an optimizer step: same tensor, same address
-        h0 = hits["hit"]
-        got = layer(x)
-        assert hits["hit"] == h0 + 1
-        torch.testing.assert_close(got, _plain(layer, x, monkeypatch), rtol=0, atol=0)
-        layer.weights[name] = torch.nn.Parameter(w.detach().clone() + 1.0)      # a new tensor
-        m0 = hits["miss"]
-        got = layer(x)
-        assert hits["miss"] == m0 + 1
-        torch.testing.assert_close(got, _plain(layer, x, monkeypatch), rtol=0, atol=0)
-        w2 = layer.weights[name]
-        w2.data = w2.data.clone() * 3.0                # same Parameter object, new memory
-        m0 = hits["miss"]
-        got = layer(x)
-        assert hits["miss"] == m0 + 1
-        torch.testing.assert_close(got, _plain(layer, x, monkeypatch), rtol=0, atol=0)
+    _call_counts(layer, x, hits, "hit", monkeypatch)
+    layer.weights[name] = torch.nn.Parameter(w.detach().clone() + 1.0)          # a new tensor
+    _call_counts(layer, x, hits, "miss", monkeypatch)
+    w2 = layer.weights[name]
+    w2.data = w2.data.clone() * 3.0                    # same Parameter object, new memory
+    _call_counts(layer, x, hits, "miss", monkeypatch)
 
 
 def test_an_evicted_replay_is_not_used(fake_cuda, hits, monkeypatch):  # noqa: F811
@@ -97,11 +97,7 @@ def test_an_evicted_replay_is_not_used(fake_cuda, hits, monkeypatch):  # noqa: F
     _warm(layer, x)
     lp = ops.get_layer(layer.layer_id)
     replay.replays_of(lp.backend(x.device), lp.forward).replays.clear()
-    m0 = hits["miss"]
-    with torch.no_grad():
-        got = layer(x)
-    assert hits["miss"] == m0 + 1
-    torch.testing.assert_close(got, _plain(layer, x, monkeypatch), rtol=0, atol=0)
+    _call_counts(layer, x, hits, "miss", monkeypatch)
 
 
 def test_modes_grad_and_other_shapes_take_the_full_path(fake_cuda, hits, monkeypatch):  # noqa: F811
