@@ -169,6 +169,22 @@ def test_summary_of_hand_made_cases():
     assert s["peer_timeouts"] == 1 and s["peer_errors"] == 1
 
 
+def test_host_share_of_a_case_and_its_table_cells():
+    """GPU time per step (the profiler's, every kernel) against pigeon's wall time: the share the host
+    adds, in the case, its progress line and the cases table; absent where no GPU time was measured."""
+    from pigeon.bench import report
+    c = _case("training", 2.0, ("A", 4.0))
+    assert c["host_share"] is None
+    c["gpu_ms_per_step"] = 0.5
+    c = rgnn.finish_case(c)
+    assert c["host_share"] == pytest.approx(0.75)
+    assert "GPU 0.500 ms/step (host 75% of pigeon's time)" in rgnn.case_line(c)
+    row = report.cases_table([c])[-1]
+    assert row.endswith("| 0.500 | 75% |")
+    c["gpu_ms_per_step"] = 3.0                     # more GPU than wall (profiled without replay): no negative share
+    assert rgnn.finish_case(c)["host_share"] == 0.0
+
+
 def test_failures_become_statuses():
     assert rgnn.failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) == "OOM"
     assert rgnn.failure(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory")) == "OOM"

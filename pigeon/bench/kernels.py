@@ -104,14 +104,18 @@ def event_times_us(step, device, reps: int) -> dict[str, list[float]]:
     return out
 
 
-def profile_kernels(layer, step, mode: str, device, reps: int = 5) -> tuple[list[dict], str]:
+def profile_kernels(layer, step, mode: str, device, reps: int = 5) -> tuple[list[dict], str, float | None]:
     """Per aggregation / edge-softmax kernel of one ``step`` of ``layer``: its time per launch
-    (profiler), minimum bytes and achieved TB/s.  Returns (rows, the source of the times)."""
+    (profiler), minimum bytes and achieved TB/s.  Returns (rows, the source of the times, the GPU
+    milliseconds of one whole step: every CUDA kernel, memcpy and memset the step runs, None on a
+    CPU), so a case's wall time can be told apart into GPU work and what the host adds."""
     rows = kernel_launches(layer, mode)
-    source = SOURCE["cuda" if device.type == "cuda" else "cpu"]
-    if not rows:
-        return rows, source
+    cuda = device.type == "cuda"
+    source = SOURCE["cuda" if cuda else "cpu"]
+    if not rows and not cuda:
+        return rows, source, None
     times = event_times_us(step, device, reps)
+    gpu_ms = sum(sum(v) for v in times.values()) / reps / 1e3 if cuda else None
     for r in rows:
         ts = times.get(r["kernel"], [])
         r["events"] = len(ts)
@@ -121,7 +125,7 @@ def profile_kernels(layer, step, mode: str, device, reps: int = 5) -> tuple[list
             continue
         r["ms"] = sum(ts) / len(ts) / 1e3                       # per launch
         r["tbps"] = r["min_bytes"] / (r["ms"] * 1e-3) / 1e12
-    return rows, source
+    return rows, source, gpu_ms
 
 
 def aggregate_peers(g, gd, dim: int, dtype: str, device, reps: int) -> dict:

@@ -78,8 +78,8 @@ def cases_table(cases: list[dict]) -> list[str]:
     """The per-case table: one row per case. Times in ms; speedup = peer time / pigeon time."""
     lines = ["| graph | model | dim | dtype | mode | pigeon ms | best peer | best peer ms | speedup | floor ms "
              "| pigeon / floor | pigeon peak MiB | check | peers: ms (speedup) | min aggregation TB/s "
-             "| cost model: pick ms / best candidate ms / ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| cost model: pick ms / best candidate ms / ratio | GPU ms / step | host share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         pig = _ms(c["pigeon_ms"]) if c["pigeon_status"] == "ok" else c["pigeon_status"]
         peak = c.get("pigeon_peak_mib")
@@ -90,8 +90,13 @@ def cases_table(cases: list[dict]) -> list[str]:
             f"| {c['best_peer'] or ''} | {_ms(c['best_peer_ms'])} | {_x(c['speedup_best'])} "
             f"| {c['floor']['floor_ms']:.3g} | {ratio} "
             f"| {'' if peak is None else f'{peak:.1f}'} | {str(c['check']).replace('|', '/')} | {_peer_cell(c)} "
-            f"| {_tbps(c)} | {_tune_cell(c.get('tune'))} |")
+            f"| {_tbps(c)} | {_tune_cell(c.get('tune'))} | {_ms(c.get('gpu_ms_per_step'))} | {_share(c)} |")
     return lines
+
+
+def _share(c: dict) -> str:
+    v = c.get("host_share")
+    return "" if v is None else f"{v:.0%}"
 
 
 def _tbps(c: dict) -> str:

@@ -266,8 +266,8 @@ def run_case(g, gd, info: dict, model: str, dim: int, dtype: str, mode: str, cfg
             case["check"] = f"not run: reference {failure(e)}"
             free(device)
         try:
-            rows, case["kernels_source"] = profile_kernels(layer, Step(layer, x, mode), mode, device,
-                                                           reps=max(1, min(cfg.reps, 5)))
+            rows, case["kernels_source"], case["gpu_ms_per_step"] = profile_kernels(
+                layer, Step(layer, x, mode), mode, device, reps=max(1, min(cfg.reps, 5)))
             case["kernels"] = rows
             tb = [r["tbps"] for r in rows if r.get("tbps")]
             case["aggregate_tbps_min"] = min(tb) if tb else None
@@ -332,6 +332,10 @@ def finish_case(case: dict) -> dict:
     case["speedup_best"] = best["median_ms"] / t if best and t else None
     floor = case.get("floor", {}).get("floor_ms")
     case["floor_ratio"] = t / floor if t and floor else None
+    # the share of pigeon's wall time the GPU was not running its kernels (host work, launch latency);
+    # profiled with CUDA-graph replay off, so a replayed step's share is an upper bound
+    gpu = case.get("gpu_ms_per_step")
+    case["host_share"] = max(0.0, 1.0 - gpu / t) if t and gpu is not None else None
     return case
 
 
@@ -563,6 +567,8 @@ def case_line(c: dict) -> str:
             + (f" ({c['speedup_best']:.2f}x)" if c["speedup_best"] else "")) if c["best_peer"] else "no peer ran"
     floor = f"floor {c['floor']['floor_ms'] * 1e3:.3g} us" + (f" (pigeon {c['floor_ratio']:.3g}x)" if c["floor_ratio"] else "")
     extra = ""
+    if c.get("host_share") is not None:
+        extra += f"; GPU {c['gpu_ms_per_step']:.3f} ms/step (host {c['host_share']:.0%} of pigeon's time)"
     if c.get("aggregate_tbps_min"):
         extra += f"; min aggregation {c['aggregate_tbps_min']:.3g} TB/s"
     t = c.get("tune")
