@@ -119,16 +119,20 @@ def learn(lp, glue, x, weights) -> None:
     """After a full no-grad call of ``lp`` on ``x``: remember its replay for the next calls, if
     that call replayed (a key's first calls run plainly and capture: they are looked at again, at
     most LEARN_TRIES times)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
         return
-    if type(x) is not torch.Tensor or not _eligible(glue, x) or x.device.type not in _replay.DEVICE_TYPES:
+    if torch.is_grad_enabled():         # first, and cheaply: a training call (autograd records it) learns nothing
+        if x.requires_grad:
+            return
+        held = getattr(weights, "_parameters", None)
+        if held is None or any(p is not None and p.requires_grad for p in held.values()):
+            return
+    if not _eligible(glue, x) or x.device.type not in _replay.DEVICE_TYPES:
         return
     if getattr(lp.backend(x.device), "name", None) != "cuda":      # only the cuda executor replays
         return
     modes = _modes()
     if modes is None:
-        return
-    if torch.is_grad_enabled() and (x.requires_grad or any(weights[n].requires_grad for n in glue.params)):
         return
     key = _cheap_key(x, weights, modes)
     memo = lp.fast_replays
