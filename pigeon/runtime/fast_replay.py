@@ -16,9 +16,10 @@ What a hit skips is exactly what its key proves unchanged since the full call th
   ``PIGEON_POISON``) are checked on every call, as the full path checks them;
 * the ReplayProgram must still be the one its ReplaySet holds for the full key (an LRU eviction or
   a failed capture sends the call down the full path).
-Only single-input layers whose input is node-wise, already of the layer's dtype and contiguous, and
-whose outputs are not edge-wise, take it (no per-call cast or permutation to replay), and only when
-autograd would record nothing. Results are the full path's: the same replay, the same copies out.
+Only single-input layers whose input is node-wise and contiguous, of the layer's dtype (or float32
+for a 16-bit layer: cast as the full path casts it), and whose outputs are not edge-wise, take it,
+and only when autograd would record nothing; a 16-bit layer's float32 masters are read through
+pigeon/runtime/weight_casts.py (cast once per master state), as the full path reads them. Results are the full path's: the same replay, the same copies out.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 
 from . import replay as _replay
 from .program import TORCH_DTYPES, Executor, _plan
+from .weight_casts import cast_weight
 
 __all__ = ["try_call", "learn", "ENTRIES_PER_LAYER", "LEARN_TRIES"]
 
@@ -40,11 +42,13 @@ _lock = threading.Lock()
 
 class _Entry:
     __slots__ = ("rep", "rs", "full_key", "params", "ptrs", "in_name", "weight_names", "param_names",
-                 "needed", "copy", "out_names")
+                 "needed", "copy", "out_names", "cast")
 
-    def __init__(self, rep, rs, full_key, params, in_name, weight_names, param_names, needed, copy, out_names):
+    def __init__(self, rep, rs, full_key, params, in_name, weight_names, param_names, needed, copy, out_names,
+                 cast):
         self.rep, self.rs, self.full_key = rep, rs, full_key
-        self.params = params                          # the weight tensors of the full call
+        self.cast = cast                              # the layer's dtype where its masters are float32, else None
+        self.params = params                          # the weight tensors of the full call (the masters)
         self.ptrs = tuple(p.data_ptr() for p in params)
         self.in_name = in_name                        # the program's name of the input
         self.weight_names = weight_names              # the layer's names of its weights (glue.params)
@@ -77,7 +81,9 @@ def _eligible(glue, x) -> bool:
         return False
     if any(rows == "edge" for _, rows in glue.outputs):
         return False
-    return x.dtype == TORCH_DTYPES[glue.dtype] and x.is_contiguous()
+    dt = TORCH_DTYPES[glue.dtype]
+    ok = x.dtype == dt or (x.dtype == torch.float32 and dt in (torch.bfloat16, torch.float16))   # ops._accepts
+    return ok and x.is_contiguous()
 
 
 def try_call(lp, glue, x, weights):
@@ -110,6 +116,11 @@ def try_call(lp, glue, x, weights):
             return None
     if e.rs.replays.get(e.full_key) is not e.rep:      # evicted, or replaced by a new capture
         return None
+    if e.cast is not None:                             # a 16-bit layer: the cached casts of its masters
+        dt = e.cast
+        params = [p if p.dtype == dt else cast_weight(p, dt, False) for p in params]
+        if x.dtype != dt:                              # a float32 input, cast as the full path casts it
+            x = x.to(dt)
     out = e.rep({e.in_name: x}, dict(zip(e.param_names, params)), e.needed)
     vals = [out[n].clone() if c else out[n] for n, c in zip(e.needed, e.copy)]
     return dict(zip(e.out_names, vals))
@@ -144,9 +155,10 @@ def learn(lp, glue, x, weights) -> None:
         return
     dt = TORCH_DTYPES[glue.dtype]
     params = [weights[n] for n in glue.params]
-    if any(type(p) not in _PLAIN or p.dtype != dt for p in params):
-        memo[key] = LEARN_TRIES                   # a per-call cast: the full path every time
+    if any(type(p) not in _PLAIN for p in params):
+        memo[key] = LEARN_TRIES
         return
+    lows = [p if p.dtype == dt else cast_weight(p, dt, False) for p in params]   # what the full call bound
     dev = x.device
     backend = lp.backend(dev)
     rs = _replay.replays_of(backend, lp.forward)
@@ -155,8 +167,8 @@ def learn(lp, glue, x, weights) -> None:
     if rs is not None:
         kg = lp.kg(dev)
         ex = Executor(lp.forward, backend, poison=modes[1])
-        inputs = dict(zip(lp.input_names, [x]))
-        pdict = dict(zip(lp.param_names, params))
+        inputs = dict(zip(lp.input_names, [x if x.dtype == dt else x.to(dt)]))
+        pdict = dict(zip(lp.param_names, lows))
         full_key = ex._key(_plan(lp.forward, kg), kg, inputs, pdict)
         rep = rs.replays.get(full_key) if full_key is not None else None
     if rep is None:
@@ -164,7 +176,8 @@ def learn(lp, glue, x, weights) -> None:
         return
     needed = lp.returned[:lp.n_outputs]
     entry = _Entry(rep, rs, full_key, tuple(params), lp.input_names[0], tuple(glue.params), tuple(lp.param_names), needed,
-                   tuple(lp.returned_copy[:lp.n_outputs]), tuple(name for name, _ in glue.outputs))
+                   tuple(lp.returned_copy[:lp.n_outputs]), tuple(name for name, _ in glue.outputs),
+                   dt if x.dtype != dt or any(p.dtype != dt for p in params) else None)
     with _lock:
         while len(memo) >= ENTRIES_PER_LAYER:
             memo.pop(next(iter(memo)))

@@ -22,6 +22,7 @@ from . import fast_replay as _fast
 from . import kernel_ops  # noqa: F401  (registers pigeon::gemm and pigeon::traversal)
 from .program import TORCH_DTYPES, Executor, buffer_rows
 from .replay import getenv as _replay_getenv
+from .weight_casts import cast_weight
 
 
 @dataclass(eq=False)
@@ -279,9 +280,15 @@ def run_layer_forward(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, input
             x = x.to(dt)
         ins.append(x if x.is_contiguous() else x.contiguous())
     params = []
+    fresh = None                       # cast afresh (autograd records the call, or dynamo traces it)
     for name in glue.params:           # a no-op .to() still costs a dispatch per weight per call
         w = weights[name]
-        params.append(w if w.dtype == dt else w.to(dt))
+        if w.dtype == dt:
+            params.append(w)
+            continue
+        if fresh is None:
+            fresh = torch.compiler.is_compiling() or _records_grad(ins, [weights[n] for n in glue.params])
+        params.append(w.to(dt) if fresh else cast_weight(w, dt, False))    # once per master state
     if _eager(ins, params):
         if _records_grad(ins, params):
             outs = _LayerForward.apply(layer_id, len(ins), *ins, *params)
