@@ -67,6 +67,19 @@ class LayerPrograms:
         self.returned, self.returned_copy = tuple(returned), tuple(copy)
         self.saved_index = tuple(saved_index)
 
+    def backward_plan(self) -> tuple:
+        """What every backward call of this layer reads, computed once: the backward program's input
+        names, the grad_<output> and saved-value names, the (input or weight -> gradient output)
+        map, the gradient outputs' buffers, and the buffers a gradient may not be returned as."""
+        plan = self.__dict__.get("_backward_plan")
+        if plan is None:
+            bwd, names = self.backward, self.output_names
+            plan = (frozenset(n for n, _ in bwd.inputs), tuple(f"grad_{n}" for n in names[:self.n_outputs]),
+                    tuple(names[self.n_outputs:]), dict(self.grad_names), dict(bwd.outputs),
+                    frozenset(b for _, b in bwd.inputs + bwd.params + bwd.graph_data))
+            self.__dict__["_backward_plan"] = plan
+        return plan
+
     def saved_of(self, outputs):
         """The saved values (the backward program's ``saved_<i>`` inputs) among the op's outputs."""
         return [outputs[i] for i in self.saved_index]
@@ -360,18 +373,13 @@ def _backward_impl(layer_id: str, grads: list[torch.Tensor], inputs: list[torch.
     lp = get_layer(layer_id)
     dev = _device(inputs + params)
     kg = lp.kg(dev)
-    names = lp.output_names
-    bwd_inputs = dict(zip(lp.input_names, inputs))
-    bwd_inputs |= {f"grad_{n}": g.contiguous() for n, g in zip(names[:lp.n_outputs], grads)}
-    bwd_inputs |= dict(zip(names[lp.n_outputs:], saved))
-    used = {n for n, _ in lp.backward.inputs}
-    out = Executor(lp.backward, lp.backend(dev)).run(
-        kg, {k: v for k, v in bwd_inputs.items() if k in used}, dict(zip(lp.param_names, params)))
+    used, grad_keys, saved_keys, by_name, bufs, taken0 = lp.backward_plan()
+    bwd_inputs = {k: v for k, v in zip(lp.input_names, inputs) if k in used}
+    bwd_inputs.update((k, g.contiguous()) for k, g in zip(grad_keys, grads) if k in used)
+    bwd_inputs.update((k, v) for k, v in zip(saved_keys, saved) if k in used)
+    out = Executor(lp.backward, lp.backend(dev)).run(kg, bwd_inputs, dict(zip(lp.param_names, params)))
     result = []
-    by_name = dict(lp.grad_names)
-    bufs = dict(lp.backward.outputs)
-    bwd = lp.backward
-    taken = {b for _, b in bwd.inputs + bwd.params + bwd.graph_data}   # returning these would alias
+    taken = set(taken0)                # buffers a gradient may not be returned as (it would alias)
     for name, like in itertools.chain(zip(lp.input_names, inputs), zip(lp.param_names, params)):
         gname = by_name.get(name, "")
         g = out.get(gname)
