@@ -90,6 +90,19 @@ def test_in_place_weight_updates_are_read_and_replaced_weights_miss(fake_cuda, h
     _call_counts(layer, x, hits, "miss", monkeypatch)
 
 
+def test_a_replaced_weight_is_learned_again(fake_cuda, hits, monkeypatch):  # noqa: F811
+    """After a miss on a replaced weight, the full path's replays of the new weight are learned, and
+    the calls after that take the fast path again."""
+    g = load("tiny")
+    layer = pg.compile(rgcn, g, IN, out_dim=4)
+    x = torch.randn(g.num_nodes, IN)
+    _warm(layer, x)
+    name, w = next(iter(layer.weights.items()))
+    layer.weights[name] = torch.nn.Parameter(w.detach().clone() + 1.0)
+    _warm(layer, x)                                    # miss, plain (new key), capture, learned again
+    _call_counts(layer, x, hits, "hit", monkeypatch)
+
+
 def test_an_evicted_replay_is_not_used(fake_cuda, hits, monkeypatch):  # noqa: F811
     g = load("tiny")
     layer = pg.compile(rgcn, g, IN, out_dim=4)

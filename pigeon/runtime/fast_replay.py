@@ -86,6 +86,18 @@ def _eligible(glue, x) -> bool:
     return ok and x.is_contiguous()
 
 
+def _holds(e: _Entry, weights) -> bool:
+    """Whether ``e`` still stands for ``weights``: the same weight tensors at the same addresses, and
+    its replay still the one its ReplaySet holds (not evicted, not replaced by a new capture)."""
+    held = getattr(weights, "_parameters", None)         # a ParameterDict's own dict: ~20x cheaper
+    if held is None:                                     # than its __getitem__, and the same tensors
+        return False
+    for name, p, ptr in zip(e.weight_names, e.params, e.ptrs):
+        if held.get(name) is not p or p.data_ptr() != ptr:
+            return False
+    return e.rs.replays.get(e.full_key) is e.rep
+
+
 def try_call(lp, glue, x, weights):
     """The outputs dict of a replayed call of layer ``lp`` on input ``x``, or None (take the full
     path). ``lp``: the layer's ops.LayerPrograms."""
@@ -106,15 +118,9 @@ def try_call(lp, glue, x, weights):
     grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
         return None
-    held = getattr(weights, "_parameters", None)         # a ParameterDict's own dict: ~20x cheaper
-    if held is None:                                     # than its __getitem__, and the same tensors
+    if grad and any(p.requires_grad for p in params):
         return None
-    for name, p, ptr in zip(e.weight_names, params, e.ptrs):
-        if held.get(name) is not p or p.data_ptr() != ptr:
-            return None
-        if grad and p.requires_grad:
-            return None
-    if e.rs.replays.get(e.full_key) is not e.rep:      # evicted, or replaced by a new capture
+    if not _holds(e, weights):
         return None
     if e.cast is not None:                             # a 16-bit layer: the cached casts of its masters
         dt = e.cast
@@ -149,7 +155,9 @@ def learn(lp, glue, x, weights) -> None:
     memo = lp.fast_replays
     old = memo.get(key)
     if old.__class__ is _Entry:
-        return
+        if _holds(old, weights):
+            return
+        old = None                      # stale (a weight replaced or moved, the replay evicted): learn again
     tries = old or 0
     if tries >= LEARN_TRIES:
         return
