@@ -22,6 +22,7 @@ from pigeon.shiftadd import moe
 from pigeon.shiftadd.layers import MoEMLP, moe_combine, moe_dispatch, moe_route
 
 from fake_cuda import FakeCuda  # noqa: E402
+from fake_launch import recorded_launches  # noqa: E402
 
 needs_cxx = pytest.mark.skipif(not emulate.available(), reason="needs a C++ compiler to emulate CUDA kernels")
 D64 = torch.float64
@@ -216,15 +217,7 @@ def test_moe_mlp_forward_has_no_host_read(k):
 def test_dispatch_combine_one_launch_each(monkeypatch):
     """With the GPU mocked: moe_route, moe_dispatch and moe_combine are one kernel launch each
     (arguments in the kernel's order)."""
-    from pigeon.shiftadd import devinfo
-    launches = []
-
-    class Fn:
-        def launch(self, grid, block, args, types=None, **kw):
-            launches.append((grid, block, args))
-    monkeypatch.setattr(devinfo, "on_gpu", lambda t: True)
-    prev = sk.set_loader(lambda rk, device, emulate: Fn())
-    try:
+    with recorded_launches(monkeypatch) as launches:
         g = torch.Generator().manual_seed(0)
         r, x, gate, ys = _case(g, 20, 1, 2, None, 64, torch.bfloat16)
         ids = torch.zeros(20, 1, dtype=torch.long)
@@ -242,8 +235,6 @@ def test_dispatch_combine_one_launch_each(monkeypatch):
         (grid, block, args), = launches
         assert grid == (3, 1, 1) and args[0] is out and args[1] is ys[0] and args[2] is ys[1] and args[3] is r.slot
         assert args[4].dtype == torch.float32 and args[5:] == [20, 64, 20, 1]
-    finally:
-        sk.set_loader(prev)
 
 
 def test_errors():

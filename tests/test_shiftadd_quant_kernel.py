@@ -13,6 +13,8 @@ from pigeon.runtime import emulate, shiftadd_kernel as sk
 from pigeon.runtime.build import compile_cuda, nvcc_available
 from pigeon.shiftadd.fp8 import quantize_rows_e4m3, quantize_rows_e4m3_ref
 
+from fake_launch import recorded_launches  # noqa: E402
+
 needs_cxx = pytest.mark.skipif(not emulate.available(), reason="needs a C++ compiler to emulate CUDA kernels")
 
 
@@ -90,19 +92,9 @@ def test_quant_kernel_compiles_sm90(cfg):
 def test_fp8_path_launches_the_kernel(monkeypatch):
     """With the GPU mocked, fp8.quantize_rows_e4m3 is one launch of the kernel (no torch ops of the
     quantization), its arguments in the kernel's order."""
-    from pigeon.shiftadd import devinfo
-    launches = []
-
-    class Fn:
-        def launch(self, grid, block, args, types=None, **kw):
-            launches.append((grid, block, args))
-    monkeypatch.setattr(devinfo, "on_gpu", lambda t: True)
-    prev = sk.set_loader(lambda rk, device, emulate: Fn())
-    try:
+    with recorded_launches(monkeypatch) as launches:
         x = torch.randn(20, 96, dtype=torch.bfloat16)
         q, s = quantize_rows_e4m3(x)
         (grid, block, args), = launches
         assert grid == (3, 1, 1) and block == (256, 1, 1) and args[0] is q and args[1] is s and args[2] is x
         assert args[3:] == [20, 96, 96, 96] and q.dtype == torch.float8_e4m3fn and s.shape == (20, 1)
-    finally:
-        sk.set_loader(prev)

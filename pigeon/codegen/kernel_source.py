@@ -13,6 +13,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # launcher C type (pigeon.runtime.launch.C_TYPES) -> C declaration of a scalar parameter
 SCALAR_DECL = {"int32": "int", "int64": "long long", "float32": "float", "float64": "double"}
+DTYPE_TAG = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}     # dtype names in kernel names
 
 
 def c_ident(name: str, what: str = "identifier") -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .expr_c import storage_type
 from .jinja import render
-from .kernel_source import KernelParam, RenderedKernel
+from .kernel_source import DTYPE_TAG, KernelParam, RenderedKernel
 
 TEMPLATE = "shiftadd.moe.cu.jinja"
 KINDS = ("dispatch", "combine", "plan")
@@ -84,7 +84,7 @@ class MoeConfig:
 
     @property
     def name(self) -> str:
-        short = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}[self.dtype]
+        short = DTYPE_TAG[self.dtype]
         if self.kind == "plan":
             return f"pigeon_moe_plan_{self.index}_e{self.experts}{'_compact' if self.layout == 'compact' else ''}"
         e = f"_e{self.experts}" if self.kind == "combine" else ""

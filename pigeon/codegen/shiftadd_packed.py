@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .expr_c import storage_type
 from .jinja import render
-from .kernel_source import KernelParam, RenderedKernel
+from .kernel_source import DTYPE_TAG, KernelParam, RenderedKernel
 
 TEMPLATE = "shiftadd.packed.cu.jinja"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -61,7 +61,7 @@ class PackedConfig:
 
     @property
     def name(self) -> str:
-        short = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}[self.dtype]
+        short = DTYPE_TAG[self.dtype]
         return (f"pigeon_shift_packed_{short}_m{self.mt}_b{self.bits}_p{-self.p_min}_{-self.p_max}"
                 f"_r{self.rows}_w{self.warps}")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .expr_c import storage_type
 from .jinja import render
-from .kernel_source import KernelParam, RenderedKernel
+from .kernel_source import DTYPE_TAG, KernelParam, RenderedKernel
 
 TEMPLATE = "shiftadd.quant.cu.jinja"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -44,7 +44,7 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
-        short = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}[self.dtype]
+        short = DTYPE_TAG[self.dtype]
         return f"pigeon_quant_rows_e4m3_{short}_t{self.tpr}"
 
 

@@ -25,6 +25,12 @@ def _rows(domain: Domain, stats: dict) -> int:
             Domain.NODE: stats["num_nodes"]}.get(domain, stats.get("num_types", 1))
 
 
+def _linear_dims(ir, op) -> tuple[int, int, int]:
+    """(k, n, heads) of a typed linear's weight ``[heads?, k, n]``."""
+    w = ir.op(op.inputs[1]).type.shape
+    return w[-2], w[-1], (w[0] if len(w) == 3 else 1)
+
+
 def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], stats: dict,
             dtype: str = "float32") -> list[str]:
     """Lines describing each decision (``stats``: num_nodes, num_edges, compact_rows and the
@@ -56,9 +62,7 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
         for op in ir.of_kind(OpKind.TYPED_LINEAR):
             if op.type.domain is not Domain.COMPACT:
                 continue
-            w = ir.op(op.inputs[1]).type.shape
-            k, n = w[-2], w[-1]
-            heads = w[0] if len(w) == 3 else 1
+            k, n, heads = _linear_dims(ir, op)
             fe, fu = 2 * E * k * n * heads, 2 * U * k * n * heads
             out.append(f"  {op.loc or 'typed_linear'}: GEMM on U rows: {_fmt(fe)} -> {_fmt(fu)} FLOP, writes "
                        f"{_fmt(E * n * heads * el)} -> {_fmt(U * n * heads * el)} B (+{_fmt(4 * E)} B of "
@@ -94,9 +98,7 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
         for op in ir.of_kind(OpKind.TYPED_LINEAR):
             if op.type.domain is not Domain.COMPACT_DST:
                 continue
-            w = ir.op(op.inputs[1]).type.shape
-            k, n = w[-2], w[-1]
-            heads = w[0] if len(w) == 3 else 1
+            k, n, heads = _linear_dims(ir, op)
             fe, fu = 2 * E * k * n * heads, 2 * Ud * k * n * heads
             # the GEMM reads a gathered K-wide destination row per GEMM row and writes n per row
             be, bu = E * (k + n * heads) * el, Ud * (k + n * heads) * el

@@ -113,15 +113,14 @@ def _compact_decision(c: Compilation, choice: str, decide) -> CompactDecision:
         CompactDecision(bool(given), f"chosen explicitly ({choice}={bool(given)})")
 
 
-def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
-    """Compact materialization where the graph's statistics say it pays (pigeon/passes/compact.py).
-    Before autodiff, so the backward graph is built on the compact rows."""
-    d = _compact_decision(c, "compaction", decide_compaction)
+def _compact_pass(c: Compilation, rec: PassRecord, choice: str, decide, rules) -> Compilation:
+    """One compaction side: the decision (``choice`` given, else ``decide``), then ``rules`` on the IR."""
+    d = _compact_decision(c, choice, decide)
     if not d.compact:
         rec.note = f"not applied: {d.why}"
         return c
     changes: list[Change] = []
-    out = verify(rewrite(c.ir, COMPACT_RULES, changes=changes))
+    out = verify(rewrite(c.ir, rules, changes=changes))
     rec.changes.extend(("ir", ch) for ch in changes)
     sunk = sum(ch.rule.startswith("sink_") for ch in changes)
     rec.note = (f"applied: {d.why}" + (f"; {sunk} edge-wise op(s) sunk into the compact domain" if sunk else "")
@@ -129,18 +128,16 @@ def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
     return replace(c, ir=out)
 
 
+def _compaction(c: Compilation, rec: PassRecord) -> Compilation:
+    """Compact materialization where the graph's statistics say it pays (pigeon/passes/compact.py).
+    Before autodiff, so the backward graph is built on the compact rows."""
+    return _compact_pass(c, rec, "compaction", decide_compaction, COMPACT_RULES)
+
+
 def _compaction_dst(c: Compilation, rec: PassRecord) -> Compilation:
     """Destination-side compaction (typed linears of destination rows on unique (dst, etype)
     pairs) where E / Ud says it pays (pigeon/passes/compact.py ``decide_dst``)."""
-    d = _compact_decision(c, "compaction_dst", decide_compaction_dst)
-    if not d.compact:
-        rec.note = f"not applied: {d.why}"
-        return c
-    changes: list[Change] = []
-    out = verify(rewrite(c.ir, COMPACT_DST_RULES, changes=changes))
-    rec.changes.extend(("ir", ch) for ch in changes)
-    rec.note = f"applied: {d.why}" if changes else f"nothing to compact ({d.why})"
-    return replace(c, ir=out)
+    return _compact_pass(c, rec, "compaction_dst", decide_compaction_dst, COMPACT_DST_RULES)
 
 
 SIMPLIFY = rules_pass("simplify", SIMPLIFY_RULES)
