@@ -2,7 +2,8 @@
 cost rules choose between and keep the fastest.
 
 1. The decision points (pigeon/passes/choices.py: linear reordering on/off, compaction on/off, the
-   schedule of each (aggregation or edge softmax, side, lane group)) become candidate
+   schedule of each (aggregation or edge softmax, side, lane group), and on a GPU the code
+   generator of each dense GEMM shape: pigeon's template or TVM's dlight Matmul rule) become candidate
    configurations: all combinations when there are at most ``max_full``, else the rule's pick and
    every configuration one decision away from it.
 2. Each candidate is built (``build(choices, "kernels")``: the pass pipeline and lowering with those
@@ -268,7 +269,7 @@ def tune(*, ir: IRGraph, graph_stats: dict, kernel_stats: dict, build: Callable,
     def sched_of(pipe_choices: dict):
         try:
             comp, _ = run_pipeline(ir, graph_stats=graph_stats, choices=pipe_choices)
-            return schedule_points(lower_fn(comp), kernel_stats)
+            return schedule_points(lower_fn(comp), kernel_stats, dense_gemms=device.type == "cuda")
         except Exception:        # the candidate's build reports it
             return []
     cands: list[Candidate] = candidates(pipe, sched_of, max_full)

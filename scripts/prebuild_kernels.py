@@ -184,6 +184,27 @@ def shiftadd_jobs(arch):
     return jobs
 
 
+def tvm_gemm_jobs(dims, dtypes, arch):
+    """The TVM candidates of the dense GEMMs ``pigeon compile --tune`` measures on a GPU
+    (pigeon/runtime/tvm_gemm_kernel.py): k = n = each of ``dims``, each dtype, the weight as is and
+    transposed (a data gradient); source recorded where TVM is, cubin built; no record and no TVM
+    (the GPU machine): reported and skipped."""
+    from pigeon.ir.kernel import GemmInstance
+    from pigeon.runtime import tvm_gemm_kernel as tg
+    from pigeon.runtime.build import build_kernel
+    jobs = {}
+    for d in dims:
+        for dt in dtypes:
+            for t in (False, True):
+                inst = GemmInstance("rows", d, d, typed=False, transpose_w=t, dtype=dt)
+
+                def job(inst=inst):
+                    rk = tg.rendered_for(inst, arch)
+                    return build_kernel(rk.source, arch, name=rk.name)
+                jobs[tg.kernel_of(inst).kernel_name] = job
+    return jobs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64")
@@ -197,6 +218,10 @@ def main(argv=None):
     ap.add_argument("--shiftadd", choices=("yes", "no", "only"), default="yes",
                     help="also (or only) the ShiftAdd kernels: TVM-generated (their CUDA source recorded in the "
                          "cache, which needs TVM here) and the packed weight-only template")
+    ap.add_argument("--tvm-gemm", choices=("yes", "no", "only"), default="yes",
+                    help="also (or only) the TVM dlight candidates of dense GEMMs that --tune measures, for k = n = "
+                         "each of --dims and each of --dtypes (their CUDA source recorded in the cache: needs TVM "
+                         "here)")
     ap.add_argument("--bench-attention", default="",
                     help="also the kernels of `pigeon bench attention` for these comma-separated variants "
                          "(with --bench-heads, --bench-window, the head dims of --bench-head-dims)")
@@ -217,7 +242,7 @@ def main(argv=None):
                     help="the compiled layers' kernels and the GPU tests' attention kernels (no: only what the other "
                          "options ask for, e.g. --tune-attention's forwards)")
     args = ap.parse_args(argv)
-    if args.prune and (args.shiftadd == "only" or args.gemm_sm90 == "only" or args.base == "no"):
+    if args.prune and "only" in (args.shiftadd, args.gemm_sm90, args.tvm_gemm) or args.prune and args.base == "no":
         ap.error("--prune with an 'only' option or --base no would delete every other kernel's entry; "
                  "prune with the full set")
     from pigeon.runtime.artifact import kernels_of
@@ -225,10 +250,15 @@ def main(argv=None):
     from pigeon.runtime.hostlib import build_library
     kernels = {}
     shiftadd = shiftadd_jobs(args.arch) if args.shiftadd != "no" else {}
+    dims = [int(d) for d in args.dims.split(",")]
+    tvm_gemm = tvm_gemm_jobs(dims, args.dtypes.split(","), args.arch) if args.tvm_gemm != "no" else {}
+    if args.tvm_gemm == "only":
+        args.gemm_sm90, shiftadd, args.base = "no", {}, "no"
     if args.shiftadd == "only":
-        args.gemm_sm90 = "no"
+        args.gemm_sm90, tvm_gemm = "no", {}
+    shiftadd = {**shiftadd, **tvm_gemm}
     if args.gemm_sm90 != "only" and args.shiftadd != "only" and args.base == "yes":
-        for what, layer in layer_configs([int(d) for d in args.dims.split(",")], args.dtypes.split(",")):
+        for what, layer in layer_configs(dims, args.dtypes.split(",")):
             ks = kernels_of(layer)
             kernels.update(ks)
         if args.attention_knobs == "gpu-tests":
@@ -247,7 +277,8 @@ def main(argv=None):
                                               args.tune_variants.split(",")))
     libs = sm90_libraries() if args.gemm_sm90 != "no" else {}
     print(f"{len(kernels)} distinct kernels", flush=True)
-    print(f"building {len(kernels)} distinct kernels for {args.arch}, {len(shiftadd)} ShiftAdd kernels for {args.arch} "
+    print(f"building {len(kernels)} distinct kernels for {args.arch}, {len(shiftadd)} ShiftAdd and TVM GEMM kernels for "
+          f"{args.arch} "
           f"and {len(libs)} sm90 GEMM libraries for sm_90a with {args.jobs} jobs", flush=True)
     t0 = time.time()
     with cf.ThreadPoolExecutor(args.jobs) as pool:
@@ -256,10 +287,11 @@ def main(argv=None):
         futs.update({pool.submit(job): name for name, job in shiftadd.items()})
         keep = set()
         from pigeon.runtime.shiftadd_kernel import ShiftAddKernelMissing
+        from pigeon.runtime.tvm_gemm_kernel import TvmGemmMissing
         for i, f in enumerate(cf.as_completed(futs)):
             try:
                 keep.add(f.result().key)
-            except ShiftAddKernelMissing as e:
+            except (ShiftAddKernelMissing, TvmGemmMissing) as e:
                 print(f"  skipped {futs[f]}: {e}", flush=True)
             if (i + 1) % 10 == 0 or i + 1 == len(futs):
                 print(f"  {i + 1}/{len(futs)} built ({time.time() - t0:.0f} s)", flush=True)

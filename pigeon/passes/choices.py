@@ -12,6 +12,9 @@ A ``DecisionPoint`` is one choice of one rule: its name (the key ``run_pipeline(
   aggregation (or edge softmax) with that side and lane group; the rule compares the largest
   member list with the balanced share (pigeon/passes/schedule.py).  These come from the lowered
   programs, so they depend on the pipeline's choices (compaction adds the compact sides).
+- ``gemm:<rows>/k<K>n<N>/<N|T>`` (``template`` / ``tvm``): the code generator of each dense GEMM
+  shape (pigeon/passes/gemm_backend.py); a point only when tuning on a GPU.  The rule keeps the
+  template.
 
 An option forced by the environment (``PIGEON_COMPACT=1|0``, ``PIGEON_AGGREGATE_SCHEDULE``) is
 the point's only option.  ``candidates`` turns the points into the candidate configurations: every
@@ -30,6 +33,7 @@ from typing import Callable, Iterable
 from ..ir.graph import IRGraph
 from ..ir.program import GemmLaunch, KernelProgram, TraversalLaunch
 from .compact import ENV as COMPACT_ENV, decide as decide_compaction
+from .gemm_backend import BACKENDS as GEMM_BACKENDS, gemm_points
 from .pipeline import run_pipeline
 from .schedule import RESIDENT_THREADS, SCHEDULES, SKEW, aggregate_schedule, forced_schedule, lane_group, schedule_point
 
@@ -79,11 +83,18 @@ def pipeline_points(ir: IRGraph, graph_stats: dict | None) -> list[DecisionPoint
     return points
 
 
-def schedule_points(programs: Iterable[KernelProgram | None], stats: dict) -> list[DecisionPoint]:
+def schedule_points(programs: Iterable[KernelProgram | None], stats: dict, dense_gemms: bool = False
+                    ) -> list[DecisionPoint]:
     """The schedule decision points of lowered (not yet scheduled) programs on a kernel graph with
-    degree statistics ``stats`` (``degree_stats`` plus ``compact_stats``)."""
+    degree statistics ``stats`` (``degree_stats`` plus ``compact_stats``); with ``dense_gemms`` also
+    the backend of each dense GEMM shape (pigeon/passes/gemm_backend.py: only a GPU tells them apart,
+    on a CPU both run the same semantics)."""
+    programs = list(programs)
     forced = forced_schedule()
     seen: dict[str, DecisionPoint] = {}
+    if dense_gemms:
+        for name, why in gemm_points(programs):
+            seen[name] = DecisionPoint(name, GEMM_BACKENDS, "template", why)
     for prog in programs:
         if prog is None:
             continue

@@ -9,6 +9,7 @@ from ..ir.ops import OpKind
 from ..ir.program import KernelProgram, TraversalLaunch
 from ..ir.types import Domain
 from .compact import MIN_EDGES_PER_ROW
+from .gemm_backend import RULE_WHY, gemm_point
 from .schedule import RESIDENT_THREADS, SKEW
 
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -127,4 +128,11 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
                 why = "no statistics for this side: node"
             out.append(f"schedule: {name} aggregate {inst.reduce}/{inst.side} -> {inst.out.name}[{width}]: "
                        f"{inst.schedule} ({why})")
+    # dense GEMMs: pigeon's template or TVM's dlight kernel
+    for name, prog in programs.items():
+        for launch in (prog.launches if prog is not None else ()):
+            point = gemm_point(launch)
+            if point is not None:
+                chosen = "given" if launch.backend != "template" else RULE_WHY
+                out.append(f"gemm backend: {name} {point} -> {launch.y}: {launch.backend} ({chosen})")
     return out

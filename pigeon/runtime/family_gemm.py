@@ -416,11 +416,22 @@ def _semantics(launch: GemmLaunch, kg: Any, bufs: Any) -> None:
 
 
 def _cuda(launch: GemmLaunch, kg: Any, bufs: Any, backend: Any) -> None:
+    if launch.backend == "tvm":       # TVM's dlight kernel, chosen by --tune (pigeon/passes/gemm_backend.py)
+        from .tvm_gemm_kernel import run_launch
+        run_launch(launch, bufs[launch.x], bufs[launch.w], bufs[launch.y], backend)
+        return
     run_gemm_launch(launch, bufs[launch.x], bufs[launch.w], bufs[launch.y], kg, backend)
+
+
+def _render(launch: GemmLaunch) -> RenderedKernel:
+    if launch.backend == "tvm":
+        from .tvm_gemm_kernel import rendered_for
+        return rendered_for(launch.inst)
+    return render_gemm(launch.inst)
 
 
 GEMM = register_family(KernelFamily(
     "gemm", GemmLaunch, (GemmInstance, TileConfig), semantics=_semantics,
-    validate=lambda launch: check_instance(launch.inst), render=lambda launch: render_gemm(launch.inst),
+    validate=lambda launch: check_instance(launch.inst), render=_render,
     cuda=_cuda, emulate=None,    # the templates use shared memory and barriers: no CPU emulation
     doc="segment/gather/scatter matmul, one weight per type (CUDA SIMT fp32, mma.sync bf16/fp16)"))

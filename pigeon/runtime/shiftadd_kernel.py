@@ -31,7 +31,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 from typing import Any
 
 import torch
@@ -45,8 +44,6 @@ SOURCE_FORMAT = "pigeon-tvm-cuda-source-v1"
 INT_POISON = -0x5A5A5A5B
 _I32_MAX = (1 << 31) - 1
 _ENTRIES: dict = {}          # (kernel key, device, emulate) -> _Entry
-_SIG = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)\s*\{')
-_PARAM = re.compile(r"^(int|float)(\*)?\s*(?:__restrict__\s+)?(\w+)$")
 
 
 class ShiftAddKernelMissing(RuntimeError):
@@ -95,16 +92,16 @@ def cuda_source(k: TvmKernel, arch: str = "sm_90", cache: KernelCache | None = N
 def rendered_kernel(k: TvmKernel, source: str) -> RenderedKernel:
     """``source`` as a RenderedKernel: its parameters parsed from the generated signature and checked
     against ``PARAMS[k.kind]`` (buffers ``<name>_ptr`` of the expected element type, then int sizes)."""
-    sigs = {m.group(1): m.group(2) for m in _SIG.finditer(source)}
-    if k.kernel_name not in sigs:
-        raise ShiftAddKernelError(f"generated source has no kernel {k.kernel_name} (has {sorted(sigs)})")
+    from .tvm_cuda import SignatureError, kernel_params
+    try:
+        parsed = kernel_params(source, k.kernel_name)
+    except SignatureError as e:
+        raise ShiftAddKernelError(str(e)) from None
     params = []
-    for text in (p.strip() for p in sigs[k.kernel_name].split(",")):
-        m = _PARAM.match(text)
-        if m is None:
-            raise ShiftAddKernelError(f"{k.kernel_name}: cannot read parameter {text!r}")
-        ctype, ptr, name = m.groups()
-        elem = {"int": "int32", "float": "float32"}[ctype]
+    for elem, ptr, name in parsed:
+        ctype = {"int32": "int", "float32": "float"}.get(elem)
+        if ctype is None:
+            raise ShiftAddKernelError(f"{k.kernel_name}: parameter {name!r} of type {elem}: expected int or float")
         if ptr and not name.endswith("_ptr"):
             raise ShiftAddKernelError(f"{k.kernel_name}: buffer parameter {name!r} is not named <buffer>_ptr")
         params.append(KernelParam(name, "ptr", f"{ctype}* __restrict__", f"buffer:{name[:-4]}:{elem}") if ptr

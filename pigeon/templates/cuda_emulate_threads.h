@@ -17,8 +17,6 @@
 #define __shared__ static
 #define alignas(n) __attribute__((aligned(n)))
 
-struct int4 { int x, y, z, w; };
-struct float4 { float x, y, z, w; };
 
 struct pg_barrier {
     std::mutex m;
