@@ -115,7 +115,11 @@ def main(argv=None):
                     help="JSON file (a directory gets host_overhead.json)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
-    hps = {"rgcn": {"out_dim": args.dim}, "rgat": {"out_dim": args.dim // 4, "heads": 4}}
+    hps = {"rgcn": {"out_dim": args.dim}, "rgat": {"out_dim": args.dim // 4, "heads": 4},
+           "hgt": {"heads": 4}}
+    unknown = [m for m in args.models.split(",") if m not in hps]
+    if unknown:
+        ap.error(f"--models: {', '.join(unknown)} not among {', '.join(hps)}")
     saved_env = {k: os.environ.get(k) for p in PATHS.values() for k in p}
     rows = []
     try:

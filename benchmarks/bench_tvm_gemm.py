@@ -1,7 +1,8 @@
-"""The dense GEMM candidates ``pigeon compile --tune`` chooses between, side by side: pigeon's GEMM
-template, TVM's dlight Matmul kernel (pigeon/codegen/tvm_gemm.py) and cuBLAS (``torch.matmul``, the
-ceiling, not a candidate: pigeon's programs run their own kernels), at the row counts of RGCN's
-root-weight GEMM ``x @ W_self`` (and its data gradient ``dy @ W_self^T``) on the benchmark graphs.
+"""The dense GEMM backends pigeon chooses between (pigeon/passes/gemm_backend.py), side by side:
+cuBLAS (``torch.mm``, the rule's pick), pigeon's GEMM template and TVM's dlight Matmul kernel
+(pigeon/codegen/tvm_gemm.py, rows form only), at the row counts of RGCN's root-weight GEMM
+``x @ W_self``, its data gradient ``dy @ W_self^T`` and its weight gradient ``x^T dy`` on the
+benchmark graphs.
 
     python benchmarks/bench_tvm_gemm.py --out benchmarks/results/tvm_gemm_h200_<commit>     # GPU only
 
@@ -25,7 +26,7 @@ from pigeon.graph.synthetic import PRESETS  # noqa: E402
 from pigeon.ir.kernel import GemmInstance  # noqa: E402
 from pigeon.runtime import tvm_gemm_kernel as tg  # noqa: E402
 from pigeon.runtime.build import build_kernel  # noqa: E402
-from pigeon.runtime.family_gemm import build_gemm, run_gemm  # noqa: E402
+from pigeon.runtime.family_gemm import build_gemm, run_cublas, run_gemm  # noqa: E402
 from pigeon.runtime.launch import load_module  # noqa: E402
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -35,30 +36,34 @@ def _err(y, ref) -> float:
     return ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def case(graph: str, m: int, d: int, dtype: str, t: bool, reps: int) -> dict:
+def case(graph: str, m: int, d: int, dtype: str, form: str, reps: int) -> dict:
+    """``form``: "W" (y = x @ W), "W^T" (y = x @ W^T, a data gradient) or "dW" (dW = x^T dy)."""
     dev = torch.device("cuda")
     tdt = getattr(torch, dtype)
-    inst = GemmInstance("rows", d, d, typed=False, transpose_w=t, dtype=dtype)
+    wg = form == "dW"
+    inst = GemmInstance("weight_grad" if wg else "rows", d, d, typed=False, transpose_w=form == "W^T", dtype=dtype)
     x = torch.randn(m, d, device=dev).to(tdt)
-    w = torch.randn(d, d, device=dev).to(tdt)
-    ref = x.double() @ (w.double().t() if t else w.double())
+    w = torch.randn(d, d, device=dev).to(tdt)          # dW's output when wg
+    dy = torch.randn(m, d, device=dev).to(tdt)
+    ref = x.double().t() @ dy.double() if wg else x.double() @ (w.double().t() if form == "W^T" else w.double())
     el = x.element_size()
-    row = {"graph": graph, "M": m, "k": d, "n": d, "dtype": dtype, "weight": "W^T" if t else "W",
+    row = {"graph": graph, "M": m, "k": d, "n": d, "dtype": dtype, "weight": form,
            "flop": 2 * m * d * d, "min_bytes": (m * d * 2 + d * d) * el}
     tmod = build_gemm(inst, "sm_90", dev)
-    rk = tg.rendered_for(inst, "sm_90")
-    tfn = load_module(build_kernel(rk.source, "sm_90", name=rk.name), dev).function(rk.name)
-    y = torch.empty(m, d, device=dev, dtype=tdt)
-    runs = {
-        "template": lambda: run_gemm(inst, tmod, x, w, None, None, None, y),
-        "tvm": lambda: tg.run(rk, tfn, inst, x, w, y),
-        "cublas": lambda: torch.matmul(x, w.t() if t else w, out=y),
-    }
+    y = dy if wg else torch.empty(m, d, device=dev, dtype=tdt)
+    out = w if wg else y
+    seg = torch.tensor([0, m], dtype=torch.int32, device=dev)     # made once, as a program's graph arrays are
+    runs = {"template": lambda: run_gemm(inst, tmod, x, w, seg, None, None, y),
+            "cublas": lambda: run_cublas(inst, x, w, y)}
+    if not wg:
+        rk = tg.rendered_for(inst, "sm_90")
+        tfn = load_module(build_kernel(rk.source, "sm_90", name=rk.name), dev).function(rk.name)
+        runs["tvm"] = lambda: tg.run(rk, tfn, inst, x, w, y)
     for name, fn in runs.items():
-        y.fill_(float("nan"))
+        out.fill_(float("nan"))
         fn()
         torch.cuda.synchronize()
-        err = _err(y, ref)
+        err = _err(out, ref)
         row[f"{name}_err"] = err
         if not err < TOL[dtype]:       # NaN fails too
             row[f"{name}_ms"] = None
@@ -68,10 +73,10 @@ def case(graph: str, m: int, d: int, dtype: str, t: bool, reps: int) -> dict:
         row[f"{name}_ms"] = ms
         row[f"{name}_tflops"] = row["flop"] / ms / 1e9
         row[f"{name}_tbps"] = row["min_bytes"] / ms / 1e9
-    a, b = row.get("template_ms"), row.get("tvm_ms")
+    a, b, c = row.get("template_ms"), row.get("tvm_ms"), row.get("cublas_ms")
     row["tvm_vs_template"] = a / b if a and b else None          # > 1: TVM faster
-    row["template_vs_cublas"] = row["cublas_ms"] / a if a and row.get("cublas_ms") else None
-    row["tvm_vs_cublas"] = row["cublas_ms"] / b if b and row.get("cublas_ms") else None
+    row["cublas_vs_template"] = a / c if a and c else None       # > 1: cuBLAS faster
+    row["tvm_vs_cublas"] = c / b if b and c else None
     return row
 
 
@@ -80,14 +85,16 @@ def _fmt(v, spec=".3f"):
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    out = [f"# Dense GEMM candidates: pigeon template vs TVM dlight vs cuBLAS", "",
+    out = ["# Dense GEMM backends: pigeon template vs TVM dlight vs cuBLAS", "",
            f"gpu {meta['gpu']}, commit {meta['commit']}, {meta['date']}", "", f"`{meta['command']}`", "",
-           "| graph | M | k=n | dtype | weight | template ms | TVM ms | cuBLAS ms | TVM / template speedup | "
-           "template TB/s | TVM TB/s | cuBLAS TB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| graph | M | k=n | dtype | GEMM | template ms | TVM ms | cuBLAS ms | TVM speedup over template | "
+           "cuBLAS speedup over template | template TB/s | TVM TB/s | cuBLAS TB/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['graph']} | {r['M']:,} | {r['k']} | {r['dtype']} | {r['weight']} | "
                    f"{_fmt(r.get('template_ms'))} | {_fmt(r.get('tvm_ms'))} | {_fmt(r.get('cublas_ms'))} | "
-                   f"{_fmt(r.get('tvm_vs_template'), '.2f')} | {_fmt(r.get('template_tbps'), '.2f')} | "
+                   f"{_fmt(r.get('tvm_vs_template'), '.2f')} | {_fmt(r.get('cublas_vs_template'), '.2f')} | "
+                   f"{_fmt(r.get('template_tbps'), '.2f')} | "
                    f"{_fmt(r.get('tvm_tbps'), '.2f')} | {_fmt(r.get('cublas_tbps'), '.2f')} |")
     bad = [f"{r['graph']} {r['dtype']} {r['weight']}: {k}: {v}" for r in rows for k, v in r.items() if k.endswith("_status")]
     if bad:
@@ -114,11 +121,11 @@ def main(argv=None):
         m = PRESETS[graph]["num_nodes"]
         for d in (int(v) for v in args.dims.split(",")):
             for dtype in args.dtypes.split(","):
-                for t in (False, True):
+                for form in ("W", "W^T", "dW"):
                     try:
-                        r = case(graph, m, d, dtype, t, args.reps)
+                        r = case(graph, m, d, dtype, form, args.reps)
                     except Exception as e:          # reported, not hidden
-                        r = {"graph": graph, "M": m, "k": d, "n": d, "dtype": dtype, "weight": "W^T" if t else "W",
+                        r = {"graph": graph, "M": m, "k": d, "n": d, "dtype": dtype, "weight": form,
                              "error_status": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                     rows.append(r)
                     print(f"[tvm-gemm] {graph} M={m} d={d} {dtype} {r['weight']}: template "

@@ -269,7 +269,11 @@ def tune(*, ir: IRGraph, graph_stats: dict, kernel_stats: dict, build: Callable,
     def sched_of(pipe_choices: dict):
         try:
             comp, _ = run_pipeline(ir, graph_stats=graph_stats, choices=pipe_choices)
-            return schedule_points(lower_fn(comp), kernel_stats, dense_gemms=device.type == "cuda")
+            progs = lower_fn(comp)
+            # inference runs the forward program only: a backward decision would be a second
+            # measurement of the same forward (two such candidates differed by 4% on the H200: noise)
+            return schedule_points(progs[:1] if mode == "inference" else progs, kernel_stats,
+                                   dense_gemms=device.type == "cuda")
         except Exception:        # the candidate's build reports it
             return []
     cands: list[Candidate] = candidates(pipe, sched_of, max_full)

@@ -118,15 +118,20 @@ def _programs(choices=None):
 def test_gemm_points_choose_and_describe():
     g, layer = _programs()
     progs = layer.lowered
-    names = [n for n, _ in gemm_points(progs)]
-    assert names == ["gemm:node/k16n8/N", "gemm:node/k8n16/T"]          # x @ W_self, dy @ W_self^T
-    tvm = {n: "tvm" for n in names}
-    fwd = choose_gemm_backends(progs[0], tvm)
-    assert "[tvm]" in fwd.describe() and "[tvm]" not in progs[0].describe()
+    pts = gemm_points(progs)
+    names = [n for n, _, _ in pts]
+    # x @ W_self, dy @ W_self^T, dW_self = x^T dy; TVM's kernel takes the rows forms only
+    assert names == ["gemm:node/k16n8/N", "gemm:node/k8n16/T", "gemm:node/k16n8/dW"]
+    assert [o for _, o, _ in pts] == [("cublas", "template", "tvm")] * 2 + [("cublas", "template")]
+    assert "[cublas]" in layer.forward_program.describe()           # the rule's pick
+    assert "[tvm]" not in progs[0].describe() and "[cublas]" not in progs[0].describe()   # lowered: template
+    fwd = choose_gemm_backends(progs[0], {n: "tvm" for n in names[:2]})
+    assert "[tvm]" in fwd.describe()
     assert sum(getattr(lch, "backend", None) == "tvm" for lch in fwd.launches) == 1
     assert from_json(to_json(fwd)) == fwd                           # artifacts keep the choice
-    with pytest.raises(GemmBackendError, match="expected one of template, tvm"):
-        choose_gemm_backends(progs[0], {names[0]: "cublas"})
+    assert "[cublas]" not in choose_gemm_backends(progs[0], {names[0]: "template"}).describe()
+    with pytest.raises(GemmBackendError, match="expected one of cublas, template$"):
+        choose_gemm_backends(progs[1], {names[2]: "tvm"})
 
 
 def test_the_points_are_tune_candidates_on_a_gpu_only():
@@ -142,10 +147,11 @@ def test_the_points_are_tune_candidates_on_a_gpu_only():
         return f
     assert not [p for p in sched_of(False)({}) if p.name.startswith("gemm:")]
     pts = [p for p in sched_of(True)({}) if p.name.startswith("gemm:")]
-    assert [(p.options, p.pick) for p in pts] == [(("template", "tvm"), "template")] * 2
+    assert [(p.options, p.pick) for p in pts] == [(("cublas", "template", "tvm"), "cublas")] * 2 + \
+        [(("cublas", "template"), "cublas")]
     cands = candidates(pipe, sched_of(True), max_full=4)
-    assert cands[0].as_dict()["gemm:node/k16n8/N"] == "template"
-    assert {c.as_dict()["gemm:node/k16n8/N"] for c in cands} == {"template", "tvm"}
+    assert cands[0].as_dict()["gemm:node/k16n8/N"] == "cublas"
+    assert {c.as_dict()["gemm:node/k16n8/N"] for c in cands} == {"cublas", "template", "tvm"}
 
 
 def test_a_layer_compiled_with_tvm_gemms_matches_the_template_on_cpu():

@@ -72,10 +72,11 @@ class GemmInstance:
             object.__setattr__(self, "epilogue", epilogue_expr(self.epilogue))
 
     def not_dense(self) -> str | None:
-        """None for a plain dense GEMM ``Y = X @ W`` (or ``W^T``): rows form, untyped, no gather,
-        scatter, heads, epilogue or accumulation, which is what another code generator (TVM's dlight,
-        pigeon/codegen/tvm_gemm.py) can take over; else what makes it more (one line)."""
-        why = [w for cond, w in ((self.form != "rows", f"form {self.form}"), (self.typed, "typed (one weight per type)"),
+        """None for a plain dense GEMM -- ``Y = X @ W`` (or ``W^T``), or its weight gradient
+        ``dW = X^T dY``: untyped, no gather, scatter, heads, epilogue or accumulation -- which another
+        library or code generator (cuBLAS, TVM's dlight: pigeon/passes/gemm_backend.py) can take
+        over; else what makes it more (one line)."""
+        why = [w for cond, w in ((self.typed, "typed (one weight per type)"),
                                  (self.gather, "gathers its rows"), (self.scatter, "scatters its rows"),
                                  (self.heads != 1, f"{self.heads} heads"), (self.epilogue is not None, "has an epilogue"),
                                  (self.accumulate, "accumulates into its output")) if cond]

@@ -29,8 +29,8 @@ class GemmLaunch:
     gather: str | None = None        # graph index array: "src", "dst", "ntype_perm", "compact_src", "edge_to_compact",
                                      # "compact_dst", "edge_to_compact_dst"
     scatter: str | None = None       # rows form: output index; weight_grad form: dY index
-    backend: Literal["template", "tvm"] = "template"   # pigeon's GEMM template, or TVM's dlight kernel
-                                     # (dense launches only, chosen by --tune: pigeon/passes/gemm_backend.py)
+    backend: Literal["template", "cublas", "tvm"] = "template"   # pigeon's GEMM template; for dense
+                                     # launches also cuBLAS or TVM's dlight kernel (pigeon/passes/gemm_backend.py)
 
     def reads(self) -> tuple[str, ...]:
         if self.inst.form == "weight_grad":
@@ -44,7 +44,8 @@ class GemmLaunch:
         i = self.inst
         if i.form == "weight_grad":
             return (f"gemm.weight_grad {self.rows}/{self.seg} k={i.k} n={i.n} h={i.heads}"
-                    f" gather={self.gather}/{self.scatter}: outer({self.x}, {self.y}) -> {self.w}")
+                    f" gather={self.gather}/{self.scatter}: outer({self.x}, {self.y}) -> {self.w}"
+                    + (f" [{self.backend}]" if self.backend != "template" else ""))
         return (f"gemm.{i.form} {self.rows}/{self.seg} k={i.k} n={i.n} h={i.heads}"
                 f" gather={self.gather} scatter={self.scatter} T={i.transpose_w}: {self.x},{self.w} -> {self.y}"
                 + (f" [{self.backend}]" if self.backend != "template" else ""))

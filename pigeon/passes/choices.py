@@ -12,9 +12,9 @@ A ``DecisionPoint`` is one choice of one rule: its name (the key ``run_pipeline(
   aggregation (or edge softmax) with that side and lane group; the rule compares the largest
   member list with the balanced share (pigeon/passes/schedule.py).  These come from the lowered
   programs, so they depend on the pipeline's choices (compaction adds the compact sides).
-- ``gemm:<rows>/k<K>n<N>/<N|T>`` (``template`` / ``tvm``): the code generator of each dense GEMM
-  shape (pigeon/passes/gemm_backend.py); a point only when tuning on a GPU.  The rule keeps the
-  template.
+- ``gemm:<rows>/k<K>n<N>/<N|T|dW>`` (``cublas`` / ``template`` / ``tvm``): the library or code
+  generator of each dense GEMM shape (pigeon/passes/gemm_backend.py); a point only when tuning on a
+  GPU.  The rule picks cuBLAS.
 
 An option forced by the environment (``PIGEON_COMPACT=1|0``, ``PIGEON_AGGREGATE_SCHEDULE``) is
 the point's only option.  ``candidates`` turns the points into the candidate configurations: every
@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 from ..ir.graph import IRGraph
 from ..ir.program import GemmLaunch, KernelProgram, TraversalLaunch
 from .compact import ENV as COMPACT_ENV, decide as decide_compaction
-from .gemm_backend import BACKENDS as GEMM_BACKENDS, gemm_points
+from .gemm_backend import RULE_PICK as GEMM_PICK, gemm_points
 from .pipeline import run_pipeline
 from .schedule import RESIDENT_THREADS, SCHEDULES, SKEW, aggregate_schedule, forced_schedule, lane_group, schedule_point
 
@@ -93,8 +93,8 @@ def schedule_points(programs: Iterable[KernelProgram | None], stats: dict, dense
     forced = forced_schedule()
     seen: dict[str, DecisionPoint] = {}
     if dense_gemms:
-        for name, why in gemm_points(programs):
-            seen[name] = DecisionPoint(name, GEMM_BACKENDS, "template", why)
+        for name, opts, why in gemm_points(programs):
+            seen[name] = DecisionPoint(name, opts, GEMM_PICK, why)
     for prog in programs:
         if prog is None:
             continue

@@ -1,13 +1,17 @@
-"""Which code generator runs each dense GEMM launch: pigeon's GEMM template or TVM's dlight Matmul
-rule (pigeon/codegen/tvm_gemm.py).  One decision point per dense GEMM shape of a program pair:
-``gemm:<rows>/k<K>n<N>/<N|T>`` (``T``: the transposed weight of a data gradient), options
-``template`` and ``tvm``.
+"""Which library or code generator runs each dense GEMM launch: cuBLAS (``torch.mm``), pigeon's
+GEMM template, or TVM's dlight Matmul rule (pigeon/codegen/tvm_gemm.py).  One decision point per
+dense GEMM shape of a program pair: ``gemm:<rows>/k<K>n<N>/<N|T|dW>`` (``T``: the transposed weight
+of a data gradient, ``dW``: the weight gradient ``X^T dY``).
 
-A GEMM is dense when ``GemmInstance.not_dense()`` is None: untyped rows form without gather,
-scatter, heads, epilogue or accumulation (RGCN's root weight ``x @ W_self`` and its gradient
-``dy @ W_self^T``).  The rule keeps the template: pigeon has no cost model of TVM's generated
-kernel, so the TVM kernel is a candidate ``--tune`` measures on the GPU (each candidate checked
-against the reference first), never a guess.  ``choose_gemm_backends`` applies given choices.
+A GEMM is dense when ``GemmInstance.not_dense()`` is None: untyped, no gather, scatter, heads,
+epilogue or accumulation (RGCN's root weight ``x @ W_self``, its data gradient ``dy @ W_self^T``
+and its weight gradient).  Options: ``cublas`` and ``template`` for both forms, ``tvm`` for the
+rows form.  The rule picks cuBLAS: at the widths RGNN layers have (k, n <= 128) these GEMMs are
+memory-bound, and cuBLAS moved 3.0-3.4 TB/s in bf16 where the template moved 0.4-0.7 and TVM's
+kernel 0.3-0.6 at 1.7-1.9M rows on the H200 (benchmarks/results/tvm_gemm_h200_f2f8840).  Nothing
+is hand-written for the dense case that a library provides; the TVM kernel is a candidate
+``--tune`` measures on the GPU.  On a CPU every option runs the instance's semantics.
+``choose_gemm_backends`` applies the rule, or the given choices.
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ import dataclasses
 
 from ..ir.program import GemmLaunch, KernelProgram
 
-BACKENDS = ("template", "tvm")
-RULE_WHY = "rule: pigeon's template (no cost model of TVM's kernel: --tune on a GPU measures it)"
+BACKENDS = ("cublas", "template", "tvm")
+RULE_PICK = "cublas"
+RULE_WHY = ("rule: cuBLAS (memory-bound at these widths; cuBLAS 3.0-3.4 TB/s bf16 vs the template's 0.4-0.7 "
+            "at 1.7-1.9M rows on the H200)")
 
 
 class GemmBackendError(ValueError):
@@ -24,36 +30,43 @@ class GemmBackendError(ValueError):
 
 
 def gemm_point(launch) -> str | None:
-    """The decision point of a launch, or None when no other backend can run it."""
+    """The decision point of a launch, or None when only the template can run it."""
     if not isinstance(launch, GemmLaunch) or launch.inst.not_dense() is not None:
         return None
     i = launch.inst
-    return f"gemm:{launch.rows}/k{i.k}n{i.n}/{'T' if i.transpose_w else 'N'}"
+    form = "dW" if i.form == "weight_grad" else ("T" if i.transpose_w else "N")
+    return f"gemm:{launch.rows}/k{i.k}n{i.n}/{form}"
 
 
-def gemm_points(programs) -> list[tuple[str, str]]:
-    """``(point, why)`` of the dense GEMM launches of ``programs`` (None entries skipped), in order."""
-    seen: dict[str, str] = {}
+def options(launch: GemmLaunch) -> tuple[str, ...]:
+    """The backends that can run a dense launch (TVM's kernel: the rows form only)."""
+    return BACKENDS if launch.inst.form == "rows" else ("cublas", "template")
+
+
+def gemm_points(programs) -> list[tuple[str, tuple[str, ...], str]]:
+    """``(point, options, why)`` of the dense GEMM launches of ``programs`` (None skipped), in order."""
+    seen: dict[str, tuple] = {}
     for prog in programs:
         for launch in (prog.launches if prog is not None else ()):
             name = gemm_point(launch)
             if name is not None and name not in seen:
-                seen[name] = RULE_WHY
-    return list(seen.items())
+                seen[name] = (name, options(launch), RULE_WHY)
+    return list(seen.values())
 
 
 def choose_gemm_backends(program: KernelProgram | None, choices: dict | None = None) -> KernelProgram | None:
-    """The program with each dense GEMM launch given the backend ``choices`` names for its point
-    (default: the template)."""
-    if program is None or not choices:
-        return program
+    """The program with each dense GEMM launch given the backend ``choices`` names for its point, or
+    the rule's (cuBLAS) where it names none."""
+    if program is None:
+        return None
+    choices = choices or {}
     launches, changed = [], False
     for launch in program.launches:
         name = gemm_point(launch)
-        if name is not None and name in choices:
-            b = choices[name]
-            if b not in BACKENDS:
-                raise GemmBackendError(f"{name}: backend {b!r}: expected one of {', '.join(BACKENDS)}")
+        if name is not None:
+            b = choices.get(name, RULE_PICK)
+            if b not in options(launch):
+                raise GemmBackendError(f"{name}: backend {b!r}: expected one of {', '.join(options(launch))}")
             if b != launch.backend:
                 launch = dataclasses.replace(launch, backend=b)
                 changed = True

@@ -415,7 +415,30 @@ def _semantics(launch: GemmLaunch, kg: Any, bufs: Any) -> None:
                    bufs[launch.y])
 
 
+def run_cublas(inst: GemmInstance, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
+    """A dense instance (``inst.not_dense()`` is None) by cuBLAS (torch.mm): rows ``y = x @ w`` (``w^T``);
+    weight_grad ``w = x^T y`` (``y^T x`` with ``transpose_w``; ``w`` is the output dW).  Float32
+    accumulation and one rounding, as the template."""
+    why = inst.not_dense()
+    if why:
+        raise GemmLaunchError(f"cuBLAS runs dense GEMMs only; this one: {why}")
+    wshape = (inst.n, inst.k) if inst.transpose_w else (inst.k, inst.n)
+    x2 = x.reshape(-1, inst.k)
+    if inst.form == "weight_grad":
+        dy = y.reshape(-1, inst.n)
+        dw = w.view(wshape)
+        if dw.dtype != x2.dtype:          # a float32 dW of 16-bit operands: one rounding, into float32
+            x2, dy = x2.to(dw.dtype), dy.to(dw.dtype)
+        torch.mm(dy.t(), x2, out=dw) if inst.transpose_w else torch.mm(x2.t(), dy, out=dw)
+        return
+    w2 = w.reshape(wshape)
+    torch.mm(x2, w2.t() if inst.transpose_w else w2, out=y.view(-1, inst.n))
+
+
 def _cuda(launch: GemmLaunch, kg: Any, bufs: Any, backend: Any) -> None:
+    if launch.backend == "cublas":    # dense launches (pigeon/passes/gemm_backend.py)
+        run_cublas(launch.inst, bufs[launch.x], bufs[launch.w], bufs[launch.y])
+        return
     if launch.backend == "tvm":       # TVM's dlight kernel, chosen by --tune (pigeon/passes/gemm_backend.py)
         from .tvm_gemm_kernel import run_launch
         run_launch(launch, bufs[launch.x], bufs[launch.w], bufs[launch.y], backend)
@@ -423,7 +446,9 @@ def _cuda(launch: GemmLaunch, kg: Any, bufs: Any, backend: Any) -> None:
     run_gemm_launch(launch, bufs[launch.x], bufs[launch.w], bufs[launch.y], kg, backend)
 
 
-def _render(launch: GemmLaunch) -> RenderedKernel:
+def _render(launch: GemmLaunch) -> RenderedKernel | None:
+    if launch.backend == "cublas":    # a library call: no kernel of pigeon's to build or carry
+        return None
     if launch.backend == "tvm":
         from .tvm_gemm_kernel import rendered_for
         return rendered_for(launch.inst)

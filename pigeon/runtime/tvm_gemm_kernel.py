@@ -45,7 +45,7 @@ def tvm_available() -> bool:
 
 
 def kernel_of(inst: GemmInstance) -> TvmGemm:
-    why = inst.not_dense()
+    why = inst.not_dense() or (f"form {inst.form}" if inst.form != "rows" else None)
     if why:
         raise TvmGemmError(f"the TVM GEMM covers untyped rows-form GEMMs without gather, scatter, heads, "
                            f"epilogue or accumulation; this one: {why}")
