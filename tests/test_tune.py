@@ -213,3 +213,15 @@ def test_inference_candidates_vary_only_forward_decisions():
     pts = lambda prog: {schedule_point(l.inst) for l in prog.launches if hasattr(l.inst, "loop")} - {None}
     bwd_only = pts(layer.backward_program) - pts(layer.forward_program)
     assert bwd_only and not (bwd_only & keys(inf)) and bwd_only <= keys(train)
+
+
+def test_kernel_launches_cover_destination_compaction(monkeypatch):
+    """RGAT training with (dst, etype) compaction: its compact_dst sides have min bytes (the bench's
+    per-kernel TB/s read KeyError 'compact_dst' on the H200 at f2f8840)."""
+    from pigeon.bench.kernels import kernel_launches
+    monkeypatch.setenv("PIGEON_COMPACT_DST", "1")
+    layer = pg.compile(rgat, tiny_graph(), 16, **HP)
+    rows = layer.forward_program.buffers + layer.backward_program.buffers
+    assert any(b.rows == "compact_dst" for b in rows)
+    recs = kernel_launches(layer, "training")
+    assert recs and all(r["min_bytes"] > 0 for r in recs)

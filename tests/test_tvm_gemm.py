@@ -166,3 +166,20 @@ def test_a_layer_compiled_with_tvm_gemms_matches_the_template_on_cpu():
     b.weights.load_state_dict(a.weights.state_dict())
     x = torch.randn(g.num_nodes, 16)
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_the_variable_forces_a_backend_where_it_can_run(monkeypatch):
+    g = tiny_graph()
+    monkeypatch.setenv("PIGEON_DENSE_GEMM", "tvm")
+    layer = pg.compile(rgcn, g, 16, out_dim=8)
+    pts = {n: o for n, o, _ in gemm_points(layer.lowered)}
+    assert pts == {"gemm:node/k16n8/N": ("tvm",), "gemm:node/k8n16/T": ("tvm",),
+                   "gemm:node/k16n8/dW": ("cublas", "template")}          # no TVM weight gradient
+    assert "[tvm]" in layer.forward_program.describe() and "[cublas]" in layer.backward_program.describe()
+    monkeypatch.setenv("PIGEON_DENSE_GEMM", "template")
+    layer = pg.compile(rgcn, g, 16, out_dim=8)
+    text = layer.forward_program.describe() + layer.backward_program.describe()
+    assert "[cublas]" not in text and "[tvm]" not in text
+    monkeypatch.setenv("PIGEON_DENSE_GEMM", "magma")
+    with pytest.raises(GemmBackendError, match="PIGEON_DENSE_GEMM='magma'"):
+        pg.compile(rgcn, g, 16, out_dim=8)

@@ -134,7 +134,8 @@ def kernel_min_bytes(inst, counts: dict) -> int:
         reduces_into, groups = RowRef.DST, rows_of["node"]
     elif inst.loop == "aggregate":
         reduces_into = {"dst": RowRef.DST, "src": RowRef.SRC, "compact": RowRef.COMPACT,
-                        "compact_src": RowRef.SRC}[inst.side]
+                        "compact_src": RowRef.SRC, "dcompact": RowRef.COMPACT_DST,
+                        "compact_dst": RowRef.DST}[inst.side]
     total = out_rows * inst.out.width * STORAGE_BYTES.get(inst.out.dtype, 4)
     seen, refs = set(), set()
     for e in inst.expr.toposort():

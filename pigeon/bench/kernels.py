@@ -38,7 +38,7 @@ def sum_of_sources(g, x):
 
 def _counts(kg) -> dict:
     return {"node": kg.num_nodes, "edge": kg.num_edges, "compact": kg.num_compact, "etype": kg.num_etypes,
-            "ntype": kg.num_ntypes}
+            "ntype": kg.num_ntypes, "compact_dst": kg.num_compact_dst}
 
 
 def kernel_launches(layer, mode: str) -> list[dict]:

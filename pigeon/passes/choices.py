@@ -94,7 +94,7 @@ def schedule_points(programs: Iterable[KernelProgram | None], stats: dict, dense
     seen: dict[str, DecisionPoint] = {}
     if dense_gemms:
         for name, opts, why in gemm_points(programs):
-            seen[name] = DecisionPoint(name, opts, GEMM_PICK, why)
+            seen[name] = DecisionPoint(name, opts, opts[0] if len(opts) == 1 else GEMM_PICK, why)
     for prog in programs:
         if prog is None:
             continue

@@ -9,7 +9,7 @@ from ..ir.ops import OpKind
 from ..ir.program import KernelProgram, TraversalLaunch
 from ..ir.types import Domain
 from .compact import MIN_EDGES_PER_ROW
-from .gemm_backend import RULE_PICK, RULE_WHY, gemm_point
+from .gemm_backend import ENV, RULE_PICK, RULE_WHY, forced, gemm_point
 from .schedule import RESIDENT_THREADS, SKEW
 
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -133,6 +133,8 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
         for launch in (prog.launches if prog is not None else ()):
             point = gemm_point(launch)
             if point is not None:
-                chosen = RULE_WHY if launch.backend == RULE_PICK else "given"
+                f = forced()
+                chosen = (f"{ENV}={f}" if f is not None and launch.backend == f else
+                          RULE_WHY if launch.backend == RULE_PICK else "given")
                 out.append(f"gemm backend: {name} {point} -> {launch.y}: {launch.backend} ({chosen})")
     return out

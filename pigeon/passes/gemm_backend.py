@@ -7,26 +7,48 @@ A GEMM is dense when ``GemmInstance.not_dense()`` is None: untyped, no gather, s
 epilogue or accumulation (RGCN's root weight ``x @ W_self``, its data gradient ``dy @ W_self^T``
 and its weight gradient).  Options: ``cublas`` and ``template`` for both forms, ``tvm`` for the
 rows form.  The rule picks cuBLAS: at the widths RGNN layers have (k, n <= 128) these GEMMs are
-memory-bound, and cuBLAS moved 3.0-3.4 TB/s in bf16 where the template moved 0.4-0.7 and TVM's
-kernel 0.3-0.6 at 1.7-1.9M rows on the H200 (benchmarks/results/tvm_gemm_h200_f2f8840).  Nothing
+memory-bound; at 1.7-1.9M rows on the H200 cuBLAS moved 3.2-3.9 TB/s in bf16 where the template
+moved 0.6-2.2 (cuBLAS 1.5-5.5x faster) and TVM's kernel 0.3-0.6, and in float32 cuBLAS was within
+0.92-1.36x of the template (benchmarks/results/dense_gemm_h200_b294585).  Nothing
 is hand-written for the dense case that a library provides; the TVM kernel is a candidate
 ``--tune`` measures on the GPU.  On a CPU every option runs the instance's semantics.
-``choose_gemm_backends`` applies the rule, or the given choices.
+``choose_gemm_backends`` applies the rule, or the given choices.  ``PIGEON_DENSE_GEMM=cublas|template|tvm``
+forces a backend wherever it can run (TVM's: the rows form), leaving that point one option.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ..ir.program import GemmLaunch, KernelProgram
 
 BACKENDS = ("cublas", "template", "tvm")
 RULE_PICK = "cublas"
-RULE_WHY = ("rule: cuBLAS (memory-bound at these widths; cuBLAS 3.0-3.4 TB/s bf16 vs the template's 0.4-0.7 "
+RULE_WHY = ("rule: cuBLAS (memory-bound at these widths: 1.5-5.5x the template in bf16, 0.92-1.36x in float32, "
             "at 1.7-1.9M rows on the H200)")
+
+
+ENV = "PIGEON_DENSE_GEMM"
 
 
 class GemmBackendError(ValueError):
     pass
+
+
+def forced() -> str | None:
+    """The backend ``PIGEON_DENSE_GEMM`` forces, or None (unset, empty or ``auto``)."""
+    v = os.environ.get(ENV, "").strip().lower()
+    if v in ("", "auto"):
+        return None
+    if v not in BACKENDS:
+        raise GemmBackendError(f"{ENV}={v!r}: expected auto or one of {', '.join(BACKENDS)}")
+    return v
+
+
+def pick(launch: GemmLaunch) -> str:
+    """The rule's backend for a dense launch, or the forced one where it can run."""
+    f = forced()
+    return f if f is not None and f in options(launch) else RULE_PICK
 
 
 def gemm_point(launch) -> str | None:
@@ -50,7 +72,9 @@ def gemm_points(programs) -> list[tuple[str, tuple[str, ...], str]]:
         for launch in (prog.launches if prog is not None else ()):
             name = gemm_point(launch)
             if name is not None and name not in seen:
-                seen[name] = (name, options(launch), RULE_WHY)
+                f = forced()
+                seen[name] = ((name, (pick(launch),), f"{ENV}={f}") if f is not None and f in options(launch)
+                              else (name, options(launch), RULE_WHY))
     return list(seen.values())
 
 
@@ -64,7 +88,7 @@ def choose_gemm_backends(program: KernelProgram | None, choices: dict | None = N
     for launch in program.launches:
         name = gemm_point(launch)
         if name is not None:
-            b = choices.get(name, RULE_PICK)
+            b = choices.get(name) or pick(launch)
             if b not in options(launch):
                 raise GemmBackendError(f"{name}: backend {b!r}: expected one of {', '.join(options(launch))}")
             if b != launch.backend:
