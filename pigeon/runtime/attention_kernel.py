@@ -9,7 +9,7 @@ SIMT kernels (A/B runs); ``=mma`` makes an instance the tensor-core template can
 instead of a quiet SIMT run.  The tensor-core forward's schedule (64- or 128-row query tiles, ...)
 is pigeon/codegen/attention_mma.py ``tuning`` (per head dim, ``PIGEON_ATTN_MMA_TUNE``); every
 schedule takes the pattern's 64x64 lists, so the launcher binds them all the same way.
-``PIGEON_ATTN_FORWARD=wgmma`` (default ``mma``) runs the tensor-core forward on the Hopper wgmma
+``PIGEON_ATTN_FORWARD=auto`` (default; ``wgmma`` forces it, ``mma`` turns it off) runs the tensor-core forward on the Hopper wgmma
 template instead (pigeon/codegen/attention_wgmma.py, built for sm_90a; an error on other archs)."""
 from __future__ import annotations
 

@@ -18,6 +18,13 @@ pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def _mma_forward(monkeypatch):
+    """This file tests the mma.sync forward (and the SIMT kernels); the wgmma forward, the default on
+    sm_90, has its own file (test_attention_wgmma_gpu.py)."""
+    monkeypatch.setenv("PIGEON_ATTN_FORWARD", "mma")
+
+
 def _forward_matches_the_reference(name, head_dim, dtype):
     """pa.attention of VARIANTS[name] (GQA 4, lengths off the 64-tiles) against the float64
     reference: out within bf16 tolerance, lse finite exactly where the reference's is."""
