@@ -302,7 +302,7 @@ def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callab
                  cu_seqlens=None) -> dict:
     """Which CUDA kernels ``attention`` runs for these arguments: {"forward": "mma" | "simt",
     "backward": ..., "why_not_mma": {...}, and with a tensor-core forward "forward_schedule": its
-    knob string} (pigeon/runtime/attention_kernel.py's rule,
+    knob string; "wgmma" where the Hopper forward runs} (pigeon/runtime/attention_kernel.py's rule,
     PIGEON_ATTENTION_KERNEL honoured).  For tools that report it (``pigeon bench attention``)."""
     from ..codegen import attention_mma, attention_mma_bwd
     from ..runtime.attention_kernel import kernel_variant
@@ -315,5 +315,12 @@ def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callab
         if out[what] == "simt":
             out["why_not_mma"][what] = mod.unsupported(inst) or "PIGEON_ATTENTION_KERNEL=simt"
     if out["forward"] == "mma":       # the tensor-core forward's schedule (PIGEON_ATTN_MMA_TUNE honoured)
-        out["forward_schedule"] = attention_mma.tuning(inst.head_dim).tag()
+        from ..codegen import attention_wgmma
+        from ..runtime.build import device_arch
+        arch = device_arch(q.device) if q.device.type == "cuda" else None
+        if attention_wgmma.forward_template(inst, arch) == "wgmma":      # Hopper's default (PIGEON_ATTN_FORWARD)
+            out["forward"] = "wgmma"
+            out["forward_schedule"] = attention_wgmma.tuning().tag()
+        else:
+            out["forward_schedule"] = attention_mma.tuning(inst.head_dim).tag()
     return out
