@@ -217,7 +217,7 @@ def test_inference_candidates_vary_only_forward_decisions():
 
 def test_kernel_launches_cover_destination_compaction(monkeypatch):
     """RGAT training with (dst, etype) compaction: its compact_dst sides have min bytes (the bench's
-    per-kernel TB/s read KeyError 'compact_dst' on the H200 at f2f8840)."""
+    per-kernel TB/s read KeyError 'compact_dst' on the H200 at 07bec18)."""
     from pigeon.bench.kernels import kernel_launches
     monkeypatch.setenv("PIGEON_COMPACT_DST", "1")
     layer = pg.compile(rgat, tiny_graph(), 16, **HP)
