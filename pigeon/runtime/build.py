@@ -58,9 +58,20 @@ def device_arch(device: Any = None, *, arch_specific: bool = False) -> str | Non
         return None
     if not torch.cuda.is_available():
         return None
-    major, minor = torch.cuda.get_device_capability(device)
+    index = device.index if isinstance(device, torch.device) and device.type == "cuda" else device
+    if index is None or isinstance(index, int):     # a device's capability does not change: read it once
+        index = torch.cuda.current_device() if index is None else index
+        cap = _CAPABILITY.get(index)
+        if cap is None:
+            cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+        major, minor = cap
+    else:
+        major, minor = torch.cuda.get_device_capability(device)
     suffix = "a" if arch_specific and major >= 9 else ""
     return f"sm_{major}{minor}{suffix}"
+
+
+_CAPABILITY: dict = {}
 
 
 # ---------------------------------------------------------------------------- ptxas report

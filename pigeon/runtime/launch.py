@@ -399,13 +399,17 @@ class CudaFunction:
             except (TypeError, ValueError, OverflowError, struct.error) as e:
                 raise TypeError(f"{where()}: arg {i} ({value!r}) is not a valid {t}: {e}") from e
             out.append(obj)
-        if sizes is not None:
+        # the packed sizes follow from the types alone: checked once per types list, not per launch
+        checked = self.__dict__.setdefault("_sizes_checked", set())
+        if sizes is not None and (types is None or ctypes_list not in checked):
             for i, obj in enumerate(out):
                 if ctypes.sizeof(obj) != sizes[i]:
                     raise TypeError(
                         f"{where()}: arg {i} packed as {ctypes_list[i] or 'ptr'} ({ctypes.sizeof(obj)} bytes) but "
                         f"the kernel's parameter {i} has {sizes[i]} bytes"
                     )
+            if types is not None and None not in ctypes_list:
+                checked.add(ctypes_list)
         return out
 
     def launch(
