@@ -1,5 +1,6 @@
 """The check of each case: pigeon's layer against the reference interpreter in float32, with the same
-weights (rounded to the layer's dtype) and the same inputs."""
+weights (rounded to the layer's dtype) and the same inputs; what misses the tolerance goes to the
+float64 arbiter, whose baseline is the reference interpreter in the case's own dtype."""
 from __future__ import annotations
 
 import torch
@@ -40,17 +41,18 @@ def _close(name: str, got, want, dtype: str) -> str | None:
 ARBITER_FACTOR = 2.0       # pigeon may be at most this many times farther from float64 than the fp32 reference
 
 
-def arbitrate(got, want32, want64) -> tuple[bool, str]:
-    """Whether ``got`` (float32) is as close to the float64 truth ``want64`` as the float32 reference
-    ``want32`` is, within ARBITER_FACTOR, and the numbers.  Long float32 reductions (a gradient summed
-    over 21M edges in a different order) legitimately miss a fixed 1e-4 tolerance; this asks the
-    question that matters instead: is pigeon's rounding worse than the reference's own?"""
+def arbitrate(got, want32, want64, ref_name: str = "float32 reference") -> tuple[bool, str]:
+    """Whether ``got`` is as close to the float64 truth ``want64`` as the reference ``want32`` (the
+    reference interpreter in the case's dtype) is, within ARBITER_FACTOR, and the numbers.  Long
+    reductions (a gradient summed over 21M edges in a different order) legitimately miss a fixed
+    tolerance; this asks the question that matters instead: is pigeon's rounding worse than the
+    reference's own?"""
     got, want32, want64 = (t.detach().double() for t in (got, want32, want64))
     err_pigeon = float((got - want64).abs().max()) if got.numel() else 0.0
     err_ref = float((want32 - want64).abs().max()) if got.numel() else 0.0
     floor = 1e-7 * float(want64.abs().max()) if got.numel() else 0.0     # float32 ulp scale
     ok = bool(torch.isfinite(got).all()) and err_pigeon <= ARBITER_FACTOR * err_ref + floor
-    return ok, f"max err vs float64: pigeon {err_pigeon:.3g}, float32 reference {err_ref:.3g}"
+    return ok, f"max err vs float64: pigeon {err_pigeon:.3g}, {ref_name} {err_ref:.3g}"
 
 
 def _reference(model, graph, dim, layer, dtype: str, ref_dtype: str, device):
@@ -95,15 +97,25 @@ def check(layer, model: str, graph, dim: int, x, mode: str, dtype: str) -> str:
             failed[name] = (why, a, b)
     del ref
     notes = []
-    if failed and dtype == "float32":
-        # the float64 arbiter (see arbitrate): the same reference in float64, same weights and input
+    if failed:
+        # the float64 arbiter (see arbitrate): the same reference in float64, same weights and input.
+        # Its baseline is the reference in the case's own dtype: the float32 reference for float32; for a
+        # 16-bit case the reference interpreter in that dtype (rounding at every op as pigeon's buffers
+        # do), so a sum that cancels (a bias gradient over millions of rows) is judged against what that
+        # dtype can do, not against float32 (AM-sized RGCN bf16 training, 2026-12-02)
         ref64 = _reference(model, graph, dim, layer, dtype, "float64", device)
         truth = _values(ref64, x, mode, torch.float64)
         del ref64
+        if dtype == "float32":
+            base = {name: b for name, (_, _, b) in failed.items()}
+        else:
+            ref16 = _reference(model, graph, dim, layer, dtype, dtype, device)
+            base = _values(ref16, x, mode, getattr(torch, dtype))
+            del ref16
         for name in list(failed):
             why, a, b = failed[name]
-            if name in truth and a is not None:
-                ok, numbers = arbitrate(a, b, truth[name])
+            if name in truth and a is not None and base.get(name) is not None:
+                ok, numbers = arbitrate(a, base[name], truth[name], f"{dtype} reference")
                 if ok:
                     del failed[name]
                     notes.append(f"{name}: {numbers}")
