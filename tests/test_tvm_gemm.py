@@ -16,7 +16,7 @@ from pigeon.ir.serialize import from_json, to_json
 from pigeon.models import rgcn
 from pigeon.module import tune_stats
 from pigeon.passes.choices import candidates, pipeline_points, schedule_points
-from pigeon.passes.gemm_backend import GemmBackendError, choose_gemm_backends, gemm_points
+from pigeon.passes.gemm_backend import GemmBackendError, choose_gemm_backends, gemm_point, gemm_points
 from pigeon.passes.lower import lower
 from pigeon.passes.pipeline import run_pipeline
 from pigeon.runtime import tvm_gemm_kernel as tg
@@ -183,3 +183,18 @@ def test_the_variable_forces_a_backend_where_it_can_run(monkeypatch):
     monkeypatch.setenv("PIGEON_DENSE_GEMM", "magma")
     with pytest.raises(GemmBackendError, match="PIGEON_DENSE_GEMM='magma'"):
         pg.compile(rgcn, g, 16, out_dim=8)
+
+
+def test_explain_names_each_dense_gemm_and_what_it_writes():
+    from pigeon.passes.explain import explain
+    from pigeon.graph import tiny_graph as tg_graph
+    g = tg_graph()
+    layer = pg.compile(rgcn, g, 16, out_dim=8)
+    gs, ks = tune_stats(g)
+    stats = {**gs, **ks, "num_nodes": g.num_nodes}
+    lines = [ln for ln in explain(layer.ir, [], {"forward": layer.forward_program, "backward": layer.backward_program},
+                                  stats, "float32") if ln.startswith("gemm backend")]
+    dw = next(lch for lch in layer.backward_program.launches if getattr(lch, "inst", None) is not None
+              and getattr(lch.inst, "form", None) == "weight_grad" and gemm_point(lch))
+    assert len(lines) == 3 and all(": cublas (rule: cuBLAS" in ln for ln in lines)
+    assert any(f"gemm:node/k16n8/dW -> {dw.w}:" in ln for ln in lines)

@@ -136,5 +136,5 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
                 f = forced()
                 chosen = (f"{ENV}={f}" if f is not None and launch.backend == f else
                           RULE_WHY if launch.backend == RULE_PICK else "given")
-                out.append(f"gemm backend: {name} {point} -> {launch.y}: {launch.backend} ({chosen})")
+                out.append(f"gemm backend: {name} {point} -> {launch.writes()[0]}: {launch.backend} ({chosen})")
     return out
