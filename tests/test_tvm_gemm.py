@@ -198,3 +198,36 @@ def test_explain_names_each_dense_gemm_and_what_it_writes():
               and getattr(lch.inst, "form", None) == "weight_grad" and gemm_point(lch))
     assert len(lines) == 3 and all(": cublas (rule: cuBLAS" in ln for ln in lines)
     assert any(f"gemm:node/k16n8/dW -> {dw.w}:" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("form,t", [("rows", False), ("rows", True), ("weight_grad", False), ("weight_grad", True)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cublas_path_equals_the_instance_semantics(form, t, dtype):
+    """run_cublas (torch.mm; on a CPU tensor the same call) against gemm_reference, NaN-poisoned
+    outputs, both forms, the weight as is and transposed."""
+    from pigeon.runtime.family_gemm import gemm_reference, run_cublas
+    tdt = getattr(torch, dtype)
+    k, n, m = 24, 40, 77
+    inst = GemmInstance(form, k, n, typed=False, transpose_w=t, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(m, k, generator=g).to(tdt)
+    wshape = (1, 1, n, k) if t else (1, 1, k, n)
+    if form == "rows":
+        w = torch.randn(*wshape, generator=g).to(tdt)
+        got, want = torch.full((m, n), float("nan"), dtype=tdt), torch.empty(m, n, dtype=tdt)
+        run_cublas(inst, x, w, got)
+        gemm_reference(inst, x, w, None, None, None, want)
+    else:
+        dy = torch.randn(m, n, generator=g).to(tdt)
+        got, want = torch.full(wshape, float("nan"), dtype=tdt), torch.empty(wshape, dtype=tdt)
+        run_cublas(inst, x, got, dy)
+        gemm_reference(inst, x, want, None, None, None, dy)
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2 if dtype != "float32" else 1e-5,
+                                   atol=2e-2 if dtype != "float32" else 1e-5)
+        return
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2 if dtype != "float32" else 1e-5,
+                               atol=2e-2 if dtype != "float32" else 1e-5)
+    with pytest.raises(Exception, match="dense GEMMs only"):
+        run_cublas(GemmInstance("rows", k, n, dtype=dtype), x, w, got)

@@ -427,8 +427,6 @@ def run_cublas(inst: GemmInstance, x: torch.Tensor, w: torch.Tensor, y: torch.Te
     if inst.form == "weight_grad":
         dy = y.reshape(-1, inst.n)
         dw = w.view(wshape)
-        if dw.dtype != x2.dtype:          # a float32 dW of 16-bit operands: one rounding, into float32
-            x2, dy = x2.to(dw.dtype), dy.to(dw.dtype)
         torch.mm(dy.t(), x2, out=dw) if inst.transpose_w else torch.mm(x2.t(), dy, out=dw)
         return
     w2 = w.reshape(wshape)
