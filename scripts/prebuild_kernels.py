@@ -256,7 +256,7 @@ def main(argv=None):
         args.gemm_sm90, shiftadd, args.base = "no", {}, "no"
     if args.shiftadd == "only":
         args.gemm_sm90, tvm_gemm = "no", {}
-    shiftadd = {**shiftadd, **tvm_gemm}
+    jobs = {**shiftadd, **tvm_gemm}             # kernels whose jobs record TVM sources (or build recorded ones)
     if args.gemm_sm90 != "only" and args.shiftadd != "only" and args.base == "yes":
         for what, layer in layer_configs(dims, args.dtypes.split(",")):
             ks = kernels_of(layer)
@@ -277,14 +277,14 @@ def main(argv=None):
                                               args.tune_variants.split(",")))
     libs = sm90_libraries() if args.gemm_sm90 != "no" else {}
     print(f"{len(kernels)} distinct kernels", flush=True)
-    print(f"building {len(kernels)} distinct kernels for {args.arch}, {len(shiftadd)} ShiftAdd and TVM GEMM kernels for "
+    print(f"building {len(kernels)} distinct kernels for {args.arch}, {len(jobs)} ShiftAdd and TVM GEMM kernels for "
           f"{args.arch} "
           f"and {len(libs)} sm90 GEMM libraries for sm_90a with {args.jobs} jobs", flush=True)
     t0 = time.time()
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         futs = {pool.submit(build_library, src, "sm_90a", name=name): name for name, src in libs.items()}
         futs.update({pool.submit(build_kernel, rk.source, args.arch, name=rk.name): name for name, rk in kernels.items()})
-        futs.update({pool.submit(job): name for name, job in shiftadd.items()})
+        futs.update({pool.submit(job): name for name, job in jobs.items()})
         keep = set()
         from pigeon.runtime.shiftadd_kernel import ShiftAddKernelMissing
         from pigeon.runtime.tvm_gemm_kernel import TvmGemmMissing

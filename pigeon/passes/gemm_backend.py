@@ -45,9 +45,8 @@ def forced() -> str | None:
     return v
 
 
-def pick(launch: GemmLaunch) -> str:
-    """The rule's backend for a dense launch, or the forced one where it can run."""
-    f = forced()
+def pick(launch: GemmLaunch, f: str | None) -> str:
+    """The rule's backend for a dense launch, or the forced one ``f`` (:func:`forced`) where it can run."""
     return f if f is not None and f in options(launch) else RULE_PICK
 
 
@@ -68,12 +67,12 @@ def options(launch: GemmLaunch) -> tuple[str, ...]:
 def gemm_points(programs) -> list[tuple[str, tuple[str, ...], str]]:
     """``(point, options, why)`` of the dense GEMM launches of ``programs`` (None skipped), in order."""
     seen: dict[str, tuple] = {}
+    f = forced()
     for prog in programs:
         for launch in (prog.launches if prog is not None else ()):
             name = gemm_point(launch)
             if name is not None and name not in seen:
-                f = forced()
-                seen[name] = ((name, (pick(launch),), f"{ENV}={f}") if f is not None and f in options(launch)
+                seen[name] = ((name, (f,), f"{ENV}={f}") if f is not None and f in options(launch)
                               else (name, options(launch), RULE_WHY))
     return list(seen.values())
 
@@ -84,11 +83,12 @@ def choose_gemm_backends(program: KernelProgram | None, choices: dict | None = N
     if program is None:
         return None
     choices = choices or {}
+    f = forced()
     launches, changed = [], False
     for launch in program.launches:
         name = gemm_point(launch)
         if name is not None:
-            b = choices.get(name) or pick(launch)
+            b = choices.get(name) or pick(launch, f)
             if b not in options(launch):
                 raise GemmBackendError(f"{name}: backend {b!r}: expected one of {', '.join(options(launch))}")
             if b != launch.backend:

@@ -319,6 +319,7 @@ class CudaFunction:
         self._handle = handle
         self._max_dynamic_smem = _DEFAULT_MAX_DYNAMIC_SMEM
         self._param_sizes: list[int] | None | bool = False  # False: not queried yet; None: unknown
+        self._sizes_checked: set = set()          # types lists whose packed sizes matched the kernel's
 
     def __repr__(self) -> str:
         return f"CudaFunction({self.name!r}, {self.module!r})"
@@ -400,7 +401,7 @@ class CudaFunction:
                 raise TypeError(f"{where()}: arg {i} ({value!r}) is not a valid {t}: {e}") from e
             out.append(obj)
         # the packed sizes follow from the types alone: checked once per types list, not per launch
-        checked = self.__dict__.setdefault("_sizes_checked", set())
+        checked = self._sizes_checked
         if sizes is not None and (types is None or ctypes_list not in checked):
             for i, obj in enumerate(out):
                 if ctypes.sizeof(obj) != sizes[i]:

@@ -3,11 +3,43 @@ source, pigeon's nvcc build (pigeon/runtime/build.py) makes the cubin that is ca
 machine (which has no TVM)."""
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import re
+from typing import Callable
 
 _SIG = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)\s*\{')
 _PARAM = re.compile(r"^(int|float|nv_bfloat16|half)(\*)?\s*(?:__restrict__\s+)?(\w+)$")
 ELEMENT = {"int": "int32", "float": "float32", "nv_bfloat16": "bfloat16", "half": "float16"}
+
+
+def tvm_available() -> bool:
+    return importlib.util.find_spec("tvm") is not None
+
+
+def source_key(fmt: str, kernel: dict, arch: str, definition: str) -> str:
+    """sha256 a TVM-generated source is recorded under: the record format, the kernel's description,
+    the arch, pigeon's version and the digest of the files that define its TIR (an edited
+    definition is a new key, so an old carried source is never used)."""
+    from .cache import pigeon_version
+    payload = json.dumps({"format": fmt, "kernel": kernel, "arch": arch, "pigeon": pigeon_version(),
+                          "definition": definition}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def recorded(cache, key: str, available: bool, make: Callable[[], dict], missing: Callable[[], Exception]) -> dict:
+    """The kernel cache's record under ``key`` (one with a ``source``), else -- where TVM is
+    ``available`` -- ``make()``, recorded and returned; else ``missing()`` is raised.  The one
+    mechanism by which TVM-generated CUDA reaches the GPU machine, which has no TVM."""
+    rec = cache.get_record(key)
+    if rec is not None and isinstance(rec.get("source"), str):
+        return rec
+    if not available:
+        raise missing()
+    rec = make()
+    cache.put_record(key, rec)
+    return rec
 
 
 class SignatureError(ValueError):

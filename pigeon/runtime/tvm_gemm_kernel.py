@@ -14,9 +14,6 @@ A launch binds ``x``, ``w``, ``y`` and ``M`` by the parameter names of the gener
 (checked against :data:`PARAMS`); grid and block are the recorded extents evaluated at M."""
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
 from typing import Any
 
 import torch
@@ -26,6 +23,7 @@ from ..codegen.tvm_gemm import TvmGemm, definition_digest, eval_extent, launch_e
 from ..ir.kernel import GemmInstance
 from ..torch_dtypes import TORCH_DTYPES
 from .cache import KernelCache, pigeon_version
+from .tvm_cuda import recorded, source_key as _source_key, tvm_available
 
 SOURCE_FORMAT = "pigeon-tvm-gemm-source-v1"
 PARAMS = (("w", True), ("x", True), ("y", True), ("M", False))     # TVM's order: buffers by name, then M
@@ -40,10 +38,6 @@ class TvmGemmError(ValueError):
     """Bad operands for the TVM GEMM, or an instance it does not cover."""
 
 
-def tvm_available() -> bool:
-    return importlib.util.find_spec("tvm") is not None
-
-
 def kernel_of(inst: GemmInstance) -> TvmGemm:
     why = inst.not_dense() or (f"form {inst.form}" if inst.form != "rows" else None)
     if why:
@@ -53,9 +47,7 @@ def kernel_of(inst: GemmInstance) -> TvmGemm:
 
 
 def source_key(g: TvmGemm, arch: str) -> str:
-    payload = json.dumps({"format": SOURCE_FORMAT, "kernel": g.describe(), "arch": arch, "pigeon": pigeon_version(),
-                          "definition": definition_digest()}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return _source_key(SOURCE_FORMAT, g.describe(), arch, definition_digest())
 
 
 def prebuild_command(cache: KernelCache, arch: str, dims: str = "64,128") -> str:
@@ -67,23 +59,22 @@ def record(g: TvmGemm, arch: str = "sm_90", cache: KernelCache | None = None) ->
     """``{"source", "grid", "block", ...}`` of ``g`` for ``arch``: the cache's record, else made by TVM
     and recorded."""
     cache = cache if cache is not None else KernelCache()
-    key = source_key(g, arch)
-    rec = cache.get_record(key)
-    if rec is not None and isinstance(rec.get("source"), str):
+
+    def make() -> dict:
+        import tvm
+        from .tvm_cuda import cuda_source, cuda_target
+        mod = g.scheduled(cuda_target(arch))
+        rec = {"source": cuda_source(mod, arch, cse=False), **launch_extents(mod, g.symbol), "kernel": g.describe(),
+               "arch": arch, "tvm": tvm.__version__, "pigeon": pigeon_version(), "format": SOURCE_FORMAT}
+        rendered_kernel(g, rec)                   # the signature is what the launcher expects
         return rec
-    if not tvm_available():
-        raise TvmGemmMissing(
+
+    def missing() -> Exception:
+        return TvmGemmMissing(
             f"TVM GEMM {g.symbol} for {arch}: no CUDA source recorded in the kernel cache {cache.root} and TVM is "
             f"not installed to generate it; on a machine with TVM run `{prebuild_command(cache, arch)}` and "
             f"carry the cache")
-    import tvm
-    from .tvm_cuda import cuda_source, cuda_target
-    mod = g.scheduled(cuda_target(arch))
-    rec = {"source": cuda_source(mod, arch, cse=False), **launch_extents(mod, g.symbol), "kernel": g.describe(),
-           "arch": arch, "tvm": tvm.__version__, "pigeon": pigeon_version(), "format": SOURCE_FORMAT}
-    rendered_kernel(g, rec)                       # the signature is what the launcher expects
-    cache.put_record(key, rec)
-    return rec
+    return recorded(cache, source_key(g, arch), tvm_available(), make, missing)
 
 
 def rendered_kernel(g: TvmGemm, rec: dict) -> RenderedKernel:
@@ -144,8 +135,8 @@ def run(rk: RenderedKernel, fn: Any, inst: GemmInstance, x: torch.Tensor, w: tor
         raise TvmGemmError(f"{rk.name}: y must be contiguous")
     if M == 0:
         return y
-    vals = {"x": x.contiguous(), "w": w.contiguous(), "y": y, "M": M}
-    fn.launch(rk.grid({"M": M}), rk.block, [vals[p.role.split(":")[1]] for p in rk.params], rk.ctypes)
+    # in PARAMS order, which rendered_kernel checked the generated signature against
+    fn.launch(rk.grid({"M": M}), rk.block, [w.contiguous(), x.contiguous(), y, M], rk.ctypes)
     return y
 
 
