@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from ..graph.kernel_graph import KernelGraph
 from ..ir.program import KernelProgram
 from . import fast_replay as _fast
+from . import train_replay as _train
 from . import kernel_ops  # noqa: F401  (registers pigeon::gemm and pigeon::traversal)
 from .program import TORCH_DTYPES, Executor, buffer_rows
 from .replay import getenv as _replay_getenv
@@ -39,6 +41,7 @@ class LayerPrograms:
     backward_error: str | None = None             # why there is no backward program, if it failed
     layer_id: str | None = None                   # set by register_layer
     fast_replays: dict = field(default_factory=dict)  # pigeon/runtime/fast_replay.py's entries
+    train_replays: OrderedDict = field(default_factory=OrderedDict)  # pigeon/runtime/train_replay.py's
 
     def __post_init__(self):
         # What pigeon::layer_forward returns. A value can be a user output and saved for backward
@@ -373,11 +376,20 @@ def _backward_impl(layer_id: str, grads: list[torch.Tensor], inputs: list[torch.
     lp = get_layer(layer_id)
     dev = _device(inputs + params)
     kg = lp.kg(dev)
-    used, grad_keys, saved_keys, by_name, bufs, taken0 = lp.backward_plan()
+    used, grad_keys, saved_keys, *_ = lp.backward_plan()
     bwd_inputs = {k: v for k, v in zip(lp.input_names, inputs) if k in used}
-    bwd_inputs.update((k, g.contiguous()) for k, g in zip(grad_keys, grads) if k in used)
+    # not made contiguous here: a replay copies each into its contiguous static tensor, the plain
+    # executor makes its inputs contiguous itself (a sum's gradient is an expanded tensor: a copy)
+    bwd_inputs.update((k, g) for k, g in zip(grad_keys, grads) if k in used)
     bwd_inputs.update((k, v) for k, v in zip(saved_keys, saved) if k in used)
     out = Executor(lp.backward, lp.backend(dev)).run(kg, bwd_inputs, dict(zip(lp.param_names, params)))
+    return _gradients(lp, out, inputs, params)
+
+
+def _gradients(lp: LayerPrograms, out: dict, inputs: list, params: list) -> list[torch.Tensor]:
+    """The gradient of every input and weight from the backward program's outputs ``out``: zeros
+    where it has none, a copy where one buffer would be returned twice or is an input's."""
+    _, _, _, by_name, bufs, taken0 = lp.backward_plan()
     result = []
     taken = set(taken0)                # buffers a gradient may not be returned as (it would alias)
     for name, like in itertools.chain(zip(lp.input_names, inputs), zip(lp.param_names, params)):
@@ -496,6 +508,15 @@ class _LayerForward(torch.autograd.Function):
         ins, params = list(tensors[:n_in]), list(tensors[n_in:])
         if not any(ctx.needs_input_grad):      # no backward: the user outputs alone
             return tuple(_forward_impl(layer_id, ins, params, user_only=True))
+        lp = get_layer(layer_id)
+        tr = _train.lookup(lp, ins, params)
+        if tr is not None:                     # forward and backward graphs sharing their buffers
+            outs, sv = tr.forward(ins, params)
+            ctx.layer_id, ctx.programs, ctx.n_in, ctx.n_params = layer_id, lp, n_in, len(params)
+            ctx.saved_values = sv
+            ctx.out_meta = [(o.shape, o.dtype, o.device) for o in outs]
+            ctx.set_materialize_grads(False)
+            return tuple(outs)
         out = _forward_impl(layer_id, ins, params)
         _save(ctx, layer_id, ins, params, out)
         ctx.set_materialize_grads(False)
@@ -506,6 +527,28 @@ class _LayerForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        fn = layer_backward if torch.is_grad_enabled() else _backward_impl
-        gi, gp = _input_grads(ctx, grads, fn)
+        sv = getattr(ctx, "saved_values", None)
+        if sv is not None:
+            gi, gp = _replayed_input_grads(ctx, sv, grads)
+        else:
+            fn = layer_backward if torch.is_grad_enabled() else _backward_impl
+            gi, gp = _input_grads(ctx, grads, fn)
         return (None, None, *gi, *gp)
+
+
+def _replayed_input_grads(ctx, sv, grads):
+    """``_input_grads`` for a forward that ran through pigeon/runtime/train_replay.py."""
+    lp, tr = get_layer(ctx.layer_id), sv.train
+    g = [torch.zeros(shape, dtype=dt, device=dev) if gr is None else gr
+         for gr, (shape, dt, dev) in zip(grads[:lp.n_outputs], ctx.out_meta)]
+    ins, params = sv.tensors[:ctx.n_in], sv.tensors[ctx.n_in:]
+    if torch.is_grad_enabled():                # a double backward: the op, on tensors of their own
+        sv.check_versions()
+        res = layer_backward(ctx.layer_id, g, *tr.saved_tensors(sv))
+    else:
+        try:
+            res = _gradients(lp, tr.backward(sv, g), ins, params)
+        except _train.CaptureError as e:      # this key runs plainly from now on; this call too
+            _train.fail(lp, tr, e)
+            res = _backward_impl(ctx.layer_id, g, *tr.saved_tensors(sv))
+    return res[:ctx.n_in], res[ctx.n_in:]

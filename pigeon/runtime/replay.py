@@ -239,28 +239,40 @@ def _copy_into(dst: list, src: list) -> None:
 
 class ProgramReplay:
     """One program captured for one key. ``execute(inputs, params)`` is the plain executor's run,
-    returning ``(outputs, buffers)``; ``inputs`` / ``params`` are the first captured call's."""
+    returning ``(outputs, buffers)``; ``inputs`` / ``params`` are the first captured call's.
+
+    ``shared``: input or param names bound to the given tensors instead of static copies of their
+    own; a call passes nothing for them and the graph reads whatever those tensors hold when it
+    replays (pigeon/runtime/train_replay.py: a backward graph reading its forward graph's static
+    inputs and saved values where they lie; that module keeps their contents right)."""
 
     def __init__(self, name: str, execute: Callable, kg: Any, device: torch.device,
                  inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
-                 input_names: tuple[str, ...], param_names: tuple[str, ...]):
+                 input_names: tuple[str, ...], param_names: tuple[str, ...],
+                 shared: Mapping[str, torch.Tensor] | None = None):
         from .launch import keep_launch_args
+        shared = dict(shared or {})
         self.name, self.kg, self.device = name, kg, device
+        self.shared = shared                                    # kept alive
+        input_names = tuple(n for n in input_names if n not in shared)
         self.input_names, self.param_names = input_names, param_names
         # inputs get static copies (a caller's next input is a new tensor, or the same memory with
         # new data); contiguous params are read in place: their address is in the key
         # (Executor._key), so a replaced param is a new key, and an in-place update (an optimizer
         # step) is what the kernels read, as they would read a fresh copy made on the same stream
-        copied = [n for n in param_names if not _in_place(params[n])]
+        copied = [n for n in param_names if n not in shared and not _in_place(params[n])]
         self.copied_param_names = tuple(copied)
-        self.in_place_params = tuple(params[n] for n in param_names if n not in copied)   # kept alive
+        self.in_place_params = tuple(params[n] for n in param_names
+                                     if n not in copied and n not in shared)   # kept alive
         src = [inputs[n] for n in input_names] + [params[n] for n in copied]
         with torch.no_grad():
             self.static = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in src]
             _copy_into(self.static, src)
         s_in = dict(zip(input_names, self.static[:len(input_names)]))
+        s_in.update((n, t) for n, t in shared.items() if n not in params)
         s_par = dict(params)
         s_par.update(zip(copied, self.static[len(input_names):]))
+        s_par.update((n, t) for n, t in shared.items() if n in params)
         CUDA.warmup(lambda: execute(s_in, s_par), device)
         with keep_launch_args() as kept:
             self.graph, (outputs, self.buffers) = CUDA.capture(lambda: execute(s_in, s_par), device)
@@ -277,6 +289,17 @@ class ProgramReplay:
         self.lock = threading.Lock()
         self.stream: int | None = None
         self.replays = 0
+
+    def static_of(self, name: str) -> torch.Tensor | None:
+        """The tensor the graph reads for input or copied param ``name`` (None: read in place)."""
+        if name in self.shared:
+            return self.shared[name]
+        names = self.input_names + self.copied_param_names
+        return self.static[names.index(name)] if name in names else None
+
+    def output_static(self, name: str) -> torch.Tensor:
+        """The tensor the graph writes output ``name`` into (each replay overwrites it)."""
+        return self.out_static[self.out_index[self.out_names.index(name)]]
 
     def _selection(self, needed):
         """(names, their static tensors once each, each name's position among those) for the

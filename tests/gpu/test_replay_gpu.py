@@ -12,7 +12,7 @@ import torch
 import pigeon as pg
 from pigeon.graph import load
 from pigeon.models import rgat, rgcn
-from pigeon.runtime import ops, replay
+from pigeon.runtime import ops, replay, train_replay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from graphs import random_graph  # noqa: E402
@@ -60,11 +60,36 @@ def _close(a, b, what):
     torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{what}: {m}")
 
 
+def _trains(layer):
+    """This layer's pigeon/runtime/train_replay.py entries (by its weights' addresses in their keys)."""
+    lp = ops.get_layer(layer.layer_id)
+    mine = {id(w) for w in layer.weights.values()}
+    return [v for v in lp.train_replays.values() if isinstance(v, train_replay.TrainReplay)
+            and any(id(p) in mine for p in v.fwd.in_place_params)]
+
+
+def _check_captured(layer, shared: str):
+    """Training calls replayed: through one TrainReplay (``shared`` "1"), else through the forward
+    and backward programs' own ReplaySets."""
+    fwd, bwd = _replays(layer)
+    if shared == "1":
+        (tr,) = _trains(layer)
+        assert tr.bwd is not None and tr.replays >= 3 and tr.bwd.replays >= 3
+        assert bwd is None or bwd.captures == 0
+    else:
+        assert _trains(layer) == []
+        assert fwd is not None and fwd.captures == 1 and len(fwd.failed) == 0
+        assert bwd is not None and bwd.captures == 1 and len(bwd.failed) == 0
+        assert next(iter(fwd.replays.values())).replays >= 4
+
+
 @pytest.mark.parametrize("graph", sorted(GRAPHS))
 @pytest.mark.parametrize("model", sorted(SPECS))
 @pytest.mark.parametrize("poison", ["0", "1"])
-def test_replay_equals_plain_forward_and_backward(model, graph, poison, monkeypatch):
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_replay_equals_plain_forward_and_backward(model, graph, poison, shared, monkeypatch):
     monkeypatch.setenv("PIGEON_POISON", poison)
+    monkeypatch.setenv(train_replay.ENV, shared)
     g, layer = _layer(model, graph)
     torch.manual_seed(1)
     xs = [torch.randn(g.num_nodes, IN, device=DEV) for _ in range(3)]
@@ -74,10 +99,7 @@ def test_replay_equals_plain_forward_and_backward(model, graph, poison, monkeypa
     want = [_fwd_bwd(layer, x, up) for x, up in zip(xs, ups)]
     monkeypatch.setenv(replay.ENV, "1")
     got = [_fwd_bwd(layer, x, up) for _ in range(2) for x, up in zip(xs, ups)]   # plain, capture, replays
-    fwd, bwd = _replays(layer)
-    assert fwd is not None and fwd.captures == 1 and len(fwd.failed) == 0
-    assert bwd is not None and bwd.captures == 1 and len(bwd.failed) == 0
-    assert next(iter(fwd.replays.values())).replays >= 4
+    _check_captured(layer, shared)
     for i, (out, grads) in enumerate(got):
         w_out, w_grads = want[i % 3]
         assert torch.isfinite(out).all()
@@ -102,7 +124,9 @@ def test_successive_results_stay_correct(model, monkeypatch):
 
 
 @pytest.mark.parametrize("model", sorted(SPECS))
-def test_two_forwards_then_two_backwards(model, monkeypatch):
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_two_forwards_then_two_backwards(model, shared, monkeypatch):
+    monkeypatch.setenv(train_replay.ENV, shared)
     g, layer = _layer(model, "random")
     torch.manual_seed(3)
     xs = [torch.randn(g.num_nodes, IN, device=DEV) for _ in range(2)]
@@ -115,16 +139,25 @@ def test_two_forwards_then_two_backwards(model, monkeypatch):
         _fwd_bwd(layer, xs[0], ups[0])
     leaves = [x.clone().requires_grad_(True) for x in xs]
     outs = [layer(x) for x in leaves]              # both forwards before either backward
-    for i in (1, 0):                               # backwards in the other order
-        grads = torch.autograd.grad((outs[i] * ups[i]).sum(), [leaves[i]] + list(layer.weights.values()))
+    with torch.no_grad():
+        layer(xs[1] * 2)                           # a no-grad call between: its own replay
+    for i in (1, 0, 1):                            # backwards in the other order, one retained twice
+        grads = torch.autograd.grad((outs[i] * ups[i]).sum(), [leaves[i]] + list(layer.weights.values()),
+                                    retain_graph=True)
         _close(outs[i].detach(), want[i][0], f"{model} forward {i}")
         for name, a, b in zip(["x"] + list(layer.weights), grads, want[i][1]):
             _close(a, b, f"{model} backward {i} grad {name}")
-    fwd, bwd = _replays(layer)
-    assert fwd.captures == 1 and bwd.captures == 1
+    if shared == "1":
+        (tr,) = _trains(layer)
+        assert tr.bwd is not None
+    else:
+        fwd, bwd = _replays(layer)
+        assert fwd.captures == 1 and bwd.captures == 1
 
 
-def test_training_loop_equals_plain(monkeypatch):
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_training_loop_equals_plain(shared, monkeypatch):
+    monkeypatch.setenv(train_replay.ENV, shared)
     g = GRAPHS["random"]()
     torch.manual_seed(4)
     x = torch.randn(g.num_nodes, IN, device=DEV)

@@ -1,0 +1,266 @@
+"""Training calls through pigeon/runtime/train_replay.py on the CPU, with the stand-in for CUDA
+graphs (tests/fake_cuda.py: a replay re-runs the captured program on the static tensors, so a
+backward reading its forward's statics sees whatever they hold when it replays, as a real graph
+would). Every result is compared bit for bit with the plain executor (PIGEON_CUDA_GRAPHS=0)."""
+import warnings
+
+import pytest
+import torch
+
+import pigeon as pg
+from pigeon.graph import load
+from pigeon.models import hgt, rgat, rgcn
+from pigeon.runtime import ops, replay, train_replay
+from pigeon.runtime.program import TorchBackend
+
+from fake_cuda import FakeCuda  # noqa: E402
+
+IN = 8
+SPECS = [(rgcn, {"out_dim": 4}), (rgat, {"out_dim": 3, "heads": 2}), (hgt, {"heads": 2})]
+IDS = ["rgcn", "rgat", "hgt"]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    from pigeon.runtime import program
+    from pigeon.runtime.family import family_of
+    fake = FakeCuda()
+    monkeypatch.setattr(replay, "CUDA", fake)
+    monkeypatch.setattr(replay, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(TorchBackend, "name", "cuda")
+    monkeypatch.setattr(program, "run_launch",
+                        lambda backend, launch, kg, bufs: family_of(launch).semantics(launch, kg, bufs))
+    monkeypatch.setenv(replay.ENV, "1")
+    for name in replay.DEBUG_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    replay._SETS.clear()
+    yield fake
+    replay._SETS.clear()
+    # layers of equal content share one registry entry: entries made under the stand-in must not
+    # reach a later test's CPU layer (whose torch may have no CUDA to ask about capture)
+    for lp in list(ops._REGISTRY.values()):
+        lp.fast_replays.clear()
+        lp.train_replays.clear()
+
+
+def _step(layer, x, up):
+    """Output and gradients (input, then weights) of one training call."""
+    xx = x.detach().clone().requires_grad_(True)
+    out = layer(xx)
+    grads = torch.autograd.grad((out * up).sum(), [xx] + list(layer.weights.values()))
+    return out.detach(), grads
+
+
+def _plain(monkeypatch, layer, xs, ups):
+    monkeypatch.setenv(replay.ENV, "0")
+    want = [_step(layer, x, up) for x, up in zip(xs, ups)]
+    monkeypatch.setenv(replay.ENV, "1")
+    return want
+
+
+def _same(got, want):
+    (go, gg), (wo, wg) = got, want
+    torch.testing.assert_close(go, wo, rtol=0, atol=0)
+    assert len(gg) == len(wg)
+    for a, b in zip(gg, wg):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _trains(layer):
+    """This layer's TrainReplays (layers of equal content share one registry entry: the keys of
+    each hold its own weights' addresses)."""
+    lp = ops.get_layer(layer.layer_id)
+    mine = {id(w) for w in layer.weights.values()}
+    return [v for v in lp.train_replays.values() if isinstance(v, train_replay.TrainReplay)
+            and any(id(p) in mine for p in v.fwd.in_place_params)]
+
+
+def _setup(spec, hp, n=3, seed=0):
+    g = load("tiny")
+    layer = pg.compile(spec, g, IN, **hp)
+    torch.manual_seed(seed)
+    xs = [torch.randn(g.num_nodes, IN) for _ in range(n)]
+    with torch.no_grad():
+        width = layer(xs[0]).shape[1]
+    ups = [torch.randn(g.num_nodes, width) for _ in range(n)]
+    return layer, xs, ups
+
+
+@pytest.mark.parametrize("spec,hp", SPECS, ids=IDS)
+def test_training_calls_replay_and_equal_plain(fake_cuda, monkeypatch, spec, hp):
+    layer, xs, ups = _setup(spec, hp)
+    want = _plain(monkeypatch, layer, xs, ups)
+    assert _trains(layer) == []
+    first = _step(layer, xs[0], ups[0])               # the key's first training call: plain
+    _same(first, want[0])
+    assert _trains(layer) == []
+    before = fake_cuda.captures       # (the plain forward's own ReplaySet may have captured: the
+    for rnd in range(2):              # no-grad call in _setup was that key's first call)                              # captured on the second, replayed after
+        for x, up, w in zip(xs, ups, want):
+            _same(_step(layer, x, up), w)
+    (tr,) = _trains(layer)
+    assert tr.bwd is not None and tr.replays == 6 and tr.bwd.replays == 6
+    assert fake_cuda.captures - before == 2           # one forward graph, one backward graph
+    # nothing was parked: each backward ran before the next forward and found its values in place
+    assert tr.current is None or tr.current() is None
+
+
+@pytest.mark.parametrize("spec,hp", SPECS, ids=IDS)
+def test_interleaved_forwards_keep_their_own_saved_values(fake_cuda, monkeypatch, spec, hp):
+    layer, xs, ups = _setup(spec, hp)
+    want = _plain(monkeypatch, layer, xs, ups)
+    for _ in range(2):
+        _step(layer, xs[0], ups[0])
+    params = list(layer.weights.values())
+    leaves = [x.clone().requires_grad_(True) for x in xs]
+    outs = [layer(x) for x in leaves]                 # three forwards, then their backwards
+    with torch.no_grad():
+        layer(xs[1] * 2)                              # a no-grad call between: its own replay
+    for order in ([2, 0, 1],):
+        for i in order:
+            got = torch.autograd.grad((outs[i] * ups[i]).sum(), [leaves[i]] + params, retain_graph=True)
+            _same((outs[i].detach(), got), want[i])
+        for i in order:                               # a retained graph's second backward too
+            got = torch.autograd.grad((outs[i] * ups[i]).sum(), [leaves[i]] + params)
+            _same((outs[i].detach(), got), want[i])
+    assert len(_trains(layer)) == 1
+
+
+def test_sgd_loop_equals_plain(fake_cuda, monkeypatch):
+    """Weights updated in place by an optimizer between steps are what the next replay reads."""
+    def run(mode):
+        monkeypatch.setenv(replay.ENV, mode)
+        replay._SETS.clear()
+        g = load("tiny")
+        layer = pg.compile(rgat, g, IN, out_dim=3, heads=2, seed=1)
+        torch.manual_seed(3)
+        x = torch.randn(g.num_nodes, IN, requires_grad=True)
+        opt = torch.optim.SGD(list(layer.parameters()) + [x], lr=0.1)
+        losses = []
+        for _ in range(6):
+            opt.zero_grad(set_to_none=True)
+            loss = layer(x).float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return torch.stack(losses), [p.detach().clone() for p in layer.parameters()], x.detach()
+    want, got = run("0"), run("1")
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+
+
+def test_in_place_change_before_backward_raises(fake_cuda):
+    layer, xs, ups = _setup(rgcn, {"out_dim": 4})
+    for _ in range(2):
+        _step(layer, xs[0], ups[0])
+    x = xs[0].clone().requires_grad_(True)
+    y = x * 1.0                                       # a non-leaf input that can change in place
+    out = layer(y)
+    assert len(_trains(layer)) == 1
+    with torch.no_grad():
+        y.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation: 'x' of pigeon layer"):
+        out.sum().backward()
+
+
+def test_double_backward_takes_the_op_as_the_plain_path_does(fake_cuda, monkeypatch):
+    layer, xs, ups = _setup(rgcn, {"out_dim": 4})
+
+    def second_order():
+        x = xs[0].clone().requires_grad_(True)
+        out = layer(x)
+        try:
+            (gx,) = torch.autograd.grad((out * ups[0]).sum(), [x], create_graph=True)
+        except Exception as e:                        # noqa: BLE001  (the plain path's outcome, whatever it is)
+            return type(e), str(e).splitlines()[0]
+        return gx.detach(), gx.requires_grad
+    monkeypatch.setenv(replay.ENV, "0")
+    want = second_order()
+    monkeypatch.setenv(replay.ENV, "1")
+    for _ in range(2):
+        _step(layer, xs[0], ups[0])
+    got = second_order()
+    assert len(_trains(layer)) == 1
+    if isinstance(want[0], torch.Tensor):
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        assert got[1] == want[1]
+    else:
+        assert got == want
+
+
+def test_backward_capture_failure_warns_once_and_stays_plain(fake_cuda, monkeypatch):
+    layer, xs, ups = _setup(rgat, {"out_dim": 3, "heads": 2})
+    want = _plain(monkeypatch, layer, xs, ups)
+    _step(layer, xs[0], ups[0])                       # plain; the forward graph is captured next
+    real = fake_cuda.capture
+    calls = []
+
+    def capture(fn, device):                          # the forward's capture works, the backward's fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(fn, device)
+    monkeypatch.setattr(fake_cuda, "capture", capture)
+    with pytest.warns(RuntimeWarning, match=r"capture of the training call of .* failed"):
+        _same(_step(layer, xs[1], ups[1]), want[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _same(_step(layer, xs[2], ups[2]), want[2])
+    assert _trains(layer) == []
+    lp = ops.get_layer(layer.layer_id)
+    assert train_replay._FAILED in lp.train_replays.values()
+
+
+def test_bf16_layer_trains_through_the_replay(fake_cuda, monkeypatch):
+    g = load("tiny")
+    layer = pg.compile(rgcn, g, IN, out_dim=4, dtype="bfloat16")
+    torch.manual_seed(0)
+    xs = [torch.randn(g.num_nodes, IN) for _ in range(3)]
+    ups = [torch.randn(g.num_nodes, 4) for _ in range(3)]
+    want = _plain(monkeypatch, layer, xs, ups)
+    for _ in range(2):
+        for x, up, w in zip(xs, ups, want):
+            _same(_step(layer, x, up), w)
+    # its weights are per-call bf16 casts of the float32 masters: copied into the forward's statics,
+    # read from there by the backward
+    lp = ops.get_layer(layer.layer_id)
+    trs = [v for v in lp.train_replays.values() if isinstance(v, train_replay.TrainReplay)]
+    assert trs and all(tr.fwd.in_place_params == () for tr in trs)
+    assert any(tr.bwd is not None and tr.bwd.replays >= 3 for tr in trs)
+
+
+def test_eligibility(fake_cuda, monkeypatch):
+    layer, xs, ups = _setup(rgcn, {"out_dim": 4})
+    for mode in ("0",):
+        monkeypatch.setenv(replay.ENV, mode)
+        for _ in range(3):
+            _step(layer, xs[0], ups[0])
+        assert _trains(layer) == []
+    monkeypatch.setenv(replay.ENV, "1")
+    monkeypatch.setenv("PIGEON_SYNC_LAUNCH", "1")     # debugging: every launch checked on the host
+    for _ in range(3):
+        _step(layer, xs[0], ups[0])
+    assert _trains(layer) == []
+    monkeypatch.delenv("PIGEON_SYNC_LAUNCH")
+    for _ in range(3):
+        _step(layer, xs[0], ups[0])
+    assert len(_trains(layer)) == 1
+
+
+def test_lru_bound(fake_cuda, monkeypatch):
+    monkeypatch.setattr(train_replay, "MAX_TRAIN_REPLAYS", 2)
+    g = load("tiny")
+    layer = pg.compile(rgcn, g, IN, out_dim=7)            # a width no other test uses: its own entry
+    x = torch.randn(g.num_nodes, IN)
+    # keys differ by the weights' addresses: a replaced weight is a new key
+    for k in range(4):
+        with torch.no_grad():
+            for name, p in list(layer.weights.items()):
+                layer.weights[name] = torch.nn.Parameter(p.detach().clone())
+        for _ in range(2):
+            _step(layer, x, torch.ones(g.num_nodes, 7))
+    lp = ops.get_layer(layer.layer_id)
+    assert sum(isinstance(v, train_replay.TrainReplay) for v in lp.train_replays.values()) == 2
+    assert len(_trains(layer)) == 1                       # the newest weights' key is kept
