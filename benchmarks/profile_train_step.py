@@ -96,10 +96,14 @@ def main() -> int:
     dev = torch.device("cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    import os
+    commit = os.environ.get("PIGEON_COMMIT", "")      # the GPU machine's copy may have no usable git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            commit = ""
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python " + " ".join(sys.argv), "steps": args.steps, "unit": "us per step"}
@@ -110,7 +114,7 @@ def main() -> int:
             hp = hparams(model, args.dim)
             x = torch.randn(g.num_nodes, args.dim, device=dev)
             impls = [("pigeon", lambda: pg.compile(MODELS[model], g, args.dim, **hp).to(dev))]
-            for peer in peers_for(model, g, args.dim, hp, dev, "float32", args.peers.split(",")):
+            for peer in peers_for(model, g.to(dev), args.dim, hp, dev, "float32", args.peers.split(",")):
                 if peer.build is not None:
                     impls.append((peer.name, peer.build))
             for name, build in impls:

@@ -235,6 +235,20 @@ def _copy_into(dst: list, src: list) -> None:
             d.copy_(s)
 
 
+def _copied_out(statics: list) -> list:
+    """Fresh copies of ``statics``: one foreach op (``x * 1.0``, exact for every float, -0.0 and
+    NaN included) where all are floating point, instead of an allocation per tensor and a fused
+    copy (each torch op costs 10-40 us of host time on the GPU machines measured)."""
+    if all(t.is_floating_point() for t in statics):
+        try:
+            return list(torch._foreach_mul(statics, 1.0))
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+    outs = [torch.empty_like(t) for t in statics]
+    _copy_into(outs, statics)
+    return outs
+
+
 # ------------------------------------------------------------------------------ one captured program
 
 class ProgramReplay:
@@ -331,8 +345,7 @@ class ProgramReplay:
             try:
                 _copy_into(self.static, src)
                 self.graph.replay()
-                outs = [torch.empty_like(t) for t in statics]
-                _copy_into(outs, statics)            # one fused copy out, not a clone per output
+                outs = _copied_out(statics)          # one fused copy out, not a clone per output
             finally:
                 if grad:
                     torch.set_grad_enabled(True)
