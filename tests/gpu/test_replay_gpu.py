@@ -184,10 +184,15 @@ def test_bf16_layer_replays(monkeypatch):
     monkeypatch.setenv(replay.ENV, "0")
     want = layer(x)
     monkeypatch.setenv(replay.ENV, "1")
-    outs = [layer(x) for _ in range(4)]
+    outs = [layer(x) for _ in range(4)]            # grad mode (its weights need grads): training calls
+    with torch.no_grad():
+        outs += [layer(x) for _ in range(3)]       # no-grad calls: the forward program's own replay
     for out in outs:
         torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert _replays(layer)[0].captures == 1
+    lp = ops.get_layer(layer.layer_id)             # its weights are per-call casts: no in-place params
+    trs = [v for v in lp.train_replays.values() if isinstance(v, train_replay.TrainReplay)]
+    assert len(trs) == 1 and trs[0].replays >= 2
 
 
 def test_another_stream(monkeypatch):
