@@ -82,8 +82,8 @@ class _Lowering:
             return self.dtype
         return dtype
 
-    def new_buffer(self, op: Op, prefix: str = "t") -> Buffer:
-        b = Buffer(f"{prefix}{self.counter}", _buffer_rows(op), op.type.shape, self.storage(op.type.dtype))
+    def new_buffer(self, op: Op, prefix: str = "t", dtype: str | None = None) -> Buffer:
+        b = Buffer(f"{prefix}{self.counter}", _buffer_rows(op), op.type.shape, dtype or self.storage(op.type.dtype))
         self.counter += 1
         self.buffers[op.key] = b
         return b
@@ -305,7 +305,13 @@ class _Lowering:
             elif op.kind is OpKind.PARAM:
                 params.append((op.attr("name"), self.new_buffer(op, "p").name))
             elif op.kind is OpKind.GRAPH_DATA:
-                gdata.append((op.attr("what"), self.new_buffer(op, "g").name))
+                # graph constants (1/degree normalizers) stay float32 in a 16-bit layer: rounded to
+                # bf16, 1/c is off by up to 2^-9 relative, the same for every node of degree c, so a
+                # sum over many nodes (a bias gradient) collects it instead of averaging it out
+                # (AM-sized RGCN bf16 training: bias gradient 16% off, 40x the bf16 reference's error)
+                gdt = self.storage(op.type.dtype)
+                gdt = "float32" if gdt in ("bfloat16", "float16") else gdt
+                gdata.append((op.attr("what"), self.new_buffer(op, "g", gdt).name))
         for op in ir.ops():
             k = op.kind
             if op.key in self.buffers:
