@@ -39,3 +39,23 @@ class FakeCuda:
         self.captures += 1
         g = FakeGraph(fn)
         return g, g.result
+
+
+def install_for_layers(monkeypatch) -> FakeCuda:
+    """The cuda executor path of compiled layers on the CPU: the torch backend answers to 'cuda',
+    launches run their semantics, CPU devices may be captured, and CUDA graphs are FakeGraphs
+    (tests/test_replay.py, tests/test_train_replay.py). The caller clears the replay sets after."""
+    from pigeon.runtime import program, replay
+    from pigeon.runtime.family import family_of
+    from pigeon.runtime.program import TorchBackend
+    fake = FakeCuda()
+    monkeypatch.setattr(replay, "CUDA", fake)
+    monkeypatch.setattr(replay, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(TorchBackend, "name", "cuda")
+    monkeypatch.setattr(program, "run_launch",
+                        lambda backend, launch, kg, bufs: family_of(launch).semantics(launch, kg, bufs))
+    monkeypatch.setenv(replay.ENV, "1")
+    for name in replay.DEBUG_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    replay._SETS.clear()       # layers of equal content share one registry entry (and its replays)
+    return fake

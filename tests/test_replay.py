@@ -11,10 +11,9 @@ import pigeon as pg
 from pigeon.graph import load
 from pigeon.models import rgat, rgcn
 from pigeon.runtime import ops, program, replay, train_replay
-from pigeon.runtime.family import family_of
-from pigeon.runtime.program import Executor, TorchBackend
+from pigeon.runtime.program import Executor
 
-from fake_cuda import FakeCuda, FakeGraph  # noqa: E402,F401
+from fake_cuda import FakeCuda, FakeGraph, install_for_layers  # noqa: E402,F401
 
 IN = 8
 CUDA = torch.device("cuda")
@@ -99,19 +98,8 @@ def test_cpu_executor_never_reaches_replay(monkeypatch):
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """The cuda executor path on the CPU: the torch backend answers to 'cuda', launches run their
-    semantics, CPU devices may be captured, and CUDA graphs are FakeGraphs."""
-    fake = FakeCuda()
-    monkeypatch.setattr(replay, "CUDA", fake)
-    monkeypatch.setattr(replay, "DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(TorchBackend, "name", "cuda")
-    monkeypatch.setattr(program, "run_launch",
-                        lambda backend, launch, kg, bufs: family_of(launch).semantics(launch, kg, bufs))
-    monkeypatch.setenv(replay.ENV, "1")
-    for name in replay.DEBUG_ENVS:
-        monkeypatch.delenv(name, raising=False)
-    replay._SETS.clear()       # layers of equal content share one registry entry (and its replays)
-    yield fake
+    """The cuda executor path on the CPU (tests/fake_cuda.py install_for_layers)."""
+    yield install_for_layers(monkeypatch)
     replay._SETS.clear()
 
 

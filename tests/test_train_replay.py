@@ -11,9 +11,8 @@ import pigeon as pg
 from pigeon.graph import load
 from pigeon.models import hgt, rgat, rgcn
 from pigeon.runtime import ops, replay, train_replay
-from pigeon.runtime.program import TorchBackend
 
-from fake_cuda import FakeCuda  # noqa: E402
+from fake_cuda import install_for_layers  # noqa: E402
 
 IN = 8
 SPECS = [(rgcn, {"out_dim": 4}), (rgat, {"out_dim": 3, "heads": 2}), (hgt, {"heads": 2})]
@@ -22,19 +21,7 @@ IDS = ["rgcn", "rgat", "hgt"]
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    from pigeon.runtime import program
-    from pigeon.runtime.family import family_of
-    fake = FakeCuda()
-    monkeypatch.setattr(replay, "CUDA", fake)
-    monkeypatch.setattr(replay, "DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(TorchBackend, "name", "cuda")
-    monkeypatch.setattr(program, "run_launch",
-                        lambda backend, launch, kg, bufs: family_of(launch).semantics(launch, kg, bufs))
-    monkeypatch.setenv(replay.ENV, "1")
-    for name in replay.DEBUG_ENVS:
-        monkeypatch.delenv(name, raising=False)
-    replay._SETS.clear()
-    yield fake
+    yield install_for_layers(monkeypatch)
     replay._SETS.clear()
     # layers of equal content share one registry entry: entries made under the stand-in must not
     # reach a later test's CPU layer (whose torch may have no CUDA to ask about capture)

@@ -359,15 +359,16 @@ _warned: set[tuple[str, str]] = set()
 _warn_lock = threading.Lock()
 
 
-def _warn_once(program: str, err: BaseException) -> None:
+def _warn_once(program: str, err: BaseException, what: str = "kernel program", stacklevel: int = 4) -> None:
+    """One RuntimeWarning per (program, error) that a capture failed and the plain path runs."""
     why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
     with _warn_lock:
-        if (program, why) in _warned:
+        if (what, program, why) in _warned:
             return
-        _warned.add((program, why))
-    warnings.warn(f"pigeon: CUDA-graph capture of kernel program {program!r} failed ({why}); this call "
-                  f"shape runs the plain executor from now on (same results, more host time per call). "
-                  f"{ENV}=0 turns capture off.", RuntimeWarning, stacklevel=4)
+        _warned.add((what, program, why))
+    warnings.warn(f"pigeon: CUDA-graph capture of {what} {program!r} failed ({why}); this call "
+                  f"shape runs the plain path from now on (same results, more host time per call). "
+                  f"{ENV}=0 turns capture off.", RuntimeWarning, stacklevel=stacklevel)
 
 
 class ReplaySet:

@@ -200,18 +200,8 @@ class TrainReplay:
 
 # ------------------------------------------------------------------------------ per layer
 
-_warned: set = set()
-
-
 def _warn_once(name: str, err: BaseException) -> None:
-    import warnings
-    why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-    if (name, why) in _warned:
-        return
-    _warned.add((name, why))
-    warnings.warn(f"pigeon: CUDA-graph capture of the training call of {name!r} failed ({why}); this call "
-                  f"shape runs the plain path from now on (same results, more host time per call). "
-                  f"{_replay.ENV}=0 turns capture off.", RuntimeWarning, stacklevel=5)
+    _replay._warn_once(name, err, what="the training call of", stacklevel=5)
 
 
 def lookup(lp, ins: list, params: list) -> TrainReplay | None:
