@@ -28,6 +28,7 @@ def fake_cuda(monkeypatch):
     for lp in list(ops._REGISTRY.values()):
         lp.fast_replays.clear()
         lp.train_replays.clear()
+        lp.fast_trains.clear()
 
 
 def _step(layer, x, up):
@@ -251,3 +252,64 @@ def test_lru_bound(fake_cuda, monkeypatch):
     lp = ops.get_layer(layer.layer_id)
     assert sum(isinstance(v, train_replay.TrainReplay) for v in lp.train_replays.values()) == 2
     assert len(_trains(layer)) == 1                       # the newest weights' key is kept
+
+
+# ---------------------------------------------------------------- the one-step training call
+
+def _count_lookups(monkeypatch):
+    calls = []
+    real = train_replay.lookup
+    monkeypatch.setattr(train_replay, "lookup", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("spec,hp", SPECS[:2], ids=IDS[:2])
+def test_one_step_training_calls_equal_plain(fake_cuda, monkeypatch, spec, hp):
+    layer, xs, ups = _setup(spec, hp)
+    want = _plain(monkeypatch, layer, xs, ups)
+    for x, up in zip(xs, ups):                        # plain, capture, then learned
+        _step(layer, x, up)
+    _step(layer, xs[0], ups[0])
+    lp = ops.get_layer(layer.layer_id)
+    assert len(lp.fast_trains) == 1
+    calls = _count_lookups(monkeypatch)
+    for _ in range(2):
+        for x, up, w in zip(xs, ups, want):
+            _same(_step(layer, x, up), w)
+    assert calls == []                                # every call took the one-step entry
+    (tr,) = _trains(layer)
+    assert tr.replays >= 8
+
+
+def test_one_step_training_call_misses_when_anything_changes(fake_cuda, monkeypatch):
+    layer, xs, ups = _setup(rgcn, {"out_dim": 4})
+    for _ in range(3):
+        _step(layer, xs[0], ups[0])
+    calls = _count_lookups(monkeypatch)
+    _step(layer, xs[0], ups[0])
+    assert calls == []
+    # a replaced weight: a new key, the full path (and its own capture later)
+    name = next(iter(layer.weights))
+    with torch.no_grad():
+        layer.weights[name] = torch.nn.Parameter(layer.weights[name].detach() * 2)
+    monkeypatch.setenv(replay.ENV, "0")
+    want = _step(layer, xs[1], ups[1])
+    monkeypatch.setenv(replay.ENV, "1")
+    calls.clear()
+    _same(_step(layer, xs[1], ups[1]), want)
+    assert calls == [1]
+    # the switch off: the full path, the separate replays
+    monkeypatch.setenv(train_replay.ENV, "0")
+    _same(_step(layer, xs[1], ups[1]), want)
+    assert calls == [1, 1]
+    monkeypatch.delenv(train_replay.ENV)
+    # frozen weights, an input that needs its gradient: still a training call
+    for p in layer.weights.values():
+        p.requires_grad_(False)
+    x = xs[1].clone().requires_grad_(True)
+    out = layer(x)
+    (gx,) = torch.autograd.grad((out * ups[1]).sum(), [x])
+    torch.testing.assert_close(gx, want[1][0], rtol=0, atol=0)
+    # nothing needs a gradient: not a training call (fast_replay.py's no-grad entry or the full path)
+    x2 = xs[1].clone()
+    assert not layer(x2).requires_grad

@@ -42,6 +42,7 @@ class LayerPrograms:
     layer_id: str | None = None                   # set by register_layer
     fast_replays: dict = field(default_factory=dict)  # pigeon/runtime/fast_replay.py's entries
     train_replays: OrderedDict = field(default_factory=OrderedDict)  # pigeon/runtime/train_replay.py's
+    fast_trains: dict = field(default_factory=dict)    # its one-step training entries
 
     def __post_init__(self):
         # What pigeon::layer_forward returns. A value can be a user output and saved for backward
@@ -307,7 +308,7 @@ def run_layer_forward(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, input
         params.append(w.to(dt) if fresh else cast_weight(w, dt, False))    # once per master state
     if _eager(ins, params):
         if _records_grad(ins, params):
-            outs = _LayerForward.apply(layer_id, len(ins), *ins, *params)
+            outs = _LayerForward.apply(layer_id, len(ins), None, *ins, *params)
         else:       # nothing to differentiate: the forward alone, without the autograd.Function (~12 us)
             outs = _forward_impl(layer_id, ins, params, user_only=True)
     else:
@@ -326,14 +327,20 @@ def call_layer(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, args: tuple,
     # first the compile check: dynamo must trace none of this (the registry is a weak dictionary)
     single = not torch.compiler.is_compiling() and len(args) == 1 and not kwargs
     if single:
-        out = _fast.try_call(get_layer(layer_id), glue, args[0], weights)
+        lp = get_layer(layer_id)
+        out = _fast.try_call(lp, glue, args[0], weights)
         if out is not None:
             return layer_result(out)
+        hit = _train.fast_lookup(lp, glue, args[0], weights)     # the same for a training call
+        if hit is not None:
+            outs = _LayerForward.apply(layer_id, 1, hit[0], args[0], *hit[1])
+            return layer_result(dict(zip((name for name, _ in glue.outputs), outs)))
     inputs = bind_inputs(glue, args, kwargs, weights, kgraph.num_nodes, kgraph.num_edges,
                          (kgraph.num_etypes, kgraph.num_ntypes))
     result = layer_result(run_layer_forward(layer_id, glue, kgraph, inputs, weights))
     if single:
-        _fast.learn(get_layer(layer_id), glue, args[0], weights)
+        _fast.learn(lp, glue, args[0], weights)
+        _train.learn(lp, glue, args[0], weights)
     return result
 
 
@@ -504,12 +511,13 @@ class _LayerForward(torch.autograd.Function):
     op refuses as it does on the op path."""
 
     @staticmethod
-    def forward(ctx, layer_id, n_in, *tensors):
+    def forward(ctx, layer_id, n_in, train, *tensors):
         ins, params = list(tensors[:n_in]), list(tensors[n_in:])
         if not any(ctx.needs_input_grad):      # no backward: the user outputs alone
             return tuple(_forward_impl(layer_id, ins, params, user_only=True))
         lp = get_layer(layer_id)
-        tr = _train.lookup(lp, ins, params)
+        # ``train``: the TrainReplay of a one-step call (train_replay.fast_lookup), else looked up
+        tr = train if train is not None else _train.lookup(lp, ins, params)
         if tr is not None:                     # forward and backward graphs sharing their buffers
             outs, sv = tr.forward(ins, params)
             ctx.layer_id, ctx.programs, ctx.n_in, ctx.n_params = layer_id, lp, n_in, len(params)
@@ -533,7 +541,7 @@ class _LayerForward(torch.autograd.Function):
         else:
             fn = layer_backward if torch.is_grad_enabled() else _backward_impl
             gi, gp = _input_grads(ctx, grads, fn)
-        return (None, None, *gi, *gp)
+        return (None, None, None, *gi, *gp)
 
 
 def _replayed_input_grads(ctx, sv, grads):

@@ -261,3 +261,99 @@ def _bound(memo: OrderedDict) -> None:
         del memo[k]
     while len(memo) > 4 * MAX_TRAIN_REPLAYS:
         memo.popitem(last=False)
+
+
+# ------------------------------------------------------------------------------ the one-step training call
+
+class _FastEntry:
+    """A training call that ``learn`` saw take a TrainReplay: the weight tensors it was called
+    with (identity and address), the TrainReplay and its key in ``lp.train_replays``."""
+    __slots__ = ("tr", "key", "params", "ptrs", "weight_names")
+
+    def __init__(self, tr, key, params, weight_names):
+        self.tr, self.key, self.params = tr, key, tuple(params)
+        self.ptrs = tuple(p.data_ptr() for p in params)
+        self.weight_names = tuple(weight_names)
+
+
+FAST_ENTRIES_PER_LAYER = 8
+
+
+def _fast_eligible(lp, glue, x) -> bool:
+    """What fast_replay.py's one-step no-grad call takes, for training: a single node-wise input of
+    the layer's own dtype, contiguous, no edge-wise output, and weights of that dtype (a 16-bit
+    layer's float32 masters are cast inside the autograd graph on every training call: full path)."""
+    from .program import TORCH_DTYPES
+    if len(glue.inputs) != 1 or glue.inputs[0][1] != "node" or any(r == "edge" for _, r in glue.outputs):
+        return False
+    return x.dtype == TORCH_DTYPES[glue.dtype] and x.is_contiguous()
+
+
+def fast_lookup(lp, glue, x, weights):
+    """``(TrainReplay, weight tensors)`` for a training call of ``lp`` on ``x`` that matches one the
+    full path already replayed (``learn``), or None (take the full path). What a hit skips is what
+    its key proves unchanged: the input's checks and casts (same type, dtype, shape, device), the
+    weights (the same tensors at the same addresses), the rule's per-call modes (checked every
+    call), and the TrainReplay still being the one held for its key."""
+    memo = lp.fast_trains
+    if not memo or type(x) is not torch.Tensor or not torch.is_grad_enabled():
+        return None
+    from .fast_replay import _modes
+    modes = _modes()
+    if modes is None or (_replay.getenv(ENV) == "0"):
+        return None
+    e = memo.get((x.shape, x.dtype, x.device, id(weights), modes))
+    if e is None or not x.is_contiguous():
+        return None
+    held = getattr(weights, "_parameters", None)
+    if held is None:
+        return None
+    grad = x.requires_grad
+    for name, p, ptr in zip(e.weight_names, e.params, e.ptrs):
+        if held.get(name) is not p or p.data_ptr() != ptr:
+            return None
+        grad = grad or p.requires_grad
+    if not grad or lp.train_replays.get(e.key) is not e.tr:
+        return None
+    return e.tr, e.params
+
+
+def learn(lp, glue, x, weights) -> None:
+    """After a full training call of ``lp`` on ``x``: remember its TrainReplay for the next calls
+    (a key's first training call runs plainly and has none yet: the next full call learns it)."""
+    if type(x) is not torch.Tensor or not torch.is_grad_enabled() or _replay.getenv(ENV) == "0":
+        return
+    if not _fast_eligible(lp, glue, x) or x.device.type not in _replay.DEVICE_TYPES:
+        return
+    if getattr(lp.backend(x.device), "name", None) != "cuda":      # only the cuda executor replays
+        return
+    from .fast_replay import _modes
+    modes = _modes()
+    if modes is None:
+        return
+    params = [weights[n] for n in glue.params]
+    if any(type(p) not in (torch.Tensor, torch.nn.Parameter) or p.dtype != x.dtype for p in params):
+        return
+    if not (x.requires_grad or any(p.requires_grad for p in params)):
+        return
+    key = (x.shape, x.dtype, x.device, id(weights), modes)
+    memo = lp.fast_trains
+    old = memo.get(key)
+    if old is not None and lp.train_replays.get(old.key) is old.tr and \
+            all(p is q and p.data_ptr() == ptr for p, q, ptr in zip(params, old.params, old.ptrs)):
+        return
+    dev = x.device
+    backend = lp.backend(dev)
+    kg = lp.kg(dev)
+    full = Executor(lp.forward, backend)._key(_plan(lp.forward, kg), kg, {lp.input_names[0]: x},
+                                              dict(zip(lp.param_names, params)))
+    if full is None:
+        return
+    full = (id(backend),) + full
+    tr = lp.train_replays.get(full)
+    if tr.__class__ is not TrainReplay:
+        memo.pop(key, None)
+        return
+    while len(memo) >= FAST_ENTRIES_PER_LAYER:
+        memo.pop(next(iter(memo)))
+    memo[key] = _FastEntry(tr, full, params, glue.params)
