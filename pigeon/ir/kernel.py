@@ -82,6 +82,16 @@ class GemmInstance:
                                  (self.accumulate, "accumulates into its output")) if cond]
         return "; ".join(why) or None
 
+    def not_segmented(self) -> str | None:
+        """None for a typed GEMM that a library can run one type segment at a time (cuBLAS:
+        pigeon/runtime/family_gemm.py ``run_cublas_segments``): one head, no scatter, epilogue or
+        accumulation (a gather is fine: rows are selected first); else what it has (one line)."""
+        why = [w for cond, w in ((not self.typed, "untyped (a dense GEMM)"),
+                                 (self.heads != 1, f"{self.heads} heads"), (self.scatter, "scatters its rows"),
+                                 (self.epilogue is not None, "has an epilogue"),
+                                 (self.accumulate, "accumulates into its output")) if cond]
+        return "; ".join(why) or None
+
     def key(self) -> str:
         """Structural name of the instance: stable across processes, safe as a C identifier suffix."""
         text = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))

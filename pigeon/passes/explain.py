@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from ..ir.graph import IRGraph
 from ..ir.ops import OpKind
-from ..ir.program import KernelProgram, TraversalLaunch
+from ..ir.program import GemmLaunch, KernelProgram, TraversalLaunch
 from ..ir.types import Domain
 from .compact import MIN_EDGES_PER_ROW
-from .gemm_backend import ENV, RULE_PICK, RULE_WHY, forced, gemm_point
+from .gemm_backend import ENV, RULE_PICK, RULE_WHY, TYPED_ENV, forced, gemm_point
 from .schedule import RESIDENT_THREADS, SKEW
 
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -137,4 +137,7 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
                 chosen = (f"{ENV}={f}" if f is not None and launch.backend == f else
                           RULE_WHY if launch.backend == RULE_PICK else "given")
                 out.append(f"gemm backend: {name} {point} -> {launch.writes()[0]}: {launch.backend} ({chosen})")
+            elif isinstance(launch, GemmLaunch) and launch.inst.typed and launch.backend == "cublas":
+                out.append(f"gemm backend: {name} typed {launch.rows}/k{launch.inst.k}n{launch.inst.n} -> "
+                           f"{launch.writes()[0]}: cublas, one call per type segment ({TYPED_ENV}=cublas)")
     return out

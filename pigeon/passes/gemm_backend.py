@@ -14,6 +14,10 @@ is hand-written for the dense case that a library provides; the TVM kernel is a 
 ``--tune`` measures on the GPU.  On a CPU every option runs the instance's semantics.
 ``choose_gemm_backends`` applies the rule, or the given choices.  ``PIGEON_DENSE_GEMM=cublas|template|tvm``
 forces a backend wherever it can run (TVM's: the rows form), leaving that point one option.
+``PIGEON_TYPED_GEMM=cublas`` (``typed_forced``) sends typed single-head GEMMs to cuBLAS, one call per
+type segment (family_gemm.run_cublas_segments): an experiment for the float32 cases, where the SIMT
+template reached ~23 TFLOP/s of the 50 ceiling on the AM-sized graph at hidden 128
+(benchmarks/results/rgnn/README.md); not measured yet, so not a decision point.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ RULE_WHY = ("rule: cuBLAS (memory-bound at these widths: 1.5-5.5x the template i
 
 
 ENV = "PIGEON_DENSE_GEMM"
+TYPED_ENV = "PIGEON_TYPED_GEMM"   # cublas: typed single-head GEMMs one torch.mm per type segment
 
 
 class GemmBackendError(ValueError):
@@ -43,6 +48,19 @@ def forced() -> str | None:
     if v not in BACKENDS:
         raise GemmBackendError(f"{ENV}={v!r}: expected auto or one of {', '.join(BACKENDS)}")
     return v
+
+
+def typed_forced() -> bool:
+    """``PIGEON_TYPED_GEMM=cublas``: typed single-head GEMMs (no scatter, epilogue or accumulation) run
+    as one cuBLAS call per type segment (family_gemm.run_cublas_segments) instead of the template.
+    An A/B switch for measuring on the GPU, not a decision point: unset, ``auto`` or ``template``
+    keep the template."""
+    v = os.environ.get(TYPED_ENV, "").strip().lower()
+    if v in ("", "auto", "template"):
+        return False
+    if v != "cublas":
+        raise GemmBackendError(f"{TYPED_ENV}={v!r}: expected auto, template or cublas")
+    return True
 
 
 def pick(launch: GemmLaunch, f: str | None) -> str:
@@ -84,9 +102,14 @@ def choose_gemm_backends(program: KernelProgram | None, choices: dict | None = N
         return None
     choices = choices or {}
     f = forced()
+    typed = typed_forced()
     launches, changed = [], False
     for launch in program.launches:
         name = gemm_point(launch)
+        if typed and isinstance(launch, GemmLaunch) and launch.backend != "cublas" \
+                and launch.inst.not_segmented() is None:
+            launch = dataclasses.replace(launch, backend="cublas")
+            changed = True
         if name is not None:
             b = choices.get(name) or pick(launch, f)
             if b not in options(launch):

@@ -433,9 +433,67 @@ def run_cublas(inst: GemmInstance, x: torch.Tensor, w: torch.Tensor, y: torch.Te
     torch.mm(x2, w2.t() if inst.transpose_w else w2, out=y.view(-1, inst.n))
 
 
+# id(seg_ptr tensor) -> (weakref to it, its values as Python ints): segment bounds read on the host
+# once per graph array (a read during a CUDA-graph capture would synchronize, which capture forbids;
+# the plain first call of a program fills this)
+_BOUNDS: dict[int, tuple] = {}
+
+
+def host_bounds(seg_ptr: torch.Tensor) -> list[int]:
+    ent = _BOUNDS.get(id(seg_ptr))
+    if ent is not None and ent[0]() is seg_ptr:
+        return ent[1]
+    vals = [int(v) for v in seg_ptr.tolist()]
+    ref = weakref.ref(seg_ptr)
+    _BOUNDS[id(seg_ptr)] = (ref, vals)
+    weakref.finalize(seg_ptr, _BOUNDS.pop, id(seg_ptr), None)
+    return vals
+
+
+def run_cublas_segments(inst: GemmInstance, x: torch.Tensor, w: torch.Tensor, seg: list[int],
+                        gather: torch.Tensor | None, y: torch.Tensor) -> None:
+    """A typed instance (``inst.not_segmented()`` is None) by cuBLAS, one ``torch.mm`` per type
+    segment ``seg[t]:seg[t+1]`` of the rows: rows ``y[s:e] = x[gather[s:e]] @ w[t]`` (``w[t]^T``);
+    weight_grad ``w[t] = x[gather[s:e]]^T y[s:e]`` (``y[s:e]^T x[...]`` with ``transpose_w``; ``w`` is
+    the output dW, zero for an empty segment). Float32 accumulation and one rounding, as the template
+    and gemm_reference. An experiment beside the template (``PIGEON_TYPED_GEMM=cublas``,
+    pigeon/passes/gemm_backend.py): one launch per type, so many small types cost host time."""
+    why = inst.not_segmented()
+    if why:
+        raise GemmLaunchError(f"cuBLAS per segment runs typed single-head GEMMs only; this one: {why}")
+    K, N = inst.k, inst.n
+    T = len(seg) - 1
+    wshape = (T, N, K) if inst.transpose_w else (T, K, N)
+    x2 = x.reshape(-1, K)
+
+    def rows(s, e):
+        return x2.index_select(0, gather[s:e]) if gather is not None else x2[s:e]
+    if inst.form == "weight_grad":
+        dy, dw = y.reshape(-1, N), w.view(wshape)
+        for t in range(T):
+            s, e = seg[t], seg[t + 1]
+            if e <= s:
+                dw[t].zero_()
+            elif inst.transpose_w:
+                torch.mm(dy[s:e].t(), rows(s, e), out=dw[t])
+            else:
+                torch.mm(rows(s, e).t(), dy[s:e], out=dw[t])
+        return
+    w3, y2 = w.reshape(wshape), y.view(-1, N)
+    for t in range(T):
+        s, e = seg[t], seg[t + 1]
+        if e > s:
+            torch.mm(rows(s, e), w3[t].t() if inst.transpose_w else w3[t], out=y2[s:e])
+
+
 def _cuda(launch: GemmLaunch, kg: Any, bufs: Any, backend: Any) -> None:
-    if launch.backend == "cublas":    # dense launches (pigeon/passes/gemm_backend.py)
-        run_cublas(launch.inst, bufs[launch.x], bufs[launch.w], bufs[launch.y])
+    if launch.backend == "cublas":    # library calls (pigeon/passes/gemm_backend.py)
+        if launch.inst.typed:         # one per type segment (PIGEON_TYPED_GEMM=cublas)
+            ops = gemm_operands(launch, kg)
+            run_cublas_segments(launch.inst, bufs[launch.x], bufs[launch.w], host_bounds(ops["seg_ptr"]),
+                                ops["gather"], bufs[launch.y])
+        else:
+            run_cublas(launch.inst, bufs[launch.x], bufs[launch.w], bufs[launch.y])
         return
     if launch.backend == "tvm":       # TVM's dlight kernel, chosen by --tune (pigeon/passes/gemm_backend.py)
         from .tvm_gemm_kernel import run_launch

@@ -72,6 +72,16 @@ def _modes() -> tuple | None:
     return mode, get("PIGEON_POISON") == "1"
 
 
+def replayable_modes(lp, x) -> tuple | None:
+    """The per-call modes (``_modes``) for a call of ``lp`` on ``x`` whose device the cuda executor
+    replays on, else None (a CPU layer never asks about CUDA capture)."""
+    if x.device.type not in _replay.DEVICE_TYPES:
+        return None
+    if getattr(lp.backend(x.device), "name", None) != "cuda":      # only the cuda executor replays
+        return None
+    return _modes()
+
+
 def _cheap_key(x, weights, modes) -> tuple:
     return (x.shape, x.dtype, x.device, id(weights), modes)
 
@@ -144,11 +154,9 @@ def learn(lp, glue, x, weights) -> None:
         held = getattr(weights, "_parameters", None)
         if held is None or any(p is not None and p.requires_grad for p in held.values()):
             return
-    if not _eligible(glue, x) or x.device.type not in _replay.DEVICE_TYPES:
+    if not _eligible(glue, x):
         return
-    if getattr(lp.backend(x.device), "name", None) != "cuda":      # only the cuda executor replays
-        return
-    modes = _modes()
+    modes = replayable_modes(lp, x)
     if modes is None:
         return
     key = _cheap_key(x, weights, modes)

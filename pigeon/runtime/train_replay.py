@@ -323,12 +323,10 @@ def learn(lp, glue, x, weights) -> None:
     (a key's first training call runs plainly and has none yet: the next full call learns it)."""
     if type(x) is not torch.Tensor or not torch.is_grad_enabled() or _replay.getenv(ENV) == "0":
         return
-    if not _fast_eligible(lp, glue, x) or x.device.type not in _replay.DEVICE_TYPES:
+    if not _fast_eligible(lp, glue, x):
         return
-    if getattr(lp.backend(x.device), "name", None) != "cuda":      # only the cuda executor replays
-        return
-    from .fast_replay import _modes
-    modes = _modes()
+    from .fast_replay import replayable_modes
+    modes = replayable_modes(lp, x)
     if modes is None:
         return
     params = [weights[n] for n in glue.params]
