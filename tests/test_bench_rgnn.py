@@ -275,3 +275,28 @@ def test_quick_run_measures_kernels_aggregation_peers_and_the_cost_model(tmp_pat
     assert "--tune-check" in summary["command"]
     assert "| min aggregation TB/s | cost model: pick ms / best candidate ms / ratio |" in out
     assert "index_add_ ms (TB/s)" in (tmp_path / "cases.md").read_text()
+
+
+def test_resume_skips_an_implementation_the_process_died_in(tmp_path):
+    """running.json names what ran when a process died; --resume records that implementation as an
+    error and runs the rest; a finished run leaves no running.json; a fresh run ignores a stale one."""
+    args = ("--quick", "--device", "cpu", "--out", tmp_path, "--models", "rgcn", "--dtypes", "float32",
+            "--modes", "inference", "--peers", "pyg,reference", "--reps", "1")
+    (tmp_path / "running.json").write_text(json.dumps(
+        {"case": ["tiny", "rgcn", 16, "float32", "inference"], "impl": "reference (per-relation torch)",
+         "since": "2026-12-02T03:10:00+00:00"}))
+    code, out, err = bench(*args, "--resume")
+    assert code == 0, err
+    assert not (tmp_path / "running.json").exists()
+    (case,) = json.loads((tmp_path / "cases.json").read_text())["cases"]
+    rows = {r["impl"]: r for r in case["impls"]}
+    assert rows["reference (per-relation torch)"]["status"].startswith("error: the process died while this ran")
+    assert rows["pigeon"]["status"] == "ok" and case["check"] == "ok"
+    assert any(r["status"] == "ok" for n, r in rows.items() if n.startswith("PyG"))
+    # a fresh run (no --resume) removes a stale mark and runs everything
+    (tmp_path / "running.json").write_text('{"case": ["tiny", "rgcn", 16, "float32", "inference"], "impl": "pigeon"}')
+    code, out, err = bench(*args)
+    assert code == 0, err
+    (case,) = json.loads((tmp_path / "cases.json").read_text())["cases"]
+    assert all(r["status"] == "ok" for r in case["impls"])
+    assert not (tmp_path / "running.json").exists()

@@ -41,6 +41,9 @@ record / row per case), ``summary.json`` and ``summary.md`` (the aggregate, :fun
 ``speedup.png`` (needs matplotlib: ``pip install -e '.[bench]'``).  They are rewritten after
 every case, so an interrupted run leaves the cases it finished; ``--resume`` keeps the cases
 already in ``--out/cases.json`` and runs only the others (a long benchmark in several commands).
+While an implementation runs, ``--out/running.json`` names it: a process that dies there (a C++ abort
+inside torch.compile, a kill) leaves the file, and ``--resume`` records that implementation of that
+case as ``error: the process died while this ran ...`` instead of running it again.
 The floor's peak numbers (:mod:`pigeon.bench.floors`) are the H200's on every device.
 
     pigeon bench rgnn --graphs fb15k-237+rev,aifb --models rgcn,rgat --dims 64 --out benchmarks/results/rgnn
@@ -242,8 +245,54 @@ def graph_info(name: str, g) -> dict:
             "node_types": g.num_ntypes, "source": source, "synthetic": synthetic}
 
 
+# What the bench is measuring right now, in --out: a process that dies inside an implementation (a C++
+# abort in torch.compile took down an AM-sized RGAT d128 training case on the H200, 2026-12-02) leaves
+# it behind, and --resume records that implementation as an error instead of running it into the same
+# death again.
+RUNNING = "running.json"
+
+
+def _running_path(cfg: Config) -> Path | None:
+    return Path(cfg.out) / RUNNING if cfg.out else None
+
+
+def _mark_running(cfg: Config, key: tuple, impl: str) -> None:
+    import json
+    from pigeon.atomic_io import write_atomic
+    path = _running_path(cfg)
+    if path is not None and path.parent.is_dir():
+        write_atomic(path, json.dumps({"case": list(key), "impl": impl,
+                                       "since": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                           timespec="seconds")}))
+
+
+def _clear_running(cfg: Config) -> None:
+    path = _running_path(cfg)
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def died_before(cfg: Config) -> dict:
+    """{(case key, impl): status} for the implementation an earlier process of this --out died in
+    (its ``running.json``), or {}. Only --resume reads it; a fresh run removes it."""
+    import json
+    path = _running_path(cfg)
+    if path is None or not path.is_file():
+        return {}
+    if not cfg.resume:
+        path.unlink(missing_ok=True)
+        return {}
+    try:
+        d = json.loads(path.read_text())
+        key, impl, since = tuple(d["case"]), str(d["impl"]), str(d.get("since", "?"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {(key, impl): f"error: the process died while this ran (an earlier run of this --out, since {since}); "
+                         f"--resume skipped it"}
+
+
 def run_case(g, gd, info: dict, model: str, dim: int, dtype: str, mode: str, cfg: Config,
-             progress: Callable[[str], None] = lambda m: None) -> dict:
+             progress: Callable[[str], None] = lambda m: None, died: dict | None = None) -> dict:
     """One case: pigeon (built, checked, profiled per kernel, timed; with --tune-check its tuning
     candidates too) and every selected peer, on the same inputs.  ``g`` is the graph on the CPU
     (pigeon's kernels take it there), ``gd`` the same graph on the device (the peers use it)."""
@@ -278,14 +327,24 @@ def run_case(g, gd, info: dict, model: str, dim: int, dtype: str, mode: str, cfg
     def build_pigeon():
         return pg.compile(MODELS[model], g, dim, backend="kernels", dtype=dtype, **hp).to(device)
 
-    rows = [measure(PIGEON, "pigeon", build_pigeon, x, mode, device, warmup=cfg.warmup, reps=cfg.reps,
-                    timeout=None, after_first=after_first)]
+    key = (info["graph"], model, dim, dtype, mode)
+    died = died or {}
+
+    def timed(name, kind, build, **kw):
+        if (key, name) in died:
+            return {"impl": name, "kind": kind, "status": died[(key, name)], "median_ms": None}
+        _mark_running(cfg, key, name)
+        try:
+            return measure(name, kind, build, x, mode, device, warmup=cfg.warmup, reps=cfg.reps, **kw)
+        finally:                  # Ctrl-C too; only a process that dies (abort, kill) leaves the mark
+            _clear_running(cfg)
+
+    rows = [timed(PIGEON, "pigeon", build_pigeon, timeout=None, after_first=after_first)]
     for peer in P.peers_for(model, gd, dim, hp, device, dtype, cfg.peers):
         if peer.na is not None:
             rows.append({"impl": peer.name, "kind": peer.kind, "status": f"n/a: {peer.na}", "median_ms": None})
             continue
-        row = measure(peer.name, peer.kind, peer.build, x, mode, device, warmup=cfg.warmup, reps=cfg.reps,
-                      timeout=cfg.peer_timeout)
+        row = timed(peer.name, peer.kind, peer.build, timeout=cfg.peer_timeout)
         if peer.note:
             row["note"] = peer.note
         rows.append(row)
@@ -500,6 +559,7 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None,
         was = previous.get("meta", {})
         before = was.get("commands") or ([was["command"]] if was.get("command") else [])
         meta["commands"] = list(dict.fromkeys(before + [meta["command"]]))
+    died = died_before(cfg)
     done = {case_key(c) for c in cases}
     todo = {gname: [(m, d, t, mode) for m in cfg.models for d in dims for t in cfg.dtypes for mode in cfg.modes
                     if (gname, m, d, t, mode) not in done] for gname, dims in cfg.plan}
@@ -539,7 +599,7 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None,
                 free(device)
         for model, dim, dtype, mode in todo[gname]:
             k += 1
-            case = run_case(g, gd, info, model, dim, dtype, mode, cfg, progress)
+            case = run_case(g, gd, info, model, dim, dtype, mode, cfg, progress, died)
             case["commit"], case["date"] = meta["commit"], meta["date"]
             cases.append(case)
             progress(f"[{k}/{total}] {case_line(case)}")
