@@ -300,3 +300,15 @@ def test_resume_skips_an_implementation_the_process_died_in(tmp_path):
     (case,) = json.loads((tmp_path / "cases.json").read_text())["cases"]
     assert all(r["status"] == "ok" for r in case["impls"])
     assert not (tmp_path / "running.json").exists()
+
+
+def test_time_limit_restores_grad_mode():
+    """An alarm that lands between a grad-mode switch and the try restoring it (simulated: switched
+    off, then the timeout raised) must not leave the mode off for the rest of the process."""
+    from pigeon.bench.timing import PeerTimeout, time_limit
+    assert torch.is_grad_enabled()
+    with pytest.raises(PeerTimeout):
+        with time_limit(30):
+            torch.set_grad_enabled(False)
+            raise PeerTimeout()
+    assert torch.is_grad_enabled()

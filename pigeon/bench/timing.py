@@ -106,6 +106,11 @@ def time_limit(seconds: float | None):
     def on_alarm(signum, frame):
         raise PeerTimeout()
 
+    # the alarm can land anywhere, also between a grad-mode switch and the try that restores it
+    # (``with torch.no_grad()`` entered but not yet inside, a replay's set_grad_enabled): the mode is
+    # thread state that would then stay off for everything after (CI at 139be11: 172 tests failed
+    # after one timed-out peer), so the block's exit puts it back
+    grad = torch.is_grad_enabled()
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -113,6 +118,7 @@ def time_limit(seconds: float | None):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        torch.set_grad_enabled(grad)
 
 
 def free(device) -> None:
