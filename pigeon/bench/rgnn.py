@@ -52,6 +52,7 @@ The floor's peak numbers (:mod:`pigeon.bench.floors`) are the H200's on every de
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shlex
 import subprocess
@@ -63,6 +64,7 @@ from typing import Callable
 import torch
 
 import pigeon as pg
+from pigeon.atomic_io import write_atomic
 from pigeon.graph import load
 from pigeon.graph.datasets import DATASETS, DatasetError, data_root
 from pigeon.graph.synthetic import PRESETS, tiny_graph
@@ -257,8 +259,6 @@ def _running_path(cfg: Config) -> Path | None:
 
 
 def _mark_running(cfg: Config, key: tuple, impl: str) -> None:
-    import json
-    from pigeon.atomic_io import write_atomic
     path = _running_path(cfg)
     if path is not None and path.parent.is_dir():
         write_atomic(path, json.dumps({"case": list(key), "impl": impl,
@@ -275,7 +275,6 @@ def _clear_running(cfg: Config) -> None:
 def died_before(cfg: Config) -> dict:
     """{(case key, impl): status} for the implementation an earlier process of this --out died in
     (its ``running.json``), or {}. Only --resume reads it; a fresh run removes it."""
-    import json
     path = _running_path(cfg)
     if path is None or not path.is_file():
         return {}

@@ -422,15 +422,7 @@ def run_cublas(inst: GemmInstance, x: torch.Tensor, w: torch.Tensor, y: torch.Te
     why = inst.not_dense()
     if why:
         raise GemmLaunchError(f"cuBLAS runs dense GEMMs only; this one: {why}")
-    wshape = (inst.n, inst.k) if inst.transpose_w else (inst.k, inst.n)
-    x2 = x.reshape(-1, inst.k)
-    if inst.form == "weight_grad":
-        dy = y.reshape(-1, inst.n)
-        dw = w.view(wshape)
-        torch.mm(dy.t(), x2, out=dw) if inst.transpose_w else torch.mm(x2.t(), dy, out=dw)
-        return
-    w2 = w.reshape(wshape)
-    torch.mm(x2, w2.t() if inst.transpose_w else w2, out=y.view(-1, inst.n))
+    _mm_segments(inst, x, w, [0, x.reshape(-1, inst.k).shape[0]], None, y)
 
 
 # id(seg_ptr tensor) -> (weakref to it, its values as Python ints): segment bounds read on the host
@@ -461,6 +453,11 @@ def run_cublas_segments(inst: GemmInstance, x: torch.Tensor, w: torch.Tensor, se
     why = inst.not_segmented()
     if why:
         raise GemmLaunchError(f"cuBLAS per segment runs typed single-head GEMMs only; this one: {why}")
+    _mm_segments(inst, x, w, seg, gather, y)
+
+
+def _mm_segments(inst: GemmInstance, x, w, seg: list[int], gather, y) -> None:
+    """One ``torch.mm`` per segment ``seg[t]:seg[t+1]`` with weight ``t`` (a dense GEMM: one segment)."""
     K, N = inst.k, inst.n
     T = len(seg) - 1
     wshape = (T, N, K) if inst.transpose_w else (T, K, N)

@@ -96,16 +96,22 @@ def _eligible(glue, x) -> bool:
     return ok and x.is_contiguous()
 
 
-def _holds(e: _Entry, weights) -> bool:
-    """Whether ``e`` still stands for ``weights``: the same weight tensors at the same addresses, and
-    its replay still the one its ReplaySet holds (not evicted, not replaced by a new capture)."""
+def same_weights(weights, names, params, ptrs) -> bool:
+    """Whether the ParameterDict ``weights`` still holds ``params`` under ``names``, at the addresses
+    ``ptrs`` (a replaced, moved or ``.data``-reassigned weight misses)."""
     held = getattr(weights, "_parameters", None)         # a ParameterDict's own dict: ~20x cheaper
     if held is None:                                     # than its __getitem__, and the same tensors
         return False
-    for name, p, ptr in zip(e.weight_names, e.params, e.ptrs):
+    for name, p, ptr in zip(names, params, ptrs):
         if held.get(name) is not p or p.data_ptr() != ptr:
             return False
-    return e.rs.replays.get(e.full_key) is e.rep
+    return True
+
+
+def _holds(e: _Entry, weights) -> bool:
+    """Whether ``e`` still stands for ``weights``: the same weight tensors at the same addresses, and
+    its replay still the one its ReplaySet holds (not evicted, not replaced by a new capture)."""
+    return same_weights(weights, e.weight_names, e.params, e.ptrs) and e.rs.replays.get(e.full_key) is e.rep
 
 
 def try_call(lp, glue, x, weights):

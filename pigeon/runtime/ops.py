@@ -449,10 +449,14 @@ def _input_grads(ctx, grads, backward_fn):
             raise RuntimeError(f"pigeon: no backward for this layer: {lp.backward_error}")
         # no input or weight reaches an output: every gradient is zero
         return [torch.zeros_like(t) for t in ins], [torch.zeros_like(t) for t in params]
-    g = [torch.zeros(shape, dtype=dt, device=dev) if gr is None else gr
-         for gr, (shape, dt, dev) in zip(grads[:lp.n_outputs], ctx.out_meta)]
-    res = backward_fn(ctx.layer_id, g, ins, params, rest)
+    res = backward_fn(ctx.layer_id, _output_grads(ctx, lp, grads), ins, params, rest)
     return res[:ctx.n_in], res[ctx.n_in:]
+
+
+def _output_grads(ctx, lp, grads) -> list[torch.Tensor]:
+    """The user outputs' gradients, zeros where autograd passed None (materialize_grads is off)."""
+    return [torch.zeros(shape, dtype=dt, device=dev) if gr is None else gr
+            for gr, (shape, dt, dev) in zip(grads[:lp.n_outputs], ctx.out_meta)]
 
 
 def _backward(ctx, grads):
@@ -547,8 +551,7 @@ class _LayerForward(torch.autograd.Function):
 def _replayed_input_grads(ctx, sv, grads):
     """``_input_grads`` for a forward that ran through pigeon/runtime/train_replay.py."""
     lp, tr = get_layer(ctx.layer_id), sv.train
-    g = [torch.zeros(shape, dtype=dt, device=dev) if gr is None else gr
-         for gr, (shape, dt, dev) in zip(grads[:lp.n_outputs], ctx.out_meta)]
+    g = _output_grads(ctx, lp, grads)
     ins, params = sv.tensors[:ctx.n_in], sv.tensors[ctx.n_in:]
     if torch.is_grad_enabled():                # a double backward: the op, on tensors of their own
         sv.check_versions()

@@ -298,24 +298,16 @@ def fast_lookup(lp, glue, x, weights):
     memo = lp.fast_trains
     if not memo or type(x) is not torch.Tensor or not torch.is_grad_enabled():
         return None
-    from .fast_replay import _modes
+    from .fast_replay import _modes, same_weights
     modes = _modes()
     if modes is None or (_replay.getenv(ENV) == "0"):
         return None
     e = memo.get((x.shape, x.dtype, x.device, id(weights), modes))
-    if e is None or not x.is_contiguous():
+    if e is None or not x.is_contiguous() or not same_weights(weights, e.weight_names, e.params, e.ptrs):
         return None
-    held = getattr(weights, "_parameters", None)
-    if held is None:
+    if not (x.requires_grad or any(p.requires_grad for p in e.params)):
         return None
-    grad = x.requires_grad
-    for name, p, ptr in zip(e.weight_names, e.params, e.ptrs):
-        if held.get(name) is not p or p.data_ptr() != ptr:
-            return None
-        grad = grad or p.requires_grad
-    if not grad or lp.train_replays.get(e.key) is not e.tr:
-        return None
-    return e.tr, e.params
+    return (e.tr, e.params) if lp.train_replays.get(e.key) is e.tr else None
 
 
 def learn(lp, glue, x, weights) -> None:
@@ -325,7 +317,7 @@ def learn(lp, glue, x, weights) -> None:
         return
     if not _fast_eligible(lp, glue, x):
         return
-    from .fast_replay import replayable_modes
+    from .fast_replay import replayable_modes, same_weights
     modes = replayable_modes(lp, x)
     if modes is None:
         return
@@ -338,7 +330,7 @@ def learn(lp, glue, x, weights) -> None:
     memo = lp.fast_trains
     old = memo.get(key)
     if old is not None and lp.train_replays.get(old.key) is old.tr and \
-            all(p is q and p.data_ptr() == ptr for p, q, ptr in zip(params, old.params, old.ptrs)):
+            same_weights(weights, old.weight_names, old.params, old.ptrs):
         return
     dev = x.device
     backend = lp.backend(dev)
