@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from pigeon.codegen import jinja as pj
-from pigeon.codegen.gemm import (GemmCodegenError, GemmConfig, GemmLaunchError, epilogue_code, gemm_config,
-                                 kernel_name, render_gemm)
+from pigeon.codegen.gemm import (GemmCodegenError, GemmConfig, GemmLaunchError, epilogue_code, f32_accumulator,
+                                 gemm_config, kernel_name, render_gemm)
 from pigeon.runtime.family_gemm import (apply_epilogue, gemm_reference, run_gemm, tile_schedule,
                                         weight_grad_rows_per_block)
 from pigeon.ir.kernel import GemmInstance as G
@@ -121,6 +121,21 @@ def test_rendered_kernel_names_params_and_grid():
         rpb = None if inst.form == "rows" else 128
         assert rk.grid(1000, 5, rpb) == (1000 // (rpb or 64) + 5, want_y, inst.heads)
     assert render_gemm(GRID[0]) is render_gemm(G("rows", 64, 64))        # cached per instance
+
+
+def test_16bit_atomic_scatter_adds_into_an_fp32_accumulator():
+    """A non-unique accumulating scatter of a 16-bit instance declares Y float* (role y_f32: the runtime
+    passes an fp32 copy and rounds it into Y once); every other rows form stores into the typed Y."""
+    for inst in GRID:
+        y = next(p for p in render_gemm(inst).params if p.name in ("Y", "dW"))
+        atomic16 = (inst.form == "rows" and inst.dtype != "float32" and inst.accumulate and inst.scatter
+                    and not inst.scatter_unique)
+        assert f32_accumulator(inst) == atomic16
+        if inst.form == "rows":
+            assert (y.role, y.decl.startswith("float*")) == (("tensor:y_f32", True) if atomic16 else
+                                                            ("tensor:y", inst.dtype == "float32")), inst
+    src = render_gemm(G("rows", 30, 17, dtype="float16", accumulate=True, scatter=True, scatter_unique=False)).source
+    assert "float* __restrict__ yp" in src and "atomicAdd(yp + n, v0)" in src and "from_f(v0))" not in src
 
 
 def test_render_rejects_what_templates_cannot_do():

@@ -26,8 +26,10 @@ Both forms of the instance, one launch for all types:
 
 Stores of the rows form (``GemmConfig.store``): ``"store"`` (``=``), ``"add"`` (``+=`` without
 atomics: ``accumulate`` with unique destinations) and ``"atomic"`` (``accumulate`` with a
-non-unique scatter: atomicAdd on float / __nv_bfloat16 / __half; bf16 / fp16 atomics round at every
-addition). Without ``accumulate`` a non-unique scatter stores ("=" as the instance says: which
+non-unique scatter: float atomicAdd; for bf16 / fp16 into an fp32 copy of ``Y`` that the runtime
+rounds into ``Y`` once afterwards, as :func:`gemm_reference` does: 16-bit atomics would round at every
+addition, and a destination that receives thousands of rows then drifts systematically (small addends
+are lost against a large sum: the AM-sized RGCN bf16 bias gradient was 15% off). Without ``accumulate`` a non-unique scatter stores ("=" as the instance says: which
 duplicate wins is unspecified).
 
 Kernel names are ``pigeon_gemm_<instance key>``; the signature in the source is generated from
@@ -48,7 +50,7 @@ from .jinja import ctype, render
 from .kernel_source import KernelParam, RenderedKernel
 
 __all__ = [
-    "GemmCodegenError", "GemmLaunchError", "GemmConfig", "GemmGrid", "kernel_name", "template_name",
+    "f32_accumulator", "GemmCodegenError", "GemmLaunchError", "GemmConfig", "GemmGrid", "kernel_name", "template_name",
     "render_gemm", "gemm_config", "epilogue_code", "check_instance",
 ]
 
@@ -282,13 +284,21 @@ def gemm_config(inst: GemmInstance, params: Sequence[KernelParam] = ()) -> GemmC
         a_kcontig=a_kcontig, b_kcontig=b_kcontig, vec_a=vec_a, vec_b=vec_b, **extra)
 
 
+def f32_accumulator(inst: GemmInstance) -> bool:
+    """Whether the rows form of ``inst`` adds its rows with atomics into an fp32 copy of a 16-bit
+    ``Y`` (role ``tensor:y_f32``) that the caller rounds into ``Y`` once (see the module docstring)."""
+    return (inst.form == "rows" and inst.dtype != "float32" and inst.accumulate and inst.scatter
+            and not inst.scatter_unique)
+
+
 def _params(inst: GemmInstance) -> tuple[KernelParam, ...]:
     T = ctype(inst.dtype)
     p = []
     if inst.form == "rows":
+        y = (KernelParam("Y", "ptr", "float* __restrict__", "tensor:y_f32") if f32_accumulator(inst)
+             else KernelParam("Y", "ptr", f"{T}* __restrict__", "tensor:y"))
         p += [KernelParam("X", "ptr", f"const {T}* __restrict__", "tensor:x"),
-              KernelParam("W", "ptr", f"const {T}* __restrict__", "tensor:w"),
-              KernelParam("Y", "ptr", f"{T}* __restrict__", "tensor:y")]
+              KernelParam("W", "ptr", f"const {T}* __restrict__", "tensor:w"), y]
     else:
         p += [KernelParam("X", "ptr", f"const {T}* __restrict__", "tensor:x"),
               KernelParam("dY", "ptr", f"const {T}* __restrict__", "tensor:dy"),

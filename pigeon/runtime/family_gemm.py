@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..codegen.gemm import (BLOCKS_PER_SM, MIN_ROWS_PER_BLOCK, GemmLaunchError, as_epilogue, check_instance,
-                             render_gemm)
+                             f32_accumulator, render_gemm)
 from ..codegen.kernel_source import RenderedKernel
 from ..ir.kernel import GemmInstance, TileConfig
 from ..ir.program import GemmLaunch
@@ -248,9 +248,11 @@ def run_gemm(inst: GemmInstance, fn: Any, X: torch.Tensor, W: torch.Tensor, seg_
         tile_row, tile_type, U = _SCHEDULES.get(seg_ptr, inst.tile.block_m, M)
         grid = rk.grid(M, T)
         assert grid[0] == U
-        tensors = {"x": x_arg, "w": _aligned_input(W), "y": Y}
-        sizes = {"M": M}
         target, workspace = Y, None
+        if f32_accumulator(inst):     # 16-bit atomics would round at every addition: sum in fp32, round once
+            target = workspace = Y.float()
+        tensors = {"x": x_arg, "w": _aligned_input(W), "y": Y, "y_f32": target}
+        sizes = {"M": M}
     else:
         dw = W
         if dw.dtype == torch.float32 and dw.data_ptr() % 16 == 0:
@@ -282,6 +284,8 @@ def run_gemm(inst: GemmInstance, fn: Any, X: torch.Tensor, W: torch.Tensor, seg_
             W.copy_(W.float() + workspace)
         else:
             W.copy_(workspace)
+    elif workspace is not None:
+        Y.copy_(workspace)
     return W if wg else Y
 
 
