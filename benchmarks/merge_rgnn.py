@@ -6,6 +6,11 @@ Host overhead comes from the newest run that measured it, else it stays the old 
 case keeps its own commit and date, and the summary lists the commits.
 
     python benchmarks/merge_rgnn.py benchmarks/results/rgnn NEWER_RUN_DIR [NEWER_RUN_DIR ...]
+    python benchmarks/merge_rgnn.py --tune-only benchmarks/results/rgnn TUNE_RUN_DIR [...]
+
+``--tune-only`` takes from the newer runs only each case's ``tune`` (a `--tune-check` run, e.g. with
+``--peers none``): it joins the case of the same key, with its own commit and date in it, and leaves
+that case's timings and peers as they are; a tuned case the folder lacks is an error.
 """
 from __future__ import annotations
 
@@ -26,6 +31,12 @@ def main(argv=None) -> int:
     if len(args) < 2:
         print("usage: merge_rgnn.py RESULTS_DIR NEWER_RUN_DIR [...]", file=sys.stderr)
         return 2
+    tune_only = bool(args) and args[0] == "--tune-only"
+    if tune_only:
+        args = args[1:]
+        if len(args) < 2:
+            print("usage: merge_rgnn.py --tune-only RESULTS_DIR TUNE_RUN_DIR [...]", file=sys.stderr)
+            return 2
     out, newer = Path(args[0]), [Path(a) for a in args[1:]]
     data = report.read_results(out)
     old = json.loads((out / "summary.json").read_text())
@@ -39,6 +50,19 @@ def main(argv=None) -> int:
     for d in newer:
         run = report.read_results(d)
         s = json.loads((d / "summary.json").read_text())
+        if tune_only:
+            for c in run["cases"]:
+                k = rgnn.case_key(c)
+                if c.get("tune") is None:
+                    continue
+                if k not in cases:
+                    print(f"merge_rgnn.py: {d}: tuned case {k} is not in {out}", file=sys.stderr)
+                    return 2
+                cases[k] = {**cases[k], "tune": {**c["tune"], "commit": c.get("commit", run["meta"].get("commit")),
+                                                 "date": c.get("date", run["meta"].get("date"))}}
+                replaced += 1
+            commands.append(run["meta"]["command"])
+            continue
         for c in run["cases"]:
             k = rgnn.case_key(c)
             replaced, added = (replaced + 1, added) if k in cases else (replaced, added + 1)
@@ -58,7 +82,9 @@ def main(argv=None) -> int:
     merged = sorted(cases.values(), key=lambda c: [str(x) for x in rgnn.case_key(c)])
     s = rgnn.build_summary(merged, data["meta"], list(graphs.values()), types.SimpleNamespace(skipped_graphs={}, device=types.SimpleNamespace(type="cuda")),
                            host=host, host_note=host_note, aggregations=list(aggs.values()))
-    s["merged"] = (f"benchmarks/merge_rgnn.py: {replaced} cases replaced and {added} added from "
+    what = (f"{replaced} cases got --tune-check results (timings unchanged)" if tune_only
+            else f"{replaced} cases replaced and {added} added")
+    s["merged"] = (f"benchmarks/merge_rgnn.py: {what} from "
                    f"{', '.join(str(d) for d in newer)}; every case keeps its own commit and date")
     report.write_results(out, {**data, "cases": merged, "graphs": list(graphs.values()),
                                "aggregations": list(aggs.values()), "summary": s})

@@ -2,6 +2,7 @@
 the floor arithmetic and the summary's aggregation on hand-made records."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,3 +313,29 @@ def test_time_limit_restores_grad_mode():
             torch.set_grad_enabled(False)
             raise PeerTimeout()
     assert torch.is_grad_enabled()
+
+
+def test_merge_tune_only_joins_tune_results_and_keeps_timings(tmp_path):
+    """benchmarks/merge_rgnn.py --tune-only: a `--peers none --tune-check` run adds each case's tune
+    result to the results folder's case of the same key; timings and peers stay; an unknown case is an error."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("merge_rgnn", Path(__file__).parents[1] / "benchmarks" / "merge_rgnn.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    common = ("--quick", "--device", "cpu", "--models", "rgcn", "--dtypes", "float32", "--modes", "inference",
+              "--reps", "1")
+    assert bench(*common, "--out", base, "--peers", "reference")[0] == 0
+    assert bench(*common, "--out", tuned, "--peers", "none", "--tune-check")[0] == 0
+    before = json.loads((base / "cases.json").read_text())["cases"][0]
+    assert "tune" not in before
+    assert merge.main(["--tune-only", str(base), str(tuned)]) == 0
+    after = json.loads((base / "cases.json").read_text())["cases"][0]
+    assert after["impls"] == before["impls"] and after["tune"]["status"] == "ok" and after["tune"]["commit"]
+    summary = json.loads((base / "summary.json").read_text())
+    assert summary["cost_model_within_10pct"] == (1.0 if after["tune"]["within_10pct"] else 0.0)
+    assert "--tune-check" in summary["commands"][-1] and "tune-check results" in summary["merged"]
+    other = tmp_path / "other"
+    assert bench("--quick", "--device", "cpu", "--models", "rgat", "--dtypes", "float32", "--modes", "inference",
+                 "--reps", "1", "--out", other, "--peers", "none", "--tune-check")[0] == 0
+    assert merge.main(["--tune-only", str(base), str(other)]) == 2

@@ -82,6 +82,23 @@ class _Lowering:
             return self.dtype
         return dtype
 
+    def sum_storage(self, op: Op) -> str:
+        """The storage of a sum (or mean) aggregation: float32 in a 16-bit layer when it is no program
+        output and only elementwise ops read it (their kernels load any dtype), else as any buffer.
+        Why: rounded to bf16 and then added to another rounded value (RGCN's out = agg + x W_self + b),
+        the sum often lands exactly between two bf16 numbers, and a tiny third addend (the bias after
+        one SGD step, ~1e-6) rounds every such tie the same way: a systematic offset of ~1e-3 in every
+        row of a column, which a bias gradient summed over all rows collects (AM-sized RGCN bf16
+        training: bias gradient 36x the bf16 reference's error vs float64, benchmarks/debug_bias_grad.py).
+        The kernels accumulate in float32 anyway; this only skips rounding the partial result."""
+        dt = self.storage(op.type.dtype)
+        if dt not in ("bfloat16", "float16") or op.attr("reduce") not in ("sum", "mean") or op.key in self.outputs:
+            return dt
+        users = self.consumers[op.key]
+        if users and all(u.kind in (OpKind.UNARY, OpKind.BINARY) for u in users):
+            return "float32"
+        return dt
+
     def new_buffer(self, op: Op, prefix: str = "t", dtype: str | None = None) -> Buffer:
         b = Buffer(f"{prefix}{self.counter}", _buffer_rows(op), op.type.shape, dtype or self.storage(op.type.dtype))
         self.counter += 1
@@ -321,7 +338,7 @@ class _Lowering:
                 self.gemm(op)
             elif rule == "aggregate":
                 e = self.expr(op.inputs[0], _AGGREGATE_LOOP[op.attr("side", "dst")])
-                out = self.new_buffer(op)
+                out = self.new_buffer(op, dtype=self.sum_storage(op))
                 self.launches.append(TraversalLaunch(TraversalInstance(
                     "aggregate", e, out, side=op.attr("side", "dst"), reduce=op.attr("reduce"), dtype=out.dtype)))
             elif rule == "edge_softmax":
