@@ -216,10 +216,12 @@ def tune_stats(graph) -> tuple[dict, dict]:
 
 def tune_layer(spec: Layer, graph, in_dim=None, *, ir: IRGraph | None = None, dtype: str = "float32",
                seed: int | None = 0, hparams: Mapping | None = None, mode: str | None = None, device=None,
-               reps: int | None = None, progress=None, cache: bool = True, timer=None, max_full: int | None = None):
+               reps: int | None = None, progress=None, cache: bool = True, timer=None, max_full: int | None = None,
+               rounds: int | None = None):
     """``pigeon compile --tune``: the candidates of ``spec`` on ``graph`` measured on ``device``
-    (pigeon/tune.py); ``cache=False`` neither reads nor writes a tuning record (the benchmark's
-    --tune-check).  Returns a ``pigeon.tune.TuneResult``."""
+    (pigeon/tune.py; ``rounds`` of timing in rotated order, default 3 on a GPU, 1 on a CPU);
+    ``cache=False`` neither reads nor writes a tuning record (the benchmark's --tune-check).
+    Returns a ``pigeon.tune.TuneResult``."""
     import sys
 
     from . import tune as T
@@ -269,7 +271,7 @@ def tune_layer(spec: Layer, graph, in_dim=None, *, ir: IRGraph | None = None, dt
     return T.tune(ir=ir, graph_stats=gs, kernel_stats=ks, build=build, make_inputs=make_inputs, lower_fn=lower_fn,
                   key=key, fields=fields, mode=mode, device=device, dtype=dtype,
                   store=TuneRecords() if cache else None, progress=progress, timer=timer, reps=reps,
-                  max_full=max_full or MAX_FULL)
+                  max_full=max_full or MAX_FULL, rounds=rounds)
 
 
 def _version() -> str:

@@ -14,7 +14,11 @@ cost rules choose between and keep the fastest.
    with the float64 arbiter of pigeon bench; bfloat16: 4e-2) or one that fails is reported and
    excluded, so tuning never changes results beyond what every configuration is allowed.
 3. Each remaining candidate is timed: the median of ``reps`` calls after warm-up, CUDA events on a
-   GPU; on a CPU ``time.perf_counter`` around the CPU executor (the kernels' torch semantics or
+   GPU, in ``rounds`` rounds (3 on a GPU) that visit the candidates in rotated order, the median of
+   the rounds counting. One pass in a fixed order favoured whichever came later: the first
+   candidate, the cost model's pick, ran right after the reference check and took up to 1.45x its
+   own time on the H200 (`--tune-check`, small graphs, 988c899, where a training step is ~1 ms of
+   mostly host time). On a CPU ``time.perf_counter`` around the CPU executor (the kernels' torch semantics or
    their emulated CUDA text), which says nothing about GPU kernels and is labelled so.
    ``inference`` times a forward under ``no_grad``; ``training`` forward + backward.
 4. The winner (smallest median) is recorded in the tuning records of the kernel cache
@@ -30,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -245,7 +250,7 @@ class TuneResult:
 def tune(*, ir: IRGraph, graph_stats: dict, kernel_stats: dict, build: Callable, make_inputs: Callable[[], list],
          lower_fn: Callable, key: str, fields: dict, mode: str, device, dtype: str = "float32", store=None,
          progress: Callable[[str], None] | None = None, timer: Callable | None = None, reps: int | None = None,
-         warmup: int = 2, max_full: int = MAX_FULL) -> TuneResult:
+         warmup: int = 2, max_full: int = MAX_FULL, rounds: int | None = None) -> TuneResult:
     """Measure the candidates of ``ir`` (see the module docstring); ``store`` (get/put of records
     by key, or None: measure and record nothing) is read first.
 
@@ -264,6 +269,7 @@ def tune(*, ir: IRGraph, graph_stats: dict, kernel_stats: dict, build: Callable,
             return res
     timer = timer or median_ms
     reps = reps or DEFAULT_REPS.get(device.type, 5)
+    rounds = rounds or (3 if device.type == "cuda" else 1)
     pipe = pipeline_points(ir, graph_stats)
 
     def sched_of(pipe_choices: dict):
@@ -283,7 +289,7 @@ def tune(*, ir: IRGraph, graph_stats: dict, kernel_stats: dict, build: Callable,
     weights = {k: v.detach().clone() for k, v in pick_layer.weights.state_dict().items()}
     inputs = [x.to(device) for x in make_inputs()]
     oracle = Oracle(build, weights, inputs, mode, dtype, device)
-    rows = []
+    rows, steps = [], {}            # steps: row index -> the candidate's step, for the later rounds
     for i, cand in enumerate(cands):
         row = TuneRow(cand.label, cand.as_dict(), cand.is_pick)
         rows.append(row)
@@ -298,13 +304,19 @@ def tune(*, ir: IRGraph, graph_stats: dict, kernel_stats: dict, build: Callable,
             if why:
                 row.status = f"excluded: differs from the reference: {why}"[:400]
             else:
-                row.median_ms = timer(_step(layer, inputs, mode), device, reps, warmup)
+                step = _step(layer, inputs, mode)
+                row.median_ms = timer(step, device, reps, warmup)
+                if rounds > 1:
+                    steps[i] = step
         except Exception as e:          # reported and excluded, never the tuner's failure
             row.status = f"excluded: {type(e).__name__}: {_one_line(e)}"[:400]
         progress(f"[tune] {i + 1}/{len(cands)} {row.label}: "
                  + (f"{row.median_ms:.4f} ms" if row.median_ms is not None else row.status)
                  + (f" (est. {row.estimate_text})" if row.estimate_text else ""))
         layer = None
+    if steps:
+        _more_rounds(rows, steps, rounds, timer, device, reps, warmup, progress)
+        steps.clear()
     res = TuneResult(key, {}, rows, mode, str(device), timer_label(device), False, fields)
     w = res.winner
     if w is None:
@@ -314,6 +326,30 @@ def tune(*, ir: IRGraph, graph_stats: dict, kernel_stats: dict, build: Callable,
     if store is not None:
         store.put(key, res.record())
     return res
+
+
+def _more_rounds(rows: list, steps: dict, rounds: int, timer: Callable, device, reps: int, warmup: int,
+                 progress: Callable[[str], None]) -> None:
+    """Rounds 2..``rounds`` of the timing: every checked candidate again, each round starting one
+    candidate later (round r visits them from position r on), so no candidate is always first or
+    always after another; a row's time becomes the median of its rounds. A candidate that fails in a
+    later round is excluded like one that fails in the first."""
+    order = list(steps)
+    times = {i: [rows[i].median_ms] for i in order}
+    for r in range(1, rounds):
+        k = r % len(order)
+        for i in order[k:] + order[:k]:
+            if i not in times:
+                continue
+            try:
+                times[i].append(timer(steps[i], device, reps, warmup))
+            except Exception as e:
+                rows[i].status, rows[i].median_ms = f"excluded: {type(e).__name__}: {_one_line(e)}"[:400], None
+                del times[i]
+    for i, ts in times.items():
+        rows[i].median_ms = float(statistics.median(ts))
+    progress(f"[tune] {rounds} rounds in rotated order: "
+             + "; ".join(f"{rows[i].label} {rows[i].median_ms:.4f} ms" for i in times)[:600])
 
 
 def _type_counts(graph_stats: dict) -> dict:

@@ -225,3 +225,30 @@ def test_kernel_launches_cover_destination_compaction(monkeypatch):
     assert any(b.rows == "compact_dst" for b in rows)
     recs = kernel_launches(layer, "training")
     assert recs and all(r["min_bytes"] > 0 for r in recs)
+
+
+def test_rounds_rotate_the_order_and_take_the_median():
+    """With rounds=3 every checked candidate is timed three times, each later round starting one
+    candidate further on (no candidate always first), and its time is the median of its rounds:
+    a slow first measurement of the pick (the position effect seen on the H200) does not decide."""
+    g = tiny_graph()
+    seen = []
+
+    def timer(fn, device, reps, warmup):
+        if fn not in seen:
+            seen.append(fn)
+        i = seen.index(fn)
+        n_before = sum(1 for f in order if f is fn)
+        order.append(fn)
+        # the pick (first) is slow only in its first measurement; candidate 1 is 2.0 throughout
+        return 9.0 if (i == 0 and n_before == 0) else (1.0 if i == 0 else 2.0 + i)
+    order = []
+    res = tune_layer(rgcn, g, 16, hparams={"out_dim": 8}, mode="inference", timer=timer, reps=1, cache=False,
+                     progress=lambda m: None, rounds=3)
+    n = len(seen)
+    assert n >= 3 and len(order) == 3 * n
+    idx = [seen.index(f) for f in order]
+    assert idx[:n] == list(range(n))
+    assert idx[n:2 * n] == list(range(1, n)) + [0] and idx[2 * n:] == list(range(2, n)) + [0, 1]
+    assert res.rows[0].median_ms == 1.0 and res.winner is res.rows[0] and res.pick_ratio() == 1.0
+    assert [r.median_ms for r in res.rows[1:]] == [2.0 + i for i in range(1, n)]
