@@ -103,6 +103,8 @@ class CompiledLayer(torch.nn.Module):
         from .passes.lower import LoweringError, lower
         from .passes.autodiff import AutodiffResult
         from .passes.gemm_backend import choose_gemm_backends
+        from .codegen.gemm import tile_buildable
+        from .passes.gemm_tiles import choose_gemm_tiles
         from .passes.schedule import choose_schedules
         from .runtime.ops import LayerPrograms, layer_kgraph, register_layer
         hint = ("This spec cannot run on pigeon's kernels yet; pigeon.compile(..., backend='reference') "
@@ -135,8 +137,10 @@ class CompiledLayer(torch.nn.Module):
         self.schedule_stats = stats
         self.lowered = (fwd, bwd)          # before the schedules: what --tune's decision points read
         choices = c.choices or {}
-        fwd = choose_gemm_backends(choose_schedules(fwd, stats, choices), choices)
-        bwd = choose_gemm_backends(choose_schedules(bwd, stats, choices), choices) if bwd is not None else None
+        fwd = choose_gemm_tiles(choose_gemm_backends(choose_schedules(fwd, stats, choices), choices), choices,
+                                tile_buildable)
+        bwd = choose_gemm_tiles(choose_gemm_backends(choose_schedules(bwd, stats, choices), choices), choices,
+                                tile_buildable) if bwd is not None else None
         self.forward_program, self.backward_program = fwd, bwd
         self.backward_error = backward_error
         lp = LayerPrograms(self.forward_program, self.backward_program,

@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from . import timing
+from .codegen.gemm import tile_buildable
 from .ir.graph import IRGraph
 from .passes.choices import MAX_FULL, Candidate, candidates, estimate, format_choices, pipeline_points, schedule_points
 from .passes.pipeline import run_pipeline
@@ -279,7 +280,7 @@ def tune(*, ir: IRGraph, graph_stats: dict, kernel_stats: dict, build: Callable,
             # inference runs the forward program only: a backward decision would be a second
             # measurement of the same forward (two such candidates differed by 4% on the H200: noise)
             return schedule_points(progs[:1] if mode == "inference" else progs, kernel_stats,
-                                   dense_gemms=device.type == "cuda")
+                                   dense_gemms=device.type == "cuda", tile_ok=tile_buildable)
         except Exception:        # the candidate's build reports it
             return []
     cands: list[Candidate] = candidates(pipe, sched_of, max_full)

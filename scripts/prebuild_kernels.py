@@ -51,6 +51,23 @@ def layer_configs(dims, dtypes):
                         MODELS[name], g, dim, backend="kernels", dtype=dtype, **hp)
 
 
+def tile_kernels(layer) -> dict:
+    """name -> RenderedKernel of every --tune tile alternative (pigeon/passes/gemm_tiles.py) of the
+    layer's template GEMMs, so that tuning on the GPU machine builds none of them."""
+    import dataclasses
+    from pigeon.codegen.gemm import render_gemm, tile_buildable
+    from pigeon.passes.gemm_tiles import parse_tile, tile_point, tile_points
+    progs = [p for p in (layer.forward_program, layer.backward_program) if p is not None]
+    opts = {name: o for name, o, _ in tile_points(progs, tile_buildable)}
+    out = {}
+    for prog in progs:
+        for launch in prog.launches:
+            for label in opts.get(tile_point(launch), ())[1:]:
+                rk = render_gemm(dataclasses.replace(launch.inst, tile=parse_tile(label)))
+                out.setdefault(rk.name, rk)
+    return out
+
+
 def _key(rk) -> str:
     """A dict key per distinct kernel source (one kernel name can have several schedules)."""
     import hashlib
@@ -238,6 +255,9 @@ def main(argv=None):
                          "(head dims of --tune-head-dims, variants of --tune-variants)")
     ap.add_argument("--tune-head-dims", default="64,128")
     ap.add_argument("--tune-variants", default="dense,causal", help="dense, causal, window<N>, document")
+    ap.add_argument("--tune-tiles", choices=("yes", "no"), default="no",
+                    help="also the GEMM kernels of every --tune tile alternative of the compiled layers "
+                         "(pigeon/passes/gemm_tiles.py)")
     ap.add_argument("--base", choices=("yes", "no"), default="yes",
                     help="the compiled layers' kernels and the GPU tests' attention kernels (no: only what the other "
                          "options ask for, e.g. --tune-attention's forwards)")
@@ -261,6 +281,8 @@ def main(argv=None):
         for what, layer in layer_configs(dims, args.dtypes.split(",")):
             ks = kernels_of(layer)
             kernels.update(ks)
+            if args.tune_tiles == "yes":
+                kernels.update(tile_kernels(layer))
         if args.attention_knobs == "gpu-tests":
             from test_attention_mma import GPU_KNOBS
             knobs = GPU_KNOBS

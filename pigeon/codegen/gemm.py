@@ -50,7 +50,7 @@ from .jinja import ctype, render
 from .kernel_source import KernelParam, RenderedKernel
 
 __all__ = [
-    "f32_accumulator", "GemmCodegenError", "GemmLaunchError", "GemmConfig", "GemmGrid", "kernel_name", "template_name",
+    "f32_accumulator", "tile_buildable", "GemmCodegenError", "GemmLaunchError", "GemmConfig", "GemmGrid", "kernel_name", "template_name",
     "render_gemm", "gemm_config", "epilogue_code", "check_instance",
 ]
 
@@ -289,6 +289,17 @@ def f32_accumulator(inst: GemmInstance) -> bool:
     ``Y`` (role ``tensor:y_f32``) that the caller rounds into ``Y`` once (see the module docstring)."""
     return (inst.form == "rows" and inst.dtype != "float32" and inst.accumulate and inst.scatter
             and not inst.scatter_unique)
+
+
+def tile_buildable(inst: GemmInstance, tile) -> bool:
+    """Whether the template renders ``inst`` with ``tile`` (a TileConfig): what the --tune tile
+    points may offer (pigeon/passes/gemm_tiles.py)."""
+    import dataclasses
+    try:
+        gemm_config(dataclasses.replace(inst, tile=tile))
+        return True
+    except GemmCodegenError:
+        return False
 
 
 def _params(inst: GemmInstance) -> tuple[KernelParam, ...]:

@@ -34,6 +34,7 @@ from ..ir.graph import IRGraph
 from ..ir.program import GemmLaunch, KernelProgram, TraversalLaunch
 from .compact import ENV as COMPACT_ENV, decide as decide_compaction
 from .gemm_backend import RULE_PICK as GEMM_PICK, gemm_points
+from .gemm_tiles import tile_points
 from .pipeline import run_pipeline
 from .schedule import RESIDENT_THREADS, SCHEDULES, SKEW, aggregate_schedule, forced_schedule, lane_group, schedule_point
 
@@ -83,18 +84,22 @@ def pipeline_points(ir: IRGraph, graph_stats: dict | None) -> list[DecisionPoint
     return points
 
 
-def schedule_points(programs: Iterable[KernelProgram | None], stats: dict, dense_gemms: bool = False
-                    ) -> list[DecisionPoint]:
+def schedule_points(programs: Iterable[KernelProgram | None], stats: dict, dense_gemms: bool = False,
+                    tile_ok: Callable | None = None) -> list[DecisionPoint]:
     """The schedule decision points of lowered (not yet scheduled) programs on a kernel graph with
     degree statistics ``stats`` (``degree_stats`` plus ``compact_stats``); with ``dense_gemms`` also
-    the backend of each dense GEMM shape (pigeon/passes/gemm_backend.py: only a GPU tells them apart,
-    on a CPU both run the same semantics)."""
+    the backend of each dense GEMM shape (pigeon/passes/gemm_backend.py) and the tile of each GEMM the
+    template runs (pigeon/passes/gemm_tiles.py): only a GPU tells their options apart, on a CPU all
+    run the same semantics. ``tile_ok(inst, tile)``: which tiles the template builds (codegen's
+    ``tile_buildable``; passes do not import codegen)."""
     programs = list(programs)
     forced = forced_schedule()
     seen: dict[str, DecisionPoint] = {}
     if dense_gemms:
         for name, opts, why in gemm_points(programs):
             seen[name] = DecisionPoint(name, opts, opts[0] if len(opts) == 1 else GEMM_PICK, why)
+        for name, opts, why in tile_points(programs, tile_ok):     # the default tile first: the rule's pick
+            seen[name] = DecisionPoint(name, opts, opts[0], why)
     for prog in programs:
         if prog is None:
             continue

@@ -5,11 +5,13 @@ and the graph's statistics; decides nothing itself."""
 from __future__ import annotations
 
 from ..ir.graph import IRGraph
+from ..ir.kernel import TileConfig
 from ..ir.ops import OpKind
 from ..ir.program import GemmLaunch, KernelProgram, TraversalLaunch
 from ..ir.types import Domain
 from .compact import MIN_EDGES_PER_ROW
 from .gemm_backend import ENV, RULE_PICK, RULE_WHY, TYPED_ENV, forced, gemm_point
+from .gemm_tiles import RULE_WHY as TILE_WHY, tile_label, tile_point
 from .schedule import RESIDENT_THREADS, SKEW
 
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -140,4 +142,12 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
             elif isinstance(launch, GemmLaunch) and launch.inst.typed and launch.backend == "cublas":
                 out.append(f"gemm backend: {name} typed {launch.rows}/k{launch.inst.k}n{launch.inst.n} -> "
                            f"{launch.writes()[0]}: cublas, one call per type segment ({TYPED_ENV}=cublas)")
+    # the tile of each GEMM the template runs (pigeon/passes/gemm_tiles.py)
+    for name, prog in programs.items():
+        for launch in (prog.launches if prog is not None else ()):
+            point = tile_point(launch)
+            if point is not None:
+                t = tile_label(launch.inst.tile)
+                out.append(f"gemm tile: {name} {point} -> {launch.writes()[0]}: {t} "
+                           f"({TILE_WHY if launch.inst.tile == TileConfig() else 'given'})")
     return out

@@ -16,8 +16,9 @@ is hand-written for the dense case that a library provides; the TVM kernel is a 
 forces a backend wherever it can run (TVM's: the rows form), leaving that point one option.
 ``PIGEON_TYPED_GEMM=cublas`` (``typed_forced``) sends typed single-head GEMMs to cuBLAS, one call per
 type segment (family_gemm.run_cublas_segments): an experiment for the float32 cases, where the SIMT
-template reached ~23 TFLOP/s of the 50 ceiling on the AM-sized graph at hidden 128
-(benchmarks/results/rgnn/README.md); not measured yet, so not a decision point.
+template reached ~23 TFLOP/s of the 50 ceiling on the AM-sized graph at hidden 128. Measured there
+(AM RGCN d128 fp32 inference, 133 relations, H200, 988c899): 1.42-1.48x slower than the template
+(benchmarks/results/typed_gemm_ab_h200_988c899), so not a decision point.
 """
 from __future__ import annotations
 
