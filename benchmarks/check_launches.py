@@ -87,11 +87,9 @@ def main() -> int:
     args = ap.parse_args()
     import pigeon as pg
     from pigeon.bench.floors import hparams
-    from pigeon.graph import load
+    from pigeon.bench.rgnn import load_graph_name
     from pigeon.models import MODELS
-    g = load(args.graph.removesuffix("+rev"))
-    if args.graph.endswith("+rev"):
-        g = g.with_reverse_edges()
+    g = load_graph_name(args.graph)
     from pigeon.runtime.ops import get_layer
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # cpu: emulated CUDA text (traversals)
     layer = pg.compile(MODELS[args.model], g, args.dim, dtype=args.dtype, **hparams(args.model, args.dim)).to(dev)

@@ -29,10 +29,10 @@ def main() -> int:
     from pigeon.bench.check import _reference, _values
     from pigeon.bench.floors import hparams
     from pigeon.bench.timing import Step
-    from pigeon.graph import load
+    from pigeon.bench.rgnn import load_graph_name
     from pigeon.models import MODELS
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    g = load(args.graph)
+    g = load_graph_name(args.graph)
     gd = g.to(dev)
     tdt = getattr(torch, args.dtype)
     x = torch.randn(g.num_nodes, args.dim, generator=torch.Generator().manual_seed(0)).to(dev, tdt)

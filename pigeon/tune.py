@@ -317,7 +317,6 @@ def tune(*, ir: IRGraph, graph_stats: dict, kernel_stats: dict, build: Callable,
         layer = None
     if steps:
         _more_rounds(rows, steps, rounds, timer, device, reps, warmup, progress)
-        steps.clear()
     res = TuneResult(key, {}, rows, mode, str(device), timer_label(device), False, fields)
     w = res.winner
     if w is None:

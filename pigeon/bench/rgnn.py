@@ -116,6 +116,14 @@ def _base(name: str) -> tuple[str, bool]:
     return (name[:-4], True) if name.lower().endswith("+rev") else (name, False)
 
 
+def load_graph_name(name: str):
+    """The graph a bench name names: ``pigeon.graph.load`` of its base, with reverse relations for
+    a ``+rev`` suffix (the benchmark's graphs and the debugging scripts beside it)."""
+    base, rev = _base(name)
+    g = load(base)
+    return g.with_reverse_edges() if rev else g
+
+
 def graph_source(name: str) -> tuple[str, bool]:
     """(where the graph comes from, whether it is synthetic)."""
     key = _base(name)[0].lower()
@@ -578,13 +586,10 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None,
     for gname, dims in cfg.plan:
         if not todo[gname]:
             continue
-        base, rev = _base(gname)
         try:
-            g = load(base)
+            g = load_graph_name(gname)
         except (OSError, ValueError) as e:
             raise BenchError(f"graph {gname}: {one_line(e)}") from None
-        if rev:
-            g = g.with_reverse_edges()
         gd = g.to(device)
         info = graph_info(gname, g)
         graphs[:] = [x for x in graphs if x["graph"] != gname] + [info]

@@ -29,8 +29,8 @@ atomics: ``accumulate`` with unique destinations) and ``"atomic"`` (``accumulate
 non-unique scatter: float atomicAdd; for bf16 / fp16 into an fp32 copy of ``Y`` that the runtime
 rounds into ``Y`` once afterwards, as :func:`gemm_reference` does: 16-bit atomics would round at every
 addition, and a destination that receives thousands of rows then drifts systematically (small addends
-are lost against a large sum: the AM-sized RGCN bf16 bias gradient was 15% off). Without ``accumulate`` a non-unique scatter stores ("=" as the instance says: which
-duplicate wins is unspecified).
+are lost against a large sum). Without ``accumulate`` a non-unique scatter stores ("=" as the
+instance says: which duplicate wins is unspecified).
 
 Kernel names are ``pigeon_gemm_<instance key>``; the signature in the source is generated from
 ``RenderedKernel.params``, the list :func:`run_gemm` binds arguments from.
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from ..ir.expr import Expr, ExprError
@@ -50,8 +50,8 @@ from .jinja import ctype, render
 from .kernel_source import KernelParam, RenderedKernel
 
 __all__ = [
-    "f32_accumulator", "tile_buildable", "GemmCodegenError", "GemmLaunchError", "GemmConfig", "GemmGrid", "kernel_name", "template_name",
-    "render_gemm", "gemm_config", "epilogue_code", "check_instance",
+    "f32_accumulator", "tile_buildable", "GemmCodegenError", "GemmLaunchError", "GemmConfig", "GemmGrid",
+    "kernel_name", "template_name", "render_gemm", "gemm_config", "epilogue_code", "check_instance",
 ]
 
 TEMPLATE_DTYPES = ("float32", "bfloat16", "float16")
@@ -294,9 +294,8 @@ def f32_accumulator(inst: GemmInstance) -> bool:
 def tile_buildable(inst: GemmInstance, tile) -> bool:
     """Whether the template renders ``inst`` with ``tile`` (a TileConfig): what the --tune tile
     points may offer (pigeon/passes/gemm_tiles.py)."""
-    import dataclasses
     try:
-        gemm_config(dataclasses.replace(inst, tile=tile))
+        gemm_config(replace(inst, tile=tile))
         return True
     except GemmCodegenError:
         return False

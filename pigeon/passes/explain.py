@@ -5,13 +5,12 @@ and the graph's statistics; decides nothing itself."""
 from __future__ import annotations
 
 from ..ir.graph import IRGraph
-from ..ir.kernel import TileConfig
 from ..ir.ops import OpKind
 from ..ir.program import GemmLaunch, KernelProgram, TraversalLaunch
 from ..ir.types import Domain
 from .compact import MIN_EDGES_PER_ROW
 from .gemm_backend import ENV, RULE_PICK, RULE_WHY, TYPED_ENV, forced, gemm_point
-from .gemm_tiles import RULE_WHY as TILE_WHY, tile_label, tile_point
+from .gemm_tiles import DEFAULT as DEFAULT_TILE, RULE_WHY as TILE_WHY, tile_label, tile_point
 from .schedule import RESIDENT_THREADS, SKEW
 
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -149,5 +148,5 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
             if point is not None:
                 t = tile_label(launch.inst.tile)
                 out.append(f"gemm tile: {name} {point} -> {launch.writes()[0]}: {t} "
-                           f"({TILE_WHY if launch.inst.tile == TileConfig() else 'given'})")
+                           f"({TILE_WHY if launch.inst.tile == DEFAULT_TILE else 'given'})")
     return out

@@ -69,13 +69,17 @@ def pick(launch: GemmLaunch, f: str | None) -> str:
     return f if f is not None and f in options(launch) else RULE_PICK
 
 
+def gemm_form(inst) -> str:
+    """``N`` (rows), ``T`` (rows with the transposed weight: a data gradient) or ``dW`` (weight_grad)."""
+    return "dW" if inst.form == "weight_grad" else ("T" if inst.transpose_w else "N")
+
+
 def gemm_point(launch) -> str | None:
     """The decision point of a launch, or None when only the template can run it."""
     if not isinstance(launch, GemmLaunch) or launch.inst.not_dense() is not None:
         return None
     i = launch.inst
-    form = "dW" if i.form == "weight_grad" else ("T" if i.transpose_w else "N")
-    return f"gemm:{launch.rows}/k{i.k}n{i.n}/{form}"
+    return f"gemm:{launch.rows}/k{i.k}n{i.n}/{gemm_form(i)}"
 
 
 def options(launch: GemmLaunch) -> tuple[str, ...]:

@@ -18,14 +18,14 @@ tile), built and cached like any other.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Callable
 
 from ..ir.kernel import GemmInstance, TileConfig
 from ..ir.program import GemmLaunch, KernelProgram
-from .gemm_backend import gemm_point
+from .gemm_backend import gemm_form, gemm_point
 
-__all__ = ["ALTERNATIVES", "Buildable", "GemmTileError", "RULE_WHY", "tile_label", "parse_tile", "tile_point", "tile_points", "choose_gemm_tiles"]
+__all__ = ["DEFAULT", "ALTERNATIVES", "Buildable", "GemmTileError", "RULE_WHY", "tile_label", "parse_tile",
+           "tile_point", "tile_points", "choose_gemm_tiles"]
 
 DEFAULT = TileConfig()
 # two per point: each is one more candidate per point in --tune (a kernel to build and time)
@@ -56,8 +56,7 @@ def tile_point(launch) -> str | None:
     if not isinstance(launch, GemmLaunch) or launch.backend != "template" or gemm_point(launch) is not None:
         return None
     i = launch.inst
-    form = "dW" if i.form == "weight_grad" else ("T" if i.transpose_w else "N")
-    return f"tile:{launch.rows}/k{i.k}n{i.n}h{i.heads}/{form}"
+    return f"tile:{launch.rows}/k{i.k}n{i.n}h{i.heads}/{gemm_form(i)}"
 
 
 Buildable = Callable[[GemmInstance, TileConfig], bool]
