@@ -246,7 +246,9 @@ def gemm_config(inst: GemmInstance, params: Sequence[KernelParam] = ()) -> GemmC
     extra: dict[str, int] = {}
     if inst.dtype == "float32":
         variant, mma_type = "simt", ""
-        tn = 4
+        # 8 columns per thread once a thread holds 64 outputs: 16x4 would load 5 float4s of shared
+        # memory per 64 FMAs where 8x8 loads 4 (and keeps half the rows' addresses)
+        tn = 8 if bm * bn >= 64 * threads and bn % 32 == 0 else 4
         if bn % tn or threads % (bn // tn):
             raise GemmCodegenError(f"simt tile: block_n={bn} must be a multiple of 4 with {threads} threads "
                                    f"a multiple of block_n/4")

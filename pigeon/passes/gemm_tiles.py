@@ -28,8 +28,8 @@ __all__ = ["DEFAULT", "ALTERNATIVES", "Buildable", "GemmTileError", "RULE_WHY", 
            "tile_point", "tile_points", "choose_gemm_tiles"]
 
 DEFAULT = TileConfig()
-# two per point: each is one more candidate per point in --tune (a kernel to build and time)
-ALTERNATIVES = (TileConfig(128, 64, 32, 8), TileConfig(32, 32, 16, 2))
+# each is one more candidate per point in --tune (a kernel to build and time)
+ALTERNATIVES = (TileConfig(128, 64, 32, 8), TileConfig(128, 128, 16, 8), TileConfig(32, 32, 16, 2))
 RULE_WHY = "rule: the default tile (alternatives are --tune candidates, measured on the GPU only)"
 
 

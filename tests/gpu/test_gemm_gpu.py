@@ -137,12 +137,19 @@ def test_weight_grad_form(dtype, feat):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_other_tiles(dtype):
-    tiles = [TileConfig(128, 64, 32, 8), TileConfig(32, 32, 16, 2), TileConfig(64, 128, 32, 4)]
+    # 64x128x32w4 and 128x128x16w8 give fp32 threads 8x8 micro-tiles (two column groups)
+    tiles = [TileConfig(128, 64, 32, 8), TileConfig(32, 32, 16, 2), TileConfig(64, 128, 32, 4),
+             TileConfig(128, 128, 16, 8)]
     if dtype == "float32":
         tiles.append(TileConfig(32, 64, 8, 2))
     for tile in tiles:
         _check(G("rows", 72, 40, dtype=dtype, gather=True, tile=tile))
         _check(G("weight_grad", 72, 40, dtype=dtype, scatter=True, tile=tile), rows_per_block=64)
+        # N=200: a full and a partial column block; transposed heads, scattered adds
+        _check(G("rows", 72, 200, heads=2, dtype=dtype, transpose_w=True, scatter=True, accumulate=True,
+                 scatter_unique=False, tile=tile))
+        _check(G("weight_grad", 72, 200, heads=2, dtype=dtype, transpose_w=True, gather=True, tile=tile),
+               rows_per_block=64)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
