@@ -36,13 +36,14 @@ def test_every_model_traces_and_runs_in_every_float_dtype(model, dtype):
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < TOL[dtype], err
     # every buffer of the kernel programs has its IR value's dtype (no program-wide stamp), except
-    # graph constants (float32 in every layer) and, in a 16-bit layer, sum aggregations only
-    # elementwise ops read (float32; tests/test_bf16_graph_data.py says why)
+    # graph constants (float32 in every layer) and, in a 16-bit layer, sum aggregations and dense
+    # GEMM rows only elementwise ops read (float32; tests/test_bf16_graph_data.py says why)
     res = autodiff(ir)
     for prog in (lower(res.forward), lower(res.backward)):
         gdata = {b for _, b in prog.graph_data}
         sums = {la.inst.out.name for la in prog.launches if getattr(la, "family", "") == "traversal"
                 and la.inst.loop == "aggregate" and la.inst.out.dtype != dtype}
+        sums |= {la.y for la in prog.launches if getattr(la, "family", "") == "gemm" and la.inst.y_dtype is not None}
         assert all(prog.buffer(b).dtype == "float32" for b in sums) and (not sums or dtype in ("bfloat16", "float16"))
         assert {b.dtype for b in prog.buffers if b.name not in gdata | sums} == {dtype}, prog.describe()
         want_g = "float64" if dtype == "float64" else "float32"

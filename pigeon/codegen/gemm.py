@@ -218,6 +218,13 @@ def check_instance(inst: GemmInstance) -> None:
         raise GemmCodegenError(f"GEMM H*K*N = {inst.heads}*{inst.k}*{inst.n} is too large for one weight block")
     if inst.form == "weight_grad" and inst.epilogue:
         raise GemmCodegenError("a weight_grad GEMM has no epilogue (its rows are reduced by several blocks)")
+    if inst.y_dtype is not None:
+        if inst.y_dtype != "float32" or inst.dtype == "float32":
+            raise GemmCodegenError(f"GEMM y_dtype {inst.y_dtype!r} with dtype {inst.dtype!r}: only a float32 Y "
+                                   f"of 16-bit operands")
+        if inst.form != "rows" or inst.not_dense():
+            raise GemmCodegenError(f"a float32 Y of 16-bit operands is for a dense rows GEMM (cuBLAS); this one: "
+                                   f"{inst.not_dense() or inst.form}")
     t = inst.tile
     if t.block_m < 1 or t.block_n < 1 or t.block_k < 1 or t.warps < 1 or t.warps > 32:
         raise GemmCodegenError(f"bad tile config {t}")
@@ -226,6 +233,9 @@ def check_instance(inst: GemmInstance) -> None:
 def gemm_config(inst: GemmInstance, params: Sequence[KernelParam] = ()) -> GemmConfig:
     """The template config of ``inst`` (raises GemmCodegenError for what the templates cannot do)."""
     check_instance(inst)
+    if inst.y_dtype is not None:
+        raise GemmCodegenError("the template writes Y in the operands' dtype; a float32 Y of a 16-bit GEMM "
+                               "runs on cuBLAS (pigeon/passes/gemm_backend.py)")
     t = inst.tile
     bm, bn, bk, threads = t.block_m, t.block_n, t.block_k, 32 * t.warps
     K, N = inst.k, inst.n

@@ -66,6 +66,14 @@ class GemmInstance:
     dtype: DTypes = "float32"           # dtype of X, W and Y
     acc_dtype: Literal["float32"] = "float32"
     tile: TileConfig = TileConfig()
+    y_dtype: Literal["float32"] | None = None   # Y's dtype where it is not ``dtype``: float32 for a 16-bit
+                                        # dense GEMM whose rows only elementwise kernels read
+                                        # (passes/lower.py ``gemm_storage``); cuBLAS runs it, not the template
+
+    @property
+    def out_dtype(self) -> str:
+        """The dtype of Y (rows form): ``y_dtype`` or ``dtype``."""
+        return self.y_dtype or self.dtype
 
     def __post_init__(self):
         if isinstance(self.epilogue, (tuple, list)):
@@ -94,7 +102,10 @@ class GemmInstance:
 
     def key(self) -> str:
         """Structural name of the instance: stable across processes, safe as a C identifier suffix."""
-        text = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)))
+        # y_dtype at its default stays out of the text: it came after the other fields, and every
+        # instance without it keeps the key (kernel names, cache entries) it had before
+        text = repr(tuple((f.name, getattr(self, f.name)) for f in fields(self)
+                          if not (f.name == "y_dtype" and self.y_dtype is None)))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

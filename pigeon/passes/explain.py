@@ -137,6 +137,9 @@ def explain(ir: IRGraph, records, programs: dict[str, KernelProgram | None], sta
                 f = forced()
                 chosen = (f"{ENV}={f}" if f is not None and launch.backend == f else
                           RULE_WHY if launch.backend == RULE_PICK else "given")
+                if launch.inst.y_dtype is not None:
+                    chosen = (f"float32 rows of {launch.inst.dtype} operands, read only elementwise: "
+                              f"cuBLAS only")
                 out.append(f"gemm backend: {name} {point} -> {launch.writes()[0]}: {launch.backend} ({chosen})")
             elif isinstance(launch, GemmLaunch) and launch.inst.typed and launch.backend == "cublas":
                 out.append(f"gemm backend: {name} typed {launch.rows}/k{launch.inst.k}n{launch.inst.n} -> "

@@ -14,6 +14,9 @@ is hand-written for the dense case that a library provides; the TVM kernel is a 
 ``--tune`` measures on the GPU.  On a CPU every option runs the instance's semantics.
 ``choose_gemm_backends`` applies the rule, or the given choices.  ``PIGEON_DENSE_GEMM=cublas|template|tvm``
 forces a backend wherever it can run (TVM's: the rows form), leaving that point one option.
+A 16-bit dense GEMM whose float32 rows only elementwise kernels read (``GemmInstance.y_dtype``, set by
+pigeon/passes/lower.py) runs on cuBLAS only (point ``.../f32``): the template and TVM's kernel
+store Y in the operands' dtype.
 ``PIGEON_TYPED_GEMM=cublas`` (``typed_forced``) sends typed single-head GEMMs to cuBLAS, one call per
 type segment (family_gemm.run_cublas_segments): an experiment for the float32 cases, where the SIMT
 template reached ~23 TFLOP/s of the 50 ceiling on the AM-sized graph at hidden 128. Measured there
@@ -79,11 +82,15 @@ def gemm_point(launch) -> str | None:
     if not isinstance(launch, GemmLaunch) or launch.inst.not_dense() is not None:
         return None
     i = launch.inst
-    return f"gemm:{launch.rows}/k{i.k}n{i.n}/{gemm_form(i)}"
+    # a float32 Y of 16-bit operands has one option: its own point, not shared with a same-shape GEMM
+    return f"gemm:{launch.rows}/k{i.k}n{i.n}/{gemm_form(i)}" + ("/f32" if i.y_dtype is not None else "")
 
 
 def options(launch: GemmLaunch) -> tuple[str, ...]:
-    """The backends that can run a dense launch (TVM's kernel: the rows form only)."""
+    """The backends that can run a dense launch (TVM's kernel: the rows form only; a float32 Y of
+    16-bit operands, ``inst.y_dtype``: cuBLAS only)."""
+    if launch.inst.y_dtype is not None:
+        return ("cublas",)
     return BACKENDS if launch.inst.form == "rows" else ("cublas", "template")
 
 

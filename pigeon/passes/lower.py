@@ -99,6 +99,21 @@ class _Lowering:
             return "float32"
         return dt
 
+    def gemm_storage(self, op: Op) -> str:
+        """The storage of a dense GEMM's rows (``x @ W``, untyped, not gathered): float32 in a
+        16-bit layer when it is no program output and only elementwise ops read it, else as any
+        buffer; cuBLAS writes them (GemmInstance.y_dtype). Why: as for a sum (``sum_storage``):
+        RGCN's ``agg + x W_self + b`` with ``x W_self`` rounded to bf16 and ``agg`` a bf16 message
+        (a node of in-degree 1) lies on a bf16 tie so often that a bias of ~1e-6 after one SGD step
+        rounds every tie its way; unrounded, the sum is rounded once, as the reference's float32 math."""
+        dt = self.storage(op.type.dtype)
+        if dt not in ("bfloat16", "float16") or op.key in self.outputs:
+            return dt
+        users = self.consumers[op.key]
+        if users and all(u.kind in (OpKind.UNARY, OpKind.BINARY) for u in users):
+            return "float32"
+        return dt
+
     def new_buffer(self, op: Op, prefix: str = "t", dtype: str | None = None) -> Buffer:
         b = Buffer(f"{prefix}{self.counter}", _buffer_rows(op), op.type.shape, dtype or self.storage(op.type.dtype))
         self.counter += 1
@@ -267,8 +282,9 @@ class _Lowering:
             k, n = wshape[-2], wshape[-1]
             x, gather = self.matrix_operand(x_key)
             rows = _gemm_rows(xt)
-            out = self.new_buffer(op)
             typed = wt.domain is Domain.WEIGHT
+            dense = not typed and gather is None and heads == 1
+            out = self.new_buffer(op, dtype=self.gemm_storage(op) if dense else None)
             seg, scatter = "all", None
             if typed and wt.per is TypeAxis.NTYPE:
                 if gather is not None:
@@ -276,6 +292,12 @@ class _Lowering:
                 seg, gather, scatter = "ntype", "ntype_perm", "ntype_perm"
             elif typed:
                 seg = "etype"
+            if out.dtype == "float32" and x.dtype != "float32":     # gemm_storage's float32 rows
+                inst = GemmInstance("rows", k, n, heads=heads, typed=False, transpose_w=transpose,
+                                    dtype=self._gemm_dtype(x, wbuf), y_dtype="float32")
+                self.launches.append(GemmLaunch(inst, x.name, wbuf.name, out.name, rows, seg, None, None,
+                                                backend="cublas"))
+                return
             inst = GemmInstance("rows", k, n, heads=heads, typed=typed, gather=gather is not None,
                                 scatter=scatter is not None, transpose_w=transpose, dtype=self._gemm_dtype(x, wbuf, out))
             self.launches.append(GemmLaunch(inst, x.name, wbuf.name, out.name, rows, seg, gather, scatter))

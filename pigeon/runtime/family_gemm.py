@@ -303,9 +303,9 @@ def gemm_reference(inst: GemmInstance, X: torch.Tensor, W: torch.Tensor, seg_ptr
     dt = TORCH_DTYPES[inst.dtype]
     if (gather is not None) != inst.gather or (scatter is not None) != inst.scatter:
         raise ValueError(f"instance has gather={inst.gather} scatter={inst.scatter}")
-    for what, t in (("X", X), ("W", W), ("Y", Y)):
-        if t.dtype != dt:
-            raise TypeError(f"{what} is {t.dtype}, the instance is {inst.dtype}")
+    for what, t, want in (("X", X, inst.dtype), ("W", W, inst.dtype), ("Y", Y, inst.out_dtype)):
+        if t.dtype != TORCH_DTYPES[want]:
+            raise TypeError(f"{what} is {t.dtype}, the instance has {want}")
     x3 = X.reshape(X.shape[0], H, K)
     M = gather.numel() if gather is not None else x3.shape[0]
     if seg_ptr is None:
@@ -337,6 +337,7 @@ def gemm_reference(inst: GemmInstance, X: torch.Tensor, W: torch.Tensor, seg_ptr
 
     w4 = W.reshape(wshape)
     y3 = Y.view(Y.shape[0], H, N)
+    dt = TORCH_DTYPES[inst.out_dtype]
     atomic = inst.accumulate and s is not None and not inst.scatter_unique
     acc = y3.to(cd) if atomic else None                                 # sums duplicate destinations
     for t in range(T):
@@ -484,7 +485,18 @@ def _mm_segments(inst: GemmInstance, x, w, seg: list[int], gather, y) -> None:
     for t in range(T):
         s, e = seg[t], seg[t + 1]
         if e > s:
-            torch.mm(rows(s, e), w3[t].t() if inst.transpose_w else w3[t], out=y2[s:e])
+            _mm_into(rows(s, e), w3[t].t() if inst.transpose_w else w3[t], y2[s:e])
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b``; a float32 ``out`` of 16-bit operands (GemmInstance.y_dtype) by cuBLAS's
+    float32-output GEMM on a GPU, by float32 operands elsewhere (aten's mm.dtype_out is CUDA only)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif a.is_cuda:
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
 def _cuda(launch: GemmLaunch, kg: Any, bufs: Any, backend: Any) -> None:
@@ -503,6 +515,12 @@ def _cuda(launch: GemmLaunch, kg: Any, bufs: Any, backend: Any) -> None:
     run_gemm_launch(launch, bufs[launch.x], bufs[launch.w], bufs[launch.y], kg, backend)
 
 
+def _validate(launch: GemmLaunch) -> None:
+    check_instance(launch.inst)
+    if launch.inst.y_dtype is not None and launch.backend != "cublas":
+        raise GemmLaunchError(f"a float32 Y of a {launch.inst.dtype} GEMM runs on cuBLAS, not {launch.backend!r}")
+
+
 def _render(launch: GemmLaunch) -> RenderedKernel | None:
     if launch.backend == "cublas":    # a library call: no kernel of pigeon's to build or carry
         return None
@@ -514,6 +532,6 @@ def _render(launch: GemmLaunch) -> RenderedKernel | None:
 
 GEMM = register_family(KernelFamily(
     "gemm", GemmLaunch, (GemmInstance, TileConfig), semantics=_semantics,
-    validate=lambda launch: check_instance(launch.inst), render=_render,
+    validate=_validate, render=_render,
     cuda=_cuda, emulate=None,    # the templates use shared memory and barriers: no CPU emulation
     doc="segment/gather/scatter matmul, one weight per type (CUDA SIMT fp32, mma.sync bf16/fp16)"))
