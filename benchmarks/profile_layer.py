@@ -1,9 +1,9 @@
 """Where the time goes in one compiled layer: torch.profiler over training steps (forward+backward) or no-grad forwards, CUDA
 time per kernel (pigeon's kernels by name and kind, torch ops by name), against the wall time.
 
-    python benchmarks/profile_layer.py --model rgat --graph synthetic:am --dim 64 [--mode inference] --out DIR
+    python benchmarks/profile_layer.py --model rgat --graph synthetic:am --dim 64 [--mode inference] [--dtype bfloat16] --out DIR
 
-Writes DIR/profile_<model>_<graph>_d<dim>_<mode>.md with GPU, commit, date and the command."""
+Writes DIR/profile_<model>_<graph>_d<dim>_<mode>[_<dtype>].md (the dtype named when not float32) with GPU, commit, date and the command."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--mode", choices=("training", "inference"), default="training",
                     help="training: forward+backward per step; inference: a no-grad forward per step")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--out", default="/tmp/pigeon_out")
     args = ap.parse_args()
     import pigeon as pg
@@ -34,9 +35,9 @@ def main() -> int:
     g = load(args.graph)
     if args.graph == "fb15k-237":
         g = g.with_reverse_edges()
-    layer = pg.compile(MODELS[args.model], g, args.dim, **hps[args.model]).to("cuda")
+    layer = pg.compile(MODELS[args.model], g, args.dim, dtype=args.dtype, **hps[args.model]).to("cuda")
     train = args.mode == "training"
-    x = torch.randn(g.num_nodes, args.dim, device="cuda", requires_grad=train)
+    x = torch.randn(g.num_nodes, args.dim, device="cuda").to(getattr(torch, args.dtype)).requires_grad_(train)
 
     def step():
         if train:
@@ -77,7 +78,8 @@ def main() -> int:
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=os.environ.get("PIGEON_COMMIT", "?"),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python benchmarks/profile_layer.py " + " ".join(sys.argv[1:]))
-    md = [f"# profile: {args.model} on {args.graph}, d {args.dim}, {'forward+backward' if train else 'no-grad forward'} per step\n"]
+    md = [f"# profile: {args.model} on {args.graph}, d {args.dim} {args.dtype}, "
+          f"{'forward+backward' if train else 'no-grad forward'} per step\n"]
     md += [f"- {k}: {v}" for k, v in meta.items()]
     md += [f"- wall per step: {wall:.3f} ms; GPU time per step (sum of kernels): {total:.3f} ms", "",
            "| kernel | ms / step | calls / step | share | what |", "|---|---|---|---|---|"]
@@ -86,7 +88,8 @@ def main() -> int:
     text = "\n".join(md) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_{args.model}_{args.graph.replace(':', '_')}_d{args.dim}_{args.mode}.md").write_text(text)
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    (out / f"profile_{args.model}_{args.graph.replace(':', '_')}_d{args.dim}_{args.mode}{suffix}.md").write_text(text)
     print(text)
     return 0
 
