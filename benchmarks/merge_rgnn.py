@@ -26,6 +26,13 @@ def _agg_key(a: dict) -> tuple:
     return (a.get("graph"), a.get("dim"), a.get("dtype"))
 
 
+def _host(summary: dict) -> dict:
+    """A run's per-model host overhead as build_summary takes it, with its batches where recorded."""
+    detail = summary.get("host_overhead_detail") or {}
+    return {m: {"host_overhead_us": v, **detail.get(m, {})}
+            for m, v in (summary.get("host_overhead_us_by_model") or {}).items()}
+
+
 def main(argv=None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) < 2:
@@ -44,7 +51,7 @@ def main(argv=None) -> int:
     aggs = {_agg_key(a): a for a in data.get("aggregations", [])}
     graphs = {g["graph"]: g for g in data["graphs"]}
     commands = list(data["meta"].get("commands") or [data["meta"]["command"]])
-    host = {m: {"host_overhead_us": v} for m, v in (old.get("host_overhead_us_by_model") or {}).items()}
+    host = _host(old)
     host_note = old.get("host_overhead_us_note")
     replaced = added = 0
     for d in newer:
@@ -73,7 +80,7 @@ def main(argv=None) -> int:
             graphs[g["graph"]] = g
         commands.append(run["meta"]["command"])
         if s.get("host_overhead_us_by_model"):
-            host = {m: {"host_overhead_us": v} for m, v in s["host_overhead_us_by_model"].items()}
+            host = _host(s)
             host_note = f"from the run `{run['meta']['command']}` (commit {run['meta']['commit']}): " + \
                 (s.get("host_overhead_us_note") or "")
         data["meta"] = {**data["meta"], **{k: run["meta"][k] for k in ("commit", "date", "command", "torch")

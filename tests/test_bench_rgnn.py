@@ -339,3 +339,16 @@ def test_merge_tune_only_joins_tune_results_and_keeps_timings(tmp_path):
     assert bench("--quick", "--device", "cpu", "--models", "rgat", "--dtypes", "float32", "--modes", "inference",
                  "--reps", "1", "--out", other, "--peers", "none", "--tune-check")[0] == 0
     assert merge.main(["--tune-only", str(base), str(other)]) == 2
+
+
+def test_summary_keeps_each_host_overhead_batch(quick):
+    """The host overhead's batches and GPU time reach the summary beside the number (the number
+    swings several-fold between runs on the H200: the batches show whether one run was noisy)."""
+    code, stdout, stderr, out = quick
+    data = json.loads((out / "cases.json").read_text())
+    cfg = rgnn.Config(plan=(("tiny", (16,)),), models=("rgcn",), dtypes=("float32",), modes=("inference",),
+                      peers=(), device=torch.device("cpu"), reps=1, warmup=1, peer_timeout=1.0, out=str(out))
+    host = {"rgcn": {"wall_us": 40.0, "gpu_us": 12.5, "host_overhead_us": 27.5, "wall_us_batches": [39.0, 40.0, 41.0]}}
+    s = rgnn.build_summary(data["cases"], data["meta"], [], cfg, host=host, host_note="test")
+    assert s["host_overhead_us"] == 27.5 and s["host_overhead_us_by_model"] == {"rgcn": 27.5}
+    assert s["host_overhead_detail"] == {"rgcn": {"wall_us": 40.0, "gpu_us": 12.5, "wall_us_batches": [39.0, 40.0, 41.0]}}

@@ -536,6 +536,10 @@ def build_summary(cases: list[dict], meta: dict, graphs: list[dict], cfg: Config
     s["host_overhead_us"] = max(v["host_overhead_us"] for v in per_model.values()) if per_model else None
     if per_model:
         s["host_overhead_us_by_model"] = {m: v["host_overhead_us"] for m, v in per_model.items()}
+        # the wall time per call of each batch and the GPU time it is reduced by: the spread between
+        # batches says how much one number can be trusted (it swings several-fold between runs)
+        s["host_overhead_detail"] = {m: {k: v[k] for k in ("wall_us", "gpu_us", "wall_us_batches") if k in v}
+                                     for m, v in per_model.items()}
     s["host_overhead_us_note"] = host_note or "measured at the end of the run"
     s.update(kernel_summary(cases, aggregations or [], cfg.device))
     s["graphs"] = graphs
