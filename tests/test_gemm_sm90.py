@@ -204,6 +204,7 @@ needs_cutlass = pytest.mark.skipif(not nvcc_available() or cutlass_headers.versi
 
 
 @needs_cutlass
+@pytest.mark.slow      # 2 minutes of nvcc on a 2-core CI machine (CPU suite budget ~10 min): -m slow runs it
 def test_representative_sm90_library_compiles_for_sm90a(tmp_path):
     entry = _compile("dense_gelu_bias_residual", tmp_path)
     assert "-gencode=arch=compute_90a,code=sm_90a" in entry.meta["command"]
