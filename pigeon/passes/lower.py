@@ -92,12 +92,15 @@ class _Lowering:
         training: bias gradient 36x the bf16 reference's error vs float64, benchmarks/debug_bias_grad.py).
         The kernels accumulate in float32 anyway; this only skips rounding the partial result."""
         dt = self.storage(op.type.dtype)
-        if dt not in ("bfloat16", "float16") or op.attr("reduce") not in ("sum", "mean") or op.key in self.outputs:
-            return dt
+        return "float32" if op.attr("reduce") in ("sum", "mean") and self._f32_tail_value(op, dt) else dt
+
+    def _f32_tail_value(self, op: Op, dt: str) -> bool:
+        """Whether a value stored as ``dt`` may be kept float32 instead: ``dt`` is 16-bit, the value is
+        no program output, and only elementwise ops read it (their kernels load any dtype)."""
+        if dt not in ("bfloat16", "float16") or op.key in self.outputs:
+            return False
         users = self.consumers[op.key]
-        if users and all(u.kind in (OpKind.UNARY, OpKind.BINARY) for u in users):
-            return "float32"
-        return dt
+        return bool(users) and all(u.kind in (OpKind.UNARY, OpKind.BINARY) for u in users)
 
     def gemm_storage(self, op: Op) -> str:
         """The storage of a dense GEMM's rows (``x @ W``, untyped, not gathered): float32 in a
@@ -107,12 +110,7 @@ class _Lowering:
         (a node of in-degree 1) lies on a bf16 tie so often that a bias of ~1e-6 after one SGD step
         rounds every tie its way; unrounded, the sum is rounded once, as the reference's float32 math."""
         dt = self.storage(op.type.dtype)
-        if dt not in ("bfloat16", "float16") or op.key in self.outputs:
-            return dt
-        users = self.consumers[op.key]
-        if users and all(u.kind in (OpKind.UNARY, OpKind.BINARY) for u in users):
-            return "float32"
-        return dt
+        return "float32" if self._f32_tail_value(op, dt) else dt
 
     def new_buffer(self, op: Op, prefix: str = "t", dtype: str | None = None) -> Buffer:
         b = Buffer(f"{prefix}{self.counter}", _buffer_rows(op), op.type.shape, dtype or self.storage(op.type.dtype))
@@ -292,15 +290,12 @@ class _Lowering:
                 seg, gather, scatter = "ntype", "ntype_perm", "ntype_perm"
             elif typed:
                 seg = "etype"
-            if out.dtype == "float32" and x.dtype != "float32":     # gemm_storage's float32 rows
-                inst = GemmInstance("rows", k, n, heads=heads, typed=False, transpose_w=transpose,
-                                    dtype=self._gemm_dtype(x, wbuf), y_dtype="float32")
-                self.launches.append(GemmLaunch(inst, x.name, wbuf.name, out.name, rows, seg, None, None,
-                                                backend="cublas"))
-                return
+            y_dtype = "float32" if out.dtype != x.dtype else None     # gemm_storage's float32 rows
             inst = GemmInstance("rows", k, n, heads=heads, typed=typed, gather=gather is not None,
-                                scatter=scatter is not None, transpose_w=transpose, dtype=self._gemm_dtype(x, wbuf, out))
-            self.launches.append(GemmLaunch(inst, x.name, wbuf.name, out.name, rows, seg, gather, scatter))
+                                scatter=scatter is not None, transpose_w=transpose, y_dtype=y_dtype,
+                                dtype=self._gemm_dtype(x, wbuf) if y_dtype else self._gemm_dtype(x, wbuf, out))
+            self.launches.append(GemmLaunch(inst, x.name, wbuf.name, out.name, rows, seg, gather, scatter,
+                                            **({"backend": "cublas"} if y_dtype else {})))
             return
         # weight gradient: dW[t] = sum over rows of type t of outer(a, b)
         a_key, b_key = op.inputs
