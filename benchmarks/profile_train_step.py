@@ -11,7 +11,12 @@ remove is its own forward and backward glue; this says how large each part is.
     python benchmarks/profile_train_step.py --graphs aifb,mutag --models rgcn,rgat,hgt --out DIR
 
 Writes DIR/train_step_phases.json and .md (microseconds per step, medians over ``--steps``) and a
-cProfile of pigeon's step per case (DIR/train_step_cprofile_<graph>_<model>.txt)."""
+cProfile of pigeon's step per case (DIR/train_step_cprofile_<graph>_<model>.txt).
+
+``--ops`` adds torch.profiler's CPU-side table of pigeon's step (DIR/train_step_ops_<graph>_<model>.txt:
+every aten op, autograd node and pigeon record_function with its host microseconds per step), and
+``--peers floor`` a one-matmul module of the same output (``x @ W``): the harness's own cost of a
+step (zero_grad, loss, backward engine, SGD) on this host, which no layer can go below."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +83,36 @@ def phase_times(step, steps: int) -> dict:
     return res
 
 
+class _OneMatmul(torch.nn.Module):
+    """The least a layer can be: one weight, one matmul (the harness floor of ``--peers floor``)."""
+
+    def __init__(self, k: int, n: int):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(k, n) / k ** 0.5)
+
+    def forward(self, x):
+        return x @ self.W
+
+
+def op_table(step, steps: int) -> str:
+    """torch.profiler's CPU-side table of ``steps`` training steps, self and total host time per
+    step in microseconds, sorted by self time (what each op itself costs on this host)."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    lines = [f"{'op':<60} {'calls/step':>10} {'self us/step':>12} {'total us/step':>13}"]
+    for e in rows[:60]:
+        lines.append(f"{e.key[:60]:<60} {e.count / steps:>10.1f} {e.self_cpu_time_total / steps:>12.1f} "
+                     f"{e.cpu_time_total / steps:>13.1f}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--graphs", default="aifb")
@@ -85,6 +120,8 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--peers", default="pyg,reference")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--ops", action="store_true", help="also write torch.profiler's CPU op table of pigeon's step")
     ap.add_argument("--out", default="/tmp/pigeon_out")
     args = ap.parse_args()
     import pigeon as pg
@@ -106,15 +143,20 @@ def main() -> int:
             commit = ""
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join(sys.argv), "steps": args.steps, "unit": "us per step"}
+            "command": "python " + " ".join(sys.argv), "steps": args.steps, "unit": "us per step",
+            "dtype": args.dtype}
+    tdt = getattr(torch, args.dtype)
     results = []
     for gname in args.graphs.split(","):
         g = load(gname)
         for model in args.models.split(","):
             hp = hparams(model, args.dim)
-            x = torch.randn(g.num_nodes, args.dim, device=dev)
-            impls = [("pigeon", lambda: pg.compile(MODELS[model], g, args.dim, **hp).to(dev))]
-            for peer in peers_for(model, g.to(dev), args.dim, hp, dev, "float32", args.peers.split(",")):
+            x = torch.randn(g.num_nodes, args.dim, device=dev).to(tdt)
+            impls = [("pigeon", lambda: pg.compile(MODELS[model], g, args.dim, dtype=args.dtype, **hp).to(dev))]
+            kinds = args.peers.split(",")
+            if "floor" in kinds:
+                impls.append(("floor (x @ W)", lambda: _OneMatmul(args.dim, hp.get("out_dim", args.dim)).to(dev, tdt)))
+            for peer in peers_for(model, g.to(dev), args.dim, hp, dev, args.dtype, [k for k in kinds if k != "floor"]):
                 if peer.build is not None:
                     impls.append((peer.name, peer.build))
             for name, build in impls:
@@ -139,6 +181,10 @@ def main() -> int:
                     pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(40)
                     (out / f"train_step_cprofile_{gname}_{model}.txt").write_text(
                         f"# {meta['command']} ({commit}), 100 steps\n" + s.getvalue())
+                    if args.ops:
+                        (out / f"train_step_ops_{gname}_{model}.txt").write_text(
+                            f"# {meta['command']} ({commit}): torch.profiler CPU time, 50 steps, us per step\n"
+                            + op_table(step, 50))
                 del step
                 torch.cuda.empty_cache()
     (out / "train_step_phases.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -211,12 +211,79 @@ def test_bf16_layer_trains_through_the_replay(fake_cuda, monkeypatch):
     for _ in range(2):
         for x, up, w in zip(xs, ups, want):
             _same(_step(layer, x, up), w)
-    # its weights are per-call bf16 casts of the float32 masters: copied into the forward's statics,
-    # read from there by the backward
+    # its float32 master weights are read in place and cast inside the forward graph; the backward
+    # reads those casts from the forward's statics
     lp = ops.get_layer(layer.layer_id)
     trs = [v for v in lp.train_replays.values() if isinstance(v, train_replay.TrainReplay)]
-    assert trs and all(tr.fwd.in_place_params == () for tr in trs)
+    masters = {id(w) for w in layer.weights.values()}
+    assert trs and all({id(p) for p in tr.fwd.in_place_params} == masters for tr in trs)
+    assert all(set(tr.casts) == set(layer.weights) for tr in trs)
     assert any(tr.bwd is not None and tr.bwd.replays >= 3 for tr in trs)
+
+
+def _bf16_setup(n=3):
+    g = load("tiny")
+    layer = pg.compile(rgat, g, IN, out_dim=3, heads=2, dtype="bfloat16")
+    torch.manual_seed(1)
+    xs = [torch.randn(g.num_nodes, IN).bfloat16() for _ in range(n)]
+    ups = [torch.randn(g.num_nodes, 6).bfloat16() for _ in range(n)]
+    return layer, xs, ups
+
+
+def test_bf16_masters_equal_casts_outside_the_layer(fake_cuda, monkeypatch):
+    """Master weights cast inside the layer (plain and replayed, the one-step call included) give
+    bit for bit what one differentiable .to() per weight outside it gave (the op path still casts
+    outside), gradients in float32 like the masters', with no cast node per weight in autograd."""
+    layer, xs, ups = _bf16_setup()
+    monkeypatch.setenv(ops.FASTPATH_ENV, "0")
+    want = _plain(monkeypatch, layer, xs, ups)
+    monkeypatch.delenv(ops.FASTPATH_ENV)
+    for mode in ("0", "1"):
+        monkeypatch.setenv(replay.ENV, mode)
+        for _ in range(3):
+            for x, up, w in zip(xs, ups, want):
+                got = _step(layer, x, up)
+                _same(got, w)
+                assert [g.dtype for g in got[1][1:]] == [torch.float32] * len(layer.weights)
+    lp = ops.get_layer(layer.layer_id)
+    assert any(isinstance(v, train_replay.TrainReplay) and v.bwd is not None and v.bwd.replays >= 3
+               for v in lp.train_replays.values())
+    assert lp.fast_trains                             # the one-step call took the masters too
+    out = layer(xs[0].clone().requires_grad_(True))
+    nodes, todo = set(), [out.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f not in nodes:
+            nodes.add(f)
+            todo.extend(n for n, _ in f.next_functions)
+    assert not [f for f in nodes if "ToCopy" in type(f).__name__]
+
+
+def test_bf16_master_changed_before_backward_uses_the_forwards_cast(fake_cuda, monkeypatch):
+    """As with a saved .to(): an optimizer step between a forward and its backward does not reach
+    that backward, which computes with the weights its forward used (on both paths)."""
+    layer, xs, ups = _bf16_setup(n=1)
+
+    def run():
+        x = xs[0].clone().requires_grad_(True)
+        out = layer(x)
+        with torch.no_grad():
+            before = [w.clone() for w in layer.weights.values()]
+            for w in layer.weights.values():
+                w.add_(0.5)
+        grads = torch.autograd.grad((out * ups[0]).sum(), [x] + list(layer.weights.values()))
+        with torch.no_grad():
+            for w, b in zip(layer.weights.values(), before):
+                w.copy_(b)
+        return out.detach(), grads
+    monkeypatch.setenv(ops.FASTPATH_ENV, "0")
+    monkeypatch.setenv(replay.ENV, "0")
+    want = run()
+    monkeypatch.delenv(ops.FASTPATH_ENV)
+    for mode in ("0", "1"):
+        monkeypatch.setenv(replay.ENV, mode)
+        for _ in range(3):
+            _same(run(), want)
 
 
 def test_eligibility(fake_cuda, monkeypatch):

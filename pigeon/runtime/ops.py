@@ -84,6 +84,17 @@ class LayerPrograms:
             self.__dict__["_backward_plan"] = plan
         return plan
 
+    @property
+    def param_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtype each weight has in the kernel programs (a 16-bit layer's; its float32 master
+        weights are cast to it: ``low_params``)."""
+        dts = self.__dict__.get("_param_dtypes")
+        if dts is None:
+            buf = dict(self.forward.params)
+            dts = tuple(TORCH_DTYPES[self.forward.buffer(buf[n]).dtype] for n in self.param_names)
+            self.__dict__["_param_dtypes"] = dts
+        return dts
+
     def saved_of(self, outputs):
         """The saved values (the backward program's ``saved_<i>`` inputs) among the op's outputs."""
         return [outputs[i] for i in self.saved_index]
@@ -296,16 +307,12 @@ def run_layer_forward(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, input
         if x.dtype != dt:
             x = x.to(dt)
         ins.append(x if x.is_contiguous() else x.contiguous())
-    params = []
-    fresh = None                       # cast afresh (autograd records the call, or dynamo traces it)
-    for name in glue.params:           # a no-op .to() still costs a dispatch per weight per call
-        w = weights[name]
-        if w.dtype == dt:
-            params.append(w)
-            continue
-        if fresh is None:
-            fresh = torch.compiler.is_compiling() or _records_grad(ins, [weights[n] for n in glue.params])
-        params.append(w.to(dt) if fresh else cast_weight(w, dt, False))    # once per master state
+    params = [weights[name] for name in glue.params]
+    if any(w.dtype != dt for w in params):          # a no-op .to() still costs a dispatch per weight per call
+        if not _masters_pass(ins, params, dt):
+            fresh = torch.compiler.is_compiling() or _records_grad(ins, params)    # cast afresh
+            params = [w if w.dtype == dt else w.to(dt) if fresh else cast_weight(w, dt, False)  # once per
+                      for w in params]                                                          # master state
     if _eager(ins, params):
         if _records_grad(ins, params):
             outs = _LayerForward.apply(layer_id, len(ins), None, *ins, *params)
@@ -342,6 +349,34 @@ def call_layer(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, args: tuple,
         _fast.learn(lp, glue, args[0], weights)
         _train.learn(lp, glue, args[0], weights)
     return result
+
+
+def _masters_pass(ins, params, dt) -> bool:
+    """Whether a 16-bit layer's float32 master weights go into ``_LayerForward`` as they are, to be
+    cast inside it (``low_params``; on a replayed training call inside its CUDA graphs,
+    pigeon/runtime/train_replay.py), instead of one differentiable ``.to()`` per weight per call
+    outside: an eager training call. The casts and their gradients' casts back are then no autograd
+    nodes of their own (on the GPU machine's host each cost 20-40 us a call, forward and backward)."""
+    if dt not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return False
+    for w in params:
+        if w.dtype != dt and w.dtype != torch.float32:
+            return False
+    return _records_grad(ins, params) and _eager(ins, params)
+
+
+def low_params(lp, params: list) -> list:
+    """``params`` in the programs' dtypes: float32 master weights of a 16-bit layer cast down (the
+    values a ``.to()`` per weight outside the layer gives). Called inside ``_LayerForward``, where
+    autograd records nothing: the layer's backward returns their gradients in the programs' dtype
+    and autograd casts each to its master's dtype, as a ``.to()`` node would."""
+    out = None
+    for i, (p, dt) in enumerate(zip(params, lp.param_dtypes)):
+        if p.dtype != dt:
+            if out is None:
+                out = list(params)
+            out[i] = p.to(dt)
+    return params if out is None else out
 
 
 def _device(tensors) -> torch.device:
@@ -517,9 +552,9 @@ class _LayerForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer_id, n_in, train, *tensors):
         ins, params = list(tensors[:n_in]), list(tensors[n_in:])
-        if not any(ctx.needs_input_grad):      # no backward: the user outputs alone
-            return tuple(_forward_impl(layer_id, ins, params, user_only=True))
         lp = get_layer(layer_id)
+        if not any(ctx.needs_input_grad):      # no backward: the user outputs alone
+            return tuple(_forward_impl(layer_id, ins, low_params(lp, params), user_only=True))
         # ``train``: the TrainReplay of a one-step call (train_replay.fast_lookup), else looked up
         tr = train if train is not None else _train.lookup(lp, ins, params)
         if tr is not None:                     # forward and backward graphs sharing their buffers
@@ -529,6 +564,7 @@ class _LayerForward(torch.autograd.Function):
             ctx.out_meta = [(o.shape, o.dtype, o.device) for o in outs]
             ctx.set_materialize_grads(False)
             return tuple(outs)
+        params = low_params(lp, params)        # saved as the programs read them (the master's cast)
         out = _forward_impl(layer_id, ins, params)
         _save(ctx, layer_id, ins, params, out)
         ctx.set_materialize_grads(False)

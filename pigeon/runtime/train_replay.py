@@ -20,6 +20,13 @@ now).  So two forwards before their backwards, a retained graph's second backwar
 after another call all get their own forward's values; the common step (forward, backward, the
 graph freed) copies nothing.
 
+Master weights.  A 16-bit layer's training call passes its float32 master weights as they are
+(ops.low_params): the forward graph reads each master in place and casts it to the programs' dtype
+inside the graph, the backward graph reads those casts where the forward left them (shared
+statics, parked and restored like the rest: a backward sees its own forward's weights, as a saved
+``.to()`` would give it) and casts the weights' gradients up to float32 inside the graph. A step
+then costs no cast, and no cast-back, per weight on the host.
+
 Checks that the plain path makes through ``save_for_backward`` are kept: an input or weight
 modified in place between forward and backward raises, naming it.  A double backward
 (``create_graph``) gets the saved values as tensors and goes through the pigeon::layer_backward op,
@@ -61,6 +68,7 @@ class SavedValues:
     was called with (their versions, for autograd's in-place check) and, once parked, copies of
     the shared statics."""
     __slots__ = ("train", "tensors", "versions", "data", "__weakref__")
+    # a master weight's version is not checked: the forward's cast of it is what backward reads
 
     def __init__(self, train: "TrainReplay", tensors: list):
         self.train = train
@@ -71,7 +79,7 @@ class SavedValues:
     def check_versions(self) -> None:
         tr = self.train
         for name, t, v in zip(tr.arg_names, self.tensors, self.versions):
-            if t._version != v:
+            if t._version != v and name not in tr.casts:
                 raise RuntimeError(
                     f"one of the variables needed for gradient computation has been modified by an inplace "
                     f"operation: {name!r} of pigeon layer {tr.name!r} is at version {t._version}; expected "
@@ -89,6 +97,14 @@ class TrainReplay:
         self.arg_names = tuple(lp.input_names) + tuple(lp.param_names)
         fplan = _plan(lp.forward, kg)
         fexec = functools.partial(Executor(lp.forward, backend, poison=poison)._execute, fplan, kg)
+        # master weights (float32, of a 16-bit layer): cast inside the graphs (module docstring)
+        self.casts = {n: dt for n, dt in zip(lp.param_names, lp.param_dtypes)
+                      if n in params and params[n].dtype != dt}
+        with torch.no_grad():            # where the graph casts the masters to (the backward reads them)
+            cast_statics = {n: torch.empty(params[n].shape, dtype=dt, device=params[n].device)
+                            for n, dt in self.casts.items()}
+        if self.casts:
+            fexec = functools.partial(_cast_masters, fexec, self.casts, cast_statics, None)
         self.fwd = _replay.ProgramReplay(self.name, fexec, kg, self.device, inputs, params,
                                          fplan.input_names, fplan.param_names)
         self.user_names = tuple(lp.returned[:lp.n_outputs])
@@ -97,6 +113,7 @@ class TrainReplay:
         # what the backward reads from the forward's statics, by the backward's names for them
         shared = {n: self.fwd.static_of(n) for n in fplan.input_names + fplan.param_names}
         shared = {n: t for n, t in shared.items() if t is not None}     # params read in place: not shared
+        shared.update(cast_statics)       # the captured run's casts of the masters (replays rewrite them)
         shared.update((n, self.fwd.output_static(n)) for n in self.saved_keys)
         self.shared = shared
         uniq: dict[int, torch.Tensor] = {}
@@ -181,6 +198,10 @@ class TrainReplay:
             raise RuntimeError(f"pigeon: the backward of {self.name!r} reads {sorted(missing)}, "
                                f"which its forward does not keep")
         bexec = functools.partial(Executor(lp.backward, self.backend, poison=self.poison)._execute, bplan, kg)
+        if self.casts:
+            by_name = lp.backward_plan()[3]
+            up = {by_name[n]: params[n].dtype for n in self.casts if n in by_name}
+            bexec = functools.partial(_cast_masters, bexec, self.casts, {}, up)
         return _replay.ProgramReplay(f"{self.name} (backward)", bexec, kg, self.device, inputs, params,
                                      bplan.input_names, bplan.param_names, shared=shared)
 
@@ -196,6 +217,27 @@ class TrainReplay:
         params = [copy[id(self.shared[n])] if n in self.shared else t
                   for n, t in zip(lp.param_names, sv.tensors[len(lp.input_names):])]
         return ins, params, [copy[id(self.shared[n])] for n in self.saved_keys]
+
+
+def _cast_masters(execute, casts: dict, statics: dict, up: dict | None, inputs, params):
+    """``execute(inputs, params)`` of a program whose weights ``casts`` (name -> the programs' dtype)
+    arrive as float32 masters: each cast first, inside the capture (so the graph does it), into its
+    tensor in ``statics`` where there is one (the forward's: its backward reads them there); a
+    weight already of that dtype (the backward's shared forward casts) is taken as it is. Then the
+    outputs named in ``up`` (gradients of masters) are cast to their master's dtype."""
+    params = dict(params)
+    for n, dt in casts.items():
+        p = params.get(n)
+        if p is not None and p.dtype != dt:
+            low = statics.get(n)
+            params[n] = low.copy_(p) if low is not None else p.to(dt)
+    outputs, buffers = execute(inputs, params)
+    if up:
+        outputs = dict(outputs)
+        for g, dt in up.items():
+            if g in outputs and outputs[g].dtype != dt:
+                outputs[g] = outputs[g].to(dt)
+    return outputs, buffers
 
 
 # ------------------------------------------------------------------------------ per layer
@@ -281,8 +323,8 @@ FAST_ENTRIES_PER_LAYER = 8
 
 def _fast_eligible(lp, glue, x) -> bool:
     """What fast_replay.py's one-step no-grad call takes, for training: a single node-wise input of
-    the layer's own dtype, contiguous, no edge-wise output, and weights of that dtype (a 16-bit
-    layer's float32 masters are cast inside the autograd graph on every training call: full path)."""
+    the layer's own dtype, contiguous, no edge-wise output (``learn`` checks the weights: of that
+    dtype, or a 16-bit layer's float32 masters, which the graphs cast)."""
     from .program import TORCH_DTYPES
     if len(glue.inputs) != 1 or glue.inputs[0][1] != "node" or any(r == "edge" for _, r in glue.outputs):
         return False
@@ -322,7 +364,10 @@ def learn(lp, glue, x, weights) -> None:
     if modes is None:
         return
     params = [weights[n] for n in glue.params]
-    if any(type(p) not in (torch.Tensor, torch.nn.Parameter) or p.dtype != x.dtype for p in params):
+    # weights of the layer's dtype, or float32 masters of a 16-bit layer (cast inside the graphs)
+    masters_ok = x.dtype in (torch.bfloat16, torch.float16)
+    if any(type(p) not in (torch.Tensor, torch.nn.Parameter) or
+           (p.dtype != x.dtype and not (masters_ok and p.dtype == torch.float32)) for p in params):
         return
     if not (x.requires_grad or any(p.requires_grad for p in params)):
         return

@@ -190,9 +190,35 @@ def test_bf16_layer_replays(monkeypatch):
     for out in outs:
         torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert _replays(layer)[0].captures == 1
-    lp = ops.get_layer(layer.layer_id)             # its weights are per-call casts: no in-place params
+    lp = ops.get_layer(layer.layer_id)             # its float32 masters: read in place, cast in the graph
     trs = [v for v in lp.train_replays.values() if isinstance(v, train_replay.TrainReplay)]
-    assert len(trs) == 1 and trs[0].replays >= 2
+    assert len(trs) == 1 and trs[0].replays >= 2 and set(trs[0].casts) == set(layer.weights)
+
+
+@pytest.mark.parametrize("model", sorted(SPECS))
+def test_bf16_masters_cast_in_the_graphs_equal_casts_outside(model, monkeypatch):
+    """A bf16 layer's training steps with its float32 masters cast inside the CUDA graphs (the
+    one-step call) equal those with one .to() per weight outside the layer (the op path), and the
+    masters' gradients are float32."""
+    g, layer = _layer(model, "random", dtype="bfloat16")
+    torch.manual_seed(0)
+    xs = [torch.randn(g.num_nodes, IN, device=DEV).bfloat16() for _ in range(3)]
+    with torch.no_grad():
+        width = layer(xs[0]).shape[1]
+    ups = [torch.randn(g.num_nodes, width, device=DEV).bfloat16() for _ in range(3)]
+    monkeypatch.setenv(ops.FASTPATH_ENV, "0")
+    want = [_fwd_bwd(layer, x, up) for x, up in zip(xs, ups)]
+    monkeypatch.delenv(ops.FASTPATH_ENV)
+    for _ in range(3):
+        for x, up, (wo, wg) in zip(xs, ups, want):
+            out, grads = _fwd_bwd(layer, x, up)
+            torch.testing.assert_close(out.float(), wo.float(), rtol=1e-2, atol=1e-2)
+            assert [t.dtype for t in grads[1:]] == [torch.float32] * len(layer.weights)
+            for a, b in zip(grads, wg):
+                torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+    (tr,) = _trains(layer)
+    assert set(tr.casts) == set(layer.weights) and tr.bwd is not None and tr.bwd.replays >= 6
+    assert ops.get_layer(layer.layer_id).fast_trains
 
 
 def test_another_stream(monkeypatch):
