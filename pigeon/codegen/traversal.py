@@ -33,6 +33,10 @@ BLOCK = 256
 MIN_BLOCKS = 4      # __launch_bounds__(BLOCK, MIN_BLOCKS): >= 1024 resident threads per SM, <= 64 registers
 CHUNK = 64
 MAX_GRID = 1 << 16
+# map items per thread and trip: a flat map thread holds one 2- or 4-byte element, so at full
+# occupancy an SM has a few KB of loads in flight, far from what hides DRAM latency at 4 TB/s
+# (the AM-sized bf16 scaling map ran at 1.3 TB/s); 4 independent items quadruple that
+MAP_UNROLL = 4
 GRAPH_ARRAYS = ("src", "dst", "etype", "ntype", "ntype_perm", "csc_ptr", "csc_eid", "csr_ptr", "csr_eid",
                 "edge_to_compact", "compact_src", "compact_etype", "cmp_ptr", "cmp_eid", "csrc_ptr", "csrc_id",
                 "edge_to_compact_dst", "compact_dst_node", "compact_dst_etype", "dcmp_ptr", "dcmp_eid", "cdst_ptr",
@@ -95,6 +99,7 @@ class TraversalConfig:
     pass_value: tuple[str, ...] = ()
     members: str = ""
     type_array: str = "g_etype"     # type_reduce per etype: the row -> relation array (g_compact_etype for compact rows)
+    unroll: int = 1                 # maps: items per thread and trip
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,12 @@ class _Grid:
     rows: str = "num_edges"     # the KernelGraph count the loop covers: num_edges | num_nodes | num_compact
     chunk: int = CHUNK
     group: int = 32
+    unroll: int = 1             # items: per thread and trip
 
     def threads(self, kg: Any) -> int:
         R = int(getattr(kg, self.rows))
         if self.kind == "items":
-            return R * self.width
+            return -(-R * self.width // self.unroll)
         if self.kind == "chunks":
             return -(-R // self.chunk) * self.width
         return R * self.group
@@ -248,9 +254,13 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         val = em.eval(inst.expr, j, item)
         size = {"edge_map": "num_edges", "node_map": "num_nodes", "compact_map": "num_compact",
                 "type_map": f"num_{inst.per}s"}[loop]
-        cfg = dict(item_code=item.code(8), value=val.code, num_rows=size)
+        code = item.code(8)
+        # several items per thread where the item code is straight-line (an inner loop, a dot's,
+        # has its own loads in flight and would only add registers)
+        unroll = MAP_UNROLL if "for (" not in code else 1
+        cfg = dict(item_code=code, value=val.code, num_rows=size, unroll=unroll)
         template = "traversal.edge.cu.jinja"
-        grid = _Grid("items", W, block, size)
+        grid = _Grid("items", W, block, size, unroll=unroll)
     elif loop == "type_reduce":
         rows = {"edge": _edge_rows, "node": _node_rows, "compact": _compact_rows}[inst.rows]("r")
         type_array = "compact_etype" if inst.rows == "compact" else "etype"    # compact rows: sorted by etype
