@@ -27,6 +27,15 @@ from .jinja import cfloat
 from .kernel_source import c_ident
 
 UNROLL_MAX = 32
+# dot loops of the traversal kernels (ExprEmitter(vectorize=True)) run in chunks of VEC_CHUNK
+# elements; a load whose index steps by one along the loop then reads its chunk with 16-byte
+# loads (one per 8 bf16 / fp16 or 4 float32 elements) and takes the elements from registers. A
+# per-element 2-byte load of a row slice per thread left RGAT's edge-wise dots at ~1/4 of DRAM
+# bandwidth (AM-sized bf16 training, H200). The buffers read so must be 16-byte aligned
+# (``aligned`` lists them; the launcher copies one that is not).
+VEC_CHUNK = 8
+VEC_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LANE_FN = {"float32": "pg_lane_f32", "bfloat16": "pg_lane_bf16", "float16": "pg_lane_f16"}
 
 C_STORAGE = {"float32": "float", "float64": "double", "bfloat16": "__nv_bfloat16", "float16": "__half",
              "int8": "signed char", "uint8": "unsigned char", "int32": "int", "int64": "long long", "bool": "bool"}
@@ -286,8 +295,12 @@ class ExprEmitter:
     binding; a load through any other RowRef is an error naming the loop."""
 
     def __init__(self, rows: dict[RowRef, RowBinding], loop_name: str,
-                 indices: dict[str, RowBinding] | None = None, approx_math: bool = False):
+                 indices: dict[str, RowBinding] | None = None, approx_math: bool = False,
+                 vectorize: bool = False):
         self.rows = rows
+        self.vectorize = vectorize
+        self.chunks: dict[str, str] = {}        # dot chunk variable -> its in-chunk variable
+        self.aligned: set[str] = set()          # buffers read with 16-byte loads
         # float fns as hardware approximations (APPROX_C; for bf16/fp16 kernels only): the
         # file-scope helpers they call are collected in ``helpers`` (see :meth:`helper_code`)
         self.approx_math = approx_math
@@ -369,6 +382,8 @@ class ExprEmitter:
         its operands allow."""
         if extent == 1:
             return body(const_idx(0), scope)
+        if (self.vectorize and what in ("dot", "sum_to") and extent % VEC_CHUNK == 0 and VEC_CHUNK < extent <= UNROLL_MAX):
+            return self._chunked_loop(scope, extent, body)
         var = self.fresh("k" if what == "dot" else "m")
         inner = scope.child({var}, f"{what} loop {var}")
         val = body(var_idx(var, extent), inner)
@@ -380,6 +395,62 @@ class ExprEmitter:
         target.lines.append(f"float {acc} = 0.f;\n{pragma}\nfor (int {var} = 0; {var} < {extent}; ++{var}) {{\n"
                             f"{_indent(body_text)}\n}}")
         return Value(acc, vars)
+
+    def _chunked_loop(self, scope: Scope, extent: int, body) -> Value:
+        """``_loop`` as chunks of VEC_CHUNK: ``k = kc + kv``, kc a multiple of VEC_CHUNK (its own
+        scope: where a chunk's 16-byte loads go), kv the element in the chunk (unrolled, so each
+        lane taken from a loaded chunk is a register)."""
+        kc, kv = self.fresh("kc"), self.fresh("kv")
+        self.chunks[kc] = kv
+        chunk = scope.child({kc}, f"dot chunk {kc}")
+        inner = chunk.child({kv}, f"dot lane {kv}")
+        # kc's bound keeps kc + kv < extent, so index arithmetic folds as it does for one k
+        k = idx_add(var_idx(kc, extent - VEC_CHUNK + 1), var_idx(kv, VEC_CHUNK))
+        val = body(k, inner)
+        vars = val.vars - {kc, kv}
+        target = self.place(vars, scope)
+        acc = self.fresh("t")
+        inner_text = "\n".join(inner.lines + [f"{acc} += {val.code};"])
+        chunk_text = "\n".join(chunk.lines + [f"#pragma unroll\nfor (int {kv} = 0; {kv} < {VEC_CHUNK}; ++{kv}) {{\n"
+                                               f"{_indent(inner_text)}\n}}"])
+        target.lines.append(f"float {acc} = 0.f;\n#pragma unroll\nfor (int {kc} = 0; {kc} < {extent}; "
+                            f"{kc} += {VEC_CHUNK}) {{\n{_indent(chunk_text)}\n}}")
+        return Value(acc, vars)
+
+    def _vector_load(self, b: Buffer, row: Value | None, idx: Idx, scope: Scope, key) -> Value | None:
+        """A load at ``idx`` stepping by one along a chunked dot loop, as a lane of 16-byte loads
+        of the chunk (None: not that shape; the caller loads the element)."""
+        if not self.chunks or b.dtype not in VEC_BYTES:
+            return None
+        n = 16 // VEC_BYTES[b.dtype]                      # elements per 16-byte load
+        coef = {a.code: c for a, c in idx.terms}
+        pair = [(kc, kv) for kc, kv in self.chunks.items() if coef.get(kc) == 1 and coef.get(kv) == 1]
+        if len(pair) != 1:
+            return None
+        kc, kv = pair[0]
+        if idx.const % n or any(c % n for a, c in idx.terms if a.code not in (kc, kv)):
+            return None
+        if row is not None and b.width % n:
+            return None
+        base = _make({a: c for a, c in idx.terms if a.code != kv}, idx.const)
+        if row is None:
+            off, vars = base.code, base.vars
+        else:
+            vars = row.vars | base.vars
+            off = f"(long long){row.code} * {b.width}" + ("" if base.is_const and base.const == 0 else f" + {base.code}")
+        vkey = ("vload", b.name, row.code if row is not None else None, base.code)
+        vec = self.lookup(vkey, scope)
+        q = VEC_CHUNK // n                                 # 16-byte loads per chunk
+        if vec is None:
+            target = self.place(vars, scope)
+            name = self.fresh("v")
+            loads = ", ".join(f"pg_ld16(&{buffer_param(b)}[{off}{f' + {i * n}' if i else ''}])" for i in range(q))
+            target.lines.append(f"const uint4 {name}[{q}] = {{{loads}}};")
+            vec = Value(name, vars)
+            target.memo[vkey] = vec
+        self.aligned.add(b.name)
+        lane = f"{vec.code}[0], {kv}" if q == 1 else f"{vec.code}[{kv} / {n}], {kv} % {n}"
+        return self.define("float", "t", f"{LANE_FN[b.dtype]}({lane})", vars | {kv}, scope, key)
 
     # -- expressions ---------------------------------------------------------------------
     def eval(self, e: Expr, idx: Idx, scope: Scope) -> Value:
@@ -434,6 +505,10 @@ class ExprEmitter:
             storage_type(b.dtype)
             row = self.row(e.row, scope)
             W = b.width
+            if ctype == "float":
+                v = self._vector_load(b, row, idx, scope, key)
+                if v is not None:
+                    return v
             if row is None:
                 off, vars = idx.code, idx.vars
             else:

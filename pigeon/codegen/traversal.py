@@ -249,7 +249,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
     if loop in ("edge_map", "node_map", "compact_map", "type_map"):
         rows_of = {"edge_map": _edge_rows, "node_map": _node_rows, "compact_map": _compact_rows,
                    "type_map": _type_rows}[loop]
-        em = ExprEmitter(rows_of("r"), loop)
+        em = ExprEmitter(rows_of("r"), loop, vectorize=True)
         item = root.child({"r", "j"}, "item")
         val = em.eval(inst.expr, j, item)
         size = {"edge_map": "num_edges", "node_map": "num_nodes", "compact_map": "num_compact",
@@ -270,7 +270,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         elif inst.per == "ntype":
             rows[RowRef.NTYPE] = RowBinding("t", frozenset({"r"}))
             graph |= {"ntype", "ntype_perm"}
-        em = ExprEmitter(rows, f"type_reduce over {inst.rows}s")
+        em = ExprEmitter(rows, f"type_reduce over {inst.rows}s", vectorize=True)
         item = root.child({"j"}, "item")
         row = item.child({"r"}, "row")
         val = em.eval(inst.expr, j, row)
@@ -285,7 +285,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         rows = _member_rows(side, "e")
         owner, key = CHUNK_KEYS[side]
         rows[owner] = RowBinding("v", frozenset({"e"}))
-        em = ExprEmitter(rows, f"aggregate over chunks of {members}")
+        em = ExprEmitter(rows, f"aggregate over chunks of {members}", vectorize=True)
         item = root.child({"j"}, "item")
         row = item.child({"e"}, "edge")
         val = em.eval(inst.expr, j, row)
@@ -302,7 +302,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         rows = _member_rows(side, "e")
         owner = _OWNER[side]
         rows[owner] = RowBinding("v", frozenset({"v"}))
-        em = ExprEmitter(rows, f"{loop} over {members}")
+        em = ExprEmitter(rows, f"{loop} over {members}", vectorize=True)
         node = root.child({"v"}, "node")
         elem = node.child({"j"}, "element")
         passes = [elem.child({"e"}, f"edge pass {i}") for i in range(2 if loop == "edge_softmax" else 1)]
@@ -330,6 +330,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
                              out=params[0].name, root_code=root.code(4), **cfg)
     source = _render_template(template, config)
     meta = {"loop": loop, "schedule": inst.schedule, "width": W, "template": template, "group": cfg.get("group"),
-            "chunk": cfg.get("chunk"), "instance_key": inst.key()}
+            "chunk": cfg.get("chunk"), "instance_key": inst.key(),
+            "aligned16": tuple(sorted(em.aligned))}   # buffers read with 16-byte loads
     return RenderedKernel(name=name, source=source, params=tuple(params), block=(block, 1, 1), grid=grid,
                           template=template, meta=meta)

@@ -119,13 +119,17 @@ def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
                    bufs: Mapping[str, torch.Tensor], target: torch.Tensor) -> list[Any]:
     """Kernel arguments in ``rk.params`` order; ``target`` is what the output parameter points to."""
     args: list[Any] = []
+    aligned = rk.meta.get("aligned16", ())
     for p in rk.params:
         kind, what = p.role.split(":", 1)
         if kind in ("out", "accum"):
             args.append(target)
         elif kind == "buffer":
             t = bufs[what]
-            args.append(t if t.is_contiguous() else t.contiguous())
+            t = t if t.is_contiguous() else t.contiguous()
+            if what in aligned and t.data_ptr() % 16:      # a view at an odd offset: 16-byte loads need a copy
+                t = t.clone()
+            args.append(t)
         elif kind == "graph":
             a = getattr(kg, what)
             if a.dtype != torch.int32 or a.device != kg.device:

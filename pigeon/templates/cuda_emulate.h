@@ -52,6 +52,7 @@ static inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return 
 static inline int atomicMax(int* p, int v) { int old = *p; if (v > old) *p = v; return old; }
 static inline unsigned int atomicMin(unsigned int* p, unsigned int v) { unsigned int old = *p; if (v < old) *p = v; return old; }
 static inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
+static inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }
 #ifndef INFINITY
 #define INFINITY (__builtin_inff())
 #endif
