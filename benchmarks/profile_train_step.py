@@ -24,6 +24,7 @@ import cProfile
 import datetime
 import io
 import json
+import os
 import pstats
 import statistics
 import subprocess
@@ -83,6 +84,10 @@ def phase_times(step, steps: int) -> dict:
     return res
 
 
+MASTERS_ENV = "PIGEON_MASTER_CASTS_INSIDE"       # pigeon.runtime.ops.MASTERS_ENV
+OUTSIDE = "pigeon (masters cast outside)"
+
+
 class _OneMatmul(torch.nn.Module):
     """The least a layer can be: one weight, one matmul (the harness floor of ``--peers floor``)."""
 
@@ -122,6 +127,9 @@ def main() -> int:
     ap.add_argument("--peers", default="pyg,reference")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--ops", action="store_true", help="also write torch.profiler's CPU op table of pigeon's step")
+    ap.add_argument("--ab-masters", action="store_true",
+                    help="16-bit layers: also time pigeon with its master weights cast outside the layer "
+                         "(PIGEON_MASTER_CASTS_INSIDE=0), in the same process, for an A/B on one host")
     ap.add_argument("--out", default="/tmp/pigeon_out")
     args = ap.parse_args()
     import pigeon as pg
@@ -133,7 +141,6 @@ def main() -> int:
     dev = torch.device("cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import os
     commit = os.environ.get("PIGEON_COMMIT", "")      # the GPU machine's copy may have no usable git
     if not commit:
         try:
@@ -153,6 +160,8 @@ def main() -> int:
             hp = hparams(model, args.dim)
             x = torch.randn(g.num_nodes, args.dim, device=dev).to(tdt)
             impls = [("pigeon", lambda: pg.compile(MODELS[model], g, args.dim, dtype=args.dtype, **hp).to(dev))]
+            if args.ab_masters:
+                impls.append((OUTSIDE, impls[0][1]))
             kinds = args.peers.split(",")
             if "floor" in kinds:
                 impls.append(("floor (x @ W)", lambda: _OneMatmul(args.dim, hp.get("out_dim", args.dim)).to(dev, tdt)))
@@ -160,6 +169,9 @@ def main() -> int:
                 if peer.build is not None:
                     impls.append((peer.name, peer.build))
             for name, build in impls:
+                os.environ.pop(MASTERS_ENV, None)
+                if name == OUTSIDE:
+                    os.environ[MASTERS_ENV] = "0"
                 try:
                     step = Step(build(), x, "training")
                     res = phase_times(step, args.steps)
@@ -187,6 +199,7 @@ def main() -> int:
                             + op_table(step, 50))
                 del step
                 torch.cuda.empty_cache()
+    os.environ.pop(MASTERS_ENV, None)
     (out / "train_step_phases.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     cols = ("zero_grad", "forward", "loss", "backward", "step", "host_total", "event_wall", "gpu_kernels")
     lines = [f"# Training-step phases (us per step, medians of {args.steps})", "",

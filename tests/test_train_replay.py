@@ -238,6 +238,13 @@ def test_bf16_masters_equal_casts_outside_the_layer(fake_cuda, monkeypatch):
     monkeypatch.setenv(ops.FASTPATH_ENV, "0")
     want = _plain(monkeypatch, layer, xs, ups)
     monkeypatch.delenv(ops.FASTPATH_ENV)
+    monkeypatch.setenv(ops.MASTERS_ENV, "0")          # the A/B switch: casts outside the layer again
+    for x, up, w in zip(xs, ups, want):
+        _same(_step(layer, x, up), w)
+    out = layer(xs[0].clone().requires_grad_(True))
+    assert "ToCopy" in type(out.grad_fn.next_functions[-1][0]).__name__ or any(
+        "ToCopy" in type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None)
+    monkeypatch.delenv(ops.MASTERS_ENV)
     for mode in ("0", "1"):
         monkeypatch.setenv(replay.ENV, mode)
         for _ in range(3):

@@ -351,6 +351,9 @@ def call_layer(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, args: tuple,
     return result
 
 
+MASTERS_ENV = "PIGEON_MASTER_CASTS_INSIDE"     # "0": a 16-bit layer's masters are cast outside it (as before)
+
+
 def _masters_pass(ins, params, dt) -> bool:
     """Whether a 16-bit layer's float32 master weights go into ``_LayerForward`` as they are, to be
     cast inside it (``low_params``; on a replayed training call inside its CUDA graphs,
@@ -358,6 +361,8 @@ def _masters_pass(ins, params, dt) -> bool:
     outside: an eager training call. The casts and their gradients' casts back are then no autograd
     nodes of their own (on the GPU machine's host each cost 20-40 us a call, forward and backward)."""
     if dt not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return False
+    if _replay_getenv(MASTERS_ENV) == "0":      # A/B switch: casts outside, one .to() node per weight
         return False
     for w in params:
         if w.dtype != dt and w.dtype != torch.float32:
