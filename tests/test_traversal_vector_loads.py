@@ -50,29 +50,36 @@ def _programs_run(layer, backend, x, up, params, offset):
     return fwd, bwd
 
 
+def check_against_semantics(model, dtype, graph, backend, offset, device, fp32_tol):
+    """The kernel programs of ``model`` (head dims multiples of 8) on ``backend`` equal each
+    instance's torch semantics, forward and backward (also used by the GPU test)."""
+    spec, hp = CASES[model]
+    g = load(graph)
+    layer = pg.compile(spec, g, IN, dtype=dtype, **hp)
+    assert any(rk.meta["aligned16"] for _, rk in _traversals(layer))
+    layer = layer.to(device)
+    dt = TORCH_DTYPES[dtype]
+    torch.manual_seed(3)
+    x = torch.randn(g.num_nodes, IN, device=device).to(dt)
+    params = {k: (torch.randn_like(v) * 0.5).to(dt) for k, v in layer.weights.items()}
+    with torch.no_grad():
+        width = layer(x).shape[1]
+    up = torch.randn(g.num_nodes, width, device=device).to(dt)
+    want_f, want_b = _programs_run(layer, "torch", x, up, params, False)
+    got_f, got_b = _programs_run(layer, backend, x, up, params, offset)
+    tol = dict(rtol=fp32_tol, atol=fp32_tol) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
+    for name, want in list(want_f.items()) + list(want_b.items()):
+        got = got_f.get(name, got_b.get(name))
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"{model} {dtype} {name}: {m}")
+
+
 @pytest.mark.parametrize("offset", [False, True], ids=["aligned", "offset"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("model", sorted(CASES))
 def test_emulated_vector_loads_equal_semantics(model, dtype, offset):
     if not cuda_emulate.available():
         pytest.skip("no C++ compiler for the CUDA emulation")
-    spec, hp = CASES[model]
-    g = load("tiny")
-    layer = pg.compile(spec, g, IN, dtype=dtype, **hp)
-    assert any(rk.meta["aligned16"] for _, rk in _traversals(layer))
-    dt = TORCH_DTYPES[dtype]
-    torch.manual_seed(3)
-    x = torch.randn(g.num_nodes, IN).to(dt)
-    params = {k: (torch.randn_like(v) * 0.5).to(dt) for k, v in layer.weights.items()}
-    with torch.no_grad():
-        width = layer(x.float() if dtype == "float32" else x).shape[1]
-    up = torch.randn(g.num_nodes, width).to(dt)
-    want_f, want_b = _programs_run(layer, "torch", x, up, params, False)
-    got_f, got_b = _programs_run(layer, "emulate", x, up, params, offset)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
-    for name, want in list(want_f.items()) + list(want_b.items()):
-        got = got_f.get(name, got_b.get(name))
-        torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"{model} {dtype} {name}: {m}")
+    check_against_semantics(model, dtype, "tiny", "emulate", offset, torch.device("cpu"), 1e-5)
 
 
 def test_launch_copies_a_misaligned_buffer_that_takes_16_byte_loads():
