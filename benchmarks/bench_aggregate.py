@@ -65,12 +65,21 @@ def bench_graph(name: str, dims: list[int], rows: list, log) -> None:
                                      f"the sum of |terms| (max {float(((got - want).abs() / (scale + 1e-30)).max()):.2e})")
         bound_ms = (E * d * 4 + N * d * 4 + E * 8) / (COPY_TBS * 1e12) * 1e3
         impls = {}
-        for sched in ("node", "edge_chunks"):
+        # "edge_chunks v8": 8 elements per thread (PIGEON_AGG_VEC=1, off by default until measured)
+        for sched, vec in (("node", "0"), ("edge_chunks", "0"), ("edge_chunks", "1")):
+            if vec == "1" and d % 8:
+                continue
+            label = f"pigeon {sched}" + (" v8" if vec == "1" else "")
             inst = aggregate_instance(d, sched)
             out = torch.full((N, d), float("nan"), device="cuda")
-            run_traversal_launch(inst, kg, {"x": x}, out, backend)
-            check(out, f"pigeon {sched}")
-            impls[f"pigeon {sched}"] = (lambda inst=inst, out=out: run_traversal_launch(inst, kg, {"x": x}, out, backend))
+
+            def run(inst=inst, out=out, vec=vec):
+                os.environ["PIGEON_AGG_VEC"] = vec       # read when the kernel is rendered (cached per setting)
+                return run_traversal_launch(inst, kg, {"x": x}, out, backend)
+            run()
+            check(out, label)
+            impls[label] = run
+        os.environ.pop("PIGEON_AGG_VEC", None)
         impls["torch index_add_"] = lambda: torch.zeros(N, d, device="cuda").index_add_(0, dst, x[src])
         check(torch.sparse.mm(adj, x), "cuSPARSE")
         impls["cuSPARSE SpMM"] = lambda: torch.sparse.mm(adj, x)
@@ -80,6 +89,7 @@ def bench_graph(name: str, dims: list[int], rows: list, log) -> None:
                        tbs=round((E * d * 4 + N * d * 4 + E * 8) / (ms * 1e-3) / 1e12, 3))
             rows.append(row)
             log(f"  d={d:<4} {impl:<20} {ms:8.3f} ms  ({row['tbs']:.2f} TB/s of gathered bytes; bound {bound_ms:.3f} ms)")
+        os.environ.pop("PIGEON_AGG_VEC", None)
 
 
 def bench_models(name: str, rows: list, log) -> None:

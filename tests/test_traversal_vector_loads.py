@@ -7,13 +7,15 @@ import torch
 import pigeon as pg
 from pigeon.codegen.traversal import render_traversal
 from pigeon.graph import load
-from pigeon.models import hgt, rgat
+from pigeon.models import hgt, rgat, rgcn
+from pigeon.passes import schedule
 from pigeon.runtime import emulate as cuda_emulate
 from pigeon.runtime import ops
 from pigeon.runtime.program import BACKENDS, TORCH_DTYPES, Executor
 
 IN = 16
 CASES = {"rgat": (rgat, {"out_dim": 16, "heads": 2}), "hgt": (hgt, {"heads": 2})}
+AGG_CASES = {"rgcn": (rgcn, {"out_dim": 16}), **CASES}
 
 
 def _traversals(layer):
@@ -50,13 +52,16 @@ def _programs_run(layer, backend, x, up, params, offset):
     return fwd, bwd
 
 
-def check_against_semantics(model, dtype, graph, backend, offset, device, fp32_tol):
+def check_against_semantics(model, dtype, graph, backend, offset, device, fp32_tol, vec_aggregates=False):
     """The kernel programs of ``model`` (head dims multiples of 8) on ``backend`` equal each
-    instance's torch semantics, forward and backward (also used by the GPU test)."""
-    spec, hp = CASES[model]
+    instance's torch semantics, forward and backward (also used by the GPU test);
+    ``vec_aggregates``: some edge-chunk aggregate runs 8 elements per thread (PIGEON_AGG_VEC=1)."""
+    spec, hp = AGG_CASES[model]
     g = load(graph)
     layer = pg.compile(spec, g, IN, dtype=dtype, **hp)
     assert any(rk.meta["aligned16"] for _, rk in _traversals(layer))
+    if vec_aggregates:
+        assert any(rk.name.endswith("_v8") and "pg_ld16(" in rk.source for _, rk in _traversals(layer))
     layer = layer.to(device)
     dt = TORCH_DTYPES[dtype]
     torch.manual_seed(3)
@@ -80,6 +85,25 @@ def test_emulated_vector_loads_equal_semantics(model, dtype, offset):
     if not cuda_emulate.available():
         pytest.skip("no C++ compiler for the CUDA emulation")
     check_against_semantics(model, dtype, "tiny", "emulate", offset, torch.device("cpu"), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("model", sorted(AGG_CASES))
+def test_emulated_vector_aggregates_equal_semantics(model, dtype, monkeypatch):
+    """PIGEON_AGG_VEC=1: edge-chunk aggregates of widths that are multiples of 8 take 8 elements
+    per thread (16-byte row loads); the emulated text equals the semantics, forward and backward."""
+    if not cuda_emulate.available():
+        pytest.skip("no C++ compiler for the CUDA emulation")
+    monkeypatch.setenv("PIGEON_AGG_VEC", "1")
+    monkeypatch.setenv(schedule.ENV, "edge_chunks")
+    check_against_semantics(model, dtype, "tiny", "emulate", False, torch.device("cpu"), 1e-5, vec_aggregates=True)
+
+
+def test_vector_aggregates_are_off_by_default():
+    g = load("tiny")
+    layer = pg.compile(rgcn, g, IN, out_dim=16)
+    names = [rk.name for _, rk in _traversals(layer)]
+    assert names and not [n for n in names if n.endswith("_v8")]
 
 
 def test_launch_copies_a_misaligned_buffer_that_takes_16_byte_loads():

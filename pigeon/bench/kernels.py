@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 import pigeon as pg
-from pigeon.codegen.traversal import kernel_name
+from pigeon.codegen.traversal import render_traversal
 from pigeon.ir.program import TraversalLaunch
 
 from .floors import kernel_min_bytes
@@ -54,7 +54,7 @@ def kernel_launches(layer, mode: str) -> list[dict]:
             if not isinstance(launch, TraversalLaunch) or launch.inst.loop not in PROFILED_LOOPS:
                 continue
             inst = launch.inst
-            name = kernel_name(inst)
+            name = render_traversal(inst).name      # kernel_name(inst), or a variant's (PIGEON_AGG_VEC)
             if name in out:
                 out[name]["launches_per_step"] += 1
                 continue

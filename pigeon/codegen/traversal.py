@@ -21,11 +21,12 @@ The kernel signature is generated from ``RenderedKernel.params``, the list the l
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from ..ir.traversal import RowRef, TraversalInstance
-from .expr_c import ExprCodegenError, ExprEmitter, RowBinding, Scope, buffer_param, storage_type, var_idx
+from .expr_c import ExprCodegenError, ExprEmitter, RowBinding, Scope, buffer_param, idx_add, storage_type, var_idx
 from .jinja import render as render_template
 from .kernel_source import KernelParam, RenderedKernel, c_ident
 
@@ -37,6 +38,17 @@ MAX_GRID = 1 << 16
 # occupancy an SM has a few KB of loads in flight, far from what hides DRAM latency at 4 TB/s
 # (the AM-sized bf16 scaling map ran at 1.3 TB/s); 4 independent items quadruple that
 MAP_UNROLL = 4
+# edge-chunk aggregates with 8 consecutive elements per thread (16-byte row loads, the edge and key
+# indices read once per 8 elements instead of once per element): PIGEON_AGG_VEC=1. Off by default
+# until measured on the GPU (benchmarks/bench_aggregate.py); tests run it on the emulated CUDA text.
+AGG_VEC_ENV = "PIGEON_AGG_VEC"
+AGG_VEC = 8
+
+
+def agg_vec(width: int) -> int:
+    """Elements per thread of an edge-chunk aggregate of ``width`` (1 unless PIGEON_AGG_VEC=1)."""
+    on = os.environ.get(AGG_VEC_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
+    return AGG_VEC if on and width % AGG_VEC == 0 and width > AGG_VEC else 1
 GRAPH_ARRAYS = ("src", "dst", "etype", "ntype", "ntype_perm", "csc_ptr", "csc_eid", "csr_ptr", "csr_eid",
                 "edge_to_compact", "compact_src", "compact_etype", "cmp_ptr", "cmp_eid", "csrc_ptr", "csrc_id",
                 "edge_to_compact_dst", "compact_dst_node", "compact_dst_etype", "dcmp_ptr", "dcmp_eid", "cdst_ptr",
@@ -100,6 +112,8 @@ class TraversalConfig:
     members: str = ""
     type_array: str = "g_etype"     # type_reduce per etype: the row -> relation array (g_compact_etype for compact rows)
     unroll: int = 1                 # maps: items per thread and trip
+    vec: int = 1                    # aggregate (edge_chunks): consecutive elements per thread
+    lane_code: str = ""
 
 
 @dataclass(frozen=True)
@@ -226,19 +240,23 @@ def _out_param(inst: TraversalInstance) -> KernelParam:
     return KernelParam(name, "ptr", f"{storage_type(inst.out.dtype)}* __restrict__", f"out:{inst.out.name}")
 
 
-@functools.lru_cache(maxsize=4096)
 def render_traversal(inst: TraversalInstance, block: int = BLOCK, chunk: int = CHUNK) -> RenderedKernel:
-    """The CUDA kernel of ``inst`` (cached per instance)."""
+    """The CUDA kernel of ``inst`` (cached per instance and PIGEON_AGG_VEC setting)."""
+    return _render_cached(inst, block, chunk, agg_vec(inst.out.width) if inst.loop == "aggregate" else 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _render_cached(inst: TraversalInstance, block: int, chunk: int, vec: int) -> RenderedKernel:
     check_instance(inst)
     try:
-        return _render(inst, block, chunk)
+        return _render(inst, block, chunk, vec)
     except TraversalCodegenError:
         raise
     except ExprCodegenError as e:
         raise TraversalCodegenError(f"{inst.loop} -> {inst.out.name}: {e}") from e
 
 
-def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
+def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1) -> RenderedKernel:
     W = inst.out.width
     name = kernel_name(inst)
     loop = inst.loop
@@ -286,15 +304,28 @@ def _render(inst: TraversalInstance, block: int, chunk: int) -> RenderedKernel:
         owner, key = CHUNK_KEYS[side]
         rows[owner] = RowBinding("v", frozenset({"e"}))
         em = ExprEmitter(rows, f"aggregate over chunks of {members}", vectorize=True)
-        item = root.child({"j"}, "item")
-        row = item.child({"e"}, "edge")
-        val = em.eval(inst.expr, j, row)
+        if inst.schedule != "edge_chunks" or W % vec:
+            vec = 1
+        if vec > 1:
+            name += f"_v{vec}"          # another kernel of the same instance (profiles tell them apart)
         graph |= {ids, key}
         size = _MEMBER_COUNT.get(side, "num_edges")     # the members chunked
+        if vec > 1:     # element j = j0 + jl: loads stepping by one along jl read 16 bytes per row (expr_c)
+            item = root.child({"j0"}, "item")
+            row = item.child({"e"}, "edge")
+            lane = row.child({"jl"}, "lane")
+            em.chunks["j0"] = "jl"
+            val = em.eval(inst.expr, idx_add(var_idx("j0", W - vec + 1), var_idx("jl", vec)), lane)
+            extra = dict(lane_code=lane.code(16), vec=vec)
+        else:
+            item = root.child({"j"}, "item")
+            row = item.child({"e"}, "edge")
+            val = em.eval(inst.expr, j, row)
+            extra = {}
         cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size, chunk=chunk,
-                   eid=f"g_{ids}", ptr=f"g_{key}", reduce=inst.reduce)
+                   eid=f"g_{ids}", ptr=f"g_{key}", reduce=inst.reduce, **extra)
         template = "traversal.edge.cu.jinja"
-        grid = _Grid("chunks", W, block, size, chunk=chunk)
+        grid = _Grid("chunks", W // vec, block, size, chunk=chunk)
     else:
         side = "dst" if loop == "edge_softmax" else inst.side
         ptr, ids, size, members = AGGREGATE_LISTS[side]

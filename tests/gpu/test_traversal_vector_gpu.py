@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from test_traversal_vector_loads import CASES, check_against_semantics  # noqa: E402
+from test_traversal_vector_loads import AGG_CASES, CASES, check_against_semantics  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -19,3 +19,12 @@ DEV = torch.device("cuda")
 @pytest.mark.parametrize("model", sorted(CASES))
 def test_vector_loads_equal_semantics_on_the_gpu(model, dtype, offset):
     check_against_semantics(model, dtype, "synthetic:aifb", "cuda", offset, DEV, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("model", sorted(AGG_CASES))
+def test_vector_aggregates_equal_semantics_on_the_gpu(model, dtype, monkeypatch):
+    """PIGEON_AGG_VEC=1 (8 elements per thread in edge-chunk aggregates), inputs 2 bytes off."""
+    monkeypatch.setenv("PIGEON_AGG_VEC", "1")
+    monkeypatch.setenv("PIGEON_AGGREGATE_SCHEDULE", "edge_chunks")
+    check_against_semantics(model, dtype, "synthetic:aifb", "cuda", True, DEV, 1e-4, vec_aggregates=True)
