@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from pigeon.runtime.ops import MASTERS_ENV        # the A/B switch of --ab-masters
+
 PHASES = ("zero_grad", "forward", "loss", "backward", "step")
 
 
@@ -84,7 +86,6 @@ def phase_times(step, steps: int) -> dict:
     return res
 
 
-MASTERS_ENV = "PIGEON_MASTER_CASTS_INSIDE"       # pigeon.runtime.ops.MASTERS_ENV
 OUTSIDE = "pigeon (masters cast outside)"
 
 

@@ -24,7 +24,7 @@ from . import train_replay as _train
 from . import kernel_ops  # noqa: F401  (registers pigeon::gemm and pigeon::traversal)
 from .program import TORCH_DTYPES, Executor, buffer_rows
 from .replay import getenv as _replay_getenv
-from .weight_casts import cast_weight
+from .weight_casts import cast_weight, is_master
 
 
 @dataclass(eq=False)
@@ -308,13 +308,16 @@ def run_layer_forward(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, input
             x = x.to(dt)
         ins.append(x if x.is_contiguous() else x.contiguous())
     params = [weights[name] for name in glue.params]
+    # once per call: a cast below keeps both (the cast of a plain tensor is plain, and it records
+    # grad exactly when its master does)
+    eager, grad = _eager(ins, params), _records_grad(ins, params)
     if any(w.dtype != dt for w in params):          # a no-op .to() still costs a dispatch per weight per call
-        if not _masters_pass(ins, params, dt):
-            fresh = torch.compiler.is_compiling() or _records_grad(ins, params)    # cast afresh
+        if not (eager and grad and _masters_pass(params, dt)):
+            fresh = torch.compiler.is_compiling() or grad    # cast afresh
             params = [w if w.dtype == dt else w.to(dt) if fresh else cast_weight(w, dt, False)  # once per
                       for w in params]                                                          # master state
-    if _eager(ins, params):
-        if _records_grad(ins, params):
+    if eager:
+        if grad:
             outs = _LayerForward.apply(layer_id, len(ins), None, *ins, *params)
         else:       # nothing to differentiate: the forward alone, without the autograd.Function (~12 us)
             outs = _forward_impl(layer_id, ins, params, user_only=True)
@@ -354,20 +357,15 @@ def call_layer(layer_id: str, glue: LayerGlue, kgraph: KernelGraph, args: tuple,
 MASTERS_ENV = "PIGEON_MASTER_CASTS_INSIDE"     # "0": a 16-bit layer's masters are cast outside it (as before)
 
 
-def _masters_pass(ins, params, dt) -> bool:
-    """Whether a 16-bit layer's float32 master weights go into ``_LayerForward`` as they are, to be
-    cast inside it (``low_params``; on a replayed training call inside its CUDA graphs,
-    pigeon/runtime/train_replay.py), instead of one differentiable ``.to()`` per weight per call
-    outside: an eager training call. The casts and their gradients' casts back are then no autograd
+def _masters_pass(params, dt) -> bool:
+    """Whether, on an eager training call, a 16-bit layer's float32 master weights go into
+    ``_LayerForward`` as they are, to be cast inside it (``low_params``; on a replayed training call
+    inside its CUDA graphs, pigeon/runtime/train_replay.py), instead of one differentiable ``.to()``
+    per weight per call outside. The casts and their gradients' casts back are then no autograd
     nodes of their own (on the GPU machine's host each cost 20-40 us a call, forward and backward)."""
-    if dt not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _replay_getenv(MASTERS_ENV) == "0":   # "0": the A/B switch
         return False
-    if _replay_getenv(MASTERS_ENV) == "0":      # A/B switch: casts outside, one .to() node per weight
-        return False
-    for w in params:
-        if w.dtype != dt and w.dtype != torch.float32:
-            return False
-    return _records_grad(ins, params) and _eager(ins, params)
+    return all(w.dtype == dt or is_master(w.dtype, dt) for w in params)
 
 
 def low_params(lp, params: list) -> list:

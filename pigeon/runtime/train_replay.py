@@ -51,6 +51,7 @@ import torch
 
 from . import replay as _replay
 from .program import Executor, _plan
+from .weight_casts import is_master
 
 __all__ = ["TrainReplay", "SavedValues", "CaptureError", "lookup", "fail", "MAX_TRAIN_REPLAYS"]
 
@@ -365,9 +366,8 @@ def learn(lp, glue, x, weights) -> None:
         return
     params = [weights[n] for n in glue.params]
     # weights of the layer's dtype, or float32 masters of a 16-bit layer (cast inside the graphs)
-    masters_ok = x.dtype in (torch.bfloat16, torch.float16)
     if any(type(p) not in (torch.Tensor, torch.nn.Parameter) or
-           (p.dtype != x.dtype and not (masters_ok and p.dtype == torch.float32)) for p in params):
+           (p.dtype != x.dtype and not is_master(p.dtype, x.dtype)) for p in params):
         return
     if not (x.requires_grad or any(p.requires_grad for p in params)):
         return

@@ -23,6 +23,11 @@ _CACHE: dict = {}                   # (id(master), dtype) -> (weakref(master), d
 _lock = threading.Lock()
 
 
+def is_master(dtype: torch.dtype, layer_dtype: torch.dtype) -> bool:
+    """Whether a weight of ``dtype`` is a float32 master copy of a 16-bit layer's weight."""
+    return dtype == torch.float32 and layer_dtype in (torch.bfloat16, torch.float16)
+
+
 def cast_weight(w: torch.Tensor, dtype: torch.dtype, records_grad: bool) -> torch.Tensor:
     """``w.to(dtype)``: the cached cast of the same master state when autograd does not record
     the call (``records_grad`` False), else a fresh, differentiable cast."""
