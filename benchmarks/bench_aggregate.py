@@ -26,17 +26,17 @@ from bench_rgnn import timeit  # noqa: E402
 COPY_TBS = 4.2      # measured device copy rate of the H200 (TB/s)
 
 
-def aggregate_instance(d: int, schedule: str):
+def aggregate_instance(d: int, schedule: str, dtype=torch.float32):
     from pigeon.ir.traversal import Buffer, RowRef, TraversalInstance, load
-    x = Buffer("x", "node", (d,))
-    return TraversalInstance("aggregate", load(x, RowRef.SRC), Buffer("out", "node", (d,)), side="dst",
+    storage = str(dtype).removeprefix("torch.")
+    x = Buffer("x", "node", (d,), storage)
+    return TraversalInstance("aggregate", load(x, RowRef.SRC), Buffer("out", "node", (d,), storage), side="dst",
                              reduce="sum", schedule=schedule)
 
 
-def bench_graph(name: str, dims: list[int], rows: list, log) -> None:
+def bench_graph(name: str, dims: list[int], dtypes: list[str], rows: list, log) -> None:
     from pigeon.graph import load
     from pigeon.graph.kernel_graph import kernel_graph
-    from pigeon.runtime.family_traversal import run_traversal_launch
     from pigeon.runtime.program import CudaBackend
     t0 = time.perf_counter()
     g = load(name)
@@ -53,43 +53,64 @@ def bench_graph(name: str, dims: list[int], rows: list, log) -> None:
     adj = torch.sparse_csr_tensor(crow, col, torch.ones(E, device="cuda"), size=(N, N), check_invariants=False)
     backend = CudaBackend()
     for d in dims:
-        x = torch.randn(N, d, device="cuda")
-        want = torch.zeros(N, d, device="cuda").index_add_(0, dst, x[src])
-        # float sums in another order differ by ~eps * sum|terms|: a hub of 1e5 edges needs that scale
-        scale = torch.zeros(N, d, device="cuda").index_add_(0, dst, x[src].abs())
+        for dtype in dtypes:
+            bench_one(name, d, getattr(torch, dtype), N, E, src, dst, crow, col, kg, backend, rows, log)
 
-        def check(got, what):
-            bad = (got - want).abs() > 1e-5 * scale + 1e-5
-            if bool(bad.any()):
-                raise AssertionError(f"{name} d={d} {what}: {int(bad.sum())} elements off by more than 1e-5 of "
-                                     f"the sum of |terms| (max {float(((got - want).abs() / (scale + 1e-30)).max()):.2e})")
-        bound_ms = (E * d * 4 + N * d * 4 + E * 8) / (COPY_TBS * 1e12) * 1e3
-        impls = {}
-        # "edge_chunks v8": 8 elements per thread (PIGEON_AGG_VEC=1, off by default until measured)
-        for sched, vec in (("node", "0"), ("edge_chunks", "0"), ("edge_chunks", "1")):
-            if vec == "1" and d % 8:
-                continue
-            label = f"pigeon {sched}" + (" v8" if vec == "1" else "")
-            inst = aggregate_instance(d, sched)
-            out = torch.full((N, d), float("nan"), device="cuda")
 
-            def run(inst=inst, out=out, vec=vec):
-                os.environ["PIGEON_AGG_VEC"] = vec       # read when the kernel is rendered (cached per setting)
-                return run_traversal_launch(inst, kg, {"x": x}, out, backend)
-            run()
-            check(out, label)
-            impls[label] = run
-        os.environ.pop("PIGEON_AGG_VEC", None)
-        impls["torch index_add_"] = lambda: torch.zeros(N, d, device="cuda").index_add_(0, dst, x[src])
-        check(torch.sparse.mm(adj, x), "cuSPARSE")
-        impls["cuSPARSE SpMM"] = lambda: torch.sparse.mm(adj, x)
-        for impl, fn in impls.items():
-            ms = timeit(fn)
-            row = dict(graph=name, dim=d, impl=impl, ms=round(ms, 4), bound_ms=round(bound_ms, 4),
-                       tbs=round((E * d * 4 + N * d * 4 + E * 8) / (ms * 1e-3) / 1e12, 3))
-            rows.append(row)
-            log(f"  d={d:<4} {impl:<20} {ms:8.3f} ms  ({row['tbs']:.2f} TB/s of gathered bytes; bound {bound_ms:.3f} ms)")
-        os.environ.pop("PIGEON_AGG_VEC", None)
+def bench_one(name, d, dtype, N, E, src, dst, crow, col, kg, backend, rows, log) -> None:
+    from pigeon.runtime.family_traversal import run_traversal_launch
+    x = torch.randn(N, d, device="cuda").to(dtype)
+    xf = x.float()
+    want = torch.zeros(N, d, device="cuda").index_add_(0, dst, xf[src])
+    # float sums in another order differ by ~eps * sum|terms|: a hub of 1e5 edges needs that scale;
+    # a 16-bit output adds one rounding of the float32 sum (2^-8 of it for bf16)
+    scale = torch.zeros(N, d, device="cuda").index_add_(0, dst, xf[src].abs())
+    rel = 1e-5 if dtype == torch.float32 else 1e-2
+    adj = torch.sparse_csr_tensor(crow, col, torch.ones(E, device="cuda", dtype=dtype), size=(N, N),
+                                  check_invariants=False)
+
+    def off(got) -> int:
+        return int(((got.float() - want).abs() > rel * scale + rel).sum())
+
+    def check(got, what):
+        bad = off(got)
+        if bad:
+            raise AssertionError(f"{name} d={d} {dtype} {what}: {bad} elements off by more than {rel:g} of "
+                                 f"the sum of |terms|")
+    isz = x.element_size()
+    nbytes = E * d * isz + N * d * isz + E * 8
+    bound_ms = nbytes / (COPY_TBS * 1e12) * 1e3
+    impls, notes = {}, {}
+    # "edge_chunks v8": 8 elements per thread (PIGEON_AGG_VEC=1)
+    for sched, vec in (("node", "0"), ("edge_chunks", "0"), ("edge_chunks", "1")):
+        if vec == "1" and d % 8:
+            continue
+        label = f"pigeon {sched}" + (" v8" if vec == "1" else "")
+        inst = aggregate_instance(d, sched, dtype)
+        out = torch.full((N, d), float("nan"), device="cuda", dtype=dtype)
+
+        def run(inst=inst, out=out, vec=vec):
+            os.environ["PIGEON_AGG_VEC"] = vec       # read when the kernel is rendered (cached per setting)
+            return run_traversal_launch(inst, kg, {"x": x}, out, backend)
+        run()
+        check(out, label)
+        impls[label] = run
+    os.environ.pop("PIGEON_AGG_VEC", None)
+    impls["torch index_add_"] = lambda: torch.zeros(N, d, device="cuda", dtype=dtype).index_add_(0, dst, x[src])
+    impls["cuSPARSE SpMM"] = lambda: torch.sparse.mm(adj, x)
+    for peer in ("torch index_add_", "cuSPARSE SpMM"):
+        bad = off(impls[peer]())
+        if bad:      # a 16-bit index_add_ accumulates in 16 bits: timed, its error recorded
+            notes[peer] = f"{bad} elements off"
+    for impl, fn in impls.items():
+        ms = timeit(fn)
+        row = dict(graph=name, dim=d, dtype=str(dtype).removeprefix("torch."), impl=impl, ms=round(ms, 4),
+                   bound_ms=round(bound_ms, 4), tbs=round(nbytes / (ms * 1e-3) / 1e12, 3),
+                   note=notes.get(impl, ""))
+        rows.append(row)
+        log(f"  d={d:<4} {row['dtype']:<9} {impl:<20} {ms:8.3f} ms  ({row['tbs']:.2f} TB/s of gathered bytes; "
+            f"bound {bound_ms:.3f} ms){' ' + row['note'] if row['note'] else ''}")
+    os.environ.pop("PIGEON_AGG_VEC", None)
 
 
 def bench_models(name: str, rows: list, log) -> None:
@@ -132,6 +153,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--graphs", default="fb15k-237,synthetic:am")
     ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16")
     ap.add_argument("--models-on", default="synthetic:am", help="graphs to time whole layers on ('' for none)")
     ap.add_argument("--out", default="/tmp/pigeon_out")
     args = ap.parse_args()
@@ -145,7 +167,7 @@ def main() -> int:
     dims = [int(d) for d in args.dims.split(",")]
     kernel_rows, model_rows = [], []
     for name in [n for n in args.graphs.split(",") if n]:
-        bench_graph(name, dims, kernel_rows, log)
+        bench_graph(name, dims, args.dtypes.split(","), kernel_rows, log)
     for name in [n for n in args.models_on.split(",") if n]:
         log(f"{name}: whole layers")
         bench_models(name, model_rows, log)
@@ -155,8 +177,10 @@ def main() -> int:
     (out / "aggregate.json").write_text(json.dumps(dict(meta=meta, kernels=kernel_rows, models=model_rows), indent=1))
     md = ["# sum-aggregation of x[src]: pigeon's schedules vs index_add_ and cuSPARSE\n"]
     md += [f"- {k}: {v}" for k, v in meta.items()]
-    md += ["", "| graph | d | impl | ms | TB/s (gathered bytes) | bound ms |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['graph']} | {r['dim']} | {r['impl']} | {r['ms']} | {r['tbs']} | {r['bound_ms']} |" for r in kernel_rows]
+    md += ["", "| graph | d | dtype | impl | ms | TB/s (gathered bytes) | bound ms | note |",
+           "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['graph']} | {r['dim']} | {r['dtype']} | {r['impl']} | {r['ms']} | {r['tbs']} | {r['bound_ms']} | "
+           f"{r['note']} |" for r in kernel_rows]
     if model_rows:
         md += ["", "| graph | model | schedule | aggregations | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|"]
         md += [f"| {r['graph']} | {r['model']} | {r['schedule']} | {', '.join(r['chosen'])} | {r['fwd_ms']} | "

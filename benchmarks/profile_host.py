@@ -4,7 +4,10 @@ training, with the host-path settings of the environment (PIGEON_CUDA_GRAPHS, ..
 
     python benchmarks/profile_host.py --model rgat --graph tiny --calls 200 --out DIR
 
-Writes DIR/profile_host_<model>_<graph>.txt: the top functions by own time and by cumulative time."""
+Writes DIR/profile_host_<model>_<graph>.txt: the top functions by own time and by cumulative time,
+after the plain wall time per call (no profiler) and a calibration of the host: what a few torch
+primitives the replay path uses cost per call there (an empty-ish CUDA-graph replay, a small
+device copy, torch.empty), so that a host-time figure can be read against the machine it ran on."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +16,58 @@ import io
 import os
 import pstats
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+
+def per_call_us(fn, calls: int) -> tuple[float, float]:
+    """(enqueue, wall) microseconds per call: the loop's host time before its synchronize, and after;
+    the median of five loops."""
+    import statistics
+    enq, wall = [], []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        enq.append((t1 - t0) / calls * 1e6)
+        wall.append((t2 - t0) / calls * 1e6)
+    return statistics.median(enq), statistics.median(wall)
+
+
+def calibration(layer, x, infer, calls: int) -> list[str]:
+    a = torch.zeros(1024, device="cuda")
+    b = torch.ones(1024, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        a.add_(1)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        a.add_(1)
+    probes = {
+        "layer(x), no grad (the measured call)": infer,
+        "CUDAGraph.replay() of one small kernel": g.replay,
+        "a.copy_(b), 4 KB on the device": lambda: a.copy_(b),
+        "torch.empty(1024, device='cuda')": lambda: torch.empty(1024, device="cuda"),
+        "a.add_(1) (one eager kernel launch)": lambda: a.add_(1),
+        "torch.cuda.current_stream()": torch.cuda.current_stream,
+        "python: empty function call": lambda: None,
+    }
+    lines = ["\n## wall and enqueue time per call (no profiler), and the host's calibration",
+             "| call | enqueue us | wall us |", "|---|---|---|"]
+    for name, fn in probes.items():
+        for _ in range(10):
+            fn()
+        e, w = per_call_us(fn, calls)
+        lines.append(f"| {name} | {e:.2f} | {w:.2f} |")
+    return lines
 
 
 def main() -> int:
@@ -43,6 +95,7 @@ def main() -> int:
     text = [f"# host profile: {args.model} on {args.graph}, {args.calls} calls each; "
             f"PIGEON_CUDA_GRAPHS={os.environ.get('PIGEON_CUDA_GRAPHS', 'auto')}; command: "
             f"python benchmarks/profile_host.py {' '.join(sys.argv[1:])}"]
+    text += calibration(layer, x, infer, args.calls)
     for name, fn in (("inference", infer), ("training", train)):
         for _ in range(5):
             fn()
