@@ -352,3 +352,20 @@ def test_summary_keeps_each_host_overhead_batch(quick):
     s = rgnn.build_summary(data["cases"], data["meta"], [], cfg, host=host, host_note="test")
     assert s["host_overhead_us"] == 27.5 and s["host_overhead_us_by_model"] == {"rgcn": 27.5}
     assert s["host_overhead_detail"] == {"rgcn": {"wall_us": 40.0, "gpu_us": 12.5, "wall_us_batches": [39.0, 40.0, 41.0]}}
+
+
+def test_modes_none_runs_only_the_aggregation_comparisons(tmp_path):
+    """--modes none: no cases, the sum aggregations per (graph, dim, dtype) all the same; the command
+    that repeats the run says none."""
+    code, out, err = bench("--quick", "--device", "cpu", "--out", tmp_path, "--models", "rgcn", "--modes", "none",
+                           "--peers", "none", "--reps", "1")
+    assert code == 0, err
+    data = json.loads((tmp_path / "cases.json").read_text())
+    assert data["cases"] == []
+    assert sorted(a["dtype"] for a in data["aggregations"]) == ["bfloat16", "float32"]
+    assert all(a["impls"]["pigeon"]["status"] == "ok" for a in data["aggregations"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cases_total"] == 0 and "--modes none" in summary["command"]
+    code, out, err = bench("--quick", "--device", "cpu", "--out", tmp_path, "--modes", "none,training")
+    assert code == 2
+    one_error(err, "--modes")

@@ -192,7 +192,7 @@ class Config:
         argv = ["pigeon", "bench", "rgnn", "--graphs", ",".join(self.graphs), "--models", ",".join(self.models)]
         if self.dims_given is not None:
             argv += ["--dims", ",".join(map(str, self.dims_given))]
-        argv += ["--dtypes", ",".join(self.dtypes), "--modes", ",".join(self.modes),
+        argv += ["--dtypes", ",".join(self.dtypes), "--modes", ",".join(self.modes) or "none",
                  "--peers", ",".join(self.peers) or "none", "--device", self.device.type,
                  "--reps", str(self.reps), "--peer-timeout", f"{self.peer_timeout:g}", "--out", self.out]
         return shlex.join(argv + (["--tune-check"] if self.tune_check else []) + (["--resume"] if self.resume else []))
@@ -243,8 +243,12 @@ def make_config(*, graphs=None, models=None, dims=None, dtypes=None, modes=None,
     if not timeout > 0:
         raise BenchError(f"--peer-timeout {peer_timeout}: give a positive number of seconds")
     skipped = {g: why for g, why in NOT_AVAILABLE.items() if graphs is None and not quick}
+    # --modes none: no cases, only the sum-aggregation comparisons and the host overhead (to refresh
+    # those after a kernel change without rerunning every layer; merge_rgnn.py merges them)
+    mode_arg = _split(modes)
+    mode_list = () if mode_arg == ("none",) else _choose("--modes", mode_arg or MODES, MODES)
     return Config(plan, model_list, _choose("--dtypes", _split(dtypes) or DTYPES, DTYPES),
-                  _choose("--modes", _split(modes) or MODES, MODES), peer_list, device, reps,
+                  mode_list, peer_list, device, reps,
                   max(1, min(3, reps // 5)), timeout, str(out), dim_list, skipped, bool(resume), bool(tune_check))
 
 
@@ -588,7 +592,9 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None,
     aggregations = list(previous.get("aggregations", [])) if previous else []
     result = {"meta": meta, "graphs": graphs, "cases": cases, "aggregations": aggregations}
     for gname, dims in cfg.plan:
-        if not todo[gname]:
+        aggs_todo = [(d, t) for d in dims for t in cfg.dtypes
+                     if not any(a["graph"] == gname and a["dim"] == d and a["dtype"] == t for a in aggregations)]
+        if not todo[gname] and not (aggs_todo and not cfg.modes):
             continue
         try:
             g = load_graph_name(gname)
@@ -599,20 +605,17 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None,
         graphs[:] = [x for x in graphs if x["graph"] != gname] + [info]
         progress(f"# graph {gname}: {g.num_nodes} nodes, {g.num_edges} edges, {g.num_etypes} relations, "
                  f"{g.num_ntypes} node types ({info['source']})")
-        for dim in dims:
-            for dtype in cfg.dtypes:
-                if any(a["graph"] == gname and a["dim"] == dim and a["dtype"] == dtype for a in aggregations):
-                    continue
-                try:
-                    agg = aggregate_peers(g, gd, dim, dtype, device, cfg.reps)
-                except Exception as e:
-                    agg = {"dim": dim, "dtype": dtype, "impls": {"pigeon": {"status": failure(e)}},
-                           "pigeon_slower_than_peer": False}
-                agg["graph"] = gname
-                aggregations.append(agg)
-                progress(f"# aggregation {gname} d{dim} {dtype}: " + "; ".join(
-                    f"{k_} {v['ms']:.4f} ms" if v.get("ms") else f"{k_} {v['status']}" for k_, v in agg["impls"].items()))
-                free(device)
+        for dim, dtype in aggs_todo:
+            try:
+                agg = aggregate_peers(g, gd, dim, dtype, device, cfg.reps)
+            except Exception as e:
+                agg = {"dim": dim, "dtype": dtype, "impls": {"pigeon": {"status": failure(e)}},
+                       "pigeon_slower_than_peer": False}
+            agg["graph"] = gname
+            aggregations.append(agg)
+            progress(f"# aggregation {gname} d{dim} {dtype}: " + "; ".join(
+                f"{k_} {v['ms']:.4f} ms" if v.get("ms") else f"{k_} {v['status']}" for k_, v in agg["impls"].items()))
+            free(device)
         for model, dim, dtype, mode in todo[gname]:
             k += 1
             case = run_case(g, gd, info, model, dim, dtype, mode, cfg, progress, died)
