@@ -45,6 +45,23 @@ AGG_VEC_ENV = "PIGEON_AGG_VEC"
 AGG_VEC = 8
 
 
+# edge-chunk aggregates: members per step whose index chains and row loads are issued together (the
+# loop over a chunk's members was latency-bound: three dependent loads per member, one member at a
+# time). PIGEON_AGG_UNROLL=N renders another kernel (name suffix _uN) to measure against the default.
+AGG_UNROLL_ENV = "PIGEON_AGG_UNROLL"
+AGG_UNROLL = 4
+
+
+def agg_unroll() -> int:
+    """Members per step of an edge-chunk aggregate (AGG_UNROLL unless PIGEON_AGG_UNROLL is set)."""
+    raw = os.environ.get(AGG_UNROLL_ENV, "").strip()
+    if not raw:
+        return AGG_UNROLL
+    if not raw.isdigit() or not 1 <= int(raw) <= 16:
+        raise TraversalCodegenError(f"{AGG_UNROLL_ENV}={raw!r}: give an integer from 1 to 16")
+    return int(raw)
+
+
 def agg_vec(width: int) -> int:
     """Elements per thread of an edge-chunk aggregate of ``width`` (1 unless PIGEON_AGG_VEC=1)."""
     on = os.environ.get(AGG_VEC_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
@@ -113,6 +130,7 @@ class TraversalConfig:
     type_array: str = "g_etype"     # type_reduce per etype: the row -> relation array (g_compact_etype for compact rows)
     unroll: int = 1                 # maps: items per thread and trip
     vec: int = 1                    # aggregate (edge_chunks): consecutive elements per thread
+    agg_unroll: int = 1             # aggregate (edge_chunks): members per step, loads issued together
     lane_code: str = ""
 
 
@@ -242,21 +260,22 @@ def _out_param(inst: TraversalInstance) -> KernelParam:
 
 def render_traversal(inst: TraversalInstance, block: int = BLOCK, chunk: int = CHUNK) -> RenderedKernel:
     """The CUDA kernel of ``inst`` (cached per instance and PIGEON_AGG_VEC setting)."""
-    return _render_cached(inst, block, chunk, agg_vec(inst.out.width) if inst.loop == "aggregate" else 1)
+    agg = inst.loop == "aggregate"
+    return _render_cached(inst, block, chunk, agg_vec(inst.out.width) if agg else 1, agg_unroll() if agg else 1)
 
 
 @functools.lru_cache(maxsize=4096)
-def _render_cached(inst: TraversalInstance, block: int, chunk: int, vec: int) -> RenderedKernel:
+def _render_cached(inst: TraversalInstance, block: int, chunk: int, vec: int, unroll: int = AGG_UNROLL) -> RenderedKernel:
     check_instance(inst)
     try:
-        return _render(inst, block, chunk, vec)
+        return _render(inst, block, chunk, vec, unroll)
     except TraversalCodegenError:
         raise
     except ExprCodegenError as e:
         raise TraversalCodegenError(f"{inst.loop} -> {inst.out.name}: {e}") from e
 
 
-def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1) -> RenderedKernel:
+def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unroll: int = AGG_UNROLL) -> RenderedKernel:
     W = inst.out.width
     name = kernel_name(inst)
     loop = inst.loop
@@ -306,8 +325,10 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1) -> Re
         em = ExprEmitter(rows, f"aggregate over chunks of {members}", vectorize=True)
         if inst.schedule != "edge_chunks" or W % vec:
             vec = 1
+        if unroll != AGG_UNROLL:
+            name += f"_u{unroll}"       # another kernel of the same instance (profiles tell them apart)
         if vec > 1:
-            name += f"_v{vec}"          # another kernel of the same instance (profiles tell them apart)
+            name += f"_v{vec}"
         graph |= {ids, key}
         size = _MEMBER_COUNT.get(side, "num_edges")     # the members chunked
         if vec > 1:     # element j = j0 + jl: loads stepping by one along jl read 16 bytes per row (expr_c)
@@ -323,7 +344,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1) -> Re
             val = em.eval(inst.expr, j, row)
             extra = {}
         cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size, chunk=chunk,
-                   eid=f"g_{ids}", ptr=f"g_{key}", reduce=inst.reduce, **extra)
+                   eid=f"g_{ids}", ptr=f"g_{key}", reduce=inst.reduce, agg_unroll=unroll, **extra)
         template = "traversal.edge.cu.jinja"
         grid = _Grid("chunks", W // vec, block, size, chunk=chunk)
     else:
