@@ -72,9 +72,30 @@ def check_against_semantics(model, dtype, graph, backend, offset, device, fp32_t
     up = torch.randn(g.num_nodes, width, device=device).to(dt)
     want_f, want_b = _programs_run(layer, "torch", x, up, params, False)
     got_f, got_b = _programs_run(layer, backend, x, up, params, offset)
+    truth = {}
+    if dtype != "float32":
+        # 16-bit: the float32 program on the same (rounded) inputs is the truth both are rounded from.
+        # A reduction over many edges of 16-bit intermediates (a weight gradient) can cancel far below
+        # its terms, so where the kernel misses the 16-bit semantics by more than the tolerance it
+        # must be no farther from the truth than twice the semantics are (seen on the H200: RGAT bf16
+        # d_a_dst, 1 element of 1440 off by 0.027 at 0.35 while the emulated text matched)
+        ref32 = pg.compile(spec, g, IN, dtype="float32", **hp).to(device)
+        tf, tb = _programs_run(ref32, "torch", x.float(), up.float(), {k: v.float() for k, v in params.items()},
+                               False)
+        truth = {**tf, **tb}
     tol = dict(rtol=fp32_tol, atol=fp32_tol) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
     for name, want in list(want_f.items()) + list(want_b.items()):
         got = got_f.get(name, got_b.get(name))
+        t = truth.get(name)
+        if t is not None and t.shape == want.shape:
+            g32, w32, t32 = got.float(), want.float(), t.float()
+            off = (g32 - w32).abs() > tol["atol"] + tol["rtol"] * w32.abs()
+            worse = (g32 - t32).abs() > torch.maximum(2 * (w32 - t32).abs(), tol["atol"] + tol["rtol"] * t32.abs())
+            assert not bool((off & worse).any()), (
+                f"{model} {dtype} {name}: {int((off & worse).sum())} elements off the 16-bit semantics and "
+                f"farther from the float32 truth than twice the semantics (max |got - truth| "
+                f"{float((g32 - t32).abs().max()):.3g})")
+            continue
         torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"{model} {dtype} {name}: {m}")
 
 
