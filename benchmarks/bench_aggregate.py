@@ -34,7 +34,35 @@ def aggregate_instance(d: int, schedule: str, dtype=torch.float32):
                              reduce="sum", schedule=schedule)
 
 
-def bench_graph(name: str, dims: list[int], dtypes: list[str], rows: list, log) -> None:
+def variant_env(variant: str) -> tuple[str, dict]:
+    """(schedule, the environment that renders it) of a --pigeon variant SCHEDULE[:v8][:uN]."""
+    sched, *knobs = variant.split(":")
+    return sched, {"PIGEON_AGG_VEC": "1" if "v8" in knobs else "0",
+                   "PIGEON_AGG_UNROLL": next((k[1:] for k in knobs if k.startswith("u")), "")}
+
+
+def build_only(dims, dtypes, variants, arch: str, jobs: int) -> int:
+    """Build every variant's kernel into the disk cache (no GPU needed: carry the cache to the GPU)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pigeon.codegen.traversal import render_traversal
+    from pigeon.runtime.build import build_kernel
+    todo = {}
+    for v in variants:
+        sched, env = variant_env(v)
+        os.environ.update(env)
+        for d in dims:
+            for dt in dtypes:
+                rk = render_traversal(aggregate_instance(d, sched, getattr(torch, dt)))
+                todo[rk.name] = rk
+    for k in ("PIGEON_AGG_VEC", "PIGEON_AGG_UNROLL"):
+        os.environ.pop(k, None)
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda rk: build_kernel(rk.source, arch, name=rk.name), todo.values()))
+    print(f"built or found {len(todo)} kernels for {arch}")
+    return 0
+
+
+def bench_graph(name: str, dims: list[int], dtypes: list[str], rows: list, log, variants) -> None:
     from pigeon.graph import load
     from pigeon.graph.kernel_graph import kernel_graph
     from pigeon.runtime.program import CudaBackend
@@ -50,14 +78,13 @@ def bench_graph(name: str, dims: list[int], dtypes: list[str], rows: list, log) 
     src, dst = kg.src.long(), kg.dst.long()
     crow = kg.csc_ptr.long()
     col = src[kg.csc_eid.long()]
-    adj = torch.sparse_csr_tensor(crow, col, torch.ones(E, device="cuda"), size=(N, N), check_invariants=False)
     backend = CudaBackend()
     for d in dims:
         for dtype in dtypes:
-            bench_one(name, d, getattr(torch, dtype), N, E, src, dst, crow, col, kg, backend, rows, log)
+            bench_one(name, d, getattr(torch, dtype), N, E, src, dst, crow, col, kg, backend, rows, log, variants)
 
 
-def bench_one(name, d, dtype, N, E, src, dst, crow, col, kg, backend, rows, log) -> None:
+def bench_one(name, d, dtype, N, E, src, dst, crow, col, kg, backend, rows, log, variants) -> None:
     from pigeon.runtime.family_traversal import run_traversal_launch
     x = torch.randn(N, d, device="cuda").to(dtype)
     xf = x.float()
@@ -81,21 +108,24 @@ def bench_one(name, d, dtype, N, E, src, dst, crow, col, kg, backend, rows, log)
     nbytes = E * d * isz + N * d * isz + E * 8
     bound_ms = nbytes / (COPY_TBS * 1e12) * 1e3
     impls, notes = {}, {}
-    # "edge_chunks v8": 8 elements per thread (PIGEON_AGG_VEC=1)
-    for sched, vec in (("node", "0"), ("edge_chunks", "0"), ("edge_chunks", "1")):
-        if vec == "1" and d % 8:
+    # variants: SCHEDULE[:v8][:uN] (v8: PIGEON_AGG_VEC=1, 8 elements per thread; uN: PIGEON_AGG_UNROLL=N
+    # members per step); both are read when the kernel is rendered (cached per setting)
+    for variant in variants:
+        sched, env = variant_env(variant)
+        if env["PIGEON_AGG_VEC"] == "1" and d % 8:
             continue
-        label = f"pigeon {sched}" + (" v8" if vec == "1" else "")
+        label = "pigeon " + variant.replace(":", " ")
         inst = aggregate_instance(d, sched, dtype)
         out = torch.full((N, d), float("nan"), device="cuda", dtype=dtype)
 
-        def run(inst=inst, out=out, vec=vec):
-            os.environ["PIGEON_AGG_VEC"] = vec       # read when the kernel is rendered (cached per setting)
+        def run(inst=inst, out=out, env=env):
+            os.environ.update(env)
             return run_traversal_launch(inst, kg, {"x": x}, out, backend)
         run()
         check(out, label)
         impls[label] = run
-    os.environ.pop("PIGEON_AGG_VEC", None)
+    for k in ("PIGEON_AGG_VEC", "PIGEON_AGG_UNROLL"):
+        os.environ.pop(k, None)
     impls["torch index_add_"] = lambda: torch.zeros(N, d, device="cuda", dtype=dtype).index_add_(0, dst, x[src])
     impls["cuSPARSE SpMM"] = lambda: torch.sparse.mm(adj, x)
     for peer in ("torch index_add_", "cuSPARSE SpMM"):
@@ -154,9 +184,18 @@ def main() -> int:
     ap.add_argument("--graphs", default="fb15k-237,synthetic:am")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16")
+    ap.add_argument("--pigeon", default="node,edge_chunks,edge_chunks:v8",
+                    help="pigeon's variants, comma-separated SCHEDULE[:v8][:uN] (v8: 8 elements per thread; "
+                         "uN: N members per step)")
     ap.add_argument("--models-on", default="synthetic:am", help="graphs to time whole layers on ('' for none)")
     ap.add_argument("--out", default="/tmp/pigeon_out")
+    ap.add_argument("--build-only", metavar="ARCH", help="only build the variants' kernels for ARCH (e.g. sm_90) "
+                    "into the disk cache, no GPU needed")
+    ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
+    if args.build_only:
+        return build_only([int(d) for d in args.dims.split(",")], args.dtypes.split(","), args.pigeon.split(","),
+                          args.build_only, args.jobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -167,7 +206,7 @@ def main() -> int:
     dims = [int(d) for d in args.dims.split(",")]
     kernel_rows, model_rows = [], []
     for name in [n for n in args.graphs.split(",") if n]:
-        bench_graph(name, dims, args.dtypes.split(","), kernel_rows, log)
+        bench_graph(name, dims, args.dtypes.split(","), kernel_rows, log, args.pigeon.split(","))
     for name in [n for n in args.models_on.split(",") if n]:
         log(f"{name}: whole layers")
         bench_models(name, model_rows, log)
