@@ -369,3 +369,22 @@ def test_modes_none_runs_only_the_aggregation_comparisons(tmp_path):
     code, out, err = bench("--quick", "--device", "cpu", "--out", tmp_path, "--modes", "none,training")
     assert code == 2
     one_error(err, "--modes")
+
+
+def test_host_overhead_is_the_fresh_process_measurement_with_the_in_run_one_beside_it():
+    fresh = {"rgcn": {"wall_us": 40.0, "gpu_us": 30.0, "host_overhead_us": 10.0}}
+    in_run = {"rgcn": {"wall_us": 80.0, "gpu_us": 30.0, "host_overhead_us": 50.0}}
+    res, note = rgnn.combine_host(fresh, "tiny graph", in_run, "tiny graph")
+    assert res["rgcn"]["host_overhead_us"] == 10.0 and res["rgcn"]["in_run_us"] == 50.0
+    assert "fresh process" in note and "rgcn 50.0" in note
+    res, note = rgnn.combine_host(None, "exit 1: boom", in_run, "tiny graph")
+    assert res is in_run and "boom" in note
+    assert rgnn.host_overhead_fresh(["rgcn"], 16, torch.device("cpu"))[0] is None
+
+
+def test_host_probe_prints_one_json_line(capsys):
+    from pigeon.bench import host_probe
+    assert host_probe.main(["rgcn", "16", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["result"] is None and "CUDA" in got["note"]
+    assert host_probe.main(["rgcn"]) == 2

@@ -56,6 +56,7 @@ import json
 import os
 import shlex
 import statistics
+import sys
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -455,6 +456,36 @@ def host_overhead(models, dim: int, device, calls: int = 100, batches: int = 5) 
                  f"the largest over the models")
 
 
+def host_overhead_fresh(models, dim: int, device, timeout: float = 600) -> tuple[dict | None, str]:
+    """:func:`host_overhead` in a fresh Python process (pigeon/bench/host_probe.py says why)."""
+    if device.type != "cuda":
+        return None, "measured on a CUDA device only (on a CPU the kernels run on the host)"
+    cmd = [sys.executable, "-m", "pigeon.bench.host_probe", ",".join(models), str(dim), str(device)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        got = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else None
+    except (subprocess.TimeoutExpired, OSError, ValueError) as e:
+        return None, f"could not be measured in a fresh process: {failure(e)}"
+    if got is None:
+        why = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"could not be measured in a fresh process (exit {out.returncode}): {why[:300]}"
+    return got["result"], got["note"]
+
+
+def combine_host(fresh, fresh_note: str, in_run, in_run_note: str) -> tuple[dict | None, str]:
+    """The run's host overhead: the fresh process's per model (what a user's steady-state call
+    costs), each with the same measurement in the bench's own process after its cases beside it
+    (``in_run_us``); the in-run one alone where the fresh one failed, and the note says so."""
+    if not fresh:
+        return in_run, in_run_note + (f" (in the bench's process after its cases; the fresh-process "
+                                      f"measurement failed: {fresh_note})" if in_run else "")
+    res = {m: dict(v, **({"in_run_us": in_run[m]["host_overhead_us"]} if in_run and m in in_run else {}))
+           for m, v in fresh.items()}
+    inr = ", ".join(f"{m} {v['in_run_us']:.1f}" for m, v in res.items() if "in_run_us" in v)
+    return res, (f"{fresh_note}; measured in a fresh process before the cases (pigeon/bench/host_probe.py); "
+                 f"the same in the bench's process after its cases: {inr or 'not measured: ' + in_run_note} us")
+
+
 # ---------------------------------------------------------------------------------------- the run
 
 def _git_commit() -> str:
@@ -542,7 +573,7 @@ def build_summary(cases: list[dict], meta: dict, graphs: list[dict], cfg: Config
         s["host_overhead_us_by_model"] = {m: v["host_overhead_us"] for m, v in per_model.items()}
         # the wall time per call of each batch and the GPU time it is reduced by: the spread between
         # batches says how much one number can be trusted (it swings several-fold between runs)
-        s["host_overhead_detail"] = {m: {k: v[k] for k in ("wall_us", "gpu_us", "wall_us_batches") if k in v}
+        s["host_overhead_detail"] = {m: {k: v[k] for k in ("wall_us", "gpu_us", "wall_us_batches", "in_run_us") if k in v}
                                      for m, v in per_model.items()}
     s["host_overhead_us_note"] = host_note or "measured at the end of the run"
     s.update(kernel_summary(cases, aggregations or [], cfg.device))
@@ -591,6 +622,8 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None,
         progress(f"# --resume: {len(cases)} cases from {cfg.out}/cases.json kept, {total} to run")
     aggregations = list(previous.get("aggregations", [])) if previous else []
     result = {"meta": meta, "graphs": graphs, "cases": cases, "aggregations": aggregations}
+    dim = min(d for _, dims in cfg.plan for d in dims)
+    fresh, fresh_note = host_overhead_fresh(cfg.models, dim, device)
     for gname, dims in cfg.plan:
         aggs_todo = [(d, t) for d in dims for t in cfg.dtypes
                      if not any(a["graph"] == gname and a["dim"] == d and a["dtype"] == t for a in aggregations)]
@@ -627,8 +660,7 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda m: None,
                 on_case(result)
         del g, gd
         free(device)
-    dim = min(d for _, dims in cfg.plan for d in dims)
-    host, note = host_overhead(cfg.models, dim, device)
+    host, note = combine_host(fresh, fresh_note, *host_overhead(cfg.models, dim, device))
     result["host_overhead"] = host
     result["summary"] = build_summary(cases, meta, graphs, cfg, host, note, aggregations=aggregations)
     return result
