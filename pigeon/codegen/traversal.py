@@ -38,16 +38,17 @@ MAX_GRID = 1 << 16
 # occupancy an SM has a few KB of loads in flight, far from what hides DRAM latency at 4 TB/s
 # (the AM-sized bf16 scaling map ran at 1.3 TB/s); 4 independent items quadruple that
 MAP_UNROLL = 4
-# edge-chunk aggregates with 8 consecutive elements per thread (16-byte row loads, the edge and key
-# indices read once per 8 elements instead of once per element): PIGEON_AGG_VEC=1. Off by default
-# until measured on the GPU (benchmarks/bench_aggregate.py); tests run it on the emulated CUDA text.
+# edge-chunk aggregates with 8 consecutive elements per thread (16-byte row loads, the member and key
+# indices read once per 8 elements): the schedule pass sets TraversalInstance.vec from the mean
+# degree (pigeon/passes/schedule.py aggregate_vec); PIGEON_AGG_VEC=1 / 0 forces it on / off.
 AGG_VEC_ENV = "PIGEON_AGG_VEC"
 AGG_VEC = 8
 
 
 # edge-chunk aggregates: members per step whose index chains and row loads are issued together (the
 # loop over a chunk's members was latency-bound: three dependent loads per member, one member at a
-# time). PIGEON_AGG_UNROLL=N renders another kernel (name suffix _uN) to measure against the default.
+# time; H200: U=4 was 9-23% faster than 1 on the AM- and ogbn-mag-sized graphs and the best of 1, 2,
+# 4, 8). PIGEON_AGG_UNROLL=N renders another kernel (name suffix _uN) to measure against the default.
 AGG_UNROLL_ENV = "PIGEON_AGG_UNROLL"
 AGG_UNROLL = 4
 
@@ -62,10 +63,14 @@ def agg_unroll() -> int:
     return int(raw)
 
 
-def agg_vec(width: int) -> int:
-    """Elements per thread of an edge-chunk aggregate of ``width`` (1 unless PIGEON_AGG_VEC=1)."""
-    on = os.environ.get(AGG_VEC_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
-    return AGG_VEC if on and width % AGG_VEC == 0 and width > AGG_VEC else 1
+def agg_vec(width: int, chosen: int = 1) -> int:
+    """Elements per thread of an edge-chunk aggregate of ``width``: ``chosen`` (the instance's
+    vec) unless PIGEON_AGG_VEC forces 8 (1, on) or 1 (0, off); 1 where the width does not split."""
+    raw = os.environ.get(AGG_VEC_ENV, "").strip().lower()
+    want = AGG_VEC if raw in ("1", "on", "true", "yes") else 1 if raw in ("0", "off", "false", "no") else chosen
+    return want if want > 1 and width % want == 0 and width > want else 1
+
+
 GRAPH_ARRAYS = ("src", "dst", "etype", "ntype", "ntype_perm", "csc_ptr", "csc_eid", "csr_ptr", "csr_eid",
                 "edge_to_compact", "compact_src", "compact_etype", "cmp_ptr", "cmp_eid", "csrc_ptr", "csrc_id",
                 "edge_to_compact_dst", "compact_dst_node", "compact_dst_etype", "dcmp_ptr", "dcmp_eid", "cdst_ptr",
@@ -189,6 +194,8 @@ def check_instance(inst: TraversalInstance) -> None:
         raise TraversalCodegenError(f"unknown schedule {inst.schedule!r}")
     if inst.schedule == "edge_chunks" and (inst.loop != "aggregate" or inst.reduce not in ("sum", "max")):
         raise TraversalCodegenError(f"the edge_chunks schedule is for sum and max aggregation, not {inst.loop} {inst.reduce}")
+    if inst.vec not in (1, AGG_VEC) or (inst.vec > 1 and inst.schedule != "edge_chunks"):
+        raise TraversalCodegenError(f"vec={inst.vec}: elements per thread are 1, or {AGG_VEC} on the edge_chunks schedule")
     if out.rows != want:
         raise TraversalCodegenError(f"{inst.loop}: output {out.name} has rows {out.rows!r}, expected {want!r}")
     names = {}
@@ -261,7 +268,8 @@ def _out_param(inst: TraversalInstance) -> KernelParam:
 def render_traversal(inst: TraversalInstance, block: int = BLOCK, chunk: int = CHUNK) -> RenderedKernel:
     """The CUDA kernel of ``inst`` (cached per instance and PIGEON_AGG_VEC setting)."""
     agg = inst.loop == "aggregate"
-    return _render_cached(inst, block, chunk, agg_vec(inst.out.width) if agg else 1, agg_unroll() if agg else 1)
+    return _render_cached(inst, block, chunk, agg_vec(inst.out.width, inst.vec) if agg else 1,
+                          agg_unroll() if agg else 1)
 
 
 @functools.lru_cache(maxsize=4096)

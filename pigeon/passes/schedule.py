@@ -62,6 +62,22 @@ def aggregate_schedule(width: int, stats: dict, side: str = "dst") -> str:
     return "edge_chunks" if d_max > SKEW * max(balanced, 1.0) else "node"
 
 
+# edge_chunks aggregates take 8 consecutive elements per thread where a destination has this many
+# members on average (H200, 2026-12-03, benchmarks/results/aggregate_vec_h200_0d2d3cb: 8 per thread
+# was 8-18% faster on FB15k-237+rev (mean degree 42.7) at d128 and ogbn-mag-sized (10.9) in bf16,
+# within 5% elsewhere there, and 1.5-1.8x slower on AM-sized (3.6): with few members per run a thread
+# flushes 8 atomics per run, and 8x fewer threads hide less latency)
+VEC_MIN_MEAN_DEGREE = 8.0
+VEC = 8
+
+
+def aggregate_vec(width: int, stats: dict, side: str = "dst") -> int:
+    """Elements per thread (1 or VEC) of an edge_chunks sum aggregation of rows of ``width``."""
+    if side not in ("dst", "src") or width % VEC or width <= VEC:
+        return 1
+    return VEC if stats.get("mean_degree", 0.0) >= VEC_MIN_MEAN_DEGREE else 1
+
+
 def lane_group(width: int) -> int:
     return 1 << max(0, (min(max(width, 1), 32) - 1).bit_length())
 
@@ -129,8 +145,9 @@ def choose_schedules(program: KernelProgram, stats: dict, choices: dict | None =
         inst = getattr(launch, "inst", None)
         if isinstance(launch, TraversalLaunch) and inst.loop == "aggregate" and inst.reduce == "sum":
             sched = pick(inst, inst.side)
-            if sched != inst.schedule:
-                launch = TraversalLaunch(dataclasses.replace(inst, schedule=sched))
+            vec = aggregate_vec(inst.out.width, stats, inst.side) if sched == "edge_chunks" else 1
+            if sched != inst.schedule or vec != inst.vec:
+                launch = TraversalLaunch(dataclasses.replace(inst, schedule=sched, vec=vec))
                 changed = True
         elif isinstance(launch, TraversalLaunch) and inst.loop == "edge_softmax" and \
                 pick(inst, "dst") == "edge_chunks":
