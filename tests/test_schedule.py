@@ -39,10 +39,12 @@ def test_edge_chunks_take_8_elements_per_thread_where_destinations_have_many_mem
     from pigeon.ir.program import TraversalLaunch
     from pigeon.models import rgcn
     from pigeon.passes.schedule import aggregate_vec, choose_schedules
-    busy = {"num_nodes": 1000, "num_edges": 20_000, "max_in_degree": 900_000, "max_out_degree": 40,
+    busy = {"num_nodes": 1_000_000, "num_edges": 20_000_000, "max_in_degree": 900_000, "max_out_degree": 40,
             "mean_degree": 20.0}
     assert aggregate_vec(64, busy) == 8 and aggregate_vec(64, busy, "src") == 8
     assert aggregate_vec(64, dict(busy, mean_degree=3.6)) == 1
+    small = dict(busy, num_nodes=10_942, num_edges=547_872, mean_degree=50.0)      # ACM: 68k threads at 8
+    assert aggregate_vec(64, small) == 1
     assert aggregate_vec(8, busy) == 1 and aggregate_vec(60, busy) == 1
     assert aggregate_vec(64, busy, "compact") == 1
     monkeypatch.delenv(ENV, raising=False)

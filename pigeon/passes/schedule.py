@@ -63,19 +63,23 @@ def aggregate_schedule(width: int, stats: dict, side: str = "dst") -> str:
 
 
 # edge_chunks aggregates take 8 consecutive elements per thread where a destination has this many
-# members on average (H200, 2026-12-03, benchmarks/results/aggregate_vec_h200_0d2d3cb: 8 per thread
-# was 8-18% faster on FB15k-237+rev (mean degree 42.7) at d128 and ogbn-mag-sized (10.9) in bf16,
-# within 5% elsewhere there, and 1.5-1.8x slower on AM-sized (3.6): with few members per run a thread
-# flushes 8 atomics per run, and 8x fewer threads hide less latency)
+# members on average and the 8x fewer threads still fill the GPU (H200, 2026-12-03,
+# benchmarks/results/aggregate_vec_h200_0d2d3cb: 8 per thread was 8-18% faster on ogbn-mag-sized
+# (mean degree 10.9, 21M edges) in bf16, within 5% in fp32, and 1.5-1.8x slower on AM-sized (3.6):
+# with few members per run a thread flushes 8 atomics per run; rgnn_aggs_h200_9874d3c: on ACM
+# (mean degree 50, 548k edges: 68k threads at d64) and DBLP (9.2, 240k) it was 2-3x slower than 1)
 VEC_MIN_MEAN_DEGREE = 8.0
 VEC = 8
+CHUNK_EDGES = 64            # members per chunk (pigeon/codegen/traversal.py CHUNK)
 
 
 def aggregate_vec(width: int, stats: dict, side: str = "dst") -> int:
     """Elements per thread (1 or VEC) of an edge_chunks sum aggregation of rows of ``width``."""
     if side not in ("dst", "src") or width % VEC or width <= VEC:
         return 1
-    return VEC if stats.get("mean_degree", 0.0) >= VEC_MIN_MEAN_DEGREE else 1
+    threads = stats.get("num_edges", 0) / CHUNK_EDGES * (width // VEC)
+    busy = stats.get("mean_degree", 0.0) >= VEC_MIN_MEAN_DEGREE
+    return VEC if busy and threads >= RESIDENT_THREADS else 1
 
 
 def lane_group(width: int) -> int:
