@@ -80,9 +80,13 @@ def main(argv=None) -> int:
             graphs[g["graph"]] = g
         commands.append(run["meta"]["command"])
         if s.get("host_overhead_us_by_model"):
-            host = _host(s)
-            host_note = f"from the run `{run['meta']['command']}` (commit {run['meta']['commit']}): " + \
-                (s.get("host_overhead_us_note") or "")
+            # per model: the newest run that measured it (a run of fewer models keeps the others')
+            got = _host(s)
+            kept = sorted(set(host) - set(got))
+            host = {**host, **got}
+            host_note = (f"{', '.join(sorted(got))} from the run `{run['meta']['command']}` (commit "
+                         f"{run['meta']['commit']}): " + (s.get("host_overhead_us_note") or "") +
+                         (f"; {', '.join(kept)} from before: {host_note}" if kept and host_note else ""))
         data["meta"] = {**data["meta"], **{k: run["meta"][k] for k in ("commit", "date", "command", "torch")
                                            if k in run["meta"]}}
     data["meta"]["commands"] = commands
