@@ -182,3 +182,39 @@ def test_stats_tiny():
     assert s["in_degree_max"] == int(g.in_degree().max())
     assert s["degree_skew"] == pytest.approx(s["in_degree_max"] / (g.num_edges / 40))
     assert "tiny" in repr(g) and "nodes=40" in repr(g)
+
+
+def test_position_order_ends_of_the_kernel_graph():
+    """csc_src / csc_dst and csr_src / csr_dst: the ends of the edge at each CSC / CSR position (what
+    edge-chunk aggregates read instead of src[eid[p]]); the key side is non-decreasing."""
+    from pigeon.graph.kernel_graph import kernel_graph
+    kg = kernel_graph(synthetic_graph(200, 3000, 5, num_ntypes=3, seed=4))
+    for order, key in (("csc", "dst"), ("csr", "src")):
+        eid = getattr(kg, f"{order}_eid").long()
+        for end in ("src", "dst"):
+            got = getattr(kg, f"{order}_{end}")
+            assert got.dtype == torch.int32 and torch.equal(got, getattr(kg, end)[eid])
+        k = getattr(kg, f"{order}_{key}")
+        assert bool((k[1:] >= k[:-1]).all())
+
+
+def test_edge_chunk_aggregates_read_the_ends_at_the_position():
+    import pigeon as pg
+    from pigeon.codegen.traversal import render_traversal
+    from pigeon.ir.program import TraversalLaunch
+    from pigeon.models import rgcn
+    from pigeon.passes import schedule
+    import os
+    os.environ[schedule.ENV] = "edge_chunks"
+    try:
+        layer = pg.compile(rgcn, tiny_graph(), 16, out_dim=16)
+    finally:
+        os.environ.pop(schedule.ENV)
+    srcs = [render_traversal(l.inst).source for p in (layer.forward_program, layer.backward_program)
+            for l in p.launches if isinstance(l, TraversalLaunch) and l.inst.loop == "aggregate"
+            and l.inst.schedule == "edge_chunks" and l.inst.side in ("dst", "src")]
+    assert srcs
+    for s in srcs:
+        body = s[s.index('extern "C"'):]
+        assert "g_csc_dst[p]" in body or "g_csr_src[p]" in body
+        assert "g_dst[e]" not in body and "g_src[e]" not in body

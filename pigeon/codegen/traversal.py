@@ -74,7 +74,12 @@ def agg_vec(width: int, chosen: int = 1) -> int:
 GRAPH_ARRAYS = ("src", "dst", "etype", "ntype", "ntype_perm", "csc_ptr", "csc_eid", "csr_ptr", "csr_eid",
                 "edge_to_compact", "compact_src", "compact_etype", "cmp_ptr", "cmp_eid", "csrc_ptr", "csrc_id",
                 "edge_to_compact_dst", "compact_dst_node", "compact_dst_etype", "dcmp_ptr", "dcmp_eid", "cdst_ptr",
-                "cdst_id")
+                "cdst_id", "csc_src", "csc_dst", "csr_src", "csr_dst")
+# edge-chunk aggregates over edges (sides dst and src) walk CSC / CSR positions p: the key and the
+# edge's other end are read at p from these position-order copies (KernelGraph.csc_src, ...), not as
+# key[eid[p]]: the member loop waited on position -> edge -> key / end -> row, now on position -> row
+# (the edge id is still loaded where the expression reads edge-wise rows or the edge's type)
+POSITION_ARRAYS = {"dst": ("csc_dst", {RowRef.SRC: "csc_src"}), "src": ("csr_src", {RowRef.DST: "csr_dst"})}
 _BUFFER_ROWS_OF_REF = {RowRef.SRC: "node", RowRef.DST: "node", RowRef.ETYPE: "etype", RowRef.NTYPE: "ntype",
                        RowRef.COMPACT: "compact", RowRef.COMPACT_DST: "compact_dst", RowRef.NONE: "global"}
 # aggregate side -> (member list pointer, member ids, output row count, what the members are)
@@ -136,6 +141,7 @@ class TraversalConfig:
     unroll: int = 1                 # maps: items per thread and trip
     vec: int = 1                    # aggregate (edge_chunks): consecutive elements per thread
     agg_unroll: int = 1             # aggregate (edge_chunks): members per step, loads issued together
+    key_at: str = "e"               # aggregate (edge_chunks): the key array's index (e: edge id, p: position)
     lane_code: str = ""
 
 
@@ -330,6 +336,12 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unrol
         rows = _member_rows(side, "e")
         owner, key = CHUNK_KEYS[side]
         rows[owner] = RowBinding("v", frozenset({"e"}))
+        key_at = "e"
+        if side in POSITION_ARRAYS:      # p is defined wherever e is (the template's member step)
+            key, ends = POSITION_ARRAYS[side]
+            key_at = "p"
+            for ref, arr in ends.items():
+                rows[ref] = RowBinding("p", frozenset({"e"}), arr)
         em = ExprEmitter(rows, f"aggregate over chunks of {members}", vectorize=True)
         if inst.schedule != "edge_chunks" or W % vec:
             vec = 1
@@ -352,7 +364,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unrol
             val = em.eval(inst.expr, j, row)
             extra = {}
         cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size, chunk=chunk,
-                   eid=f"g_{ids}", ptr=f"g_{key}", reduce=inst.reduce, agg_unroll=unroll, **extra)
+                   eid=f"g_{ids}", ptr=f"g_{key}", key_at=key_at, reduce=inst.reduce, agg_unroll=unroll, **extra)
         template = "traversal.edge.cu.jinja"
         grid = _Grid("chunks", W // vec, block, size, chunk=chunk)
     else:

@@ -74,6 +74,29 @@ class KernelGraph:
         """[0, T]: one segment holding every node type."""
         return torch.tensor([0, self.num_ntypes], dtype=torch.int32, device=self.device)
 
+    # the ends of each edge in CSC / CSR position order: an edge-chunk aggregate walks positions and
+    # reads its key and the other end at the position itself, not through the edge id (one dependent
+    # load per member fewer; pigeon/codegen/traversal.py POSITION_ARRAYS)
+    @functools.cached_property
+    def csc_src(self) -> torch.Tensor:
+        """[E] source of the edge at each CSC position (int32)."""
+        return self.src[self.csc_eid.long()]
+
+    @functools.cached_property
+    def csc_dst(self) -> torch.Tensor:
+        """[E] destination of the edge at each CSC position (int32, non-decreasing)."""
+        return self.dst[self.csc_eid.long()]
+
+    @functools.cached_property
+    def csr_src(self) -> torch.Tensor:
+        """[E] source of the edge at each CSR position (int32, non-decreasing)."""
+        return self.src[self.csr_eid.long()]
+
+    @functools.cached_property
+    def csr_dst(self) -> torch.Tensor:
+        """[E] destination of the edge at each CSR position (int32)."""
+        return self.dst[self.csr_eid.long()]
+
     @functools.cached_property
     def in_degree(self) -> torch.Tensor:
         """[N] incoming edges per node (int32)."""
