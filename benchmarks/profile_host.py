@@ -16,28 +16,12 @@ import io
 import os
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-
-def per_call_us(fn, calls: int) -> tuple[float, float]:
-    """(enqueue, wall) microseconds per call: the loop's host time before its synchronize, and after;
-    the median of five loops."""
-    import statistics
-    enq, wall = [], []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        enq.append((t1 - t0) / calls * 1e6)
-        wall.append((t2 - t0) / calls * 1e6)
-    return statistics.median(enq), statistics.median(wall)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_host_overhead import wall  # noqa: E402     (wall and enqueue us per call, median of loops)
 
 
 def calibration(layer, x, infer, calls: int) -> list[str]:
@@ -65,7 +49,7 @@ def calibration(layer, x, infer, calls: int) -> list[str]:
     for name, fn in probes.items():
         for _ in range(10):
             fn()
-        e, w = per_call_us(fn, calls)
+        w, e = wall(fn, calls, repeats=5)
         lines.append(f"| {name} | {e:.2f} | {w:.2f} |")
     return lines
 
