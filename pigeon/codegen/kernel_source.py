@@ -55,6 +55,9 @@ class RenderedKernel:
     shared_mem: int = 0
     template: str = ""
     meta: dict = field(default_factory=dict, compare=False)
+    # further kernels defined in ``source`` (same module and cubin), launched after this one by the
+    # family's launcher: e.g. the fix-up of an edge-chunk aggregate; their own ``source`` is empty
+    companions: tuple["RenderedKernel", ...] = field(default=(), compare=False)
 
     def __post_init__(self):
         c_ident(self.name, "kernel name")

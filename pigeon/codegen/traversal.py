@@ -142,6 +142,10 @@ class TraversalConfig:
     vec: int = 1                    # aggregate (edge_chunks): consecutive elements per thread
     agg_unroll: int = 1             # aggregate (edge_chunks): members per step, loads issued together
     key_at: str = "e"               # aggregate (edge_chunks): the key array's index (e: edge id, p: position)
+    rowptr: str = ""                # aggregate (edge_chunks): the member list pointer (where each key's members begin)
+    scratch: str = ""               # aggregate (edge_chunks): the float32 scratch rows of shared runs
+    fix_name: str = ""              # aggregate (edge_chunks): the fix-up kernel and its parameter list
+    fix_signature: str = ""
     lane_code: str = ""
 
 
@@ -261,7 +265,41 @@ def _node_rows(row: str) -> dict[RowRef, RowBinding]:
 
 def accumulates(inst: TraversalInstance) -> bool:
     """Does the kernel add into a zeroed float32 accumulator (atomics) instead of writing?"""
-    return inst.loop == "type_reduce" or (inst.loop == "aggregate" and inst.schedule == "edge_chunks")
+    return inst.loop == "type_reduce"
+
+
+def shares_runs(inst: TraversalInstance) -> bool:
+    """An edge-chunk aggregate: it stores each run wholly inside its chunk, sums the runs chunks
+    share in a float32 scratch row per chunk, and its fix-up kernel writes those rows and the rows
+    without members (see traversal.edge.cu.jinja)."""
+    return inst.loop == "aggregate" and inst.schedule == "edge_chunks"
+
+
+def fix_kernel_name(name: str) -> str:
+    """The fix-up kernel of the edge-chunk aggregate ``name`` (a companion in the same module)."""
+    return f"{name}_fix"
+
+
+@dataclass(frozen=True)
+class _FixGrid:
+    """Grid of a fix-up kernel from its row count (one thread per (row, element))."""
+    width: int
+    block: int
+
+    def __call__(self, num_fix: int) -> tuple[int, int, int]:
+        return (max(1, min(MAX_GRID, -(-int(num_fix) * self.width // self.block))), 1, 1)
+
+
+def _fix_kernel(inst: TraversalInstance, name: str, block: int) -> RenderedKernel:
+    out = buffer_param(inst.out)
+    params = (KernelParam(out, "ptr", f"{storage_type(inst.out.dtype)}* __restrict__", f"out:{inst.out.name}"),
+              KernelParam("pg_scratch", "ptr", "const float* __restrict__", f"scratch:{inst.out.name}"),
+              KernelParam("pg_fix_rows", "ptr", "const int* __restrict__", "fix:rows"),
+              KernelParam("pg_fix_slots", "ptr", "const int* __restrict__", "fix:slots"),
+              KernelParam("pg_num_fix", "int32", "int", "fix:count"))
+    return RenderedKernel(name=fix_kernel_name(name), source="", params=params, block=(block, 1, 1),
+                          grid=_FixGrid(inst.out.width, block), template="traversal.edge.cu.jinja",
+                          meta={"loop": "aggregate_fix", "width": inst.out.width})
 
 
 def _out_param(inst: TraversalInstance) -> KernelParam:
@@ -332,7 +370,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unrol
         grid = _Grid("chunks", W, block, size, chunk=chunk)
     elif loop == "aggregate" and inst.schedule == "edge_chunks":
         side = inst.side
-        _, ids, _, members = AGGREGATE_LISTS[side]
+        rowptr, ids, _, members = AGGREGATE_LISTS[side]
         rows = _member_rows(side, "e")
         owner, key = CHUNK_KEYS[side]
         rows[owner] = RowBinding("v", frozenset({"e"}))
@@ -349,7 +387,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unrol
             name += f"_u{unroll}"       # another kernel of the same instance (profiles tell them apart)
         if vec > 1:
             name += f"_v{vec}"
-        graph |= {ids, key}
+        graph |= {ids, key, rowptr}
         size = _MEMBER_COUNT.get(side, "num_edges")     # the members chunked
         if vec > 1:     # element j = j0 + jl: loads stepping by one along jl read 16 bytes per row (expr_c)
             item = root.child({"j0"}, "item")
@@ -364,7 +402,8 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unrol
             val = em.eval(inst.expr, j, row)
             extra = {}
         cfg = dict(item_code=item.code(8), row_code=row.code(12), value=val.code, num_rows=size, chunk=chunk,
-                   eid=f"g_{ids}", ptr=f"g_{key}", key_at=key_at, reduce=inst.reduce, agg_unroll=unroll, **extra)
+                   eid=f"g_{ids}", ptr=f"g_{key}", key_at=key_at, reduce=inst.reduce, agg_unroll=unroll,
+                   rowptr=f"g_{rowptr}", scratch="pg_scratch", **extra)
         template = "traversal.edge.cu.jinja"
         grid = _Grid("chunks", W // vec, block, size, chunk=chunk)
     else:
@@ -393,6 +432,12 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unrol
     if set(em.buffers) != {b.name for b in inputs}:   # pragma: no cover - every load is emitted
         raise TraversalCodegenError(f"internal: emitted loads {sorted(em.buffers)} != inputs {[b.name for b in inputs]}")
     params = [_out_param(inst)]
+    companions = ()
+    if shares_runs(inst):
+        params.append(KernelParam("pg_scratch", "ptr", "float* __restrict__", f"scratch:{inst.out.name}"))
+        fix = _fix_kernel(inst, name, block)
+        companions = (fix,)
+        cfg["fix_name"], cfg["fix_signature"] = fix.name, fix.signature()
     params += [KernelParam(buffer_param(b), "ptr", f"const {storage_type(b.dtype)}* __restrict__", f"buffer:{b.name}")
                for b in inputs]
     params += [KernelParam(f"g_{a}", "ptr", "const int* __restrict__", f"graph:{a}") for a in GRAPH_ARRAYS if a in graph]
@@ -405,4 +450,4 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unrol
             "chunk": cfg.get("chunk"), "instance_key": inst.key(),
             "aligned16": tuple(sorted(em.aligned))}   # buffers read with 16-byte loads
     return RenderedKernel(name=name, source=source, params=tuple(params), block=(block, 1, 1), grid=grid,
-                          template=template, meta=meta)
+                          template=template, meta=meta, companions=companions)

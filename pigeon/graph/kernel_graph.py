@@ -97,6 +97,26 @@ class KernelGraph:
         """[E] destination of the edge at each CSR position (int32)."""
         return self.dst[self.csr_eid.long()]
 
+    def chunk_fixups(self, ptr: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What the fix-up of an edge-chunk aggregate over the member list ``ptr`` (e.g. csc_ptr)
+        in chunks of ``chunk`` positions writes: ``(rows, slots, chunks)``, the int32 rows whose
+        members span two or more chunks (slot: the chunk where they begin, whose scratch row holds
+        their sum) or that have no members (slot -1: written as 0), and the number of chunks.
+        Computed once per array and chunk (one host read), outside any CUDA-graph capture: a
+        program's first call runs uncaptured (pigeon/runtime/replay.py)."""
+        memo = self.__dict__.setdefault("_chunk_fixups", {})
+        got = memo.get((ptr, chunk))
+        if got is None:
+            p = getattr(self, ptr).long()
+            begin, end = p[:-1], p[1:]
+            first, last = begin // chunk, (end - 1) // chunk
+            shared = (end > begin) & (last > first)
+            rows = (shared | (end == begin)).nonzero().flatten()
+            slots = torch.where(shared, first, torch.full_like(first, -1))[rows]
+            members = int(p[-1]) if p.numel() else 0
+            got = memo[(ptr, chunk)] = (rows.to(torch.int32), slots.to(torch.int32), -(-members // chunk))
+        return got
+
     @functools.cached_property
     def in_degree(self) -> torch.Tensor:
         """[N] incoming edges per node (int32)."""

@@ -85,7 +85,8 @@ def emulator_source(kernels: Sequence[RenderedKernel]) -> str:
     """Each kernel's source exactly as rendered, followed by its host loop (after the threads header
     when a kernel calls ``__syncthreads``)."""
     head = f'#include "{THREADS_HEADER}"\n' if any(_threaded(rk) for rk in kernels) else ""
-    return head + "".join(f"// ---- {rk.name}\n{rk.source}\n{host_loop(rk)}" for rk in kernels)
+    return head + "".join(f"// ---- {rk.name}\n{rk.source}\n{host_loop(rk)}" + "".join(map(host_loop, rk.companions))
+                          for rk in kernels)
 
 
 # headers kernel sources include that the shim stands for (cuda.h: TVM-generated sources)
@@ -197,8 +198,9 @@ class EmulatedModule:
 
     def __init__(self, kernels: RenderedKernel | Sequence[RenderedKernel], *, cxx: str | None = None):
         kernels = [kernels] if isinstance(kernels, RenderedKernel) else list(kernels)
-        self.kernels = {rk.name: rk for rk in kernels}
-        self.path = build_emulator(list(self.kernels.values()), cxx=cxx)
+        kernels = list({rk.name: rk for rk in kernels}.values())
+        self.path = build_emulator(kernels, cxx=cxx)
+        self.kernels = {k.name: k for rk in kernels for k in (rk, *rk.companions)}
         with _lock:
             lib = _loaded.get(str(self.path))
             if lib is None:

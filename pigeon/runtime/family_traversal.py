@@ -14,7 +14,8 @@ import torch
 
 from ..codegen.kernel_source import RenderedKernel
 from ..graph.kernel_graph import KernelGraph
-from ..codegen.traversal import TraversalLaunchError, accumulates, check_instance, kernel_name, render_traversal
+from ..codegen.traversal import (AGGREGATE_LISTS, TraversalLaunchError, accumulates, check_instance,
+                                 kernel_name, render_traversal, shares_runs)
 from ..ir.program import TraversalLaunch
 from ..ir.traversal import Buffer, Expr, RowRef, TraversalInstance
 from ..semantics import aggregate, edge_softmax
@@ -116,14 +117,18 @@ def _check_tensor(what: str, b: Buffer, t: Any, kg: KernelGraph) -> None:
 
 
 def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
-                   bufs: Mapping[str, torch.Tensor], target: torch.Tensor) -> list[Any]:
-    """Kernel arguments in ``rk.params`` order; ``target`` is what the output parameter points to."""
+                   bufs: Mapping[str, torch.Tensor], target: torch.Tensor,
+                   scratch: torch.Tensor | None = None) -> list[Any]:
+    """Kernel arguments in ``rk.params`` order; ``target`` is what the output parameter points to,
+    ``scratch`` the shared-run rows of an edge-chunk aggregate."""
     args: list[Any] = []
     aligned = rk.meta.get("aligned16", ())
     for p in rk.params:
         kind, what = p.role.split(":", 1)
         if kind in ("out", "accum"):
             args.append(target)
+        elif kind == "scratch":
+            args.append(scratch)
         elif kind == "buffer":
             t = bufs[what]
             t = t if t.is_contiguous() else t.contiguous()
@@ -165,10 +170,22 @@ def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[s
         target.fill_(float("-inf")) if is_max else target.zero_()
     else:
         target = out
+    scratch = fix = None
+    if shares_runs(inst):
+        # a float32 row per chunk for the runs chunks share, at the reduction's identity; the
+        # fix-up kernel then writes those rows and the rows without members (KernelGraph.chunk_fixups)
+        fix_rows, fix_slots, nchunks = kg.chunk_fixups(AGGREGATE_LISTS[inst.side][0], rk.meta["chunk"])
+        scratch = torch.empty((max(nchunks, 1), inst.out.width), dtype=torch.float32, device=out.device)
+        scratch.fill_(float("-inf")) if is_max else scratch.zero_()
+        fix = (fix_rows, fix_slots)
     grid = rk.grid(kg)
     if rk.grid.threads(kg) > 0:
-        args = traversal_args(rk, inst, kg, bufs, target)
+        args = traversal_args(rk, inst, kg, bufs, target, scratch)
         module.function(rk.name).launch(grid, rk.block, args, rk.ctypes)
+    if fix is not None and fix[0].numel() > 0:
+        fk = rk.companions[0]
+        module.function(fk.name).launch(fk.grid(fix[0].numel()), fk.block,
+                                        [out, scratch, fix[0], fix[1], fix[0].numel()], fk.ctypes)
     if accumulates(inst) and is_max:     # a node without edges aggregates to 0 (the semantics)
         deg = kg.in_degree if inst.side == "dst" else kg.out_degree
         empty = (deg == 0).view((-1,) + (1,) * (target.dim() - 1))
