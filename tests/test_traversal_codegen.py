@@ -386,10 +386,13 @@ def test_chunk_fixups_list_the_shared_and_the_empty_rows():
 
 
 @needs_cxx
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_emulated_edge_chunks_with_hubs_over_many_chunks_and_empty_rows(dtype):
+@pytest.mark.parametrize("dtype,form", [("float32", "0"), ("float32", "1"), ("bfloat16", "auto")])
+def test_emulated_edge_chunks_with_hubs_over_many_chunks_and_empty_rows(dtype, form, monkeypatch):
     """Runs that span 2-4 chunks (scratch rows, the fix-up), chunks wholly inside one run, rows
-    without members before, between and after the others: sum and max, both sides."""
+    without members before, between and after the others: sum and max, both sides; float32 in
+    both forms (whole runs stored + fix-up, and every run atomic into the zeroed output)."""
+    from pigeon.runtime import family_traversal as ft
+    monkeypatch.setenv(ft.ALL_ATOMIC_ENV, form)
     kg = kernel_graph(_chunk_edge_graph())
     names = ["aggregate_sum_dst_edge_chunks", "aggregate_sum_src_edge_chunks", "aggregate_max_dst_edge_chunks",
              "aggregate_max_src_edge_chunks", "aggregate_sum_dot_edge_chunks"]
@@ -401,3 +404,18 @@ def test_emulated_edge_chunks_with_hubs_over_many_chunks_and_empty_rows(dtype):
     most = int(max(kg.in_degree.max(), kg.out_degree.max()))
     for name, inst in insts.items():
         check_case(name, inst, module, kg, seed, dtype=dtype, gname="chunk_edges", atol=2e-5 * most ** 0.5)
+
+
+def test_float32_edge_chunks_take_the_every_run_atomic_form_on_small_graphs(monkeypatch):
+    from pigeon.runtime import family_traversal as ft
+    kg = kernel_graph(_chunk_edge_graph())
+    f32, b16 = INSTS["aggregate_sum_dst_edge_chunks"], with_dtype(INSTS["aggregate_sum_dst_edge_chunks"], "bfloat16")
+    assert "pg_all_atomic" in render_traversal(f32).source and "pg_all_atomic" not in render_traversal(b16).source
+    assert ft.all_atomic(render_traversal(f32), f32, kg) and not ft.all_atomic(render_traversal(b16), b16, kg)
+    monkeypatch.setattr(ft, "ALL_ATOMIC_BELOW", 10)          # as on a graph past the size rule
+    assert not ft.all_atomic(render_traversal(f32), f32, kg)
+    monkeypatch.setenv(ft.ALL_ATOMIC_ENV, "1")
+    assert ft.all_atomic(render_traversal(f32), f32, kg) and not ft.all_atomic(render_traversal(b16), b16, kg)
+    monkeypatch.setenv(ft.ALL_ATOMIC_ENV, "yes")
+    with pytest.raises(TraversalLaunchError, match="PIGEON_AGG_ALL_ATOMIC='yes'"):
+        ft.all_atomic(render_traversal(f32), f32, kg)

@@ -146,6 +146,7 @@ class TraversalConfig:
     scratch: str = ""               # aggregate (edge_chunks): the float32 scratch rows of shared runs
     fix_name: str = ""              # aggregate (edge_chunks): the fix-up kernel and its parameter list
     fix_signature: str = ""
+    all_atomic: bool = False        # aggregate (edge_chunks), float32 output: the pg_all_atomic form is built in
     lane_code: str = ""
 
 
@@ -438,10 +439,14 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unrol
         fix = _fix_kernel(inst, name, block)
         companions = (fix,)
         cfg["fix_name"], cfg["fix_signature"] = fix.name, fix.signature()
+        if inst.out.dtype == "float32":     # the output can take atomics itself (family_traversal.all_atomic)
+            cfg["all_atomic"] = True
     params += [KernelParam(buffer_param(b), "ptr", f"const {storage_type(b.dtype)}* __restrict__", f"buffer:{b.name}")
                for b in inputs]
     params += [KernelParam(f"g_{a}", "ptr", "const int* __restrict__", f"graph:{a}") for a in GRAPH_ARRAYS if a in graph]
     params.append(KernelParam(size, "int32", "int", f"size:{size}"))
+    if cfg.get("all_atomic"):
+        params.append(KernelParam("pg_all_atomic", "int32", "int", "flag:all_atomic"))
     signature = ", ".join(p.c for p in params)
     config = TraversalConfig(name=name, loop=loop, signature=signature, block=block, min_blocks=MIN_BLOCKS, width=W,
                              out=params[0].name, root_code=root.code(4), **cfg)

@@ -7,6 +7,8 @@ same CUDA text, and its torch op (``pigeon::traversal``, pigeon/runtime/kernel_o
 """
 from __future__ import annotations
 
+import os
+
 from contextlib import nullcontext
 from typing import Any, Mapping
 
@@ -118,9 +120,10 @@ def _check_tensor(what: str, b: Buffer, t: Any, kg: KernelGraph) -> None:
 
 def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
                    bufs: Mapping[str, torch.Tensor], target: torch.Tensor,
-                   scratch: torch.Tensor | None = None) -> list[Any]:
+                   scratch: torch.Tensor | None = None, flat: bool = False) -> list[Any]:
     """Kernel arguments in ``rk.params`` order; ``target`` is what the output parameter points to,
-    ``scratch`` the shared-run rows of an edge-chunk aggregate."""
+    ``scratch`` the shared-run rows of an edge-chunk aggregate (``flat``: its every-run-atomic form,
+    which takes none: the output stands in for it)."""
     args: list[Any] = []
     aligned = rk.meta.get("aligned16", ())
     for p in rk.params:
@@ -128,7 +131,9 @@ def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
         if kind in ("out", "accum"):
             args.append(target)
         elif kind == "scratch":
-            args.append(scratch)
+            args.append(target if scratch is None else scratch)
+        elif kind == "flag":
+            args.append(int(flat))
         elif kind == "buffer":
             t = bufs[what]
             t = t if t.is_contiguous() else t.contiguous()
@@ -147,6 +152,30 @@ def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
     return args
 
 
+# edge-chunk aggregates into a float32 output: every run added into the zeroed output (one memset,
+# one launch) instead of whole runs stored once plus the fix-up of shared and empty rows (a second
+# launch, and the empty rows zeroed element by element), below this many members x width. H200,
+# rgnn_aggs_h200_66040f9 against ec9909d (every run atomic): the stores + fix-up were 4-10% faster at
+# 7.7e8 (AM-sized d128) and 1.35e9-2.7e9 (ogbn-mag-sized), even at 3.3e8-3.8e8 (ogbl-biokg- and
+# AM-sized d64), 6-17% slower at 0.35e8-0.6e8 (ACM, FB15k-237+reverse, BGS-sized). 16-bit outputs
+# always take the stores (the other form needs a float32 accumulator and a cast pass).
+ALL_ATOMIC_BELOW = 3e8
+ALL_ATOMIC_ENV = "PIGEON_AGG_ALL_ATOMIC"      # 1 / 0 force the form (float32 outputs), auto (default): the size rule
+
+
+def all_atomic(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph) -> bool:
+    """Does this launch of an edge-chunk aggregate take its every-run-atomic form?"""
+    if not any(p.role == "flag:all_atomic" for p in rk.params):
+        return False
+    forced = os.environ.get(ALL_ATOMIC_ENV, "auto").strip().lower()
+    if forced in ("1", "0"):
+        return forced == "1"
+    if forced != "auto":
+        raise TraversalLaunchError(f"{ALL_ATOMIC_ENV}={forced!r}: expected 1, 0 or auto")
+    members = next(int(getattr(kg, p.role.split(":", 1)[1])) for p in rk.params if p.role.startswith("size:"))
+    return members * inst.out.width < ALL_ATOMIC_BELOW
+
+
 def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[str, torch.Tensor],
                        out: torch.Tensor, module: Any) -> torch.Tensor:
     """Run the kernel of ``inst`` from ``module`` (a runtime CudaModule built from
@@ -162,16 +191,19 @@ def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[s
         _check_tensor("input", b, bufs[b.name], kg)
     workspace = None
     is_max = inst.loop == "aggregate" and inst.reduce == "max"
-    if accumulates(inst):        # atomics into a float32 accumulator: zeros (sums) or -inf (max)
+    if accumulates(inst):        # type_reduce: atomics into a zeroed float32 accumulator
         if out.dtype == torch.float32:
             target = out
         else:
             target = workspace = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        target.fill_(float("-inf")) if is_max else target.zero_()
+        target.zero_()
     else:
         target = out
     scratch = fix = None
-    if shares_runs(inst):
+    flat = all_atomic(rk, inst, kg)
+    if flat:                     # every run added into the output: zeros (sums) or -inf (max)
+        target.fill_(float("-inf")) if is_max else target.zero_()
+    elif shares_runs(inst):
         # a float32 row per chunk for the runs chunks share, at the reduction's identity; the
         # fix-up kernel then writes those rows and the rows without members (KernelGraph.chunk_fixups)
         fix_rows, fix_slots, nchunks = kg.chunk_fixups(AGGREGATE_LISTS[inst.side][0], rk.meta["chunk"])
@@ -180,13 +212,13 @@ def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[s
         fix = (fix_rows, fix_slots)
     grid = rk.grid(kg)
     if rk.grid.threads(kg) > 0:
-        args = traversal_args(rk, inst, kg, bufs, target, scratch)
+        args = traversal_args(rk, inst, kg, bufs, target, scratch, flat)
         module.function(rk.name).launch(grid, rk.block, args, rk.ctypes)
     if fix is not None and fix[0].numel() > 0:
         fk = rk.companions[0]
         module.function(fk.name).launch(fk.grid(fix[0].numel()), fk.block,
                                         [out, scratch, fix[0], fix[1], fix[0].numel()], fk.ctypes)
-    if accumulates(inst) and is_max:     # a node without edges aggregates to 0 (the semantics)
+    if flat and is_max:          # a node without edges aggregates to 0 (the semantics)
         deg = kg.in_degree if inst.side == "dst" else kg.out_degree
         empty = (deg == 0).view((-1,) + (1,) * (target.dim() - 1))
         target.masked_fill_(empty, 0.0)
