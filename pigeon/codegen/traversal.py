@@ -453,6 +453,7 @@ def _render(inst: TraversalInstance, block: int, chunk: int, vec: int = 1, unrol
     source = _render_template(template, config)
     meta = {"loop": loop, "schedule": inst.schedule, "width": W, "template": template, "group": cfg.get("group"),
             "chunk": cfg.get("chunk"), "instance_key": inst.key(),
-            "aligned16": tuple(sorted(em.aligned))}   # buffers read with 16-byte loads
+            "aligned16": tuple(sorted(em.aligned)),   # buffers read with 16-byte loads
+            "all_atomic": bool(cfg.get("all_atomic")), "members": size}
     return RenderedKernel(name=name, source=source, params=tuple(params), block=(block, 1, 1), grid=grid,
                           template=template, meta=meta, companions=companions)

@@ -120,10 +120,12 @@ def _check_tensor(what: str, b: Buffer, t: Any, kg: KernelGraph) -> None:
 
 def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
                    bufs: Mapping[str, torch.Tensor], target: torch.Tensor,
-                   scratch: torch.Tensor | None = None, flat: bool = False) -> list[Any]:
-    """Kernel arguments in ``rk.params`` order; ``target`` is what the output parameter points to,
-    ``scratch`` the shared-run rows of an edge-chunk aggregate (``flat``: its every-run-atomic form,
-    which takes none: the output stands in for it)."""
+                   scratch: torch.Tensor | None = None, flat: bool = False,
+                   fix: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Any]:
+    """Kernel arguments in ``rk.params`` order (a kernel or its fix-up companion); ``target`` is what
+    the output parameter points to, ``scratch`` the shared-run rows of an edge-chunk aggregate
+    (``flat``: its every-run-atomic form, which takes none: the output stands in for it), ``fix``
+    the fix-up's (rows, slots)."""
     args: list[Any] = []
     aligned = rk.meta.get("aligned16", ())
     for p in rk.params:
@@ -134,6 +136,8 @@ def traversal_args(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph,
             args.append(target if scratch is None else scratch)
         elif kind == "flag":
             args.append(int(flat))
+        elif kind == "fix":
+            args.append(fix[0].numel() if what == "count" else fix[("rows", "slots").index(what)])
         elif kind == "buffer":
             t = bufs[what]
             t = t if t.is_contiguous() else t.contiguous()
@@ -165,15 +169,14 @@ ALL_ATOMIC_ENV = "PIGEON_AGG_ALL_ATOMIC"      # 1 / 0 force the form (float32 ou
 
 def all_atomic(rk: RenderedKernel, inst: TraversalInstance, kg: KernelGraph) -> bool:
     """Does this launch of an edge-chunk aggregate take its every-run-atomic form?"""
-    if not any(p.role == "flag:all_atomic" for p in rk.params):
+    if not rk.meta.get("all_atomic"):
         return False
     forced = os.environ.get(ALL_ATOMIC_ENV, "auto").strip().lower()
     if forced in ("1", "0"):
         return forced == "1"
     if forced != "auto":
         raise TraversalLaunchError(f"{ALL_ATOMIC_ENV}={forced!r}: expected 1, 0 or auto")
-    members = next(int(getattr(kg, p.role.split(":", 1)[1])) for p in rk.params if p.role.startswith("size:"))
-    return members * inst.out.width < ALL_ATOMIC_BELOW
+    return int(getattr(kg, rk.meta["members"])) * inst.out.width < ALL_ATOMIC_BELOW
 
 
 def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[str, torch.Tensor],
@@ -217,7 +220,7 @@ def run_traversal_cuda(inst: TraversalInstance, kg: KernelGraph, bufs: Mapping[s
     if fix is not None and fix[0].numel() > 0:
         fk = rk.companions[0]
         module.function(fk.name).launch(fk.grid(fix[0].numel()), fk.block,
-                                        [out, scratch, fix[0], fix[1], fix[0].numel()], fk.ctypes)
+                                        traversal_args(fk, inst, kg, bufs, out, scratch, fix=fix), fk.ctypes)
     if flat and is_max:          # a node without edges aggregates to 0 (the semantics)
         deg = kg.in_degree if inst.side == "dst" else kg.out_degree
         empty = (deg == 0).view((-1,) + (1,) * (target.dim() - 1))
