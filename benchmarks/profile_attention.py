@@ -1,12 +1,13 @@
 """Where the time of one ``pigeon.attention`` call goes: per case (variant, S, head dim) and forward
-implementation (PIGEON_ATTN_FORWARD = mma | wgmma), the bench's wall time (CUDA events around one call,
+implementation (PIGEON_ATTN_FORWARD = mma | wgmma | cutlass; ``cutlass:<knobs>`` also sets
+PIGEON_ATTN_SM90_TUNE, e.g. ``cutlass:bn128``), the bench's wall time (CUDA events around one call,
 as ``pigeon bench attention`` times it), the GPU time of the call's kernels (torch.profiler, by kernel
 name), and the host time of one call (perf_counter around an unsynchronized call while the GPU is busy
 with earlier work), next to SDPA's kernel time on the same inputs.  A call whose wall time exceeds its
 kernels' time by more than a few microseconds is host-bound or launches extra kernels; both show here.
 
     python benchmarks/profile_attention.py --variants dense,causal --seq-lens 1024,4096 --head-dims 128 \
-        --forwards mma,wgmma --out DIR
+        --forwards wgmma,cutlass,cutlass:bn128 --out DIR
 
 Writes DIR/profile_attention.json and .md with GPU, commit, date and the command."""
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> int:
     ap.add_argument("--head-dims", default="128")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--forwards", default="mma,wgmma")
+    ap.add_argument("--forwards", default="wgmma,cutlass")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--out", default="/tmp/pigeon_out")
     args = ap.parse_args()
@@ -88,7 +89,9 @@ def main() -> int:
                 sdpa()
                 sdpa_us, _ = _kernels(sdpa, args.calls)
                 for fw in args.forwards.split(","):
-                    os.environ["PIGEON_ATTN_FORWARD"] = fw
+                    form, _, tune = fw.partition(":")
+                    os.environ["PIGEON_ATTN_FORWARD"] = form
+                    os.environ["PIGEON_ATTN_SM90_TUNE"] = tune
                     call = lambda: pa.attention(q, k, v, **kw)                       # noqa: E731
                     row = {"variant": variant, "S": s, "D": d, "forward": fw, "sdpa_kernel_us": sdpa_us}
                     try:

@@ -120,13 +120,15 @@ def attention_kernels(knobs=()):
 def bench_attention_kernels(variants, head_dims, heads: int, window: int):
     """The kernels `pigeon bench attention` runs for ``variants`` (its names) at ``heads`` query
     heads and the sliding ``window`` (the instances depend on those, on the head dim, the dtype
-    and the GQA group, not on the sequence length): bf16, forward and backward, SIMT and tensor-core."""
+    and the GQA group, not on the sequence length): bf16, forward and backward, SIMT and tensor-core
+    (mma.sync and, for sm_90, the wgmma forward)."""
     import torch
     from pigeon.attention.api import _plan
     from pigeon.bench.attn_variants import make_problem
     from pigeon.codegen.attention import render_attention, render_attention_backward
     from pigeon.codegen.attention_mma import unsupported
     from pigeon.codegen.attention_mma_bwd import render_attention_mma_backward
+    from pigeon.codegen import attention_wgmma
     import pigeon.attention as pa
     out = {}
     for variant in variants:
@@ -138,6 +140,8 @@ def bench_attention_kernels(variants, head_dims, heads: int, window: int):
             kernels = [render_attention(inst), render_attention_backward(inst)]
             if unsupported(inst) is None:
                 kernels += _mma_forwards(inst, ()) + [render_attention_mma_backward(inst)]
+                if attention_wgmma.unsupported(inst) is None:       # the Hopper forward of what CUTLASS's does not take
+                    kernels.append(attention_wgmma.render_attention_wgmma(inst))
             out.update({_key(rk): rk for rk in kernels})
     return out
 
@@ -177,6 +181,39 @@ def sm90_libraries():
     from pigeon.codegen.gemm_sm90 import render_sm90
     from pigeon.gemm_api import prebuild_instances
     return {g.name: render_sm90(g) for g in prebuild_instances()}
+
+
+def attention_sm90_libraries(which: str, tunes=()):
+    """The CUTLASS sm90 attention forward libraries (pigeon/codegen/attention_sm90.py; ~2 minutes of
+    nvcc each on one core): ``tests`` those of tests/gpu/test_attention_sm90_gpu.py; ``bench`` those
+    `pigeon bench attention` and benchmarks/profile_attention.py run (dense, causal, ALiBi, softcap at
+    head dims 64 and 128, bf16, the default scale) under the default schedule and each of ``tunes``
+    (PIGEON_ATTN_SM90_TUNE strings), and the backward libraries of those CUTLASS's backward takes."""
+    out = {}
+    if which in ("tests", "both"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "gpu"))
+        from test_attention_sm90_gpu import backward_specs, specs
+        out.update({s.name: s for s in specs() + backward_specs()})
+    if which in ("bench", "both"):
+        import torch
+        from pigeon.attention.api import _plan
+        from pigeon.bench.attn_variants import make_problem
+        import pigeon.attention as pa
+        from pigeon.codegen import attention_sm90
+        for variant in ("dense", "causal", "alibi", "softcap"):
+            for d in (64, 128):
+                p = make_problem(variant, 1, 32, 256, d, torch.bfloat16, "cpu", 1024)
+                kw = p.pigeon_kwargs()
+                smod = pa.trace_score_mod(kw["score_mod"]) if kw.get("score_mod") is not None else None
+                inst, _, _ = _plan(p.q, p.k, p.v, smod, None, kw.get("pattern"), kw.get("cu_seqlens"))
+                for tune in ("",) + tuple(tunes):
+                    s = attention_sm90.spec_for(inst, d ** -0.5, tune)
+                    out[s.name] = s
+                if attention_sm90.backward_unsupported(inst) is None:
+                    s = attention_sm90.backward_spec_for(inst)
+                    out[s.name] = s
+    from pigeon.codegen.attention_sm90 import render_attention_sm90
+    return {name: render_attention_sm90(s) for name, s in out.items()}
 
 
 def shiftadd_jobs(arch):
@@ -258,6 +295,10 @@ def main(argv=None):
     ap.add_argument("--tune-tiles", choices=("yes", "no"), default="no",
                     help="also the GEMM kernels of every --tune tile alternative of the compiled layers "
                          "(pigeon/passes/gemm_tiles.py)")
+    ap.add_argument("--attention-sm90", choices=("no", "tests", "bench", "both"), default="no",
+                    help="the CUTLASS sm90 attention libraries of the GPU tests and/or the attention bench")
+    ap.add_argument("--attention-sm90-tunes", default="",
+                    help="'|'-separated PIGEON_ATTN_SM90_TUNE strings built beside the default for --attention-sm90 bench")
     ap.add_argument("--base", choices=("yes", "no"), default="yes",
                     help="the compiled layers' kernels and the GPU tests' attention kernels (no: only what the other "
                          "options ask for, e.g. --tune-attention's forwards)")
@@ -298,10 +339,13 @@ def main(argv=None):
                                               [int(d) for d in args.tune_head_dims.split(",")],
                                               args.tune_variants.split(",")))
     libs = sm90_libraries() if args.gemm_sm90 != "no" else {}
+    if args.attention_sm90 != "no":
+        libs.update(attention_sm90_libraries(args.attention_sm90,
+                                             tuple(t for t in args.attention_sm90_tunes.split("|") if t)))
     print(f"{len(kernels)} distinct kernels", flush=True)
     print(f"building {len(kernels)} distinct kernels for {args.arch}, {len(jobs)} ShiftAdd and TVM GEMM kernels for "
           f"{args.arch} "
-          f"and {len(libs)} sm90 GEMM libraries for sm_90a with {args.jobs} jobs", flush=True)
+          f"and {len(libs)} sm90 (CUTLASS GEMM / attention) libraries for sm_90a with {args.jobs} jobs", flush=True)
     t0 = time.time()
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         futs = {pool.submit(build_library, src, "sm_90a", name=name): name for name, src in libs.items()}

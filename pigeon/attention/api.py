@@ -162,7 +162,7 @@ CLOSED_FORM = (Causal, SlidingWindow, S2)      # patterns of a formula (no tenso
 
 @torch.compiler.assume_constant_result
 def _instance_text(score_mod, mask_mod, pattern, head_dim: int, value_dim: int, dtype: str, group: int,
-                   packed: bool, block_m: int, block_n: int) -> str:
+                   packed: bool, block_m: int, block_n: int, pattern_kind: str = "") -> str:
     """The ops' instance argument (the AttentionInstance's JSON, traced modifiers included).  A
     constant under torch.compile: dynamo runs it once, eagerly, instead of tracing the tracer;
     ``pattern``: a closed-form pattern or None (a block-list / top-k pattern has no mask
@@ -174,11 +174,11 @@ def _instance_text(score_mod, mask_mod, pattern, head_dim: int, value_dim: int, 
         mmod = trace_mask_mod(mask_mod) if mask_mod is not None else None
         pm = mask_expr(pattern) if pattern is not None else None
         return instance_text(AttentionInstance(head_dim, value_dim, dtype, group, packed, block_m, block_n,
-                                               smod, mmod, pm))
+                                               smod, mmod, pm, pattern_kind))
     # tracing and serializing cost 0.2-0.8 ms per call on the host: kept per (modifiers, pattern,
     # sizes) as pigeon/trace_cache.py identifies functions (a closed-form pattern is a frozen value)
     return trace_cache.cached_text("attention", (score_mod, mask_mod), make, pattern, head_dim, value_dim, dtype,
-                                   group, packed, block_m, block_n)
+                                   group, packed, block_m, block_n, pattern_kind)
 
 
 @torch.compiler.assume_constant_result
@@ -264,7 +264,8 @@ def _op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens) -> tuple:
     from . import ops       # registers the pigeon::attention_* ops
     packed, hq, hk, bm, bn, dtype, batch, sq, skv = _call_shape(q, k, pattern, cu_seqlens)
     closed = pattern if isinstance(pattern, CLOSED_FORM) else None
-    text = _instance_text(score_mod, mask_mod, closed, q.shape[-1], v.shape[-1], dtype, hq // hk, packed, bm, bn)
+    text = _instance_text(score_mod, mask_mod, closed, q.shape[-1], v.shape[-1], dtype, hq // hk, packed, bm, bn,
+                          type(pattern).__name__ if pattern is not None else "")
     if pattern is None or closed is not None:
         if not torch.compiler.is_compiling():      # eager: one list per call shape, made once
             ptr, col, full, shape = _closed_lists(closed, batch, hq, sq, skv, bm, bn, q.device)
@@ -290,7 +291,8 @@ def _plan(q, k, v, smod, mmod, pattern, cu_seqlens):
     from .ops import where
     packed, hq, hk, bm, bn, dtype, batch, sq, skv = _call_shape(q, k, pattern, cu_seqlens)
     inst = AttentionInstance(q.shape[-1], v.shape[-1], dtype, hq // hk, packed, bm, bn, smod, mmod,
-                             mask_expr(pattern) if pattern is not None else None)
+                             mask_expr(pattern) if pattern is not None else None,
+                             type(pattern).__name__ if pattern is not None else "")
     if pattern is None:
         lists = all_blocks(sq, skv, bm, bn, q.device)
     else:
@@ -299,10 +301,11 @@ def _plan(q, k, v, smod, mmod, pattern, cu_seqlens):
 
 
 def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callable | None = None, pattern=None,
-                 cu_seqlens=None) -> dict:
+                 cu_seqlens=None, scale: float | None = None) -> dict:
     """Which CUDA kernels ``attention`` runs for these arguments: {"forward": "mma" | "simt",
     "backward": ..., "why_not_mma": {...}, and with a tensor-core forward "forward_schedule": its
-    knob string; "wgmma" where the Hopper forward runs} (pigeon/runtime/attention_kernel.py's rule,
+    knob string; "wgmma" where pigeon's Hopper forward runs, "cutlass" where CUTLASS's FMHA kernel does
+    (forward or backward; ``scale`` as the call gives it)} (pigeon/runtime/attention_kernel.py's rule,
     PIGEON_ATTENTION_KERNEL honoured).  For tools that report it (``pigeon bench attention``)."""
     from ..codegen import attention_mma, attention_mma_bwd
     from ..runtime.attention_kernel import kernel_variant
@@ -318,9 +321,31 @@ def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callab
         from ..codegen import attention_wgmma
         from ..runtime.build import device_arch
         arch = device_arch(q.device) if q.device.type == "cuda" else None
-        if attention_wgmma.forward_template(inst, arch) == "wgmma":      # Hopper's default (PIGEON_ATTN_FORWARD)
+        template = attention_wgmma.forward_template(inst, arch)         # Hopper's default (PIGEON_ATTN_FORWARD)
+        if template == "cutlass":
+            from ..codegen import attention_sm90
+            why = attention_sm90.call_unsupported(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]) \
+                if not inst.packed else "cu_seqlens"
+            if why is None:
+                out["forward"] = "cutlass"
+                out["forward_schedule"] = attention_sm90.tuning(inst.head_dim).tag()
+            else:
+                out["why_not_cutlass"] = why
+                template = "wgmma"
+        if template == "wgmma":
             out["forward"] = "wgmma"
             out["forward_schedule"] = attention_wgmma.tuning().tag()
         else:
             out["forward_schedule"] = attention_mma.tuning(inst.head_dim).tag()
+    if out["backward"] == "mma" and q.device.type == "cuda" and not inst.packed:
+        from ..codegen import attention_sm90
+        from ..runtime.build import device_arch
+        if attention_sm90.backward_template(inst, device_arch(q.device)) == "cutlass":
+            sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
+            why = attention_sm90.backward_call_unsupported(q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+                                                           q.shape[3], sc)
+            if why is None:
+                out["backward"] = "cutlass"
+            else:
+                out["why_not_cutlass_backward"] = why
     return out

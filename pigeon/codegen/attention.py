@@ -41,10 +41,17 @@ class AttentionInstance:
     score_mod: Expr | None = None        # of var("score") and batch/head/query/key
     mask_mod: Expr | None = None         # bool, of batch/head/query/key
     pattern_mask: Expr | None = None     # bool, of head/query/key and var("kv_shift")
+    # the pattern's class name ("" without one): "Causal", "SlidingWindow", "S2" (closed form: the
+    # lists come from the formula) or "BlockList", "TopK" (the lists are data given at run time); a
+    # kernel that iterates key tiles by a formula (attention.sm90) needs to know which
+    pattern_kind: str = ""
 
     def key(self) -> str:
+        # pattern_kind enters the key only when set, so the keys (and the disk-cache entries) of the
+        # instances without a pattern stay what they were before the field existed
         text = repr(tuple((f.name, getattr(self, f.name).digest if isinstance(getattr(self, f.name), Expr)
-                           else getattr(self, f.name)) for f in fields(self)))
+                           else getattr(self, f.name)) for f in fields(self)
+                          if not (f.name == "pattern_kind" and not self.pattern_kind)))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -7,9 +7,11 @@ as the mma forward (pigeon/codegen/attention_mma.py), so the launcher binds both
 grid is the mma template's 64-row one (one CTA = one warpgroup per (64 query rows, head, batch)).
 
 Selection (pigeon/runtime/attention_kernel.py, where the tensor-core forward is chosen): the knob
-``PIGEON_ATTN_FORWARD=auto|wgmma|mma`` (default ``auto``: wgmma on sm_90, mma elsewhere).
-``wgmma`` takes the instances :func:`unsupported` accepts on an sm_90 device (the others run the
-mma forward); on any other arch it is an error naming the arch (:func:`forward_template`).
+``PIGEON_ATTN_FORWARD=auto|cutlass|wgmma|mma`` (default ``auto``: on sm_90 CUTLASS's FMHA kernel
+(pigeon/codegen/attention_sm90.py) for the instances it takes, else this wgmma forward; mma
+elsewhere).  ``wgmma`` takes the instances :func:`unsupported` accepts on an sm_90 device (the others
+run the mma forward); ``cutlass`` is ``auto`` on sm_90; on any other arch both are an error naming
+the arch (:func:`forward_template`).
 
 Version 1 (see the template's header): 64 x 64 steps, K/V double-buffered by cp.async, S = Q K^T
 as an SS wgmma, O = P V as an SS wgmma with P written to shared memory in between (default) or as an
@@ -26,6 +28,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+from . import attention_sm90
 from .attention import PARAMS, AttentionCodegenError, AttentionInstance, kernel_name, modifier_code
 from .attention_mma import BLOCK_M, BLOCK_N, MmaTemplateConfig
 from .attention_mma import unsupported as mma_unsupported
@@ -37,7 +40,7 @@ from .kernel_source import KernelParam, RenderedKernel
 TEMPLATE = "attention.wgmma.cu.jinja"
 ARCH = "sm_90a"                       # what the kernel is compiled for (RenderedKernel.meta["arch"])
 THREADS = 128                         # one warpgroup
-FORWARDS = ("auto", "mma", "wgmma")
+FORWARDS = ("auto", "mma", "wgmma", "cutlass")
 ENV = "PIGEON_ATTN_FORWARD"
 TUNE_ENV = "PIGEON_ATTN_WGMMA_TUNE"
 # dtype -> (CuTe element type, S atom (64x64x16), O atom (64xDx16, SS or RS), pack intrinsic, packed pair type)
@@ -116,7 +119,7 @@ def shared_bytes(head_dim: int, p_in_registers: bool = False) -> int:
 
 
 def requested() -> str:
-    """The forward form ``PIGEON_ATTN_FORWARD`` asks for: "auto" (default), "mma" or "wgmma"."""
+    """The forward form ``PIGEON_ATTN_FORWARD`` asks for: "auto" (default), "cutlass", "mma" or "wgmma"."""
     want = os.environ.get(ENV, "auto").strip() or "auto"
     if want not in FORWARDS:
         raise AttentionCodegenError(f"{ENV}={want!r}: expected one of {FORWARDS}")
@@ -124,20 +127,28 @@ def requested() -> str:
 
 
 def forward_template(inst: AttentionInstance, arch: str | None) -> str:
-    """"wgmma" or "mma": which tensor-core forward runs ``inst`` on a device of ``arch`` ("sm_90" ...).
-    ``auto`` (the default): wgmma on sm_90 / sm_90a, mma elsewhere -- the wgmma forward's kernels were
-    1.03-1.22x faster than mma.sync's at every dense and causal shape measured (S 1k and 4k, D 64 and
-    128, bf16; benchmarks/results/attention_fwd_ab_h200_4cd66bb) and its GPU suite passes;
-    ``PIGEON_ATTN_FORWARD=wgmma`` on an arch other than sm_90 / sm_90a is an error; an instance the
-    wgmma template cannot take (:func:`unsupported`) runs the mma forward."""
+    """"cutlass", "wgmma" or "mma": which tensor-core forward runs ``inst`` on a device of ``arch``
+    ("sm_90" ...).  ``auto`` (the default) on sm_90 / sm_90a: CUTLASS's FMHA kernel where
+    pigeon/codegen/attention_sm90.py ``unsupported`` accepts the instance (no pattern or causal, no
+    GQA, dense layout), else wgmma -- the wgmma forward's kernels were 1.03-1.22x faster than
+    mma.sync's at every dense and causal shape measured (S 1k and 4k, D 64 and 128, bf16;
+    benchmarks/results/attention_fwd_ab_h200_4cd66bb); elsewhere mma.  ``PIGEON_ATTN_FORWARD=wgmma``
+    skips CUTLASS's kernel; ``wgmma`` or ``cutlass`` on an arch other than sm_90 / sm_90a is an
+    error; an instance the wgmma template cannot take (:func:`unsupported`) runs the mma forward.
+    "cutlass" is per instance: a call it cannot take (attention_sm90 ``call_unsupported``, e.g.
+    q_len not a multiple of 8) runs the wgmma kernel (pigeon/runtime/attention_kernel.py)."""
     want = requested()
     if want == "mma":
         return "mma"
     if arch not in ("sm_90", "sm_90a"):
         if want == "auto":
             return "mma"
-        raise AttentionCodegenError(f"{ENV}=wgmma needs an sm_90 (Hopper) device, this one is {arch}")
-    return "mma" if unsupported(inst) is not None else "wgmma"
+        raise AttentionCodegenError(f"{ENV}={want} needs an sm_90 (Hopper) device, this one is {arch}")
+    if unsupported(inst) is not None:
+        return "mma"
+    if want in ("auto", "cutlass") and attention_sm90.unsupported(inst) is None:
+        return "cutlass"
+    return "wgmma"
 
 
 def _grid(sizes) -> tuple[int, int, int]:

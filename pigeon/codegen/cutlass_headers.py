@@ -14,6 +14,10 @@ import os
 import re
 
 _NEEDS = re.compile(r"^\s*#\s*include\s*[<\"](cute|cutlass)/", re.M)
+# CUTLASS's example collectives pigeon builds on (today 88_hopper_fmha: the Hopper FMHA kernel); the
+# wheel ships them under source/examples, a packed copy keeps them beside cute/ and cutlass/
+EXAMPLES = ("88_hopper_fmha",)
+_NEEDS_EXAMPLE = re.compile(r"^\s*#\s*include\s*[<\"](" + "|".join(EXAMPLES) + r")/", re.M)
 # flags CuTe's headers need from nvcc (constexpr host functions called in device code)
 NVCC_FLAGS = ("--expt-relaxed-constexpr", "-DNDEBUG")
 
@@ -24,6 +28,11 @@ class CutlassNotFoundError(RuntimeError):
 
 def needs_cutlass(source: str) -> bool:
     return _NEEDS.search(source) is not None
+
+
+def needs_example(source: str) -> bool:
+    """Whether ``source`` includes one of CUTLASS's example collectives (:data:`EXAMPLES`)."""
+    return _NEEDS_EXAMPLE.search(source) is not None
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,6 +59,21 @@ def include_dir() -> str:
     return d
 
 
+def examples_dir() -> str:
+    """The directory holding CUTLASS's example folders (``88_hopper_fmha/``): the include directory
+    itself for a packed copy (scripts/pack_cutlass_headers.py puts them there), else the wheel's
+    ``source/examples``; a one-line error when neither has them."""
+    inc = include_dir()
+    if all(os.path.isdir(os.path.join(inc, e)) for e in EXAMPLES):
+        return inc
+    d = os.path.join(os.path.dirname(inc), "examples")
+    if all(os.path.isdir(os.path.join(d, e)) for e in EXAMPLES):
+        return d
+    raise CutlassNotFoundError(f"this kernel includes CUTLASS's example headers ({', '.join(EXAMPLES)}), found neither "
+                               f"in {inc} nor in {d}: pip install nvidia-cutlass, or pack them with "
+                               "scripts/pack_cutlass_headers.py")
+
+
 @functools.lru_cache(maxsize=1)
 def version() -> str:
     """The CUTLASS version of the headers (from cutlass/version.h), e.g. "4.2.0"; "unknown" without them."""
@@ -70,4 +94,7 @@ def build_flags(source: str) -> tuple[str, ...]:
     """Extra compiler flags for ``source``: none unless it includes CUTLASS/CuTe headers."""
     if not needs_cutlass(source):
         return ()
-    return ("-I", include_dir(), *NVCC_FLAGS)
+    extra = ()
+    if needs_example(source) and examples_dir() != include_dir():
+        extra = ("-I", examples_dir())
+    return ("-I", include_dir(), *extra, *NVCC_FLAGS)

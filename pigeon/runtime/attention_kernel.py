@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..codegen.attention import AttentionCodegenError, AttentionInstance, render_attention, render_attention_backward
-from ..codegen import attention_mma, attention_mma_bwd, attention_wgmma
+from ..codegen import attention_mma, attention_mma_bwd, attention_sm90, attention_wgmma
 
 _MODULES: dict = {}      # (kernel name, device) -> loaded module
 VARIANTS = ("auto", "simt", "mma")
@@ -45,7 +45,8 @@ def kernel_variant(inst: AttentionInstance, emulate: bool, backward: bool = Fals
 
 
 def _render(inst: AttentionInstance, variant: str, backward: bool, arch: str | None = None):
-    if variant == "mma" and not backward and attention_wgmma.forward_template(inst, arch) == "wgmma":
+    # "cutlass" reaches here for a call its library cannot take (run_attention_kernel): the wgmma kernel runs it
+    if variant == "mma" and not backward and attention_wgmma.forward_template(inst, arch) in ("wgmma", "cutlass"):
         return attention_wgmma.render_attention_wgmma(inst)
     if variant == "mma":
         return (attention_mma_bwd.render_attention_mma_backward if backward else attention_mma.render_attention_mma)(inst)
@@ -86,10 +87,35 @@ def run_attention_kernel(inst: AttentionInstance, q: torch.Tensor, k: torch.Tens
         lse.fill_(float("nan"))
     if kernel_variant(inst, emulate) == "mma":      # 16-byte vector loads and stores
         q, k, v = (_aligned16(t) for t in (q, k, v))
+        if _runs_cutlass(inst, q, k):
+            from .attention_sm90 import run_sm90_forward
+            return run_sm90_forward(inst, q, k, v, scale)
     sizes, strides, arrays = _layout(inst, q, k, v, out, lse, lists, cu_seqlens)
     tensors = {"O": out, "LSE": lse, "Q": q, "K": k, "V": v}
     _launch(inst, q.device, emulate, False, tensors, sizes, strides, arrays, scale)
     return out, lse
+
+
+def _runs_cutlass(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether this forward call runs CUTLASS's FMHA library (pigeon/codegen/attention_sm90.py): the
+    instance's forward template is "cutlass" and the call's sizes fit it."""
+    if q.device.type != "cuda" or inst.packed:
+        return False
+    from .build import device_arch
+    if attention_wgmma.forward_template(inst, device_arch(q.device)) != "cutlass":
+        return False
+    return attention_sm90.call_unsupported(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]) is None
+
+
+def _runs_cutlass_backward(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
+    """Whether this backward call runs CUTLASS's FMHA backward library (pigeon/codegen/attention_sm90.py)."""
+    if q.device.type != "cuda" or inst.packed:
+        return False
+    from .build import device_arch
+    if attention_sm90.backward_template(inst, device_arch(q.device)) != "cutlass":
+        return False
+    return attention_sm90.backward_call_unsupported(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+                                                    scale) is None
 
 
 def run_attention_backward(inst: AttentionInstance, q, k, v, out, lse, grad_out, lists: Any, scale: float,
@@ -99,6 +125,10 @@ def run_attention_backward(inst: AttentionInstance, q, k, v, out, lse, grad_out,
     in float32 here, the lists transposed (per key block), dk and dv written by the kernel, dq
     summed in a float32 buffer."""
     if kernel_variant(inst, emulate, backward=True) == "mma":
+        if _runs_cutlass_backward(inst, q, k, scale):
+            from .attention_sm90 import run_sm90_backward
+            q, k, v, out = (_aligned16(t) for t in (q, k, v, out))
+            return run_sm90_backward(inst, q, k, v, out, lse, _aligned16(grad_out.contiguous()))
         return _run_mma_backward(inst, q, k, v, out, lse, grad_out, lists, scale, cu_seqlens)
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)

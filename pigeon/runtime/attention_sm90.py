@@ -1,0 +1,89 @@
+"""Running the CUTLASS sm90 attention forward and backward (pigeon/codegen/attention_sm90.py): the
+library of an instance built (disk cache) and loaded once per process, called with device pointers on
+torch's current stream.
+
+The kernel writes every output row (O [B, H, q_len, D], LSE [B, H, q_len]); a row that keeps no
+key gets output 0 and lse +inf from CUTLASS's softmax, which this module turns into pigeon's -inf
+(only when a row can keep no key: a mask_mod, or a causal call with q_len > kv_len).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from ..codegen import attention_sm90
+from ..codegen.attention import AttentionInstance
+
+__all__ = ["run_sm90_forward", "run_sm90_backward", "library_for"]
+
+
+@functools.lru_cache(maxsize=256)
+def _library(spec: attention_sm90.Sm90Attention):
+    from .hostlib import load_library
+    return load_library(attention_sm90.render_attention_sm90(spec), attention_sm90.ARCH, name=spec.name)
+
+
+def library_for(inst: AttentionInstance, scale: float):
+    """The loaded library running ``inst`` at ``scale`` under ``PIGEON_ATTN_SM90_TUNE`` (read per call)."""
+    return _library(attention_sm90.spec_for(inst, scale, os.environ.get(attention_sm90.TUNE_ENV, "")))
+
+
+def _raw_stream(dev: int) -> int:
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return int(raw(dev)) if raw is not None else torch.cuda.current_stream(dev).cuda_stream
+
+
+def run_sm90_forward(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of ``inst`` for contiguous, 16-byte aligned ``q [B, H, q_len, D]``, ``k, v [B, H,
+    kv_len, D]`` (the caller checked :func:`attention_sm90.call_unsupported`)."""
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if os.environ.get("PIGEON_POISON", "") == "1":      # every output element must be written
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    lib = library_for(inst, scale)
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    sizes = (B, H, Sq, Skv, attention_sm90.float_bits(scale), dev)
+    lib.run((q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()), sizes, 0, _raw_stream(dev))
+    if inst.mask_mod is not None or (inst.pattern_kind == "Causal" and Sq > Skv):
+        lse.masked_fill_(lse == math.inf, -math.inf)
+    return out, lse
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_library(spec: attention_sm90.Sm90Attention):
+    from .hostlib import load_library
+    return load_library(attention_sm90.render_attention_sm90(spec), attention_sm90.ARCH, name=spec.name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _workspace_bytes(lib, sizes: tuple) -> int:
+    return lib.workspace(sizes)
+
+
+def run_sm90_backward(inst: AttentionInstance, q, k, v, out, lse, grad_out) -> tuple:
+    """(dq, dk, dv) of ``inst`` on CUTLASS's backward for contiguous, 16-byte aligned inputs (the
+    caller checked :func:`attention_sm90.backward_call_unsupported`, the scale among it); ``lse`` as
+    the forward returned it (-inf for a row with no kept key, passed to CUTLASS as +inf)."""
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if os.environ.get("PIGEON_POISON", "") == "1":      # every gradient element must be written
+        for t in (dq, dk, dv):
+            t.fill_(float("nan"))
+    if inst.mask_mod is not None or (inst.pattern_kind == "Causal" and Sq > Skv):
+        lse = lse.masked_fill(lse == -math.inf, math.inf)
+    lib = _backward_library(attention_sm90.backward_spec_for(inst))
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    sizes = (B, H, Sq, Skv, 0, dev)
+    ws_bytes = _workspace_bytes(lib, sizes)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes > 0 else None
+    lib.run((q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), grad_out.data_ptr(),
+             dq.data_ptr(), dk.data_ptr(), dv.data_ptr()), sizes, 0 if ws is None else ws.data_ptr(), _raw_stream(dev))
+    return dq, dk, dv

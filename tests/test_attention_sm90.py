@@ -1,0 +1,209 @@
+"""The CUTLASS sm90 attention forward (attention.sm90.cu.jinja on CUTLASS's 88_hopper_fmha kernel):
+which instances and calls take it, the PIGEON_ATTN_FORWARD / PIGEON_ATTN_SM90_TUNE knobs, the
+instances' pattern kind and key stability, the rendered fusion, and (-m slow: minutes of nvcc) that
+the library compiles for sm_90a.  Its numbers are checked on the GPU: tests/gpu/test_attention_sm90_gpu.py."""
+import hashlib
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+import pigeon.attention as pa
+import pigeon.runtime.attention_kernel as ak
+from pigeon.attention.api import _plan, kernels_used
+from pigeon.codegen import attention_sm90 as s9
+from pigeon.codegen import cutlass_headers
+from pigeon.codegen.attention import AttentionCodegenError, AttentionInstance
+from pigeon.codegen.attention_wgmma import forward_template
+from pigeon.ir.expr import Expr
+from pigeon.runtime.toolchain import nvcc_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_attention_kernel import VARIANTS  # noqa: E402
+
+
+def _inst(name="causal", d=128, dtype=torch.bfloat16, hkv=8, **extra):
+    kw = dict(VARIANTS.get(name, {}), **extra)
+    smod = pa.trace_score_mod(kw["score_mod"]) if "score_mod" in kw else None
+    mmod = pa.trace_mask_mod(kw["mask_mod"]) if "mask_mod" in kw else None
+    q = torch.empty(1, 8, 64, d, dtype=dtype)
+    k = torch.empty(1, hkv, 64, d, dtype=dtype)
+    return _plan(q, k, k, smod, mmod, kw.get("pattern"), None)[0]
+
+
+def test_instances_carry_their_pattern_kind():
+    assert _inst("dense").pattern_kind == "" and _inst("causal").pattern_kind == "Causal"
+    assert _inst("window").pattern_kind == "SlidingWindow" and _inst("s2").pattern_kind == "S2"
+    topk = _inst("dense", pattern=pa.TopK(torch.zeros(1, 8, 1, 1, dtype=torch.int64)))
+    assert topk.pattern_kind == "TopK" and topk.pattern_mask is None and topk != _inst("dense")
+
+
+def test_keys_without_a_pattern_kind_did_not_change():
+    """The key is the hash of the field repr it had before pattern_kind existed (disk-cache entries stay)."""
+    for inst in (_inst("dense"), _inst("softcap_strided_mask", d=64)):
+        old = repr(tuple((f.name, getattr(inst, f.name).digest if isinstance(getattr(inst, f.name), Expr)
+                          else getattr(inst, f.name)) for f in fields(inst) if f.name != "pattern_kind"))
+        assert inst.key() == hashlib.sha256(old.encode()).hexdigest()[:16]
+    causal = _inst("causal")
+    assert causal.key() != AttentionInstance(**{f.name: getattr(causal, f.name) for f in fields(causal)
+                                                if f.name != "pattern_kind"}).key()
+
+
+def test_which_instances_take_the_cutlass_forward():
+    assert s9.unsupported(_inst("dense")) is None and s9.unsupported(_inst("causal", d=64)) is None
+    assert s9.unsupported(_inst("alibi_causal", dtype=torch.float16)) is None
+    assert s9.unsupported(_inst("softcap_strided_mask")) is None
+    assert "GQA (group 4)" in s9.unsupported(_inst(hkv=2))
+    assert "pattern SlidingWindow" in s9.unsupported(_inst("window"))
+    assert "pattern S2" in s9.unsupported(_inst("s2"))
+    assert "pattern TopK" in s9.unsupported(_inst("dense", pattern=pa.TopK(torch.zeros(1, 8, 1, 1, dtype=torch.int64))))
+    assert "dtype float32" in s9.unsupported(_inst(dtype=torch.float32))
+    assert "head dims 96" in s9.unsupported(_inst(d=96))
+    packed = AttentionInstance(128, 128, "bfloat16", packed=True)
+    assert "cu_seqlens" in s9.unsupported(packed)
+
+
+def test_which_calls_take_it():
+    assert s9.call_unsupported(4, 32, 4096, 4096, 128) is None
+    assert s9.call_unsupported(1, 1, 8, 1, 64) is None
+    assert "multiple of 8" in s9.call_unsupported(2, 8, 300, 333, 128)
+    assert "empty" in s9.call_unsupported(2, 8, 0, 64, 128) and "empty" in s9.call_unsupported(2, 8, 64, 0, 128)
+    assert "2^31" in s9.call_unsupported(1, 64, 1 << 18, 1 << 18, 128)
+
+
+def test_forward_knob_routes_dense_and_causal_to_cutlass(monkeypatch):
+    monkeypatch.delenv("PIGEON_ATTN_FORWARD", raising=False)
+    for name in ("dense", "causal", "alibi_causal", "softcap_strided_mask"):
+        assert forward_template(_inst(name), "sm_90") == "cutlass", name
+        assert forward_template(_inst(name), "sm_80") == "mma", name
+    assert forward_template(_inst("window"), "sm_90") == "wgmma"
+    assert forward_template(_inst(hkv=2), "sm_90") == "wgmma"
+    assert forward_template(_inst(d=96), "sm_90") == "mma"
+    monkeypatch.setenv("PIGEON_ATTN_FORWARD", "cutlass")
+    assert forward_template(_inst(), "sm_90a") == "cutlass" and forward_template(_inst("window"), "sm_90") == "wgmma"
+    with pytest.raises(AttentionCodegenError, match="PIGEON_ATTN_FORWARD=cutlass needs an sm_90 .* sm_80"):
+        forward_template(_inst(), "sm_80")
+    monkeypatch.setenv("PIGEON_ATTN_FORWARD", "wgmma")
+    assert forward_template(_inst(), "sm_90") == "wgmma"
+
+
+def test_a_call_cutlass_cannot_take_runs_the_wgmma_kernel(monkeypatch):
+    """q_len 300 is not a multiple of 8: the wgmma kernel serves the call (the launcher's fallback)."""
+    monkeypatch.delenv("PIGEON_ATTN_FORWARD", raising=False)
+    monkeypatch.delenv("PIGEON_ATTENTION_KERNEL", raising=False)
+    inst = _inst("causal")
+    assert ak._render(inst, "mma", False, "sm_90").meta["variant"] == "wgmma"
+    assert ak._render(inst, "mma", True, "sm_90").meta.get("variant") != "wgmma"      # the backward is mma's
+    q = torch.empty(1, 8, 300, 128, dtype=torch.bfloat16)
+    assert not ak._runs_cutlass(inst, q, q)                 # a CPU tensor: never
+
+
+def test_kernels_used_names_the_cutlass_forward_on_a_gpu_only():
+    q = torch.empty(1, 8, 64, 128, dtype=torch.bfloat16)
+    assert kernels_used(q, q, q, pattern=pa.Causal())["forward"] in ("mma", "simt")       # this CPU machine
+
+
+def test_tuning_knobs(monkeypatch):
+    assert s9.tuning(128, "") == s9.Schedule(128, 5) and s9.tuning(64, "") == s9.Schedule(128, 5)
+    assert s9.tuning(128, "bn64,stages3") == s9.Schedule(64, 3)
+    with pytest.raises(ValueError, match="PIGEON_ATTN_SM90_TUNE: unknown knob 'bn96'"):
+        s9.tuning(128, "bn96")
+    with pytest.raises(ValueError, match="stages must be in"):
+        s9.tuning(128, "stages1")
+    monkeypatch.setenv(s9.TUNE_ENV, "stages4")
+    assert s9.tuning(128) == s9.Schedule(128, 4)
+
+
+def test_the_scale_is_baked_in_only_with_a_score_mod():
+    dense, alibi = _inst("dense"), _inst("alibi_causal")
+    assert s9.spec_for(dense, 0.1).name == s9.spec_for(dense, 0.2).name
+    assert s9.spec_for(alibi, 0.1).name != s9.spec_for(alibi, 0.2).name
+    assert s9.spec_for(dense, 0.1, "bn64").name != s9.spec_for(dense, 0.1).name
+    src = s9.render_attention_sm90(s9.spec_for(alibi, 0.125))
+    assert "constexpr float SCALE = 0.125f;" in src and "acc(e_) * SCALE" in src
+    assert "SCALE" not in s9.render_attention_sm90(s9.spec_for(dense, 0.125))
+    with pytest.raises(AttentionCodegenError, match="cannot use the CUTLASS sm90 forward: GQA"):
+        s9.spec_for(_inst(hkv=2), 0.1)
+
+
+def test_render_dense_causal_and_modifiers():
+    dense = s9.render_attention_sm90(s9.spec_for(_inst("dense"), 0.1))
+    causal = s9.render_attention_sm90(s9.spec_for(_inst("causal", d=64, dtype=torch.float16), 0.1))
+    mixed = s9.render_attention_sm90(s9.spec_for(_inst("softcap_strided_mask"), 0.1))
+    for src in (dense, causal, mixed):
+        assert '#include "88_hopper_fmha/kernel/fmha_kernel_builder.hpp"' in src
+        assert "KernelTmaWarpSpecializedCooperative" in src and 'extern "C" int pigeon_run' in src
+        assert "// built against CUTLASS/CuTe" in src
+    assert "cutlass::bfloat16_t" in dense and "Int<128>, Int<128>, Int<128>" in dense
+    assert "cutlass::half_t" in causal and "Int<128>, Int<128>, Int<64>" in causal
+    # dense: no pattern code, only the key-length mask; every tile a whole one but the last
+    assert "last / bn + 1" not in dense and "int whole = " in dense and "kv_shift);" not in dense
+    # causal: the formula's trip count and its mask expression (kv <= i + kv_shift) in before_softmax
+    assert "last / bn + 1" in causal and "kv_shift" in causal and "keep = keep && (" in causal
+    # a mask_mod / score_mod: every tile through before_softmax (no unmasked tiles)
+    assert "return 0;" in mixed and "tanh" in mixed
+
+
+def test_example_headers_are_found():
+    if cutlass_headers.version() == "unknown":
+        pytest.skip("needs the CUTLASS headers")
+    d = cutlass_headers.examples_dir()
+    assert Path(d, "88_hopper_fmha", "kernel", "fmha_kernel_builder.hpp").is_file()
+    src = s9.render_attention_sm90(s9.spec_for(_inst("dense"), 0.1))
+    flags = cutlass_headers.build_flags(src)
+    assert cutlass_headers.needs_example(src) and d in flags
+    assert not cutlass_headers.needs_example("#include <cute/tensor.hpp>\n")
+
+
+@pytest.mark.skipif(not nvcc_available() or cutlass_headers.version() == "unknown",
+                    reason="needs nvcc and the CUTLASS headers")
+@pytest.mark.slow      # ~1 minute of nvcc per library on a 2-core machine
+@pytest.mark.parametrize("name,d", [("causal", 128), ("softcap_strided_mask", 64)])
+def test_library_compiles_for_sm90a(name, d, tmp_path):
+    from pigeon.runtime.cache import KernelCache
+    from pigeon.runtime.hostlib import HostLibrary, build_library
+    spec = s9.spec_for(_inst(name, d=d), d ** -0.5)
+    entry = build_library(s9.render_attention_sm90(spec), s9.ARCH, name=spec.name, cache=KernelCache(tmp_path))
+    assert "-gencode=arch=compute_90a,code=sm_90a" in entry.meta["command"]
+    assert HostLibrary(entry.cubin_path, spec.name).workspace([1, 1, 64, 64, 0, 0]) == 0
+
+
+def test_which_backwards_take_cutlass(monkeypatch):
+    monkeypatch.delenv(s9.BACKWARD_ENV, raising=False)
+    for name in ("dense", "causal"):
+        assert s9.backward_unsupported(_inst(name, dtype=torch.float16)) is None
+    assert "float16 only" in s9.backward_unsupported(_inst("causal"))          # bf16
+    assert "score_mod" in s9.backward_unsupported(_inst("alibi_causal", dtype=torch.float16))
+    assert "GQA" in s9.backward_unsupported(_inst(dtype=torch.float16, hkv=2))
+    fp16 = _inst("causal", dtype=torch.float16)
+    assert s9.backward_template(fp16, "sm_90") == "cutlass" and s9.backward_template(fp16, "sm_80") == "mma"
+    assert s9.backward_template(_inst("causal"), "sm_90") == "mma"
+    assert s9.backward_call_unsupported(2, 4, 256, 333, 128, 128 ** -0.5) is None
+    assert "not 1/sqrt(128)" in s9.backward_call_unsupported(2, 4, 256, 333, 128, 0.09)
+    assert "multiple of 8" in s9.backward_call_unsupported(2, 4, 300, 333, 128, 128 ** -0.5)
+    monkeypatch.setenv(s9.BACKWARD_ENV, "mma")
+    assert s9.backward_template(fp16, "sm_90") == "mma"
+    monkeypatch.setenv(s9.BACKWARD_ENV, "cutlass")
+    with pytest.raises(AttentionCodegenError, match="PIGEON_ATTN_BACKWARD=cutlass needs an sm_90"):
+        s9.backward_template(fp16, "sm_80")
+    monkeypatch.setenv(s9.BACKWARD_ENV, "fast")
+    with pytest.raises(AttentionCodegenError, match="expected one of"):
+        s9.backward_template(fp16, "sm_90")
+
+
+def test_render_backward():
+    spec = s9.backward_spec_for(_inst("causal", dtype=torch.float16))
+    assert spec.name != s9.spec_for(_inst("causal", dtype=torch.float16), 0.1).name
+    src = s9.render_attention_sm90(spec)
+    assert '#include "88_hopper_fmha/device/fmha_device_bwd.hpp"' in src
+    # the library's own namespace: CUTLASS's per-kernel-type statics must not merge across libraries
+    assert f"struct FusionBwdAdapter<{spec.name}::BwdFusion>" in src and f"namespace {spec.name} {{" in src
+    assert "namespace pg " not in src and "cutlass::half_t" in src
+    assert "Int<64>, Int<128>, Int<128>" in src                 # (query rows, keys, D)
+    assert "last_q + (" in src                                  # causal: contributing tiles
+    dense = s9.render_attention_sm90(s9.backward_spec_for(_inst("dense", dtype=torch.float16)))
+    assert "return true;" in dense and "i < q_len" in dense
+    with pytest.raises(AttentionCodegenError, match="cannot use the CUTLASS sm90 backward: a score_mod"):
+        s9.backward_spec_for(_inst("alibi_causal", dtype=torch.float16))
