@@ -187,7 +187,7 @@ def attention_sm90_libraries(which: str, tunes=()):
     """The CUTLASS sm90 attention forward libraries (pigeon/codegen/attention_sm90.py; ~2 minutes of
     nvcc each on one core): ``tests`` those of tests/gpu/test_attention_sm90_gpu.py; ``bench`` those
     `pigeon bench attention` and benchmarks/profile_attention.py run (dense, causal, ALiBi, softcap at
-    head dims 64 and 128, bf16, the default scale) under the default schedule and each of ``tunes``
+    head dims 64 and 128; sliding window, S2, top-k GQA 2 and 4 at 128; bf16, the default scale) under the default schedule and each of ``tunes``
     (PIGEON_ATTN_SM90_TUNE strings), and the backward libraries of those CUTLASS's backward takes."""
     out = {}
     if which in ("tests", "both"):
@@ -200,12 +200,18 @@ def attention_sm90_libraries(which: str, tunes=()):
         from pigeon.bench.attn_variants import make_problem
         import pigeon.attention as pa
         from pigeon.codegen import attention_sm90
-        for variant in ("dense", "causal", "alibi", "softcap"):
-            for d in (64, 128):
+        # dense / causal at both head dims (benchmarks/profile_attention.py), the masked variants
+        # CUTLASS's forward takes at 128 (the bench's default); top-k's instance holds its GQA group
+        for variant, dims in (("dense", (64, 128)), ("causal", (64, 128)), ("alibi", (64, 128)),
+                              ("softcap", (64, 128)), ("window", (128,)), ("s2", (128,)), ("topk-g2", (128,)),
+                              ("topk-g4", (128,))):
+            for d in dims:
                 p = make_problem(variant, 1, 32, 256, d, torch.bfloat16, "cpu", 1024)
                 kw = p.pigeon_kwargs()
                 smod = pa.trace_score_mod(kw["score_mod"]) if kw.get("score_mod") is not None else None
                 inst, _, _ = _plan(p.q, p.k, p.v, smod, None, kw.get("pattern"), kw.get("cu_seqlens"))
+                if attention_sm90.unsupported(inst) is not None:
+                    continue
                 for tune in ("",) + tuple(tunes):
                     s = attention_sm90.spec_for(inst, d ** -0.5, tune)
                     out[s.name] = s

@@ -55,10 +55,18 @@ def test_which_instances_take_the_cutlass_forward():
     assert s9.unsupported(_inst("dense")) is None and s9.unsupported(_inst("causal", d=64)) is None
     assert s9.unsupported(_inst("alibi_causal", dtype=torch.float16)) is None
     assert s9.unsupported(_inst("softcap_strided_mask")) is None
-    assert "GQA (group 4)" in s9.unsupported(_inst(hkv=2))
-    assert "pattern SlidingWindow" in s9.unsupported(_inst("window"))
-    assert "pattern S2" in s9.unsupported(_inst("s2"))
-    assert "pattern TopK" in s9.unsupported(_inst("dense", pattern=pa.TopK(torch.zeros(1, 8, 1, 1, dtype=torch.int64))))
+    # GQA folds the query heads into the rows; the other patterns iterate their lists on its tile
+    assert s9.unsupported(_inst(hkv=2)) is None and s9.unsupported(_inst("window", hkv=4)) is None
+    assert s9.unsupported(_inst("dense", pattern=pa.S2(8, 2))) is None
+    assert "S2's list blocks 16x16 do not tile" in s9.unsupported(_inst("s2"))      # 64 blocks in a tile
+    assert s9.unsupported(_inst("dense", pattern=pa.TopK(torch.zeros(1, 8, 1, 1, dtype=torch.int64)))) is None
+    assert not s9.listed(_inst("causal")) and not s9.listed(_inst("dense"))
+    assert s9.listed(_inst("window")) and s9.listed(_inst("dense", pattern=pa.S2(8, 2)))
+    # list blocks that do not tile 128 x 128 whole: pigeon's wgmma kernel
+    assert "list blocks 48x64 do not tile" in s9.unsupported(
+        _inst("dense", pattern=pa.TopK(torch.zeros(1, 8, 2, 1, dtype=torch.int64), block_m=48)))
+    assert "list blocks 256x256" in s9.unsupported(_inst("dense", pattern=pa.S2(4, 1, block=256)))
+    assert s9.unsupported(_inst("dense", pattern=pa.S2(4, 1, block=128))) is None
     assert "dtype float32" in s9.unsupported(_inst(dtype=torch.float32))
     assert "head dims 96" in s9.unsupported(_inst(d=96))
     packed = AttentionInstance(128, 128, "bfloat16", packed=True)
@@ -71,6 +79,9 @@ def test_which_calls_take_it():
     assert "multiple of 8" in s9.call_unsupported(2, 8, 300, 333, 128)
     assert "empty" in s9.call_unsupported(2, 8, 0, 64, 128) and "empty" in s9.call_unsupported(2, 8, 64, 0, 128)
     assert "2^31" in s9.call_unsupported(1, 64, 1 << 18, 1 << 18, 128)
+    # GQA: a 128-row tile never spans two folded heads
+    assert s9.call_unsupported(2, 8, 256, 333, 128, group=2) is None
+    assert "with GQA (group 2) is not a multiple of 128" in s9.call_unsupported(2, 8, 200, 333, 128, group=2)
 
 
 def test_forward_knob_routes_dense_and_causal_to_cutlass(monkeypatch):
@@ -78,11 +89,13 @@ def test_forward_knob_routes_dense_and_causal_to_cutlass(monkeypatch):
     for name in ("dense", "causal", "alibi_causal", "softcap_strided_mask"):
         assert forward_template(_inst(name), "sm_90") == "cutlass", name
         assert forward_template(_inst(name), "sm_80") == "mma", name
-    assert forward_template(_inst("window"), "sm_90") == "wgmma"
-    assert forward_template(_inst(hkv=2), "sm_90") == "wgmma"
+    assert forward_template(_inst("window"), "sm_90") == "cutlass"
+    assert forward_template(_inst(hkv=2), "sm_90") == "cutlass"
+    s2_256 = _inst("dense", pattern=pa.S2(4, 1, block=256))
+    assert forward_template(s2_256, "sm_90") != "cutlass"
     assert forward_template(_inst(d=96), "sm_90") == "mma"
     monkeypatch.setenv("PIGEON_ATTN_FORWARD", "cutlass")
-    assert forward_template(_inst(), "sm_90a") == "cutlass" and forward_template(_inst("window"), "sm_90") == "wgmma"
+    assert forward_template(_inst(), "sm_90a") == "cutlass" and forward_template(s2_256, "sm_90") != "cutlass"
     with pytest.raises(AttentionCodegenError, match="PIGEON_ATTN_FORWARD=cutlass needs an sm_90 .* sm_80"):
         forward_template(_inst(), "sm_80")
     monkeypatch.setenv("PIGEON_ATTN_FORWARD", "wgmma")
@@ -124,8 +137,8 @@ def test_the_scale_is_baked_in_only_with_a_score_mod():
     src = s9.render_attention_sm90(s9.spec_for(alibi, 0.125))
     assert "constexpr float SCALE = 0.125f;" in src and "acc(e_) * SCALE" in src
     assert "SCALE" not in s9.render_attention_sm90(s9.spec_for(dense, 0.125))
-    with pytest.raises(AttentionCodegenError, match="cannot use the CUTLASS sm90 forward: GQA"):
-        s9.spec_for(_inst(hkv=2), 0.1)
+    with pytest.raises(AttentionCodegenError, match="cannot use the CUTLASS sm90 forward: head dims 96"):
+        s9.spec_for(_inst(d=96), 0.1)
 
 
 def test_render_dense_causal_and_modifiers():
@@ -136,14 +149,35 @@ def test_render_dense_causal_and_modifiers():
         assert '#include "88_hopper_fmha/kernel/fmha_kernel_builder.hpp"' in src
         assert "KernelTmaWarpSpecializedCooperative" in src and 'extern "C" int pigeon_run' in src
         assert "// built against CUTLASS/CuTe" in src
-    assert "cutlass::bfloat16_t" in dense and "Int<128>, Int<128>, Int<128>" in dense
-    assert "cutlass::half_t" in causal and "Int<128>, Int<128>, Int<64>" in causal
+    assert "cutlass::bfloat16_t" in dense and "BM = 128, BN = 128;" in dense and "Int<BN>, Int<128>>" in dense
+    assert "cutlass::half_t" in causal and "BM = 128, BN = 128;" in causal and "Int<BN>, Int<64>>" in causal
     # dense: no pattern code, only the key-length mask; every tile a whole one but the last
-    assert "last / bn + 1" not in dense and "int whole = " in dense and "kv_shift);" not in dense
+    assert "last / BN + 1" not in dense and "int whole = " in dense and "kv_shift);" not in dense
     # causal: the formula's trip count and its mask expression (kv <= i + kv_shift) in before_softmax
-    assert "last / bn + 1" in causal and "kv_shift" in causal and "keep = keep && (" in causal
+    assert "last / BN + 1" in causal and "kv_shift" in causal and "keep = keep && (" in causal
     # a mask_mod / score_mod: every tile through before_softmax (no unmasked tiles)
     assert "return 0;" in mixed and "tanh" in mixed
+    for src in (dense, causal, mixed):          # prefix iteration: CUTLASS's own mainloop and loads
+        assert "ListedMainloop" not in src and "constexpr int G = 1;" in src
+        spec_name = src.split("namespace ", 2)[1].split(" ")[0]
+        assert spec_name.startswith("pigeon_attn_sm90_") and f"namespace pg = {spec_name};" in src
+
+
+def test_render_listed_and_gqa():
+    """A sliding window (lists on the 64 x 64 grid) on the 128 x 128 tile: the producer's loads from the
+    row's entries, the fusion's sub-block codes and the pattern mask only in partial blocks; GQA folded."""
+    window = s9.render_attention_sm90(s9.spec_for(_inst("window", hkv=2), 0.1))
+    assert "struct ListedMainloop" in window and "using Mainloop = ListedMainloop<" in window
+    assert "constexpr int G = 4;" in window and "constexpr int LBM = 64, LBN = 64;" in window
+    assert "if (!(state & 2)) {" in window and "return row(ps).nfull;" in window
+    assert "op(params, pg_dyn_smem + ARGS_BYTES);" in window and "(params, list_args);" in window
+    bn64 = s9.render_attention_sm90(s9.spec_for(_inst("dense", pattern=pa.S2(8, 2)), 0.1, "bn64"))
+    assert "BM = 128, BN = 64;" in bn64 and "constexpr int SUB_N = BN / LBN;" in bn64
+    topk = s9.render_attention_sm90(s9.spec_for(_inst("dense", pattern=pa.TopK(torch.zeros(1, 8, 1, 1,
+                                                                                  dtype=torch.int64))), 0.1))
+    assert "ListedMainloop" in topk and "if (!(state & 2))" not in topk          # no pattern mask: lists only
+    gqa = s9.render_attention_sm90(s9.spec_for(_inst("causal", hkv=4), 0.1))
+    assert "constexpr int G = 2;" in gqa and "ListedMainloop" not in gqa and "t.row0 + BM - 1" in gqa
 
 
 def test_example_headers_are_found():

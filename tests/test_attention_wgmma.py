@@ -46,8 +46,8 @@ def test_which_instances_take_wgmma():
 
 def test_forward_knob(monkeypatch):
     inst = _inst()
-    monkeypatch.delenv("PIGEON_ATTN_FORWARD", raising=False)          # auto: wgmma on Hopper only
-    assert forward_template(inst, "sm_90") == "wgmma" and forward_template(inst, "sm_80") == "mma"
+    monkeypatch.delenv("PIGEON_ATTN_FORWARD", raising=False)      # auto: CUTLASS's (GQA folded) on Hopper only
+    assert forward_template(inst, "sm_90") == "cutlass" and forward_template(inst, "sm_80") == "mma"
     assert forward_template(inst, None) == "mma" and forward_template(_inst(d=96), "sm_90") == "mma"
     monkeypatch.setenv("PIGEON_ATTN_FORWARD", "mma")
     assert forward_template(inst, "sm_90") == "mma"

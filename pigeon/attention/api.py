@@ -324,11 +324,12 @@ def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callab
         template = attention_wgmma.forward_template(inst, arch)         # Hopper's default (PIGEON_ATTN_FORWARD)
         if template == "cutlass":
             from ..codegen import attention_sm90
-            why = attention_sm90.call_unsupported(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]) \
-                if not inst.packed else "cu_seqlens"
+            why = attention_sm90.call_unsupported(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+                                                  inst.group) if not inst.packed else "cu_seqlens"
             if why is None:
                 out["forward"] = "cutlass"
-                out["forward_schedule"] = attention_sm90.tuning(inst.head_dim).tag()
+                out["forward_schedule"] = attention_sm90.tuning(inst.head_dim).tag() + (
+                    ",listed" if attention_sm90.listed(inst) else "")
             else:
                 out["why_not_cutlass"] = why
                 template = "wgmma"

@@ -5,15 +5,15 @@ pigeon/runtime/attention_sm90.py calls it).
 CUTLASS's warp-specialized cooperative FMHA (the example 88_hopper_fmha shipped with the
 nvidia-cutlass wheel: TMA producer warpgroup, two consumer warpgroups on wgmma, a K/V pipeline, P in
 registers) with pigeon's traced modifiers and pattern mask as its ``Fusion`` (see the template).  It
-iterates key tiles by a formula from tile 0, so it takes the instances whose key tiles are a prefix:
-no pattern, or ``Causal``; the others (sliding window, S2, block lists, top-k) run pigeon's own wgmma
-forward (pigeon/codegen/attention_wgmma.py) over their block lists.
+iterates key tiles by a formula from tile 0 for no pattern and ``Causal`` (``PREFIX``), and by the
+pattern's block lists regrouped on its tile (pigeon/runtime/attention_tiles.py) for the others (sliding
+window, S2, block lists, top-k: ``listed``).  GQA folds the query heads of a KV head into the rows.
 
 What else it needs (:func:`unsupported` for the instance, :func:`call_unsupported` for a call):
-bfloat16 / float16, head_dim == value_dim in (64, 128), one KV head per query head (no GQA: its KV
-head stride cannot be one integer of CUTLASS's (batch, head) stride), the dense layout (no
-cu_seqlens), ``q_len`` a multiple of 8 (CUTLASS's can_implement), both lengths >= 1, and each
-(batch) slice under 2^31 elements (CUTLASS's strides are int).
+bfloat16 / float16, head_dim == value_dim in (64, 128), the dense layout (no cu_seqlens), list
+blocks that tile the kernel's 128 x block_n tile whole (:func:`grouping`),
+``q_len`` a multiple of 8 (CUTLASS's can_implement; of 128 with GQA: a tile never spans two heads),
+both lengths >= 1, and each (batch) slice under 2^31 elements (CUTLASS's strides are int).
 
 Schedule (:class:`Schedule`): the CTA tile is 128 query rows (64 per consumer warpgroup) by
 ``block_n`` keys; default 128 keys at both head dims (measured: :func:`default_schedule`), with 5
@@ -38,17 +38,28 @@ from .jinja import cfloat
 from .jinja import render as render_template
 
 __all__ = ["Schedule", "Sm90Attention", "Sm90AttentionConfig", "unsupported", "call_unsupported", "tuning",
-           "spec_for", "render_attention_sm90", "TEMPLATE", "ARCH", "TUNE_ENV", "PATTERNS", "BACKWARD_TEMPLATE",
+           "spec_for", "render_attention_sm90", "TEMPLATE", "ARCH", "TUNE_ENV", "PREFIX", "listed", "BACKWARD_TEMPLATE",
            "backward_unsupported", "backward_call_unsupported", "backward_spec_for", "backward_template",
            "BACKWARD_ENV"]
 
 TEMPLATE = "attention.sm90.cu.jinja"
 ARCH = "sm_90a"
 TUNE_ENV = "PIGEON_ATTN_SM90_TUNE"
-PATTERNS = ("", "Causal")                     # pattern kinds whose key tiles are a prefix
+PREFIX = ("", "Causal")                       # pattern kinds iterated by a formula; the others are listed
 ELEMENTS = {"bfloat16": "cutlass::bfloat16_t", "float16": "cutlass::half_t"}
 BLOCK_M = 128                                 # two consumer warpgroups of 64 rows
 INT_MAX = 2 ** 31 - 1
+CODE_BITS = 16          # a tile-list entry's low bits (pigeon/runtime/attention_tiles.py): 2 per list block, 8 blocks
+
+
+def grouping(bm: int, bn: int, tile_m: int, tile_n: int) -> tuple[int, int] | None:
+    """(a, b): a pattern's ``bm x bn`` list blocks per ``tile_m x tile_n`` tile along queries and
+    keys, or None when the tile does not split into whole list blocks or has more of them than a
+    tile-list entry's code holds."""
+    if bm < 1 or bn < 1 or tile_m % bm or tile_n % bn:
+        return None
+    a, b = tile_m // bm, tile_n // bn
+    return (a, b) if 2 * a * b <= CODE_BITS else None
 
 
 @dataclass(frozen=True)
@@ -96,29 +107,39 @@ def tuning(head_dim: int, knobs: str | None = None) -> Schedule:
         raise ValueError(f"{TUNE_ENV}={knobs!r}: {e}") from None
 
 
-def unsupported(inst: AttentionInstance) -> str | None:
-    """Why the CUTLASS forward cannot run ``inst`` (pigeon's wgmma forward then does), or None."""
+def listed(inst: AttentionInstance) -> bool:
+    """Whether ``inst`` iterates its pattern's block lists (else tiles 0 .. n-1 by a formula)."""
+    return inst.pattern_kind not in PREFIX
+
+
+def unsupported(inst: AttentionInstance, block_n: int | None = None) -> str | None:
+    """Why the CUTLASS forward cannot run ``inst`` (pigeon's wgmma forward then does), or None;
+    ``block_n``: the tile's keys (default: the schedule's)."""
     if inst.dtype not in ELEMENTS:
         return f"dtype {inst.dtype} (bfloat16 / float16 only)"
     if inst.head_dim not in (64, 128) or inst.value_dim != inst.head_dim:
         return f"head dims {inst.head_dim} / {inst.value_dim} (64 or 128, equal)"
-    if inst.group != 1:
-        return f"GQA (group {inst.group})"
     if inst.packed:
         return "cu_seqlens (packed documents)"
-    if inst.pattern_kind not in PATTERNS:
-        return f"pattern {inst.pattern_kind} (its key tiles are not a prefix: the block lists iterate it)"
     if inst.pattern_kind == "" and inst.pattern_mask is not None:       # pragma: no cover - api.py sets both
         return "a pattern mask without a pattern kind"
+    if listed(inst):
+        bn = block_n if block_n is not None else tuning(inst.head_dim).block_n
+        if grouping(inst.block_m, inst.block_n, BLOCK_M, bn) is None:
+            return (f"{inst.pattern_kind}'s list blocks {inst.block_m}x{inst.block_n} do not tile the kernel's "
+                    f"{BLOCK_M}x{bn} tile whole")
     return None
 
 
-def call_unsupported(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> str | None:
-    """Why a call of these sizes cannot run on the CUTLASS forward (the wgmma one then does), or None."""
+def call_unsupported(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, group: int = 1) -> str | None:
+    """Why a call of these sizes (``heads``: query heads) cannot run on the CUTLASS forward (the wgmma
+    one then does), or None."""
     if q_len < 1 or kv_len < 1:
         return "an empty sequence"
     if q_len % 8:
         return f"q_len {q_len} is not a multiple of 8"
+    if group > 1 and q_len % BLOCK_M:
+        return f"q_len {q_len} with GQA (group {group}) is not a multiple of {BLOCK_M}"
     if heads * max(q_len, kv_len) * head_dim > INT_MAX:
         return "a batch slice over 2^31 elements"
     return None
@@ -144,10 +165,11 @@ def float_bits(x: float) -> int:
 
 
 def spec_for(inst: AttentionInstance, scale: float, knobs: str | None = None) -> Sm90Attention:
-    why = unsupported(inst)
+    schedule = tuning(inst.head_dim, knobs)
+    why = unsupported(inst, schedule.block_n)
     if why is not None:
         raise AttentionCodegenError(f"attention instance {inst.key()} cannot use the CUTLASS sm90 forward: {why}")
-    return Sm90Attention(inst, tuning(inst.head_dim, knobs), float_bits(scale) if inst.score_mod is not None else None)
+    return Sm90Attention(inst, schedule, float_bits(scale) if inst.score_mod is not None else None)
 
 
 BACKWARD_TEMPLATE = "attention_bwd.sm90.cu.jinja"
@@ -159,6 +181,10 @@ def backward_unsupported(inst: AttentionInstance) -> str | None:
     why = unsupported(inst)
     if why is not None:
         return why
+    if inst.group != 1:
+        return f"GQA (group {inst.group}: the backward's KV head stride is one head per query head)"
+    if listed(inst):
+        return f"pattern {inst.pattern_kind} (the backward iterates tiles by a formula: no pattern or causal)"
     if inst.dtype != "float16":
         # the example's backward mainloop assigns float results to its element type, which
         # cutlass::bfloat16_t (explicit from float) refuses: nvcc fails on bf16
@@ -219,7 +245,12 @@ class Sm90AttentionConfig:
     block_m: int
     block_n: int
     stages: int
+    group: int
     causal: bool
+    listed: bool
+    list_bm: int
+    list_bn: int
+    code_bits: int
     mask_all: bool
     scale_literal: str
     mods: object
@@ -234,11 +265,13 @@ def render_attention_sm90(spec: Sm90Attention) -> str:
     mods = [w for w, e in (("score_mod", inst.score_mod), ("mask_mod", inst.mask_mod)) if e is not None]
     block_m = BACKWARD_TILE[0] if spec.backward else BLOCK_M
     summary = (f"{inst.dtype} D{inst.head_dim} {inst.pattern_kind or 'dense'}"
+               f"{f' GQA {inst.group}' if inst.group > 1 else ''}{' (listed)' if listed(inst) else ''}"
                f"{' + ' + ', '.join(mods) if mods else ''}, tile {block_m}x{spec.schedule.block_n}"
                + ("" if spec.backward else f", {spec.schedule.stages} stages"))
     cfg = Sm90AttentionConfig(name=spec.name, summary=summary, tag=source_tag(), element=ELEMENTS[inst.dtype],
                               head_dim=inst.head_dim, block_m=block_m, block_n=spec.schedule.block_n,
-                              stages=spec.schedule.stages, causal=inst.pattern_kind == "Causal",
+                              stages=spec.schedule.stages, group=inst.group, causal=inst.pattern_kind == "Causal",
+                              listed=listed(inst), list_bm=inst.block_m, list_bn=inst.block_n, code_bits=CODE_BITS,
                               mask_all=bool(mods), scale_literal=cfloat(scale) if scale is not None else "",
                               mods=mc)
     return render_template(BACKWARD_TEMPLATE if spec.backward else TEMPLATE, cfg)

@@ -129,8 +129,8 @@ def requested() -> str:
 def forward_template(inst: AttentionInstance, arch: str | None) -> str:
     """"cutlass", "wgmma" or "mma": which tensor-core forward runs ``inst`` on a device of ``arch``
     ("sm_90" ...).  ``auto`` (the default) on sm_90 / sm_90a: CUTLASS's FMHA kernel where
-    pigeon/codegen/attention_sm90.py ``unsupported`` accepts the instance (no pattern or causal, no
-    GQA, dense layout), else wgmma -- the wgmma forward's kernels were 1.03-1.22x faster than
+    pigeon/codegen/attention_sm90.py ``unsupported`` accepts the instance (bf16 / fp16, D 64 / 128,
+    the dense layout, list blocks that tile its tile), else wgmma -- the wgmma forward's kernels were 1.03-1.22x faster than
     mma.sync's at every dense and causal shape measured (S 1k and 4k, D 64 and 128, bf16;
     benchmarks/results/attention_fwd_ab_h200_4cd66bb); elsewhere mma.  ``PIGEON_ATTN_FORWARD=wgmma``
     skips CUTLASS's kernel; ``wgmma`` or ``cutlass`` on an arch other than sm_90 / sm_90a is an

@@ -89,7 +89,7 @@ def run_attention_kernel(inst: AttentionInstance, q: torch.Tensor, k: torch.Tens
         q, k, v = (_aligned16(t) for t in (q, k, v))
         if _runs_cutlass(inst, q, k):
             from .attention_sm90 import run_sm90_forward
-            return run_sm90_forward(inst, q, k, v, scale)
+            return run_sm90_forward(inst, q, k, v, scale, lists)
     sizes, strides, arrays = _layout(inst, q, k, v, out, lse, lists, cu_seqlens)
     tensors = {"O": out, "LSE": lse, "Q": q, "K": k, "V": v}
     _launch(inst, q.device, emulate, False, tensors, sizes, strides, arrays, scale)
@@ -104,7 +104,8 @@ def _runs_cutlass(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor) -> 
     from .build import device_arch
     if attention_wgmma.forward_template(inst, device_arch(q.device)) != "cutlass":
         return False
-    return attention_sm90.call_unsupported(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]) is None
+    return attention_sm90.call_unsupported(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+                                           inst.group) is None
 
 
 def _runs_cutlass_backward(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -36,22 +38,57 @@ def _raw_stream(dev: int) -> int:
     return int(raw(dev)) if raw is not None else torch.cuda.current_stream(dev).cuda_stream
 
 
+# tile lists of the cached block lists of closed-form patterns (pigeon/attention/api.py keeps those
+# per call shape): made once per (lists, tile); the entry holds the lists, so their ids stay theirs
+_TILES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_tiles_lock = threading.Lock()
+MAX_TILES = 64
+
+
+def tiles_for(inst: AttentionInstance, lists, q_len: int, kv_len: int, block_n: int):
+    """The tile lists (pigeon/runtime/attention_tiles.py) of ``lists`` for a listed instance on the
+    128 x ``block_n`` tile; reused while the same list tensors come back."""
+    from .attention_tiles import tile_lists
+    key = (id(lists.ptr), id(lists.col), id(lists.full), q_len, kv_len, block_n)
+    got = _TILES.get(key)
+    if got is not None and got[0] is lists.ptr and got[1] is lists.col and got[2] is lists.full:
+        return got[3]
+    t = tile_lists(lists, inst.block_m, inst.block_n, q_len, kv_len, attention_sm90.BLOCK_M, block_n)
+    with _tiles_lock:
+        _TILES[key] = (lists.ptr, lists.col, lists.full, t)
+        while len(_TILES) > MAX_TILES:
+            _TILES.popitem(last=False)
+    return t
+
+
 def run_sm90_forward(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of ``inst`` for contiguous, 16-byte aligned ``q [B, H, q_len, D]``, ``k, v [B, H,
-    kv_len, D]`` (the caller checked :func:`attention_sm90.call_unsupported`)."""
-    B, H, Sq, D = q.shape
-    Skv = k.shape[2]
+                     scale: float, lists=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of ``inst`` for contiguous, 16-byte aligned ``q [B, Hq, q_len, D]``, ``k, v [B, Hkv,
+    kv_len, D]`` (the caller checked :func:`attention_sm90.call_unsupported`); ``lists``: the
+    pattern's BlockLists (a listed instance)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    G = inst.group
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     if os.environ.get("PIGEON_POISON", "") == "1":      # every output element must be written
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-    lib = library_for(inst, scale)
+    spec = attention_sm90.spec_for(inst, scale, os.environ.get(attention_sm90.TUNE_ENV, ""))
+    lib = _library(spec)
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    sizes = (B, H, Sq, Skv, attention_sm90.float_bits(scale), dev)
-    lib.run((q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()), sizes, 0, _raw_stream(dev))
-    if inst.mask_mod is not None or (inst.pattern_kind == "Causal" and Sq > Skv):
+    # GQA: the G query heads of a KV head are consecutive [q_len, D] slabs, i.e. [B, Hkv, G * q_len, D]
+    sizes = [B, Hkv, G * Sq, Skv, attention_sm90.float_bits(scale), dev]
+    ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()]
+    if attention_sm90.listed(inst):
+        if lists is None:
+            raise ValueError(f"attention instance {inst.key()}: the CUTLASS forward of pattern {inst.pattern_kind} "
+                             "needs its block lists")
+        t = tiles_for(inst, lists, Sq, Skv, spec.schedule.block_n)
+        sizes += list(t.shape)
+        ptrs += [t.ptr.data_ptr(), t.ent.data_ptr() if t.ent.numel() else t.ptr.data_ptr(), t.nfull.data_ptr()]
+    lib.run(ptrs, sizes, 0, _raw_stream(dev))
+    if inst.mask_mod is not None or attention_sm90.listed(inst) or (inst.pattern_kind == "Causal" and Sq > Skv):
         lse.masked_fill_(lse == math.inf, -math.inf)
     return out, lse
 

@@ -43,7 +43,7 @@ __all__ = ["HostLibrary", "HostLibraryError", "build_library", "load_library", "
 KEY_FLAGS = ("--pigeon-host-library",)      # in the cache key only, never passed to nvcc
 BASE_FLAGS = ("-shared", "-Xcompiler", "-fPIC", "-O3", "--std=c++17", "-cudart", "static")
 N_PTRS = 12
-N_SIZES = 8
+N_SIZES = 12
 
 
 class HostLibraryError(RuntimeError):

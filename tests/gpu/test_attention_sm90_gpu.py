@@ -1,5 +1,6 @@
 """The CUTLASS sm90 attention forward (PIGEON_ATTN_FORWARD=auto on an sm_90 GPU: dense and causal
-MHA, with and without traced modifiers) against the float64 reference (bf16 tolerance), NaN-poisoned
+by formula, sliding windows, S2, top-k and block lists over their tile lists, GQA folded; with and
+without traced modifiers) against the float64 reference (bf16 tolerance), NaN-poisoned
 outputs, lengths off the tiles (key tails, q_len != kv_len, causal rows with no key), head dims 64
 and 128, bf16 and fp16; each test checks that CUTLASS's library ran (and, for a call it cannot take,
 that the wgmma kernel did); pigeon's mma backward on the CUTLASS forward's lse (a scale CUTLASS's
@@ -39,6 +40,56 @@ MAIN = ([(n, d, torch.bfloat16) for n in CASES for d in (64, 128)]
 SCALE = 0.09
 
 
+def _topk(B, H, Sq, Skv, block=64, gen=None, k=3):
+    """Random selections per (batch, selection head, query block), with repeats and -1 (none)."""
+    nq, nk = -(-Sq // block), -(-Skv // block)
+    return pa.TopK(torch.randint(-1, nk, (B, H, nq, k), generator=gen), block_m=block, block_n=block)
+
+
+def _block_list(H, Sq, Skv, gen=None):
+    """Per-head BCSR on 64 x 64 blocks: about half the blocks, row 0 of head 0 empty."""
+    nq, nk = -(-Sq // 64), -(-Skv // 64)
+    keep = torch.rand(H, nq, nk, generator=gen) < 0.5
+    keep[0, 0] = False
+    crow = torch.zeros(H, nq + 1, dtype=torch.int64)
+    crow[:, 1:] = keep.sum(-1).cumsum(-1)
+    return pa.BlockList(crow, keep.nonzero()[:, 2].contiguous())
+
+
+# pattern factories of (batch, query heads, KV heads, q_len, kv_len, generator): the listed iteration
+LISTED = {
+    "window": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.SlidingWindow(100)),
+    "window_bidir": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.SlidingWindow(70, causal=False)),
+    "window_alibi": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.SlidingWindow(150),
+                                                      score_mod=lambda s, b, h, q, kv: s + 0.1 * (h + 1) * (kv - q) / 64),
+    "window_mask_mod": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.SlidingWindow(200),
+                                                         mask_mod=lambda b, h, q, kv: (kv % 5 != 2) | (q == kv)),
+    "s2": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.S2(4, 1, block=64)),
+    "s2_128": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.S2(3, 1, block=128)),
+    "topk": lambda B, H, Hk, Sq, Skv, g: dict(pattern=_topk(B, H, Sq, Skv, gen=g)),
+    "topk_gqa": lambda B, H, Hk, Sq, Skv, g: dict(pattern=_topk(B, Hk, Sq, Skv, block=128, gen=g)),
+    "block_list": lambda B, H, Hk, Sq, Skv, g: dict(pattern=_block_list(H, Sq, Skv, gen=g)),
+    "gqa_causal": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.Causal()),
+    "gqa_dense_softcap": lambda B, H, Hk, Sq, Skv, g: dict(score_mod=lambda s, b, h, q, kv: 30.0 * pa.tanh(s / 30.0)),
+}
+# (case, head dim, dtype, KV heads of 4 query heads, schedule knobs); S2 needs q_len == kv_len, GQA
+# q_len % 128 == 0
+LISTED_MAIN = [("window", 128, torch.bfloat16, 4, ""), ("window", 64, torch.bfloat16, 4, ""),
+               ("window", 128, torch.bfloat16, 4, "bn64"), ("window_bidir", 128, torch.float16, 4, ""),
+               ("window_alibi", 128, torch.bfloat16, 4, ""), ("window_mask_mod", 128, torch.bfloat16, 2, ""),
+               ("s2", 128, torch.bfloat16, 4, ""), ("s2_128", 64, torch.bfloat16, 4, ""),
+               ("topk", 128, torch.bfloat16, 4, ""), ("topk_gqa", 128, torch.bfloat16, 2, ""),
+               ("block_list", 64, torch.bfloat16, 4, ""), ("gqa_causal", 128, torch.bfloat16, 1, ""),
+               ("gqa_dense_softcap", 64, torch.float16, 2, "")]
+LISTED_SHAPES = {"s2": [(256, 256), (512, 512)], "s2_128": [(256, 256), (384, 384)]}
+GQA_SHAPES = [(256, 333), (384, 200), (128, 128)]
+MHA_SHAPES = [(256, 333), (320, 200), (64, 64), (448, 448)]
+
+
+def _listed_shapes(name, hkv):
+    return LISTED_SHAPES.get(name) or (GQA_SHAPES if hkv != 4 else MHA_SHAPES)
+
+
 def specs():
     """The libraries this module runs (scripts/prebuild_kernels.py --attention-sm90 builds them ahead)."""
     from pigeon.attention.api import _plan
@@ -50,6 +101,15 @@ def specs():
         q = torch.empty(1, 4, 64, d, dtype=dtype)
         spec = rs9.attention_sm90.spec_for(_plan(q, q, q, smod, mmod, kw.get("pattern"), None)[0], SCALE, "")
         out[spec.name] = spec        # the long-sequence test's (default scale, no score_mod) are among these
+    for name, d, dtype, hkv, tune in LISTED_MAIN:
+        Sq, Skv = _listed_shapes(name, hkv)[0]
+        kw = LISTED[name](1, 4, hkv, Sq, Skv, torch.Generator().manual_seed(0))
+        smod = pa.trace_score_mod(kw["score_mod"]) if "score_mod" in kw else None
+        mmod = pa.trace_mask_mod(kw["mask_mod"]) if "mask_mod" in kw else None
+        q = torch.empty(1, 4, Sq, d, dtype=dtype)
+        k = torch.empty(1, hkv, Skv, d, dtype=dtype)
+        spec = rs9.attention_sm90.spec_for(_plan(q, k, k, smod, mmod, kw.get("pattern"), None)[0], SCALE, tune)
+        out[spec.name] = spec
     return list(out.values())
 
 
@@ -130,6 +190,54 @@ def test_cutlass_forward_equals_the_reference(name, head_dim, dtype, monkeypatch
     assert len(calls) == len(SHAPES)
 
 
+@pytest.mark.parametrize("name,head_dim,dtype,hkv,tune", LISTED_MAIN)
+def test_cutlass_listed_and_gqa_forward_equals_the_reference(name, head_dim, dtype, hkv, tune, monkeypatch):
+    """Patterns over their tile lists (partial and full list blocks, rows with no block, key tails,
+    the nfull leading tiles unmasked) and GQA folded into the rows, against the float64 reference."""
+    calls = _count_runs(monkeypatch)
+    if tune:
+        monkeypatch.setenv("PIGEON_ATTN_SM90_TUNE", tune)
+    seed = random.randrange(1 << 30)
+    g = torch.Generator().manual_seed(seed)
+    shapes = _listed_shapes(name, hkv)
+    for Sq, Skv in shapes:
+        q = torch.randn(2, 4, Sq, head_dim, generator=g).to(DEV, dtype)
+        k = torch.randn(2, hkv, Skv, head_dim, generator=g).to(DEV, dtype)
+        v = torch.randn(2, hkv, Skv, head_dim, generator=g).to(DEV, dtype)
+        kw = LISTED[name](2, 4, hkv, Sq, Skv, g)
+        used = kernels_used(q, k, v, **kw)
+        assert used["forward"] == "cutlass", used
+        out, lse = pa.attention(q, k, v, scale=SCALE, return_lse=True, enable_gqa=hkv != 4, **kw)
+        ref, ref_lse = pa.attention(q.double(), k.double(), v.double(), scale=SCALE, return_lse=True,
+                                    enable_gqa=hkv != 4, backend="reference", **kw)
+        _check(out, lse, ref, ref_lse, f"{name} d{head_dim} {dtype} hkv {hkv} {tune} {Sq}x{Skv} seed {seed}")
+    assert len(calls) == len(shapes)
+
+
+def test_closed_form_tile_lists_are_made_once_per_shape(monkeypatch):
+    """A window's tile lists come from api.py's cached block lists: made on the first call only."""
+    import pigeon.runtime.attention_tiles as tl
+    made = []
+    real = tl.tile_lists
+    monkeypatch.setattr(tl, "tile_lists", lambda *a, **k: made.append(1) or real(*a, **k))
+    rs9._TILES.clear()
+    q, k, v = (torch.randn(1, 4, 256, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    outs = [pa.attention(q, k, v, pattern=pa.SlidingWindow(100), scale=SCALE) for _ in range(3)]
+    assert len(made) == 1 and all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_gqa_off_the_128_row_grid_runs_the_wgmma_kernel(monkeypatch):
+    calls = _count_runs(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 200, 128, generator=g).to(DEV, torch.bfloat16)
+    k, v = (torch.randn(1, 1, 200, 128, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
+    used = kernels_used(q, k, v, pattern=pa.Causal())
+    assert used["forward"] == "wgmma" and "not a multiple of 128" in used["why_not_cutlass"]
+    out = pa.attention(q, k, v, pattern=pa.Causal(), enable_gqa=True)
+    ref = pa.attention(q.double(), k.double(), v.double(), pattern=pa.Causal(), enable_gqa=True, backend="reference")
+    assert not calls and _rel_err(out, ref) < 2e-2
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_cutlass_forward_long_sequence_default_scale(head_dim, monkeypatch):
     """4096 keys (32-64 tiles: the K/V pipeline wraps many times), scores of a large scale (online-softmax rescales)."""
@@ -137,11 +245,18 @@ def test_cutlass_forward_long_sequence_default_scale(head_dim, monkeypatch):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 4096, head_dim, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
     q3 = q * 3
-    for kw in (dict(), dict(pattern=pa.Causal())):
+    cases = [dict(), dict(pattern=pa.Causal()), dict(pattern=pa.SlidingWindow(100))]
+    for kw in cases:
         out, lse = pa.attention(q3, k, v, return_lse=True, **kw)
         ref, ref_lse = pa.attention(q3.double(), k.double(), v.double(), return_lse=True, backend="reference", **kw)
         _check(out, lse, ref, ref_lse, f"long d{head_dim} {kw}")
-    assert len(calls) == 2
+    if head_dim == 128:         # top-k shared by a KV group of 2 (the bench's topk-g2 library)
+        kw = dict(pattern=_topk(1, 1, 4096, 4096, block=128, gen=g, k=8), enable_gqa=True)
+        out, lse = pa.attention(q3, k[:, :1], v[:, :1], return_lse=True, **kw)
+        ref, ref_lse = pa.attention(q3.double(), k[:, :1].double(), v[:, :1].double(), return_lse=True,
+                                    backend="reference", **kw)
+        _check(out, lse, ref, ref_lse, "long d128 top-k GQA 2")
+    assert len(calls) == len(cases) + (head_dim == 128)
 
 
 def test_a_call_off_the_8_row_grid_runs_the_wgmma_kernel(monkeypatch):
