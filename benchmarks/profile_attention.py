@@ -3,7 +3,8 @@ implementation (PIGEON_ATTN_FORWARD = mma | wgmma | cutlass; ``cutlass:<knobs>``
 PIGEON_ATTN_SM90_TUNE, e.g. ``cutlass:bn128``), the bench's wall time (CUDA events around one call,
 as ``pigeon bench attention`` times it), the GPU time of the call's kernels (torch.profiler, by kernel
 name), and the host time of one call (perf_counter around an unsynchronized call while the GPU is busy
-with earlier work), next to SDPA's kernel time on the same inputs.  A call whose wall time exceeds its
+with earlier work), next to SDPA's kernel time on the same inputs (dense and causal; the other variants of ``pigeon bench
+attention``, its inputs, have no SDPA column).  A call whose wall time exceeds its
 kernels' time by more than a few microseconds is host-bound or launches extra kernels; both show here.
 
     python benchmarks/profile_attention.py --variants dense,causal --seq-lens 1024,4096 --head-dims 128 \
@@ -72,22 +73,28 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--forwards", default="wgmma,cutlass")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--window", type=int, default=1024, help="the sliding window variant's window")
     ap.add_argument("--out", default="/tmp/pigeon_out")
     args = ap.parse_args()
     import pigeon.attention as pa
     from pigeon.timing import median_ms
     dev = torch.device("cuda")
     rows = []
+    from pigeon.bench.attn_variants import VARIANTS, make_problem
     for variant in args.variants.split(","):
-        kw = {"dense": {}, "causal": {"pattern": pa.Causal()}}[variant]
+        if variant not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {variant!r} (known: {', '.join(VARIANTS)})")
         for s in map(int, args.seq_lens.split(",")):
             for d in map(int, args.head_dims.split(",")):
-                q, k, v = (torch.randn(args.batch, args.heads, s, d, device=dev, dtype=torch.bfloat16)
-                           for _ in range(3))
-                sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(      # noqa: E731
-                    q, k, v, is_causal=variant == "causal")
-                sdpa()
-                sdpa_us, _ = _kernels(sdpa, args.calls)
+                # the bench's inputs (top-k selections, documents); SDPA's kernel time for dense / causal
+                p = make_problem(variant, args.batch, args.heads, s, d, torch.bfloat16, dev, args.window)
+                q, k, v, kw = p.q, p.k, p.v, p.pigeon_kwargs()
+                sdpa_us = None
+                if variant in ("dense", "causal"):
+                    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(      # noqa: E731
+                        q, k, v, is_causal=variant == "causal")
+                    sdpa()
+                    sdpa_us, _ = _kernels(sdpa, args.calls)
                 for fw in args.forwards.split(","):
                     form, _, tune = fw.partition(":")
                     os.environ["PIGEON_ATTN_FORWARD"] = form
@@ -122,8 +129,10 @@ def main() -> int:
             lines.append(f"| {r['variant']} | {r['S']} | {r['D']} | {r['forward']} | error: {r['error']} |  |  |  |  |  |")
             continue
         top = next(iter(r["kernels"]), "")
+        sd = r["sdpa_kernel_us"]
+        vs = f"{sd:.1f} | {sd / r['kernel_us']:.2f}x" if sd is not None else "- | -"
         lines.append(f"| {r['variant']} | {r['S']} | {r['D']} | {r['forward']} | {r['wall_us']:.1f} | {r['kernel_us']:.1f} | "
-                     f"{r['host_us']:.1f} | {r['sdpa_kernel_us']:.1f} | {r['sdpa_kernel_us'] / r['kernel_us']:.2f}x | `{top[:60]}` |")
+                     f"{r['host_us']:.1f} | {vs} | `{top[:60]}` |")
     (out / "profile_attention.md").write_text("\n".join(lines) + "\n")
     return 0
 

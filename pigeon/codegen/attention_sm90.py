@@ -13,7 +13,9 @@ What else it needs (:func:`unsupported` for the instance, :func:`call_unsupporte
 bfloat16 / float16, head_dim == value_dim in (64, 128), the dense layout (no cu_seqlens), list
 blocks that tile the kernel's 128 x block_n tile whole (:func:`grouping`),
 ``q_len`` a multiple of 8 (CUTLASS's can_implement; of 128 with GQA: a tile never spans two heads),
-both lengths >= 1, and each (batch) slice under 2^31 elements (CUTLASS's strides are int).
+both lengths >= 1, and each (batch) slice under 2^31 elements (CUTLASS's strides are int); listed patterns
+also need lists pigeon's tensor-core forward iterates (the 64 x 64 grid): a call CUTLASS's kernel cannot take
+runs that one.
 
 Schedule (:class:`Schedule`): the CTA tile is 128 query rows (64 per consumer warpgroup) by
 ``block_n`` keys; default 128 keys at both head dims (measured: :func:`default_schedule`), with 5
@@ -124,6 +126,10 @@ def unsupported(inst: AttentionInstance, block_n: int | None = None) -> str | No
     if inst.pattern_kind == "" and inst.pattern_mask is not None:       # pragma: no cover - api.py sets both
         return "a pattern mask without a pattern kind"
     if listed(inst):
+        from .attention_mma import unsupported as mma_unsupported
+        why = mma_unsupported(inst)
+        if why is not None:     # the tensor-core kernel a call CUTLASS's cannot take falls back to
+            return f"{why} (pigeon's tensor-core forward, the fallback of listed patterns, cannot take it)"
         bn = block_n if block_n is not None else tuning(inst.head_dim).block_n
         if grouping(inst.block_m, inst.block_n, BLOCK_M, bn) is None:
             return (f"{inst.pattern_kind}'s list blocks {inst.block_m}x{inst.block_n} do not tile the kernel's "

@@ -65,7 +65,6 @@ LISTED = {
     "window_mask_mod": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.SlidingWindow(200),
                                                          mask_mod=lambda b, h, q, kv: (kv % 5 != 2) | (q == kv)),
     "s2": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.S2(4, 1, block=64)),
-    "s2_128": lambda B, H, Hk, Sq, Skv, g: dict(pattern=pa.S2(3, 1, block=128)),
     "topk": lambda B, H, Hk, Sq, Skv, g: dict(pattern=_topk(B, H, Sq, Skv, gen=g)),
     "topk_gqa": lambda B, H, Hk, Sq, Skv, g: dict(pattern=_topk(B, Hk, Sq, Skv, block=128, gen=g)),
     "block_list": lambda B, H, Hk, Sq, Skv, g: dict(pattern=_block_list(H, Sq, Skv, gen=g)),
@@ -77,11 +76,11 @@ LISTED = {
 LISTED_MAIN = [("window", 128, torch.bfloat16, 4, ""), ("window", 64, torch.bfloat16, 4, ""),
                ("window", 128, torch.bfloat16, 4, "bn64"), ("window_bidir", 128, torch.float16, 4, ""),
                ("window_alibi", 128, torch.bfloat16, 4, ""), ("window_mask_mod", 128, torch.bfloat16, 2, ""),
-               ("s2", 128, torch.bfloat16, 4, ""), ("s2_128", 64, torch.bfloat16, 4, ""),
+               ("s2", 128, torch.bfloat16, 4, ""), ("s2", 64, torch.bfloat16, 4, "bn64"),
                ("topk", 128, torch.bfloat16, 4, ""), ("topk_gqa", 128, torch.bfloat16, 2, ""),
                ("block_list", 64, torch.bfloat16, 4, ""), ("gqa_causal", 128, torch.bfloat16, 1, ""),
                ("gqa_dense_softcap", 64, torch.float16, 2, "")]
-LISTED_SHAPES = {"s2": [(256, 256), (512, 512)], "s2_128": [(256, 256), (384, 384)]}
+LISTED_SHAPES = {"s2": [(256, 256), (384, 384), (512, 512)]}
 GQA_SHAPES = [(256, 333), (384, 200), (128, 128)]
 MHA_SHAPES = [(256, 333), (320, 200), (64, 64), (448, 448)]
 
