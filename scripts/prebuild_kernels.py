@@ -212,7 +212,10 @@ def attention_sm90_libraries(which: str, tunes=()):
                 inst, _, _ = _plan(p.q, p.k, p.v, smod, None, kw.get("pattern"), kw.get("cu_seqlens"))
                 if attention_sm90.unsupported(inst) is not None:
                     continue
-                for tune in ("",) + tuple(tunes):
+                # a closed-form listed pattern runs 64- or 128-key tiles by their areas
+                # (pigeon/runtime/attention_sm90.py block_n_for): both
+                both = attention_sm90.listed(inst) and inst.pattern_kind in ("SlidingWindow", "S2")
+                for tune in ("",) + tuple(tunes) + (("bn64",) if both else ()):
                     s = attention_sm90.spec_for(inst, d ** -0.5, tune)
                     out[s.name] = s
                 if attention_sm90.backward_unsupported(inst) is None:

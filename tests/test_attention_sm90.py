@@ -243,3 +243,27 @@ def test_render_backward():
     assert "return true;" in dense and "i < q_len" in dense
     with pytest.raises(AttentionCodegenError, match="cannot use the CUTLASS sm90 backward: a score_mod"):
         s9.backward_spec_for(_inst("alibi_causal", dtype=torch.float16))
+
+
+def test_a_listed_pattern_picks_its_key_tile(monkeypatch):
+    """S2's strided 64-key blocks: 128-key tiles would visit twice their area, so 64-key tiles; a
+    window visits the same area either way: 128; data lists (top-k): the schedule's, no second
+    regrouping per call; an explicit bn knob wins."""
+    import pigeon.runtime.attention_sm90 as rs9
+    from pigeon.attention.patterns import block_lists
+    monkeypatch.delenv(s9.TUNE_ENV, raising=False)
+    q = torch.empty(1, 4, 1024, 128, dtype=torch.bfloat16)
+
+    def pick(pattern, knobs=""):
+        inst, lists, _ = _plan(q, q, q, None, None, pattern, None)
+        return rs9.block_n_for(inst, lists, 1024, 1024, knobs)
+    assert pick(pa.S2(8, 2)) == 64 and pick(pa.SlidingWindow(256)) == 128
+    assert pick(pa.S2(8, 2), "bn128") == 128 and pick(pa.SlidingWindow(256), "stages3,bn64") == 64
+    assert pick(pa.Causal()) == 128 and pick(None) == 128
+    assert pick(pa.TopK(torch.zeros(1, 4, 16, 2, dtype=torch.int64))) == 128
+    # the areas behind S2's choice
+    lists = block_lists(pa.S2(8, 2), 1, 4, 1024, 1024, 64, 64)
+    inst = _plan(q, q, q, None, None, pa.S2(8, 2), None)[0]
+    wide, narrow = (rs9.tiles_for(inst, lists, 1024, 1024, bn) for bn in (128, 64))
+    assert narrow.ent.numel() * 64 <= rs9.NARROW_TILE_AREA * wide.ent.numel() * 128
+    assert kernels_used(q, q, q, pattern=pa.S2(8, 2))["forward"] in ("mma", "simt")       # this CPU machine

@@ -20,6 +20,7 @@ problem, before anything runs.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -311,7 +312,7 @@ def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callab
     from ..runtime.attention_kernel import kernel_variant
     smod = trace_score_mod(score_mod) if score_mod is not None else None
     mmod = trace_mask_mod(mask_mod) if mask_mod is not None else None
-    inst, _, _ = _plan(q, k, v, smod, mmod, pattern, cu_seqlens)
+    inst, lists, _ = _plan(q, k, v, smod, mmod, pattern, cu_seqlens)
     out = {"why_not_mma": {}}
     for what, bwd, mod in (("forward", False, attention_mma), ("backward", True, attention_mma_bwd)):
         out[what] = kernel_variant(inst, False, bwd)
@@ -328,7 +329,10 @@ def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callab
                                                   inst.group) if not inst.packed else "cu_seqlens"
             if why is None:
                 out["forward"] = "cutlass"
-                out["forward_schedule"] = attention_sm90.tuning(inst.head_dim).tag() + (
+                from ..runtime.attention_sm90 import block_n_for
+                knobs = os.environ.get(attention_sm90.TUNE_ENV, "")
+                bn = block_n_for(inst, lists, q.shape[2], k.shape[2], knobs)
+                out["forward_schedule"] = attention_sm90.tuning(inst.head_dim, f"{knobs},bn{bn}").tag() + (
                     ",listed" if attention_sm90.listed(inst) else "")
             else:
                 out["why_not_cutlass"] = why

@@ -161,7 +161,7 @@ def dense_mask(p, batch: int, heads: int, q_len: int, kv_len: int, device="cpu")
         if idx.dim() != 4 or idx.shape[2] != nq:
             raise PatternError(f"TopK: indices must be [B, H, {nq}, k] (query blocks of {p.block_m}), "
                                f"got {list(idx.shape)}")
-        if (idx >= nk).any() or (idx < -1).any():
+        if bool(((idx >= nk) | (idx < -1)).any()):         # one host sync for both bounds
             raise PatternError(f"TopK: block indices must be in [-1, {nk}) (-1: none)")
         blocks = torch.zeros(idx.shape[0], idx.shape[1], nq, nk + 1, dtype=torch.bool, device=device)
         blocks.scatter_(3, torch.where(idx < 0, nk, idx), True)
@@ -313,7 +313,7 @@ def _topk_lists(p: TopK, heads: int, q_len: int, kv_len: int, device) -> BlockLi
     nq, nk = -(-q_len // p.block_m), -(-kv_len // p.block_n)
     if idx.dim() != 4 or idx.shape[2] != nq:
         raise PatternError(f"TopK: indices must be [B, H, {nq}, k] (query blocks of {p.block_m}), got {list(idx.shape)}")
-    if (idx >= nk).any() or (idx < -1).any():
+    if bool(((idx >= nk) | (idx < -1)).any()):         # one host sync for both bounds
         raise PatternError(f"TopK: block indices must be in [-1, {nk}) (-1: none)")
     if idx.shape[1] != heads:
         if heads % idx.shape[1]:

@@ -61,6 +61,27 @@ def tiles_for(inst: AttentionInstance, lists, q_len: int, kv_len: int, block_n: 
     return t
 
 
+# a listed pattern's tile: 128 keys unless 64-key tiles visit at most this fraction of the area the
+# 128-key ones do (S2's strided 64-key blocks: 128-key tiles cover twice their pairs, all of it through
+# the mask; a window's or top-k's visit the same area either way)
+NARROW_TILE_AREA = 0.75
+CLOSED_FORM = ("Causal", "SlidingWindow", "S2")     # lists made once per call shape (api.py caches them)
+
+
+def block_n_for(inst: AttentionInstance, lists, q_len: int, kv_len: int, knobs: str) -> int:
+    """The key tile of this call: ``PIGEON_ATTN_SM90_TUNE``'s ``bn`` knob when it has one, else the
+    schedule's for a prefix instance or a pattern whose lists are data given per call (top-k, block
+    lists: no second regrouping per call), else the narrower tile where it visits at most
+    NARROW_TILE_AREA of the wider one's area (both tile lists are cached with the lists)."""
+    sched = attention_sm90.tuning(inst.head_dim, knobs)
+    explicit = any(w.strip() in ("bn64", "bn128") for w in knobs.split(","))
+    if explicit or not attention_sm90.listed(inst) or inst.pattern_kind not in CLOSED_FORM or lists is None:
+        return sched.block_n
+    wide = tiles_for(inst, lists, q_len, kv_len, 128)
+    narrow = tiles_for(inst, lists, q_len, kv_len, 64)
+    return 64 if narrow.ent.numel() * 64 <= NARROW_TILE_AREA * wide.ent.numel() * 128 else 128
+
+
 def run_sm90_forward(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: float, lists=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of ``inst`` for contiguous, 16-byte aligned ``q [B, Hq, q_len, D]``, ``k, v [B, Hkv,
@@ -74,7 +95,9 @@ def run_sm90_forward(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor, 
     if os.environ.get("PIGEON_POISON", "") == "1":      # every output element must be written
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-    spec = attention_sm90.spec_for(inst, scale, os.environ.get(attention_sm90.TUNE_ENV, ""))
+    knobs = os.environ.get(attention_sm90.TUNE_ENV, "")
+    bn = block_n_for(inst, lists, Sq, Skv, knobs)
+    spec = attention_sm90.spec_for(inst, scale, ",".join(w for w in (knobs, f"bn{bn}") if w))
     lib = _library(spec)
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     # GQA: the G query heads of a KV head are consecutive [q_len, D] slabs, i.e. [B, Hkv, G * q_len, D]

@@ -80,7 +80,7 @@ LISTED_MAIN = [("window", 128, torch.bfloat16, 4, ""), ("window", 64, torch.bflo
                ("topk", 128, torch.bfloat16, 4, ""), ("topk_gqa", 128, torch.bfloat16, 2, ""),
                ("block_list", 64, torch.bfloat16, 4, ""), ("gqa_causal", 128, torch.bfloat16, 1, ""),
                ("gqa_dense_softcap", 64, torch.float16, 2, "")]
-LISTED_SHAPES = {"s2": [(256, 256), (384, 384), (512, 512)]}
+LISTED_SHAPES = {"s2": [(1024, 1024), (384, 384), (2048, 2048)]}
 GQA_SHAPES = [(256, 333), (384, 200), (128, 128)]
 MHA_SHAPES = [(256, 333), (320, 200), (64, 64), (448, 448)]
 
@@ -101,20 +101,24 @@ def specs():
         spec = rs9.attention_sm90.spec_for(_plan(q, q, q, smod, mmod, kw.get("pattern"), None)[0], SCALE, "")
         out[spec.name] = spec        # the long-sequence test's (default scale, no score_mod) are among these
     for name, d, dtype, hkv, tune in LISTED_MAIN:
-        Sq, Skv = _listed_shapes(name, hkv)[0]
-        kw = LISTED[name](1, 4, hkv, Sq, Skv, torch.Generator().manual_seed(0))
-        smod = pa.trace_score_mod(kw["score_mod"]) if "score_mod" in kw else None
-        mmod = pa.trace_mask_mod(kw["mask_mod"]) if "mask_mod" in kw else None
-        q = torch.empty(1, 4, Sq, d, dtype=dtype)
-        k = torch.empty(1, hkv, Skv, d, dtype=dtype)
-        spec = rs9.attention_sm90.spec_for(_plan(q, k, k, smod, mmod, kw.get("pattern"), None)[0], SCALE, tune)
-        out[spec.name] = spec
+        for Sq, Skv in _listed_shapes(name, hkv):        # the key tile may depend on the shape (block_n_for)
+            kw = LISTED[name](2, 4, hkv, Sq, Skv, torch.Generator().manual_seed(0))
+            smod = pa.trace_score_mod(kw["score_mod"]) if "score_mod" in kw else None
+            mmod = pa.trace_mask_mod(kw["mask_mod"]) if "mask_mod" in kw else None
+            q = torch.empty(2, 4, Sq, d, dtype=dtype)
+            k = torch.empty(2, hkv, Skv, d, dtype=dtype)
+            inst, lists, _ = _plan(q, k, k, smod, mmod, kw.get("pattern"), None)
+            bn = rs9.block_n_for(inst, lists, Sq, Skv, tune)
+            spec = rs9.attention_sm90.spec_for(inst, SCALE, f"{tune},bn{bn}")
+            out[spec.name] = spec
     return list(out.values())
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _prebuild():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return
+    if os.environ.get("PIGEON_SM90_TEST_PREBUILD", "1") == "0":     # a -k subset: each test builds its own
         return
     import fcntl
     from pigeon.runtime.cache import default_cache_root
