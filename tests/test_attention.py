@@ -115,8 +115,15 @@ def test_block_list_and_topk_lists_equal_the_mask(H, S, block, seed):
     idx[..., -1] = torch.where(torch.rand(2, H, n, generator=gen) < 0.3, -1, idx[..., -1])
     _check_lists(pa.TopK(idx, block, block), 2, H, S, S, block, block)
     _check_lists(pa.TopK(idx[:, :1], block, block), 2, 2 * H, S, S, block, block)   # shared by a KV group
-    # listed on a finer grid (patterns.refine: 128-blocks run on the 64 x 64 kernels), no dense mask
+    # listed on a finer grid (128-blocks run on the 64 x 64 kernels), no dense mask: built in one pass,
+    # entry for entry what patterns.refine of the coarse lists gives
     _check_lists(pa.TopK(idx, block, block), 2, H, S, S, block // 2, block // 4)
+    from pigeon.attention.patterns import block_lists, refine
+    fine = block_lists(pa.TopK(idx, block, block), 2, H, S, S, block // 2, block // 4)
+    coarse = block_lists(pa.TopK(idx, block, block), 2, H, S, S, block, block)
+    want = refine(coarse, 2, 4, -(-S // (block // 2)), -(-S // (block // 4)))
+    assert fine.shape == want.shape and all(torch.equal(x, y) for x, y in
+                                            ((fine.ptr, want.ptr), (fine.col, want.col), (fine.full, want.full)))
 
 
 def test_closed_form_masks_are_the_textbook_ones():

@@ -230,3 +230,23 @@ def test_torch_compile_packed_breaks_the_graph_but_runs(monkeypatch):
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(f, backend="aot_eager")(q, k, v, kw["cu_seqlens"]),
                                f(q, k, v, kw["cu_seqlens"]), rtol=0, atol=0)
+
+
+def test_data_pattern_lists_are_kept_per_tensor_and_version(monkeypatch):
+    """A top-k selection reused over calls builds its block lists once; an in-place change of the
+    indices (a new version) or a new tensor builds them again, with the new blocks."""
+    made = []
+    real = api.block_lists
+    monkeypatch.setattr(api, "block_lists", lambda *a, **k: made.append(1) or real(*a, **k))
+    api._LISTS.clear()
+    idx = torch.tensor([[[[0, 1], [1, -1]]]])                   # [B 1, H 1, 2 query blocks, k 2]
+    topk = pa.TopK(idx)
+    first = api._data_lists(topk, 1, 2, 128, 128, 64, 64, torch.device("cpu"))
+    again = api._data_lists(topk, 1, 2, 128, 128, 64, 64, torch.device("cpu"))
+    assert len(made) == 1 and all(a is b for a, b in zip(first[:3], again[:3]))
+    idx[0, 0, 1, 1] = 0                                          # in place: query block 1 now keeps 0 and 1
+    changed = api._data_lists(topk, 1, 2, 128, 128, 64, 64, torch.device("cpu"))
+    assert len(made) == 2 and changed[1].tolist() != first[1].tolist()
+    assert changed[1].tolist() == real(topk, 1, 2, 128, 128, 64, 64).col.tolist()
+    api._data_lists(pa.TopK(idx.clone()), 1, 2, 128, 128, 64, 64, torch.device("cpu"))
+    assert len(made) == 3

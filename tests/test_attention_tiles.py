@@ -113,3 +113,16 @@ def test_empty_rows_and_the_code_width():
     assert grouping(48, 64, 128, 128) is None and grouping(128, 128, 128, 128) == (1, 1)
     with pytest.raises(ValueError, match="does not group list blocks of 32x32"):
         tile_lists(block_lists(pa.Causal(), 1, 1, 64, 64, 32, 32), 32, 32, 64, 64, 128, 128)
+
+
+def test_a_block_listed_twice_keeps_its_strongest_state_and_no_lists_give_empty_rows():
+    from pigeon.attention.patterns import BlockLists
+    twice = BlockLists((1, 1, 2), torch.tensor([0, 3, 3]), torch.tensor([1, 1, 0]),
+                       torch.tensor([False, True, False]))          # row 0: block 1 partial and full, block 0
+    t = tile_lists(twice, 64, 64, 128, 128, 128, 128)
+    assert t.ptr.tolist() == [0, 1] and t.nfull.tolist() == [0]
+    assert t.ent.tolist() == [(0 << CODE_BITS) | (3 << 2) | 1]     # sub 1 full, sub 0 listed, row 1 nothing
+    none = BlockLists((1, 2, 3), torch.zeros(7, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                      torch.zeros(0, dtype=torch.bool))
+    t = tile_lists(none, 64, 64, 192, 100, 128, 64)
+    assert t.ptr.tolist() == [0, 0, 0, 0, 0] and t.ent.numel() == 0 and t.nfull.tolist() == [0] * 4

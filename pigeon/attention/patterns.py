@@ -250,10 +250,8 @@ def block_lists(p, batch: int, heads: int, q_len: int, kv_len: int, block_m: int
         kept = (((j + h * p.step + p.offset) % p.stride == 0) | (j > i - p.local_blocks)) & (j <= i)
         anyk = kept[None]
         allk = kept[None] & (k1 <= q0)[None, None]           # the diagonal block is causal inside
-    elif isinstance(p, TopK) and (p.block_m, p.block_n) == (block_m, block_n):
-        return _topk_lists(p, heads, q_len, kv_len, device)
     elif isinstance(p, TopK) and p.block_m % block_m == 0 and p.block_n % block_n == 0:
-        return refine(_topk_lists(p, heads, q_len, kv_len, device), p.block_m // block_m, p.block_n // block_n, nq, nk)
+        return _topk_lists(p, heads, q_len, kv_len, device, block_m, block_n)
     else:
         m = dense_mask(p, batch, heads, q_len, kv_len, device)     # blocks given at run time
         pad = torch.zeros(m.shape[:2] + (nq * block_m, nk * block_n), dtype=torch.bool, device=device)
@@ -306,11 +304,18 @@ def refine(lists: BlockLists, a: int, b: int, nq: int, nk: int) -> BlockLists:
     return BlockLists((B, H, nq), out_ptr, col, fl)
 
 
-def _topk_lists(p: TopK, heads: int, q_len: int, kv_len: int, device) -> BlockLists:
+def _topk_lists(p: TopK, heads: int, q_len: int, kv_len: int, device, block_m: int | None = None,
+                block_n: int | None = None) -> BlockLists:
     """The lists straight from the selected indices (no dense mask: [B, H, S, S] would not fit at
-    long contexts): each query block's distinct selected key blocks, ascending, every one full."""
+    long contexts), on the grid of ``block_m x block_n`` blocks that divide the selection's (default:
+    its own): each query block's distinct selected key blocks, ascending, every one full -- what
+    :func:`refine` of the coarse lists gives, built in one pass with two host syncs (the index
+    bounds, the entry count) instead of one per step: a selection made per call pays this per call."""
+    bm, bn = block_m or p.block_m, block_n or p.block_n
+    a, b = p.block_m // bm, p.block_n // bn
     idx = p.indices.to(device).long()
     nq, nk = -(-q_len // p.block_m), -(-kv_len // p.block_n)
+    nqf, nkf = -(-q_len // bm), -(-kv_len // bn)
     if idx.dim() != 4 or idx.shape[2] != nq:
         raise PatternError(f"TopK: indices must be [B, H, {nq}, k] (query blocks of {p.block_m}), got {list(idx.shape)}")
     if bool(((idx >= nk) | (idx < -1)).any()):         # one host sync for both bounds
@@ -319,11 +324,17 @@ def _topk_lists(p: TopK, heads: int, q_len: int, kv_len: int, device) -> BlockLi
         if heads % idx.shape[1]:
             raise PatternError(f"TopK: {idx.shape[1]} selection heads do not divide {heads} query heads")
         idx = idx.repeat_interleave(heads // idx.shape[1], dim=1)
+    B, H, k = idx.shape[0], idx.shape[1], idx.shape[3]
     srt = idx.sort(-1).values
     keep = srt >= 0
     keep[..., 1:] &= srt[..., 1:] != srt[..., :-1]                  # drop repeats
-    flat_keep, flat = keep.reshape(-1, keep.shape[-1]), srt.reshape(-1, srt.shape[-1])
-    ptr = torch.zeros(flat.shape[0] + 1, dtype=torch.int64, device=device)
-    torch.cumsum(flat_keep.sum(1), 0, out=ptr[1:])
-    col = flat[flat_keep]
-    return BlockLists((idx.shape[0], heads, nq), ptr, col, torch.ones_like(col, dtype=torch.bool))
+    cols = srt[..., None] * b + torch.arange(b, device=device)     # [B, H, nq, k, b]: the fine columns
+    ok = keep[..., None] & (cols < nkf)
+    # fine row qc * a + s of every coarse row qc (those past the last fine row dropped)
+    cols = cols[:, :, :, None].expand(B, H, nq, a, k, b).reshape(B, H, nq * a, k * b)[:, :, :nqf]
+    ok = ok[:, :, :, None].expand(B, H, nq, a, k, b).reshape(B, H, nq * a, k * b)[:, :, :nqf]
+    flat_ok = ok.reshape(-1, k * b)
+    ptr = torch.zeros(flat_ok.shape[0] + 1, dtype=torch.int64, device=device)
+    torch.cumsum(flat_ok.sum(1), 0, out=ptr[1:])
+    col = cols.reshape(-1, k * b)[flat_ok]
+    return BlockLists((B, H, nqf), ptr, col, torch.ones_like(col, dtype=torch.bool))

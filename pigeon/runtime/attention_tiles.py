@@ -62,11 +62,23 @@ def tile_lists(lists, bm: int, bn: int, q_len: int, kv_len: int, tile_m: int,
     tcol = col // b
     sub = (qb % a) * b + col % b
     state = 1 + 2 * lists.full.long()                              # listed, full
-    # one state per (tile, sub-block): the largest, should a list name a block twice
-    cell, inv = torch.unique((trow * nkt + tcol) * (a * b) + sub, return_inverse=True)
-    st = torch.zeros(cell.numel(), dtype=torch.long, device=dev).scatter_reduce_(0, inv, state, "amax")
-    key, inv2 = torch.unique(cell // (a * b), return_inverse=True)  # (tile row, tile col), ascending
-    code = torch.zeros(key.numel(), dtype=torch.long, device=dev).index_add_(0, inv2, st << (2 * (cell % (a * b))))
+    # sort by (tile, sub-block, strongest state first); a block listed twice keeps its first (largest)
+    # state.  Sorts, scans and index_add_ on the device: one host sync (the entry count), where
+    # torch.unique / bincount would take several (a per-call selection pays this per call)
+    cell = (trow * nkt + tcol) * (a * b) + sub
+    cell_s, order = torch.sort(cell * 4 + (3 - state))
+    cell_s = cell_s // 4
+    st = state[order]
+    if cell_s.numel() > 1:
+        st = torch.where(torch.cat([cell_s.new_ones(1, dtype=torch.bool), cell_s[1:] != cell_s[:-1]]), st, 0)
+    tile = cell_s // (a * b)
+    first = torch.ones_like(tile, dtype=torch.bool)
+    if tile.numel() > 1:
+        first[1:] = tile[1:] != tile[:-1]
+    seg = torch.cumsum(first.long(), 0) - 1                          # each cell's tile, in order
+    code_all = torch.zeros(tile.numel(), dtype=torch.long, device=dev).index_add_(0, seg, st << (2 * (cell_s % (a * b))))
+    key = tile[first]                                                # (tile row, tile col), ascending: the sync
+    code = code_all[:key.numel()]
     krow, kcol = key // nkt, key % nkt
     # the sub-blocks that must be full for an entry to need no mask: those of rows inside q_len
     sr = torch.arange(a, device=dev)
@@ -76,9 +88,10 @@ def tile_lists(lists, bm: int, bn: int, q_len: int, kv_len: int, tile_m: int,
     unmasked = ((code & need) == need) & ((kcol + 1) * tile_n <= kv_len)
     order = torch.sort(krow * 2 + (~unmasked).long(), stable=True).indices     # unmasked first per row
     krow, kcol, code, unmasked = krow[order], kcol[order], code[order], unmasked[order]
+    per_row = torch.zeros(nrows, dtype=torch.long, device=dev).index_add_(0, krow, torch.ones_like(krow))
     out_ptr = torch.zeros(nrows + 1, dtype=torch.int32, device=dev)
-    torch.cumsum(torch.bincount(krow, minlength=nrows), 0, out=out_ptr[1:])
-    nfull = torch.bincount(krow[unmasked], minlength=nrows).to(torch.int32)
+    torch.cumsum(per_row, 0, out=out_ptr[1:])
+    nfull = torch.zeros(nrows, dtype=torch.long, device=dev).index_add_(0, krow, unmasked.long()).to(torch.int32)
     ent = ((kcol << CODE_BITS) | code).to(torch.int32)
     return TileLists((B, H, rows), out_ptr, ent, nfull)
 
