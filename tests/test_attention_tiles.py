@@ -126,3 +126,37 @@ def test_a_block_listed_twice_keeps_its_strongest_state_and_no_lists_give_empty_
                       torch.zeros(0, dtype=torch.bool))
     t = tile_lists(none, 64, 64, 192, 100, 128, 64)
     assert t.ptr.tolist() == [0, 0, 0, 0, 0] and t.ent.numel() == 0 and t.nfull.tolist() == [0] * 4
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 2), sel_heads=st.integers(1, 2), group=st.integers(1, 2), q_len=st.integers(1, 700),
+       kv_len=st.integers(1, 700), k=st.integers(1, 5), tile_n=st.sampled_from([64, 128]), seed=st.integers(0, 2 ** 16))
+def test_topk_tiles_straight_from_the_selection_equal_the_regrouped_lists(batch, sel_heads, group, q_len, kv_len,
+                                                                          k, tile_n, seed):
+    """128 x tile_n selections (repeats, -1, tails off the tiles, shared by a KV group): entry for entry."""
+    from pigeon.runtime.attention_tiles import topk_tile_lists
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = -(-q_len // 128), -(-kv_len // tile_n)
+    idx = torch.randint(-1, nk, (batch, sel_heads, nq, k), generator=g)
+    heads = sel_heads * group
+    want = tile_lists(block_lists(pa.TopK(idx, 128, tile_n), batch, heads, q_len, kv_len, 64, 64), 64, 64, q_len,
+                      kv_len, 128, tile_n)
+    got = topk_tile_lists(idx, heads, q_len, kv_len, tile_n)
+    assert got.shape == want.shape
+    for a, b in ((got.ptr, want.ptr), (got.ent, want.ent), (got.nfull, want.nfull)):
+        assert torch.equal(a, b)
+
+
+def test_primed_tile_lists_are_returned_for_their_list_tensors():
+    import pigeon.runtime.attention_sm90 as rs9
+    from pigeon.attention.api import _plan
+    from pigeon.runtime.attention_tiles import topk_tile_lists
+    idx = torch.tensor([[[[1, 0], [-1, 1]]]])
+    q = torch.empty(1, 1, 256, 128, dtype=torch.bfloat16)
+    inst, lists, _ = _plan(q, q, q, None, None, pa.TopK(idx, 128, 128), None)
+    primed = topk_tile_lists(idx, 1, 256, 256, 128)
+    rs9._TILES.clear()
+    rs9.prime_tiles(lists.ptr, lists.col, lists.full, 256, 256, 128, primed)
+    assert rs9.tiles_for(inst, lists, 256, 256, 128) is primed
+    other = rs9.tiles_for(inst, lists, 256, 256, 64)                # another tile: made from the lists
+    assert other is not primed and other.ent.numel() == 6                # 2 + 1 selected blocks, 2 tiles each

@@ -263,6 +263,19 @@ def _data_tensors(pattern) -> tuple:
     return (pattern.indices,) if isinstance(pattern, TopK) else (pattern.crow, pattern.col)
 
 
+def _prime_topk_tiles(pattern, lists, hq: int, sq: int, skv: int) -> None:
+    """A top-k selection of 128-row blocks on a GPU: its tile lists for CUTLASS's Hopper forward come
+    straight from the selection instead of from regrouping ``lists`` (about half the torch ops;
+    pigeon/runtime/attention_tiles.py topk_tile_lists), recorded for those list tensors."""
+    if not (isinstance(pattern, TopK) and pattern.block_m == 128 and pattern.block_n in (64, 128)
+            and lists.ptr.is_cuda):
+        return
+    from ..runtime.attention_sm90 import prime_tiles
+    from ..runtime.attention_tiles import topk_tile_lists
+    prime_tiles(lists.ptr, lists.col, lists.full, sq, skv, pattern.block_n,
+                topk_tile_lists(pattern.indices.to(lists.ptr.device), hq, sq, skv, pattern.block_n))
+
+
 def _data_lists(pattern, batch: int, hq: int, sq: int, skv: int, bm: int, bn: int, device) -> tuple:
     """(ptr, col, full, shape) of a block-list / top-k pattern, cached while its tensors are the same
     objects at the same version (an in-place write bumps ``_version``): a model that reuses one
@@ -279,6 +292,7 @@ def _data_lists(pattern, batch: int, hq: int, sq: int, skv: int, bm: int, bn: in
                 _LISTS.move_to_end(key)
         return got[:4]
     lists = block_lists(pattern, batch, hq, sq, skv, bm, bn, device)
+    _prime_topk_tiles(pattern, lists, hq, sq, skv)
     got = (lists.ptr, lists.col, lists.full, tuple(lists.shape), data)
     with _lists_lock:
         _LISTS[key] = got

@@ -45,6 +45,21 @@ _tiles_lock = threading.Lock()
 MAX_TILES = 64
 
 
+def _remember(key: tuple, ptr, col, full, t) -> None:
+    with _tiles_lock:
+        _TILES[key] = (ptr, col, full, t)
+        while len(_TILES) > MAX_TILES:
+            _TILES.popitem(last=False)
+
+
+def prime_tiles(ptr, col, full, q_len: int, kv_len: int, block_n: int, tiles) -> None:
+    """Record ``tiles`` as the tile lists of the block lists (``ptr``, ``col``, ``full``) on the
+    128 x ``block_n`` tile, made by a caller that knows a cheaper way (pigeon/attention/api.py, from a
+    top-k selection: pigeon/runtime/attention_tiles.py topk_tile_lists); :func:`tiles_for` then
+    returns them for those tensors."""
+    _remember((id(ptr), id(col), id(full), q_len, kv_len, block_n), ptr, col, full, tiles)
+
+
 def tiles_for(inst: AttentionInstance, lists, q_len: int, kv_len: int, block_n: int):
     """The tile lists (pigeon/runtime/attention_tiles.py) of ``lists`` for a listed instance on the
     128 x ``block_n`` tile; reused while the same list tensors come back."""
@@ -54,10 +69,7 @@ def tiles_for(inst: AttentionInstance, lists, q_len: int, kv_len: int, block_n: 
     if got is not None and got[0] is lists.ptr and got[1] is lists.col and got[2] is lists.full:
         return got[3]
     t = tile_lists(lists, inst.block_m, inst.block_n, q_len, kv_len, attention_sm90.BLOCK_M, block_n)
-    with _tiles_lock:
-        _TILES[key] = (lists.ptr, lists.col, lists.full, t)
-        while len(_TILES) > MAX_TILES:
-            _TILES.popitem(last=False)
+    _remember(key, lists.ptr, lists.col, lists.full, t)
     return t
 
 

@@ -118,3 +118,40 @@ def expand(t: TileLists, bm: int, bn: int, q_len: int, kv_len: int, tile_m: int,
                 if st & 2:
                     full[bi, hi, q0:q0 + bm, k0:k0 + bn] = True
     return listed[..., :q_len, :kv_len], full[..., :q_len, :kv_len]
+
+
+def topk_tile_lists(indices: torch.Tensor, heads: int, q_len: int, kv_len: int, tile_n: int) -> TileLists:
+    """The tile lists of a top-k selection of 128 x ``tile_n`` blocks (``indices [B, H_sel, nq, k]``,
+    -1: none, repeats allowed; bounds checked by the caller) straight from the selection: one tile row
+    per query block, its distinct selected blocks ascending.  Entry for entry what :func:`tile_lists`
+    gives on the selection's 64 x 64 block lists, with one host sync and 57 top-level torch ops
+    instead of 99 (counted on the CPU machine, where it ran 1.8 vs 9.4 ms at B4 H32 S4096; a
+    selection made per call pays this per call; not measured on a GPU yet)."""
+    if tile_n % 64:
+        raise ValueError(f"top-k tile lists: tile_n {tile_n} is not a multiple of 64")
+    b = tile_n // 64
+    dev = indices.device
+    idx = indices.long()
+    if idx.shape[1] != heads:
+        idx = idx.repeat_interleave(heads // idx.shape[1], dim=1)
+    B, H, nq, k = idx.shape
+    srt = idx.sort(-1).values
+    keep = srt >= 0
+    keep[..., 1:] &= srt[..., 1:] != srt[..., :-1]
+    nq64, nk64 = -(-q_len // 64), -(-kv_len // 64)
+    # sub-block (sr, sc) of tile (qc, c) is listed (and full) when its 64-row and 64-key blocks exist
+    sr = torch.arange(2, device=dev)
+    sc = torch.arange(b, device=dev)
+    rows_in = (torch.arange(nq, device=dev)[:, None] * 2 + sr[None, :]) < nq64                     # [nq, 2]
+    cols_in = (srt.clamp(min=0)[..., None] * b + sc) < nk64                                         # [B, H, nq, k, b]
+    bits = (3 << (2 * (sr[:, None] * b + sc[None, :]))).to(torch.long)                              # [2, b]
+    code = (rows_in[None, None, :, None, :, None] & cols_in[..., None, :]).long() * bits            # [B, H, nq, k, 2, b]
+    code = code.sum((-2, -1))
+    unmasked = (srt + 1) * tile_n <= kv_len
+    ent_all = (srt << CODE_BITS) | code
+    flat_keep = keep.reshape(-1, k)
+    ptr = torch.zeros(B * H * nq + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(flat_keep.sum(1), 0, out=ptr[1:])
+    nfull = (keep & unmasked).reshape(-1, k).sum(1).to(torch.int32)
+    ent = ent_all.reshape(-1, k)[flat_keep].to(torch.int32)                                       # the sync
+    return TileLists((B, H, nq), ptr, ent, nfull)
