@@ -8,6 +8,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import pigeon.attention as pa
@@ -267,3 +269,26 @@ def test_a_listed_pattern_picks_its_key_tile(monkeypatch):
     wide, narrow = (rs9.tiles_for(inst, lists, 1024, 1024, bn) for bn in (128, 64))
     assert narrow.ent.numel() * 64 <= rs9.NARROW_TILE_AREA * wide.ent.numel() * 128
     assert kernels_used(q, q, q, pattern=pa.S2(8, 2))["forward"] in ("mma", "simt")       # this CPU machine
+
+
+@settings(max_examples=40, deadline=None)
+@given(q_len=st.integers(1, 300), kv_len=st.integers(1, 300), window=st.integers(1, 200), causal=st.booleans(),
+       stride=st.integers(1, 5))
+def test_rows_said_never_empty_keep_a_key(q_len, kv_len, window, causal, stride):
+    """Where the launcher skips turning CUTLASS's +inf lse of empty rows into -inf, no row is empty
+    (the dense mask keeps a key in every row)."""
+    import pigeon.runtime.attention_sm90 as rs9
+    pats = [None, pa.Causal(), pa.SlidingWindow(window, causal)]
+    if q_len == kv_len:
+        pats.append(pa.S2(stride, 1, block=16))
+    for p in pats:
+        q = torch.empty(1, 2, q_len, 64, dtype=torch.bfloat16)
+        k = torch.empty(1, 2, kv_len, 64, dtype=torch.bfloat16)
+        inst = _plan(q, k, k, None, None, p, None)[0]
+        if not rs9.rows_can_be_empty(inst, q_len, kv_len):
+            mask = pa.dense_mask(p, 1, 2, q_len, kv_len) if p is not None else torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
+            assert mask.any(-1).all(), (p, q_len, kv_len)
+    topk = _plan(torch.empty(1, 1, 64, 64, dtype=torch.bfloat16), torch.empty(1, 1, 64, 64, dtype=torch.bfloat16),
+                 torch.empty(1, 1, 64, 64, dtype=torch.bfloat16), None, None,
+                 pa.TopK(torch.full((1, 1, 1, 1), -1)), None)[0]
+    assert rs9.rows_can_be_empty(topk, 64, 64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 import threading
 from collections import OrderedDict
 
@@ -80,15 +81,30 @@ NARROW_TILE_AREA = 0.75
 CLOSED_FORM = ("Causal", "SlidingWindow", "S2")     # lists made once per call shape (api.py caches them)
 
 
+@functools.lru_cache(maxsize=64)
+def _knob_block_n(head_dim: int, knobs: str) -> tuple[int, bool]:
+    """(the schedule's block_n under ``knobs``, whether ``knobs`` names one): parsed once per string."""
+    return (attention_sm90.tuning(head_dim, knobs).block_n,
+            any(w.strip() in ("bn64", "bn128") for w in knobs.split(",")))
+
+
+@functools.lru_cache(maxsize=512)
+def _call_library(inst: AttentionInstance, scale_bits: int | None, knobs: str, block_n: int):
+    """(spec, loaded library) of ``inst`` under ``knobs`` on ``block_n``-key tiles; ``scale_bits``
+    only for a score_mod (whose library holds the scale): resolved once per combination, not per call."""
+    scale = struct.unpack("<f", struct.pack("<I", scale_bits))[0] if scale_bits is not None else 1.0
+    spec = attention_sm90.spec_for(inst, scale, ",".join(w for w in (knobs, f"bn{block_n}") if w))
+    return spec, _library(spec)
+
+
 def block_n_for(inst: AttentionInstance, lists, q_len: int, kv_len: int, knobs: str) -> int:
     """The key tile of this call: ``PIGEON_ATTN_SM90_TUNE``'s ``bn`` knob when it has one, else the
     schedule's for a prefix instance or a pattern whose lists are data given per call (top-k, block
     lists: no second regrouping per call), else the narrower tile where it visits at most
     NARROW_TILE_AREA of the wider one's area (both tile lists are cached with the lists)."""
-    sched = attention_sm90.tuning(inst.head_dim, knobs)
-    explicit = any(w.strip() in ("bn64", "bn128") for w in knobs.split(","))
+    block_n, explicit = _knob_block_n(inst.head_dim, knobs)
     if explicit or not attention_sm90.listed(inst) or inst.pattern_kind not in CLOSED_FORM or lists is None:
-        return sched.block_n
+        return block_n
     wide = tiles_for(inst, lists, q_len, kv_len, 128)
     narrow = tiles_for(inst, lists, q_len, kv_len, 64)
     return 64 if narrow.ent.numel() * 64 <= NARROW_TILE_AREA * wide.ent.numel() * 128 else 128
@@ -109,11 +125,11 @@ def run_sm90_forward(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor, 
         lse.fill_(float("nan"))
     knobs = os.environ.get(attention_sm90.TUNE_ENV, "")
     bn = block_n_for(inst, lists, Sq, Skv, knobs)
-    spec = attention_sm90.spec_for(inst, scale, ",".join(w for w in (knobs, f"bn{bn}") if w))
-    lib = _library(spec)
+    bits = attention_sm90.float_bits(scale)
+    spec, lib = _call_library(inst, bits if inst.score_mod is not None else None, knobs, bn)
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     # GQA: the G query heads of a KV head are consecutive [q_len, D] slabs, i.e. [B, Hkv, G * q_len, D]
-    sizes = [B, Hkv, G * Sq, Skv, attention_sm90.float_bits(scale), dev]
+    sizes = [B, Hkv, G * Sq, Skv, bits, dev]
     ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()]
     if attention_sm90.listed(inst):
         if lists is None:
@@ -123,9 +139,21 @@ def run_sm90_forward(inst: AttentionInstance, q: torch.Tensor, k: torch.Tensor, 
         sizes += list(t.shape)
         ptrs += [t.ptr.data_ptr(), t.ent.data_ptr() if t.ent.numel() else t.ptr.data_ptr(), t.nfull.data_ptr()]
     lib.run(ptrs, sizes, 0, _raw_stream(dev))
-    if inst.mask_mod is not None or attention_sm90.listed(inst) or (inst.pattern_kind == "Causal" and Sq > Skv):
+    if rows_can_be_empty(inst, Sq, Skv):
         lse.masked_fill_(lse == math.inf, -math.inf)
     return out, lse
+
+
+def rows_can_be_empty(inst: AttentionInstance, q_len: int, kv_len: int) -> bool:
+    """Whether a query row of this call can keep no key (CUTLASS then writes lse +inf, pigeon's is
+    -inf): a mask_mod, or a top-k / block list, may drop every key of a row; causal, a sliding window
+    and S2 keep each row's aligned diagonal key (query + kv_len - q_len), which exists unless
+    q_len > kv_len; no pattern keeps every key."""
+    if inst.mask_mod is not None:
+        return True
+    if inst.pattern_kind in ("Causal", "SlidingWindow", "S2"):
+        return q_len > kv_len
+    return inst.pattern_kind != ""
 
 
 @functools.lru_cache(maxsize=256)
@@ -149,7 +177,7 @@ def run_sm90_backward(inst: AttentionInstance, q, k, v, out, lse, grad_out) -> t
     if os.environ.get("PIGEON_POISON", "") == "1":      # every gradient element must be written
         for t in (dq, dk, dv):
             t.fill_(float("nan"))
-    if inst.mask_mod is not None or (inst.pattern_kind == "Causal" and Sq > Skv):
+    if rows_can_be_empty(inst, Sq, Skv):
         lse = lse.masked_fill(lse == -math.inf, math.inf)
     lib = _backward_library(attention_sm90.backward_spec_for(inst))
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
