@@ -292,3 +292,27 @@ def test_rows_said_never_empty_keep_a_key(q_len, kv_len, window, causal, stride)
                  torch.empty(1, 1, 64, 64, dtype=torch.bfloat16), None, None,
                  pa.TopK(torch.full((1, 1, 1, 1), -1)), None)[0]
     assert rs9.rows_can_be_empty(topk, 64, 64)
+
+
+def test_the_prebuild_sets_hold_what_the_runs_load():
+    """scripts/prebuild_kernels.py --attention-sm90 bench: both key tiles of the bench's closed-form
+    listed patterns (the launcher picks by area), the listed top-k libraries, and S2's 64-key one is
+    what block_n_for picks at the bench's shape."""
+    import importlib.util
+    import pigeon.runtime.attention_sm90 as rs9
+    from pigeon.bench.attn_variants import make_problem
+    spec = importlib.util.spec_from_file_location("prebuild_kernels",
+                                                  Path(__file__).parents[1] / "scripts" / "prebuild_kernels.py")
+    pre = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pre)
+    libs = pre.attention_sm90_libraries("bench")
+    p = make_problem("s2", 1, 32, 4096, 128, torch.bfloat16, "cpu", 1024)
+    inst, lists, _ = _plan(p.q, p.k, p.v, None, None, p.pigeon_kwargs()["pattern"], None)
+    bn = rs9.block_n_for(inst, lists, 4096, 4096, "")
+    assert bn == 64 and s9.spec_for(inst, 128 ** -0.5, f"bn{bn}").name in libs
+    assert s9.spec_for(inst, 128 ** -0.5, "bn128").name in libs
+    for variant in ("topk-g2", "topk-g4", "window"):
+        p = make_problem(variant, 1, 32, 256, 128, torch.bfloat16, "cpu", 1024)
+        kw = p.pigeon_kwargs()
+        inst = _plan(p.q, p.k, p.v, None, None, kw["pattern"], None)[0]
+        assert s9.listed(inst) and s9.spec_for(inst, 128 ** -0.5, "").name in libs, variant

@@ -268,8 +268,9 @@ def _prime_topk_tiles(pattern, lists, hq: int, sq: int, skv: int) -> None:
     straight from the selection instead of from regrouping ``lists`` (about half the torch ops;
     pigeon/runtime/attention_tiles.py topk_tile_lists), recorded for those list tensors."""
     if not (isinstance(pattern, TopK) and pattern.block_m == 128 and pattern.block_n in (64, 128)
-            and lists.ptr.is_cuda):
-        return
+            and lists.ptr.is_cuda and torch.cuda.get_device_capability(lists.ptr.device)[0] == 9
+            and os.environ.get("PIGEON_ATTN_FORWARD", "auto").strip() in ("", "auto", "cutlass")):
+        return                  # another forward runs: it reads the block lists only
     from ..runtime.attention_sm90 import prime_tiles
     from ..runtime.attention_tiles import topk_tile_lists
     prime_tiles(lists.ptr, lists.col, lists.full, sq, skv, pattern.block_n,
