@@ -316,3 +316,19 @@ def test_the_prebuild_sets_hold_what_the_runs_load():
         kw = p.pigeon_kwargs()
         inst = _plan(p.q, p.k, p.v, None, None, kw["pattern"], None)[0]
         assert s9.listed(inst) and s9.spec_for(inst, 128 ** -0.5, "").name in libs, variant
+
+
+def test_kernels_used_reports_cutlass_schedules(monkeypatch):
+    """On an sm_90 device (forward_template stubbed here) kernels_used names CUTLASS's tile, with
+    ",listed" for a pattern iterated by its lists -- not the mma kernel's knobs."""
+    import pigeon.codegen.attention_wgmma as aw
+    monkeypatch.setattr(aw, "forward_template", lambda inst, arch: "cutlass")
+    monkeypatch.delenv(s9.TUNE_ENV, raising=False)
+    q = torch.empty(1, 4, 1024, 128, dtype=torch.bfloat16)
+    used = kernels_used(q, q, q, pattern=pa.Causal())
+    assert used["forward"] == "cutlass" and used["forward_schedule"] == "bn128,stages5"
+    used = kernels_used(q, q, q, pattern=pa.S2(8, 2))
+    assert used["forward"] == "cutlass" and used["forward_schedule"] == "bn64,stages5,listed"
+    odd = torch.empty(1, 4, 300, 128, dtype=torch.bfloat16)
+    used = kernels_used(odd, odd, odd, pattern=pa.Causal())
+    assert used["forward"] == "wgmma" and "multiple of 8" in used["why_not_cutlass"]

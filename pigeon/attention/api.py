@@ -385,7 +385,7 @@ def kernels_used(q, k, v, *, score_mod: Callable | None = None, mask_mod: Callab
         if template == "wgmma":
             out["forward"] = "wgmma"
             out["forward_schedule"] = attention_wgmma.tuning().tag()
-        else:
+        elif template == "mma":         # (CUTLASS's schedule was set above)
             out["forward_schedule"] = attention_mma.tuning(inst.head_dim).tag()
     if out["backward"] == "mma" and q.device.type == "cuda" and not inst.packed:
         from ..codegen import attention_sm90
