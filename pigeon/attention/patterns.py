@@ -223,6 +223,10 @@ def block_lists(p, batch: int, heads: int, q_len: int, kv_len: int, block_m: int
     """The iteration lists of ``p`` from its formula (``Causal``, ``SlidingWindow``, ``S2``) or
     its given blocks (``BlockList``, ``TopK``); every kept pair lies in a listed block, and a block
     marked full has every pair (inside the sequence bounds) kept."""
+    if isinstance(p, TopK) and p.block_m % block_m == 0 and p.block_n % block_n == 0:
+        # straight from the selection, before the block-range tensors the formulas need: a selection
+        # made per call pays its list building per call
+        return _topk_lists(p, heads, q_len, kv_len, device, block_m, block_n)
     nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
     i = torch.arange(nq, device=device)[:, None]
     j = torch.arange(nk, device=device)[None, :]
@@ -250,8 +254,6 @@ def block_lists(p, batch: int, heads: int, q_len: int, kv_len: int, block_m: int
         kept = (((j + h * p.step + p.offset) % p.stride == 0) | (j > i - p.local_blocks)) & (j <= i)
         anyk = kept[None]
         allk = kept[None] & (k1 <= q0)[None, None]           # the diagonal block is causal inside
-    elif isinstance(p, TopK) and p.block_m % block_m == 0 and p.block_n % block_n == 0:
-        return _topk_lists(p, heads, q_len, kv_len, device, block_m, block_n)
     else:
         m = dense_mask(p, batch, heads, q_len, kv_len, device)     # blocks given at run time
         pad = torch.zeros(m.shape[:2] + (nq * block_m, nk * block_n), dtype=torch.bool, device=device)
