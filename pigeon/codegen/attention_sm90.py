@@ -19,8 +19,10 @@ runs that one.
 
 Schedule (:class:`Schedule`): the CTA tile is 128 query rows (64 per consumer warpgroup) by
 ``block_n`` keys; default 128 keys at both head dims (measured: :func:`default_schedule`), with 5
-K/V stages.  ``PIGEON_ATTN_SM90_TUNE`` (comma-separated
-``bn64`` / ``bn128``, ``stages<N>``) overrides them for A/B runs (benchmarks/profile_attention.py).
+K/V stages; a closed-form listed pattern (sliding window, S2) runs the key tile whose tiles visit less
+area (pigeon/runtime/attention_sm90.py ``block_n_for``: S2's strided 64-key blocks on 64-key tiles).
+``PIGEON_ATTN_SM90_TUNE`` (comma-separated ``bn64`` / ``bn128``, ``stages<N>``) overrides them for A/B
+runs (benchmarks/profile_attention.py).
 
 A score_mod works on the scaled score, and CUTLASS's fusion sees the unscaled one with no access to
 the call's scale: the library of an instance with a score_mod is built per scale (the scale a C
