@@ -233,14 +233,29 @@ _LISTS: "OrderedDict[tuple, tuple]" = OrderedDict()
 _lists_lock = threading.Lock()
 
 
-def _closed_lists(closed, batch: int, hq: int, sq: int, skv: int, bm: int, bn: int, device) -> tuple:
-    """(ptr, col, full, shape) of no pattern (``closed`` None) or a closed-form pattern, cached."""
-    key = (closed, batch, hq, sq, skv, bm, bn, device)
+def _lists_get(key):
+    """The cached entry of ``key`` (now the most recently used one), or None."""
     got = _LISTS.get(key)
     if got is not None:
         with _lists_lock:
             if key in _LISTS:
                 _LISTS.move_to_end(key)
+    return got
+
+
+def _lists_put(key, got):
+    with _lists_lock:
+        _LISTS[key] = got
+        while len(_LISTS) > MAX_LISTS:
+            _LISTS.popitem(last=False)
+    return got
+
+
+def _closed_lists(closed, batch: int, hq: int, sq: int, skv: int, bm: int, bn: int, device) -> tuple:
+    """(ptr, col, full, shape) of no pattern (``closed`` None) or a closed-form pattern, cached."""
+    key = (closed, batch, hq, sq, skv, bm, bn, device)
+    got = _lists_get(key)
+    if got is not None:
         return got
     if closed is None:
         lists = all_blocks(sq, skv, bm, bn, device)
@@ -251,12 +266,7 @@ def _closed_lists(closed, batch: int, hq: int, sq: int, skv: int, bm: int, bn: i
                                                    sq, skv, bm, bn)
         shape = ops._list_rows(closed, hq, sq, bm)
     # int32, as the kernels bind them (pigeon/runtime/attention_kernel.py: its casts are then no-ops)
-    got = tuple(t.to(torch.int32).contiguous() for t in (ptr, col, full)) + (shape,)
-    with _lists_lock:
-        _LISTS[key] = got
-        while len(_LISTS) > MAX_LISTS:
-            _LISTS.popitem(last=False)
-    return got
+    return _lists_put(key, tuple(t.to(torch.int32).contiguous() for t in (ptr, col, full)) + (shape,))
 
 
 def _data_tensors(pattern) -> tuple:
@@ -268,8 +278,10 @@ def _prime_topk_tiles(pattern, lists, hq: int, sq: int, skv: int) -> None:
     straight from the selection instead of from regrouping ``lists`` (about half the torch ops;
     pigeon/runtime/attention_tiles.py topk_tile_lists), recorded for those list tensors."""
     if not (isinstance(pattern, TopK) and pattern.block_m == 128 and pattern.block_n in (64, 128)
-            and lists.ptr.is_cuda and torch.cuda.get_device_capability(lists.ptr.device)[0] == 9
-            and os.environ.get("PIGEON_ATTN_FORWARD", "auto").strip() in ("", "auto", "cutlass")):
+            and lists.ptr.is_cuda and torch.cuda.get_device_capability(lists.ptr.device)[0] == 9):
+        return
+    from ..codegen.attention_wgmma import requested
+    if requested() not in ("auto", "cutlass"):
         return                  # another forward runs: it reads the block lists only
     from ..runtime.attention_sm90 import prime_tiles
     from ..runtime.attention_tiles import topk_tile_lists
@@ -286,20 +298,12 @@ def _data_lists(pattern, batch: int, hq: int, sq: int, skv: int, bm: int, bn: in
     data = _data_tensors(pattern)
     key = ("data", type(pattern).__name__, tuple((id(t), t._version) for t in data), pattern.block_m,
            pattern.block_n, batch, hq, sq, skv, bm, bn, device)
-    got = _LISTS.get(key)
+    got = _lists_get(key)
     if got is not None and all(a is b for a, b in zip(got[4], data)):
-        with _lists_lock:
-            if key in _LISTS:
-                _LISTS.move_to_end(key)
         return got[:4]
     lists = block_lists(pattern, batch, hq, sq, skv, bm, bn, device)
     _prime_topk_tiles(pattern, lists, hq, sq, skv)
-    got = (lists.ptr, lists.col, lists.full, tuple(lists.shape), data)
-    with _lists_lock:
-        _LISTS[key] = got
-        while len(_LISTS) > MAX_LISTS:
-            _LISTS.popitem(last=False)
-    return got[:4]
+    return _lists_put(key, (lists.ptr, lists.col, lists.full, tuple(lists.shape), data))[:4]
 
 
 def _op_args(q, k, v, score_mod, mask_mod, pattern, scale, cu_seqlens) -> tuple:

@@ -20,18 +20,13 @@ import torch
 from ..codegen import attention_sm90
 from ..codegen.attention import AttentionInstance
 
-__all__ = ["run_sm90_forward", "run_sm90_backward", "library_for"]
+__all__ = ["run_sm90_forward", "run_sm90_backward", "block_n_for", "tiles_for", "prime_tiles", "rows_can_be_empty"]
 
 
 @functools.lru_cache(maxsize=256)
 def _library(spec: attention_sm90.Sm90Attention):
     from .hostlib import load_library
     return load_library(attention_sm90.render_attention_sm90(spec), attention_sm90.ARCH, name=spec.name)
-
-
-def library_for(inst: AttentionInstance, scale: float):
-    """The loaded library running ``inst`` at ``scale`` under ``PIGEON_ATTN_SM90_TUNE`` (read per call)."""
-    return _library(attention_sm90.spec_for(inst, scale, os.environ.get(attention_sm90.TUNE_ENV, "")))
 
 
 def _raw_stream(dev: int) -> int:
@@ -151,15 +146,9 @@ def rows_can_be_empty(inst: AttentionInstance, q_len: int, kv_len: int) -> bool:
     q_len > kv_len; no pattern keeps every key."""
     if inst.mask_mod is not None:
         return True
-    if inst.pattern_kind in ("Causal", "SlidingWindow", "S2"):
+    if inst.pattern_kind in CLOSED_FORM:
         return q_len > kv_len
     return inst.pattern_kind != ""
-
-
-@functools.lru_cache(maxsize=256)
-def _backward_library(spec: attention_sm90.Sm90Attention):
-    from .hostlib import load_library
-    return load_library(attention_sm90.render_attention_sm90(spec), attention_sm90.ARCH, name=spec.name)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -179,7 +168,7 @@ def run_sm90_backward(inst: AttentionInstance, q, k, v, out, lse, grad_out) -> t
             t.fill_(float("nan"))
     if rows_can_be_empty(inst, Sq, Skv):
         lse = lse.masked_fill(lse == -math.inf, math.inf)
-    lib = _backward_library(attention_sm90.backward_spec_for(inst))
+    lib = _library(attention_sm90.backward_spec_for(inst))
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     sizes = (B, H, Sq, Skv, 0, dev)
     ws_bytes = _workspace_bytes(lib, sizes)
